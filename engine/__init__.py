@@ -1,0 +1,7 @@
+"""tinyllama engine: a from-scratch NumPy (and optional Triton) runtime for Llama-architecture checkpoints."""
+from engine.config import ModelConfig
+from engine.errors import ContextOverflowError, EngineError
+from engine.model import Model, load_model
+from weights.errors import CheckpointError
+
+__all__ = ["load_model", "Model", "ModelConfig", "CheckpointError", "EngineError", "ContextOverflowError"]

@@ -1,0 +1,254 @@
+"""Generation above the backend seam: prefill, decode_one_token, and the streaming loop with its stop conditions.
+
+A `Generation` is the primitive: an iterator of `TokenEvent`s for one sequence; `generate` consumes it. The scheduler
+drives many `SequenceState`s through one batched forward per step with the same per-token logic.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.batch import SequenceStep
+from engine.errors import ContextOverflowError, EngineError
+from engine.sampling import SamplingParams, make_rng, sample_token
+from engine.stopping import StopStringFilter
+
+STOP_EOS = "eos"
+STOP_STRING = "stop_string"
+STOP_MAX_TOKENS = "max_new_tokens"
+STOP_CONTEXT_FULL = "context_full"
+STOP_CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What to generate: length, sampling, and stop conditions (eos_ids None: the model's own EOS ids)."""
+
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_strings: tuple[str, ...] = ()
+    eos_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+@dataclass
+class TokenEvent:
+    """One generated token and the text it made final (may be '' while a character or stop string is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation: new token ids, their text (stop string and EOS excluded), why it stopped, timings."""
+
+    token_ids: list[int]
+    text: str
+    stop_reason: str
+    prompt_token_ids: list[int]
+    prefill_tokens: int = 0  # tokens run through the model before the first new token (< prompt when a cache is re-used)
+    prefill_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    decode_seconds: float = 0.0  # from the first new token to the last
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first, over the time they took."""
+        n = len(self.token_ids) - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def default_options(model, **overrides) -> GenerationOptions:
+    """GenerationOptions from the model's generation_config.json defaults, with `overrides` (sampling fields too)."""
+    gen = getattr(model, "generation_config", {}) or {}
+    sampling_fields = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"}
+    sampling = {}
+    if gen.get("do_sample"):
+        for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+            if gen.get(key) is not None:
+                sampling[key] = gen[key]
+    elif gen.get("repetition_penalty") is not None:
+        sampling["repetition_penalty"] = gen["repetition_penalty"]
+    sampling.update({k: v for k, v in overrides.items() if k in sampling_fields and v is not None})
+    rest = {k: v for k, v in overrides.items() if k not in sampling_fields and v is not None}
+    if "stop" in rest:
+        stop = rest.pop("stop")
+        rest["stop_strings"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    try:
+        params = SamplingParams(**sampling)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    return GenerationOptions(sampling=params, **rest)
+
+
+def eos_ids_of(model) -> tuple[int, ...]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, in that order, without repeats."""
+    ids = list(model.config.eos_token_ids)
+    gen = getattr(model, "generation_config", {}) or {}
+    eos = gen.get("eos_token_id")
+    ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    tokenizer = getattr(model, "_tokenizer", None)
+    if tokenizer is not None:
+        ids += list(tokenizer.eos_ids)
+    return tuple(dict.fromkeys(ids))
+
+
+def prefill(model, cache, token_ids) -> np.ndarray:
+    """Run prompt tokens through the model into `cache`; logits of the last one: (vocab,) float32."""
+    return model.forward([SequenceStep(cache, token_ids)])[0][-1]
+
+
+def decode_one_token(model, cache, token_id: int) -> np.ndarray:
+    """Feed one token at the end of `cache`; logits for the next: (vocab,) float32."""
+    return model.forward([SequenceStep(cache, [token_id])])[0][-1]
+
+
+class SequenceState:
+    """One sequence's generation state: sampling RNG, generated ids, streamed text, stop detection."""
+
+    def __init__(self, model, prompt_ids: list[int], options: GenerationOptions, cache):
+        self.options = options
+        self.cache = cache
+        self.max_length = model.config.max_position_embeddings
+        self.prompt_ids = list(prompt_ids)
+        self.generated: list[int] = []
+        self.text_parts: list[str] = []
+        self.stop_reason: str | None = None
+        self.rng = make_rng(options.sampling.seed)
+        self.eos = set() if options.ignore_eos else set(options.eos_ids if options.eos_ids is not None else eos_ids_of(model))
+        tokenizer = _tokenizer_or_none(model)
+        if options.stop_strings and tokenizer is None:
+            raise EngineError("stop strings need the model's tokenizer (tokenizer.json), which this model folder lacks")
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
+        self.stops = StopStringFilter(options.stop_strings)
+
+    @property
+    def finished(self) -> bool:
+        return self.stop_reason is not None
+
+    def accept(self, logits: np.ndarray) -> TokenEvent:
+        """Sample the next token from logits (vocab,), record it, and decide whether the sequence stops here."""
+        token = sample_token(logits, self.options.sampling, self.rng, self.prompt_ids + self.generated)
+        self.generated.append(token)
+        text = ""
+        if token in self.eos:
+            self.stop_reason = STOP_EOS
+        elif self.decoder is not None:
+            text, hit = self.stops.push(self.decoder.push(token))
+            if hit:
+                self.stop_reason = STOP_STRING
+        if self.stop_reason is None:
+            if len(self.generated) >= self.options.max_new_tokens:
+                self.stop_reason = STOP_MAX_TOKENS
+            elif self.cache.length >= self.max_length:
+                self.stop_reason = STOP_CONTEXT_FULL
+        if self.stop_reason in (STOP_MAX_TOKENS, STOP_CONTEXT_FULL, STOP_EOS) and self.decoder is not None:
+            text += self.stops.push(self.decoder.flush())[0] + self.stops.flush()
+        self.text_parts.append(text)
+        return TokenEvent(token, text)
+
+    def cancel(self) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = STOP_CANCELLED
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+def _tokenizer_or_none(model):
+    try:
+        return model.tokenizer
+    except Exception:  # noqa: BLE001 - a model folder without tokenizer files generates ids only
+        return None
+
+
+def check_prompt(model, prompt_ids, truncate: bool = False, reserve: int = 1) -> list[int]:
+    """Validate a prompt's ids; too long for the window: EngineError, or with `truncate` keep its last tokens."""
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise EngineError("the prompt is empty: give at least one token")
+    vocab = model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    window = model.config.max_position_embeddings
+    if len(ids) + reserve > window:
+        if not truncate:
+            raise ContextOverflowError(
+                f"the prompt has {len(ids)} tokens but the context window is {window} "
+                f"(at most {window - reserve} leave room to generate); shorten it or use --truncate"
+            )
+        ids = ids[len(ids) - (window - reserve):]
+    return ids
+
+
+class Generation:
+    """Streaming generation for one sequence: iterate for TokenEvents; `result` once it is exhausted.
+
+    With `cache` given (a conversation's cache) only the prompt tokens beyond `cache.length` are prefilled: the cache
+    must already hold exactly prompt_ids[:cache.length].
+    """
+
+    def __init__(self, model, prompt_ids, options: GenerationOptions, cache=None, truncate: bool = False):
+        self.model = model
+        self.prompt_ids = check_prompt(model, prompt_ids, truncate)
+        self.cache = cache if cache is not None else model.new_cache()
+        if self.cache.length >= len(self.prompt_ids):
+            raise EngineError("the cache already holds the whole prompt: nothing to prefill")
+        self.state = SequenceState(model, self.prompt_ids, options, self.cache)
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        state, cache = self.state, self.cache
+        new_prompt = self.prompt_ids[cache.length :]
+        t0 = time.perf_counter()
+        logits = prefill(self.model, cache, new_prompt)
+        t_prefill = time.perf_counter()
+        t_first = t_last = t_prefill
+        try:
+            while True:
+                event = state.accept(logits)
+                t_last = time.perf_counter()
+                if len(state.generated) == 1:
+                    t_first = t_last
+                yield event
+                if state.finished:
+                    break
+                logits = decode_one_token(self.model, cache, event.token_id)
+        except GeneratorExit:
+            state.cancel()
+            raise
+        finally:
+            if state.stop_reason is None:
+                state.cancel()
+            self.result = GenerationResult(
+                token_ids=list(state.generated),
+                text=state.text,
+                stop_reason=state.stop_reason,
+                prompt_token_ids=self.prompt_ids,
+                prefill_tokens=len(new_prompt),
+                prefill_seconds=t_prefill - t0,
+                time_to_first_token=t_first - t0,
+                decode_seconds=t_last - t_first,
+            )
+
+
+def generate(model, prompt_ids, cache=None, truncate: bool = False, **options) -> GenerationResult:
+    """Generate after `prompt_ids` until a stop condition; options as in `default_options`."""
+    gen = Generation(model, prompt_ids, default_options(model, **options), cache=cache, truncate=truncate)
+    for _ in gen:
+        pass
+    return gen.result

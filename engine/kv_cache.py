@@ -1,0 +1,64 @@
+"""KVCache: one sequence's keys and values for every layer, KV heads only, growing in blocks as the sequence grows."""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import ContextOverflowError
+
+BLOCK_TOKENS = 128
+
+
+class KVCache:
+    """Keys/values of one sequence. k, v: (n_layers, n_kv_heads, capacity, head_dim) float32; `length` tokens valid.
+
+    Capacity grows in blocks of BLOCK_TOKENS (by half again each time, never past `max_length`), so a short chat
+    reserves little; `truncate(n)` drops everything after the first n tokens (rejected drafts, a changed chat suffix).
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_length: int, block_tokens: int = BLOCK_TOKENS):
+        self.max_length = max_length
+        self.block_tokens = block_tokens
+        self.length = 0
+        self.k = np.empty((n_layers, n_kv_heads, 0, head_dim), dtype=np.float32)
+        self.v = np.empty_like(self.k)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reserve(self, new_length: int) -> None:
+        """Make room for `new_length` tokens in total; ContextOverflowError past the model's window."""
+        if new_length > self.max_length:
+            raise ContextOverflowError(
+                f"sequence of {new_length} tokens exceeds the model's context window of {self.max_length}"
+            )
+        if new_length <= self.capacity:
+            return
+        grown = max(new_length, self.capacity + self.capacity // 2)
+        blocks = -(-grown // self.block_tokens)
+        capacity = min(self.max_length, blocks * self.block_tokens)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = np.empty(old.shape[:2] + (capacity, old.shape[3]), dtype=np.float32)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Store new keys/values of `layer` at positions start..start+T-1. k, v: (T, n_kv_heads, head_dim)."""
+        end = start + k.shape[0]
+        self.k[layer, :, start:end] = k.transpose(1, 0, 2)
+        self.v[layer, :, start:end] = v.transpose(1, 0, 2)
+
+    def layer(self, layer: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the first `length` positions of `layer`: k, v each (n_kv_heads, length, head_dim)."""
+        return self.k[layer, :, :length], self.v[layer, :, :length]
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first n tokens (0 <= n <= length)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.length = n

@@ -1,0 +1,72 @@
+"""The Llama building blocks as pure NumPy functions on float32 arrays (no state, no caches).
+
+Every function keeps float32: constants are cast to np.float32 so no Python or NumPy float64 scalar promotes the data.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    """RMSNorm. x: (N, hidden) float32, weight: (hidden,) float32 -> (N, hidden) float32 (HF LlamaRMSNorm)."""
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    return weight * (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))))
+
+
+def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary embedding, HF `rotate_half` convention. x: (N, heads, head_dim), cos/sin: (N, head_dim) -> like x.
+
+    out = x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1); cos and sin repeat their first half.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    out = np.empty_like(x)
+    out[..., :half] = x1 * c - x2 * s
+    out[..., half:] = x2 * c + x1 * s
+    return out
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, float32, stable (masked entries are -inf)."""
+    scores = scores - np.max(scores, axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= np.sum(scores, axis=-1, keepdims=True)
+    return scores
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
+    """Causal grouped-query attention of T new queries over a sequence's cached keys/values.
+
+    q: (T, n_heads, head_dim) at absolute positions start_pos..start_pos+T-1;
+    k, v: (n_kv_heads, L, head_dim) with L = start_pos + T (the new tokens already appended);
+    returns (T, n_heads * head_dim) float32. K/V heads are shared by the group of query heads that use them
+    (head h reads kv head h // group), never repeated in memory.
+    """
+    t, n_heads, head_dim = q.shape
+    n_kv, length, _ = k.shape
+    group = n_heads // n_kv
+    scale = np.float32(1.0 / np.sqrt(head_dim))
+    # (n_kv, group * T, head_dim): the queries of each KV head's group stacked, so one matmul per KV head.
+    qg = q.reshape(t, n_kv, group, head_dim).transpose(1, 2, 0, 3).reshape(n_kv, group * t, head_dim)
+    scores = np.matmul(qg, k.transpose(0, 2, 1))  # (n_kv, group*T, L)
+    scores *= scale
+    if t > 1:
+        # Query i (absolute position start_pos + i) sees cache positions <= start_pos + i.
+        future = np.arange(length)[None, :] > (start_pos + np.arange(t))[:, None]  # (T, L)
+        scores.reshape(n_kv, group, t, length)[:, :, future] = -np.inf
+    probs = softmax(scores)
+    out = np.matmul(probs, v)  # (n_kv, group*T, head_dim)
+    return out.reshape(n_kv, group, t, head_dim).transpose(2, 0, 1, 3).reshape(t, n_heads * head_dim)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """SiLU x * sigmoid(x), float32, without overflow warnings for large negative x."""
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """SwiGLU activation. gate_up: (N, 2 * intermediate), gate columns first -> (N, intermediate) float32."""
+    inter = gate_up.shape[-1] // 2
+    return silu(gate_up[:, :inter]) * gate_up[:, inter:]

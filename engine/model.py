@@ -1,0 +1,82 @@
+"""Model: a loaded checkpoint on a backend, with the public API (`load_model`, `logits`, `generate`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.batch import SequenceStep
+from engine.config import ModelConfig
+from engine.model_weights import load_model_weights
+from weights.checkpoint import open_checkpoint, read_json
+from weights.errors import CheckpointError
+from weights.hub import DEFAULT_MODEL, resolve_model_folder
+
+BACKENDS = ("numpy", "triton")
+
+
+class Model:
+    """A Llama model ready to run: `config`, a backend (`numpy` or `triton`), and the tokenizer when the folder has one."""
+
+    def __init__(self, config: ModelConfig, backend, folder: Path | None = None, generation_config: dict | None = None):
+        self.config = config
+        self.backend = backend
+        self.folder = folder
+        self.generation_config = generation_config or {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (tokenizer.json in the model folder); CheckpointError when the folder has none."""
+        if self._tokenizer is None:
+            from engine.tokenizer import Tokenizer
+
+            if self.folder is None or not (self.folder / "tokenizer.json").exists():
+                raise CheckpointError(f"{self.folder}: no tokenizer.json in the model folder")
+            self._tokenizer = Tokenizer.from_folder(self.folder)
+        return self._tokenizer
+
+    def new_cache(self):
+        """An empty KV cache for one sequence on this model's backend."""
+        return self.backend.new_cache()
+
+    def forward(self, steps: list[SequenceStep]) -> list[np.ndarray]:
+        """The ragged batch forward (see engine.batch): per step logits, float32."""
+        return self.backend.forward(steps)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits for every position of one prompt. token_ids: (T,) ints -> (T, vocab) float32."""
+        return self.forward([SequenceStep(self.new_cache(), token_ids, all_logits=True)])[0]
+
+    def generate(self, token_ids, max_new_tokens: int = 64, temperature: float = 0.0, **options) -> list[int]:
+        """The new token ids (not the prompt) generated after `token_ids`; see engine.generate.generate."""
+        from engine.generate import generate
+
+        return generate(self, token_ids, max_new_tokens=max_new_tokens, temperature=temperature, **options).token_ids
+
+
+def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str | None = None, **backend_options) -> Model:
+    """Load a Llama checkpoint (local folder or Hub repo id) onto `backend` ("numpy" or "triton")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    folder = resolve_model_folder(ref, revision)
+    raw_config, checkpoint = open_checkpoint(folder)
+    with checkpoint:
+        config = ModelConfig.from_dict(raw_config, source=str(folder / "config.json"))
+        weights = load_model_weights(checkpoint, config)
+    generation_config = _generation_config(folder)
+    if backend == "numpy":
+        from engine.numpy_backend import NumpyBackend
+
+        impl = NumpyBackend(config, weights, **backend_options)
+    else:
+        from kernels.triton_backend import TritonBackend
+
+        impl = TritonBackend(config, weights, **backend_options)
+    return Model(config, impl, folder=folder, generation_config=generation_config)
+
+
+def _generation_config(folder: Path) -> dict:
+    path = folder / "generation_config.json"
+    return read_json(path) if path.exists() else {}

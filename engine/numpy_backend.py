@@ -1,0 +1,75 @@
+"""The NumPy backend: one forward implementation for every batch shape (prefill, decode, batched, verification)."""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.batch import SequenceStep
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.layers import apply_rotary, attention, rms_norm, swiglu
+from engine.model_weights import ModelWeights
+from engine.rope import rope_tables
+
+
+class NumpyBackend:
+    """Runs a Llama model on the CPU with NumPy (BLAS for the matmuls), float32 throughout."""
+
+    name = "numpy"
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights):
+        self.config = config
+        self.weights = weights
+        self.eps = np.float32(config.rms_norm_eps)
+        self.cos, self.sin = rope_tables(config)  # (max_pos, head_dim) each
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for one sequence."""
+        c = self.config
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.max_position_embeddings)
+
+    def forward(self, steps: list[SequenceStep]) -> list[np.ndarray]:
+        """Run the new tokens of every step through the model, appending their K/V to each step's cache.
+
+        All sequences' tokens are stacked into one (N, hidden) matrix so each weight matrix is read once per call;
+        attention runs per sequence over its own cache. Returns per step logits (n or 1, vocab) float32.
+        """
+        c, w = self.config, self.weights
+        starts = [s.cache.length for s in steps]
+        counts = [len(s.token_ids) for s in steps]
+        for s, start, n in zip(steps, starts, counts):
+            s.cache.reserve(start + n)  # raises before any cache is touched if a sequence would overflow
+        token_ids = np.concatenate([s.token_ids for s in steps])
+        positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = w.embed[token_ids]  # (N, H)
+        n_tok = len(token_ids)
+        q_end, k_end = c.q_size, c.q_size + c.kv_size
+        for i, layer in enumerate(w.layers):
+            h = rms_norm(x, layer.attn_norm, self.eps)
+            qkv = h @ layer.wqkv.T  # (N, Q + 2KV)
+            q = apply_rotary(qkv[:, :q_end].reshape(n_tok, c.num_attention_heads, c.head_dim), cos, sin)
+            k = apply_rotary(qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim), cos, sin)
+            v = qkv[:, k_end:].reshape(n_tok, c.num_key_value_heads, c.head_dim)
+            attn = np.empty((n_tok, c.q_size), dtype=np.float32)
+            row = 0
+            for s, start, n in zip(steps, starts, counts):
+                s.cache.write(i, start, k[row : row + n], v[row : row + n])
+                keys, values = s.cache.layer(i, start + n)
+                attn[row : row + n] = attention(q[row : row + n], keys, values, start)
+                row += n
+            x = x + attn @ layer.wo.T
+            h = rms_norm(x, layer.mlp_norm, self.eps)
+            x = x + swiglu(h @ layer.w_gate_up.T) @ layer.w_down.T
+        for s, start, n in zip(steps, starts, counts):
+            s.cache.length = start + n
+        return self._logits(x, steps, counts)
+
+    def _logits(self, x: np.ndarray, steps: list[SequenceStep], counts: list[int]) -> list[np.ndarray]:
+        """Final norm and lm_head on only the rows that need logits; split back per step."""
+        ends = np.cumsum(counts)
+        rows = np.concatenate([
+            np.arange(end - n, end) if s.all_logits else np.array([end - 1]) for s, n, end in zip(steps, counts, ends)
+        ])
+        logits = rms_norm(x[rows], self.weights.final_norm, self.eps) @ self.weights.lm_head.T
+        sizes = [n if s.all_logits else 1 for s, n in zip(steps, counts)]
+        return np.split(logits, np.cumsum(sizes)[:-1])

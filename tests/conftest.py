@@ -1,0 +1,94 @@
+"""Shared fixtures: where the real test data lives (../shared/models), and random Llama checkpoints made with transformers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_models_dir() -> Path:
+    """The shared real-data folder: $TINYLLAMA_SHARED_MODELS, else ../shared/models beside the repository."""
+    return Path(os.environ.get("TINYLLAMA_SHARED_MODELS", REPO.parent / "shared" / "models"))
+
+
+def shared_model(name: str) -> Path:
+    """A folder of ../shared/models, or skip the test with the reason."""
+    path = shared_models_dir() / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (real test data beside the repository; set TINYLLAMA_SHARED_MODELS)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories260k() -> Path:
+    return shared_model("stories260K")
+
+
+@pytest.fixture(scope="session")
+def tinyllama_tokenizer_dir() -> Path:
+    return shared_model("tinyllama-1.1b-chat-v1.0")
+
+
+def make_random_checkpoint(folder: Path, dtype: str = "float32", max_shard_size: str | None = None,
+                           seed: int = 0, tokenizer_from: Path | None = None, **config) -> Path:
+    """Save a randomly initialised LlamaForCausalLM (transformers) to `folder` as safetensors; returns `folder`.
+
+    Norm weights are randomised too (they start at 1.0), and initializer_range defaults to 0.1 so greedy argmaxes
+    are well separated. `tokenizer_from` copies that folder's tokenizer files next to the weights.
+    """
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    defaults = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    defaults.update(config)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**defaults)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer_from / name).exists():
+                (folder / name).write_bytes((tokenizer_from / name).read_bytes())
+    return folder
+
+
+def load_reference(folder: Path):
+    """transformers' LlamaForCausalLM on the checkpoint in float32 (bf16/fp16 weights upcast), eager attention."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def reference_logits(ref_model, ids) -> np.ndarray:
+    """(T, vocab) float32 logits from transformers."""
+    import torch
+
+    with torch.no_grad():
+        return ref_model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def reference_greedy(ref_model, ids, n: int) -> list[int]:
+    """n greedy new tokens from transformers (EOS ignored)."""
+    import torch
+
+    with torch.no_grad():
+        out = ref_model.generate(torch.tensor([list(ids)]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                                 pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
