@@ -81,13 +81,11 @@ def reference_logits(ref_model, ids) -> np.ndarray:
 
 
 def reference_greedy(ref_model, ids, n: int) -> list[int]:
-    """n greedy new tokens from transformers (EOS ignored)."""
-    import torch
-
-    with torch.no_grad():
-        out = ref_model.generate(torch.tensor([list(ids)]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                                 pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    """n greedy new tokens from transformers' logits (argmax of a full forward per step; EOS not special)."""
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(np.argmax(reference_logits(ref_model, out)[-1])))
+    return out[len(ids):]
 
 
 def read_json(path: Path):
