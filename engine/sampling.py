@@ -1,0 +1,193 @@
+"""Next-token selection: logits processors with transformers' semantics, and sampling.
+
+Every processor is pure: it takes a (vocab,) float32 logits row and returns a new (vocab,)
+float32 row in which removed tokens are -inf. `process_logits` chains them in the order
+`transformers.GenerationMixin._get_logits_processor` uses when sampling:
+repetition penalty -> temperature -> top-k -> top-p -> min-p.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+__all__ = [
+    "SamplingError",
+    "SamplingParams",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "apply_min_p",
+    "process_logits",
+    "probabilities",
+    "sample_token",
+    "make_rng",
+]
+
+_REMOVED = np.float32(-np.inf)
+
+
+class SamplingError(ValueError):
+    """An invalid sampling parameter."""
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token; the defaults mean greedy decoding."""
+
+    temperature: float = 0.0  # 0 => greedy
+    top_k: int = 0  # 0 => disabled
+    top_p: float = 1.0  # in (0, 1]; 1 => disabled
+    min_p: float = 0.0  # in [0, 1]; 0 => disabled
+    repetition_penalty: float = 1.0  # > 0; 1 => disabled
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Reject bad values with a one-line SamplingError naming the field and the value."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_real_number(value) or not math.isfinite(value):
+                raise SamplingError(f"{name} must be a finite number, got {value!r}")
+        if self.temperature < 0:
+            raise SamplingError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.repetition_penalty <= 0:
+            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)):
+            raise SamplingError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax (temperature == 0)."""
+        return self.temperature == 0
+
+
+def _as_logits(logits) -> np.ndarray:
+    row = np.asarray(logits)
+    if row.ndim != 1:
+        raise SamplingError(f"logits must be one row of shape (vocab,), got shape {row.shape}")
+    return row.astype(np.float32, copy=False)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax in the logits' own dtype; -inf entries get probability 0."""
+    shifted = logits - logits.max()
+    exp = np.exp(shifted)
+    return exp / exp.sum(dtype=exp.dtype)
+
+
+def apply_repetition_penalty(logits, previous_ids: Iterable[int], penalty: float) -> np.ndarray:
+    """logits: (vocab,) float32 -> (vocab,) float32; each id seen once or more: x<0 ? x*penalty : x/penalty.
+
+    Ids outside [0, vocab) are ignored, as transformers ignores ids the output layer cannot produce.
+    """
+    row = _as_logits(logits)
+    out = row.copy()
+    if penalty == 1.0:
+        return out
+    ids = np.fromiter((int(i) for i in previous_ids), dtype=np.int64)
+    ids = np.unique(ids[(ids >= 0) & (ids < row.shape[0])])
+    if ids.size == 0:
+        return out
+    seen = row[ids]
+    factor = np.float32(penalty)
+    out[ids] = np.where(seen < 0, seen * factor, seen / factor)
+    return out
+
+
+def apply_temperature(logits, temperature: float) -> np.ndarray:
+    """logits: (vocab,) float32 -> (vocab,) float32 divided by temperature (> 0)."""
+    if not temperature > 0:
+        raise SamplingError(f"temperature for scaling must be > 0, got {temperature!r}")
+    return _as_logits(logits) / np.float32(temperature)
+
+
+def apply_top_k(logits, top_k: int) -> np.ndarray:
+    """logits: (vocab,) float32 -> (vocab,) float32 keeping every token >= the k-th largest (ties kept)."""
+    if int(top_k) < 1:
+        raise SamplingError(f"top_k for filtering must be >= 1, got {top_k!r}")
+    row = _as_logits(logits)
+    k = min(int(top_k), row.shape[0])
+    kth_largest = np.partition(row, row.shape[0] - k)[row.shape[0] - k]
+    return np.where(row < kth_largest, _REMOVED, row).astype(np.float32, copy=False)
+
+
+def apply_top_p(logits, top_p: float) -> np.ndarray:
+    """logits: (vocab,) float32 -> (vocab,) float32 keeping the smallest top set whose mass reaches top_p.
+
+    Like transformers: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p,
+    always keep the most likely token; the token that crosses the threshold is kept. Ties at the
+    boundary (where torch's unstable sort decides) keep the lower ids first.
+    """
+    row = _as_logits(logits)
+    # ascending by logit; among equal logits the lower id sorts last, so it is kept first (like argmax)
+    order = np.lexsort((-np.arange(row.shape[0]), row))
+    cumulative = np.cumsum(_softmax(row[order]), dtype=np.float32)
+    remove_sorted = cumulative <= np.float32(1 - float(top_p))
+    remove_sorted[-1] = False  # min_tokens_to_keep = 1
+    remove = np.empty_like(remove_sorted)
+    remove[order] = remove_sorted
+    return np.where(remove, _REMOVED, row).astype(np.float32, copy=False)
+
+
+def apply_min_p(logits, min_p: float) -> np.ndarray:
+    """logits: (vocab,) float32 -> (vocab,) float32 dropping tokens with prob < min_p * max prob (top token kept)."""
+    row = _as_logits(logits)
+    probs = _softmax(row)
+    remove = probs < np.float32(min_p) * probs.max()
+    remove[np.argmax(probs)] = False
+    return np.where(remove, _REMOVED, row).astype(np.float32, copy=False)
+
+
+def process_logits(logits, params: SamplingParams, previous_ids: Iterable[int] = ()) -> np.ndarray:
+    """logits: (vocab,) -> (vocab,) float32 after every enabled processor, in transformers' sampling order.
+
+    For greedy params only the repetition penalty applies (transformers applies warpers only when sampling).
+    """
+    row = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    if params.greedy:
+        return row
+    if params.temperature != 1.0:
+        row = apply_temperature(row, params.temperature)
+    if params.top_k != 0:
+        row = apply_top_k(row, params.top_k)
+    if params.top_p < 1.0:
+        row = apply_top_p(row, params.top_p)
+    if params.min_p > 0.0:
+        row = apply_min_p(row, params.min_p)
+    return row
+
+
+def probabilities(logits, params: SamplingParams, previous_ids: Iterable[int] = ()) -> np.ndarray:
+    """logits: (vocab,) -> (vocab,) float64 distribution (sums to 1) after `process_logits`."""
+    processed = process_logits(logits, params, previous_ids).astype(np.float64)
+    return _softmax(processed)
+
+
+def sample_token(
+    logits, params: SamplingParams, rng: np.random.Generator, previous_ids: Iterable[int] = ()
+) -> int:
+    """logits: (vocab,) -> token id; greedy: argmax after repetition penalty, else a draw from `probabilities`."""
+    previous_ids = tuple(previous_ids)
+    if params.greedy:
+        return int(np.argmax(apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)))
+    probs = probabilities(logits, params, previous_ids)
+    return int(rng.choice(probs.shape[0], p=probs))
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """A NumPy Generator; the same seed gives the same stream of draws, None gives fresh entropy."""
+    return np.random.default_rng(seed)
