@@ -5,12 +5,10 @@ drives many `SequenceState`s through one batched forward per step with the same 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.batch import SequenceStep
 from engine.errors import ContextOverflowError, EngineError
 from engine.sampling import SamplingParams, make_rng, sample_token
 from engine.stopping import StopStringFilter
@@ -20,6 +18,7 @@ STOP_STRING = "stop_string"
 STOP_MAX_TOKENS = "max_new_tokens"
 STOP_CONTEXT_FULL = "context_full"
 STOP_CANCELLED = "cancelled"
+CONTEXT_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,12 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0  # from the first new token to the last
+    draft_tokens: int = 0  # speculative decoding: tokens proposed by prompt lookup
+    accepted_draft_tokens: int = 0  # ... and how many of them the model confirmed
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -105,16 +110,6 @@ def eos_ids_of(model) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def prefill(model, cache, token_ids) -> np.ndarray:
-    """Run prompt tokens through the model into `cache`; logits of the last one: (vocab,) float32."""
-    return model.forward([SequenceStep(cache, token_ids)])[0][-1]
-
-
-def decode_one_token(model, cache, token_id: int) -> np.ndarray:
-    """Feed one token at the end of `cache`; logits for the next: (vocab,) float32."""
-    return model.forward([SequenceStep(cache, [token_id])])[0][-1]
-
-
 class SequenceState:
     """One sequence's generation state: sampling RNG, generated ids, streamed text, stop detection."""
 
@@ -131,7 +126,9 @@ class SequenceState:
         tokenizer = _tokenizer_or_none(model)
         if options.stop_strings and tokenizer is None:
             raise EngineError("stop strings need the model's tokenizer (tokenizer.json), which this model folder lacks")
-        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True) if tokenizer is not None else None
+        # The prompt's last tokens give the text its context (a leading space after the prompt, none after a newline).
+        self.decoder = (tokenizer.stream_decoder(skip_special_tokens=True, context_ids=self.prompt_ids[-CONTEXT_TOKENS:])
+                        if tokenizer is not None else None)
         self.stops = StopStringFilter(options.stop_strings)
 
     @property
@@ -196,59 +193,55 @@ def check_prompt(model, prompt_ids, truncate: bool = False, reserve: int = 1) ->
 
 
 class Generation:
-    """Streaming generation for one sequence: iterate for TokenEvents; `result` once it is exhausted.
+    """Streaming generation for one sequence: iterate for TokenEvents; `result` once it is exhausted (or closed).
 
     With `cache` given (a conversation's cache) only the prompt tokens beyond `cache.length` are prefilled: the cache
-    must already hold exactly prompt_ids[:cache.length].
+    must already hold exactly prompt_ids[:cache.length], and it is kept (not freed) when generation ends.
+    `speculate` > 0 drafts that many tokens per step by prompt lookup and verifies them in one forward.
     """
 
-    def __init__(self, model, prompt_ids, options: GenerationOptions, cache=None, truncate: bool = False):
-        self.model = model
-        self.prompt_ids = check_prompt(model, prompt_ids, truncate)
-        self.cache = cache if cache is not None else model.new_cache()
-        if self.cache.length >= len(self.prompt_ids):
-            raise EngineError("the cache already holds the whole prompt: nothing to prefill")
-        self.state = SequenceState(model, self.prompt_ids, options, self.cache)
+    def __init__(self, model, prompt_ids, options: GenerationOptions, cache=None, truncate: bool = False,
+                 speculate: int = 0):
+        from engine.scheduler import Scheduler
+
+        self.scheduler = Scheduler(model)
+        self.request = self.scheduler.submit(prompt_ids, options, cache=cache, truncate=truncate,
+                                             speculate=speculate, keep_cache=cache is not None)
+        self.prompt_ids = self.request.prompt_ids
         self.result: GenerationResult | None = None
 
     def __iter__(self):
-        state, cache = self.state, self.cache
-        new_prompt = self.prompt_ids[cache.length :]
-        t0 = time.perf_counter()
-        logits = prefill(self.model, cache, new_prompt)
-        t_prefill = time.perf_counter()
-        t_first = t_last = t_prefill
         try:
-            while True:
-                event = state.accept(logits)
-                t_last = time.perf_counter()
-                if len(state.generated) == 1:
-                    t_first = t_last
-                yield event
-                if state.finished:
-                    break
-                logits = decode_one_token(self.model, cache, event.token_id)
-        except GeneratorExit:
-            state.cancel()
-            raise
+            yield from self.request
         finally:
-            if state.stop_reason is None:
-                state.cancel()
-            self.result = GenerationResult(
-                token_ids=list(state.generated),
-                text=state.text,
-                stop_reason=state.stop_reason,
-                prompt_token_ids=self.prompt_ids,
-                prefill_tokens=len(new_prompt),
-                prefill_seconds=t_prefill - t0,
-                time_to_first_token=t_first - t0,
-                decode_seconds=t_last - t_first,
-            )
+            if not self.request.finished:
+                self.request.cancel()
+            self.result = self.request.result
+
+    def cancel(self) -> None:
+        """Stop now (Ctrl-C): the result's stop reason is 'cancelled'."""
+        if not self.request.finished:
+            self.request.cancel()
+        self.result = self.request.result
 
 
-def generate(model, prompt_ids, cache=None, truncate: bool = False, **options) -> GenerationResult:
+def generate(model, prompt_ids, cache=None, truncate: bool = False, speculate: int = 0,
+             **options) -> GenerationResult:
     """Generate after `prompt_ids` until a stop condition; options as in `default_options`."""
-    gen = Generation(model, prompt_ids, default_options(model, **options), cache=cache, truncate=truncate)
+    gen = Generation(model, prompt_ids, default_options(model, **options), cache=cache, truncate=truncate,
+                     speculate=speculate)
     for _ in gen:
         pass
     return gen.result
+
+
+def generate_batch(model, prompts, speculate: int = 0, **options) -> list[GenerationResult]:
+    """Generate for several prompts at once (one batched forward per step, each with its own stop)."""
+    from engine.scheduler import Scheduler
+
+    scheduler = Scheduler(model)
+    opts = default_options(model, **options)
+    requests = [scheduler.submit(p, opts, speculate=speculate) for p in prompts]
+    for _ in scheduler.run():
+        pass
+    return [r.result for r in requests]

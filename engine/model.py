@@ -49,11 +49,36 @@ class Model:
         """Logits for every position of one prompt. token_ids: (T,) ints -> (T, vocab) float32."""
         return self.forward([SequenceStep(self.new_cache(), token_ids, all_logits=True)])[0]
 
-    def generate(self, token_ids, max_new_tokens: int = 64, temperature: float = 0.0, **options) -> list[int]:
-        """The new token ids (not the prompt) generated after `token_ids`; see engine.generate.generate."""
+    def prompt_ids(self, prompt) -> list[int]:
+        """A prompt as token ids: text is encoded with the model's tokenizer (BOS added), ids pass through."""
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, **options) -> list[int]:
+        """The new token ids (not the prompt) generated after `prompt` (ids or text); options as in `complete`."""
+        return self.complete(prompt, max_new_tokens=max_new_tokens, temperature=temperature, **options).token_ids
+
+    def complete(self, prompt, **options):
+        """Generate after `prompt` -> GenerationResult (token_ids, text, stop_reason, timings).
+
+        Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (str or list),
+        ignore_eos, speculate (prompt-lookup draft length), truncate; defaults from generation_config.json.
+        """
         from engine.generate import generate
 
-        return generate(self, token_ids, max_new_tokens=max_new_tokens, temperature=temperature, **options).token_ids
+        return generate(self, self.prompt_ids(prompt), **options)
+
+    def stream(self, prompt, cache=None, speculate: int = 0, truncate: bool = False, **options):
+        """Streaming form of `complete`: iterate for TokenEvents (token_id, text); `.result` afterwards."""
+        from engine.generate import Generation, default_options
+
+        return Generation(self, self.prompt_ids(prompt), default_options(self, **options), cache=cache,
+                          speculate=speculate, truncate=truncate)
+
+    def generate_batch(self, prompts, **options) -> list:
+        """Several prompts (ids or text) at once, one batched forward per step -> list of GenerationResult."""
+        from engine.generate import generate_batch
+
+        return generate_batch(self, [self.prompt_ids(p) for p in prompts], **options)
 
 
 def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str | None = None, **backend_options) -> Model:
