@@ -90,3 +90,12 @@ def reference_greedy(ref_model, ids, n: int) -> list[int]:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, tinyllama_tokenizer_dir) -> Path:
+    """A small random Llama with TinyLlama's real 32000-token tokenizer and chat template (window 256)."""
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    return make_random_checkpoint(folder, tokenizer_from=tinyllama_tokenizer_dir, vocab_size=32000, hidden_size=64,
+                                  intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, seed=11)

@@ -1,0 +1,64 @@
+"""Small helpers shared by the kernels: dtype checks, block-size rounding, dot modes."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# How a kernel's tl.dot treats its inputs (a constexpr passed to every kernel that multiplies tiles).
+DOT_NATIVE = 0  # bf16/fp16 tensor-core dot with fp32 accumulation
+DOT_IEEE = 1  # fp32 inputs: full fp32 precision (no TF32), so fp32 results match to ~1e-6
+DOT_UPCAST = 2  # interpreter + bf16: upcast to fp32 first (the interpreter's bf16 dot is broken)
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_mode(dtype: torch.dtype) -> int:
+    """The DOT_* mode for tiles of `dtype` on the current execution target."""
+    if dtype == torch.float32:
+        return DOT_IEEE
+    if dtype == torch.bfloat16 and interpreting():
+        return DOT_UPCAST
+    return DOT_NATIVE
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise TypeError unless `t` is fp32/fp16/bf16."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32/float16/bfloat16, got {t.dtype}")
+
+
+def check_last_contiguous(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError unless the last dimension of `t` has stride 1."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Number of SMs of a CUDA device (a nominal 4 in the interpreter, to keep grids small)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def tile_dot(a, b, DOT_MODE: tl.constexpr):
+    """fp32 (BM, BN) = a (BM, BK) @ b (BK, BN) for 16-bit or fp32 tiles, as chosen by DOT_MODE."""
+    if DOT_MODE == 1:
+        c = tl.dot(a, b, input_precision="ieee")
+    elif DOT_MODE == 2:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c

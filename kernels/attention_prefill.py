@@ -1,0 +1,108 @@
+"""Causal flash attention for a prefill chunk over a per-layer KV cache, with grouped-query attention.
+
+The T new tokens sit at absolute positions start_pos .. start_pos+T-1 and their K/V are already in
+the cache; query at position p attends to cache positions 0..p. K/V heads are shared by index
+(kv_head = q_head // (n_heads // n_kv_heads)); they are never repeated in memory.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_float, check_last_contiguous, dot_mode, next_pow2, tile_dot
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    T, start_pos, head_dim, group, qk_scale,
+    stride_qt, stride_qh, stride_kh, stride_kp, stride_vh, stride_vp, stride_ot, stride_oh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    # Program (query block, q head): online softmax over key blocks 0 .. last causal position.
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the chunk
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < T
+    q_pos = start_pos + offs_m  # absolute positions
+
+    q = tl.load(q_ptr + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    # Keys up to the last valid query's position in this block (key 0 is in the first block,
+    # so every row has a finite running max after it and no row ever sees exp(-inf - -inf)).
+    kv_end = start_pos + min((pid_m + 1) * BLOCK_M, T)
+    for n0 in range(0, kv_end, BLOCK_N):
+        k_pos = n0 + offs_n
+        kv_ok = k_pos < kv_end
+        kt = tl.load(k_base + k_pos[None, :] * stride_kp + offs_d[:, None],
+                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        s = tile_dot(q, kt, DOT_MODE) * qk_scale  # log2-domain scores
+        causal = (k_pos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+        s = tl.where(causal, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + k_pos[:, None] * stride_vp + offs_d[None, :],
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_MODE)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention: q (T, n_heads, head_dim), k/v_cache (n_kv_heads, capacity, head_dim) -> (T, n_heads, head_dim).
+
+    Queries sit at absolute positions start_pos..start_pos+T-1 and attend to cache positions <= their own;
+    the cache must already hold the new tokens' K/V. Same dtype (fp32/fp16/bf16) everywhere; scale = 1/sqrt(head_dim).
+    """
+    if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"prefill_attention: need q (T, H, D) and k/v_cache (Hkv, cap, D), got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    T, n_heads, head_dim = q.shape
+    n_kv_heads, capacity, kd = k_cache.shape
+    if kd != head_dim or n_kv_heads == 0 or n_heads % n_kv_heads:
+        raise ValueError(f"prefill_attention: head_dim {kd} vs {head_dim}, or n_heads {n_heads} not a multiple of n_kv_heads {n_kv_heads}")
+    if start_pos < 0 or start_pos + T > capacity:
+        raise ValueError(f"prefill_attention: positions {start_pos}..{start_pos + T - 1} exceed the cache capacity {capacity}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_float(f"prefill_attention {name}", t)
+        check_last_contiguous(f"prefill_attention {name}", t)
+        if t.dtype != q.dtype:
+            raise TypeError("prefill_attention: q, k_cache and v_cache must share a dtype")
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    if o.shape != q.shape or o.dtype != q.dtype:
+        raise ValueError("prefill_attention: out must match q's shape and dtype")
+    check_last_contiguous("prefill_attention out", o)
+    if T == 0:
+        return o
+    block_d = max(16, next_pow2(head_dim))
+    block_m = 64 if T > 32 else max(16, next_pow2(T))
+    block_n = 64 if block_d <= 64 else 32
+    qk_scale = (1.0 / math.sqrt(head_dim)) * 1.4426950408889634  # fold log2(e) in: exp2 below
+    grid = (triton.cdiv(T, block_m), n_heads)
+    _prefill_attention_kernel[grid](
+        q, k_cache, v_cache, o,
+        T, int(start_pos), head_dim, n_heads // n_kv_heads, qk_scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), o.stride(0), o.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return o

@@ -1,0 +1,135 @@
+"""kernels.attention_prefill / attention_decode (causal GQA, split-KV decode) against NumPy float64."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the Triton kernels need torch")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
+
+from kernels._common import interpreting  # noqa: E402
+from kernels.attention_decode import decode_attention  # noqa: E402
+from kernels.attention_prefill import prefill_attention  # noqa: E402
+
+if not interpreting() and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+DEVICE = "cpu" if interpreting() else "cuda"
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]  # (n_heads, n_kv_heads): GQA ratios 1, 2, 4 and MQA
+
+
+def _tensor(a, dtype):
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dtype).to(DEVICE)
+
+
+def _f64(t):
+    return t.float().cpu().numpy().astype(np.float64)
+
+
+def _ref_attention(q, k, v, positions):
+    """q (T, H, D), k/v (Hkv, L, D) float64; query t attends to cache positions <= positions[t]."""
+    T, H, D = q.shape
+    group = H // k.shape[0]
+    out = np.zeros_like(q)
+    for t in range(T):
+        n = positions[t] + 1
+        for h in range(H):
+            s = k[h // group, :n] @ q[t, h] / math.sqrt(D)
+            p = np.exp(s - s.max())
+            out[t, h] = p @ v[h // group, :n] / p.sum()
+    return out
+
+
+def _assert_close(got, ref, dtype):
+    tol = TOL[dtype]
+    np.testing.assert_allclose(_f64(got), ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+
+
+def _cache(rng, n_kv, capacity, head_dim, used, dtype):
+    """A (n_kv, capacity, head_dim) cache whose positions >= used hold NaN (must never be read)."""
+    a = rng.standard_normal((n_kv, capacity, head_dim))
+    a[:, used:] = np.nan
+    return _tensor(a, dtype)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", HEADS)
+@pytest.mark.parametrize("T,start_pos,head_dim", [(1, 0, 8), (1, 9, 8), (5, 0, 8), (7, 11, 16), (19, 3, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention(n_heads, n_kv_heads, T, start_pos, head_dim, dtype):
+    rng = np.random.default_rng(T * 100 + start_pos * 10 + n_heads + n_kv_heads)
+    used = start_pos + T
+    q = _tensor(rng.standard_normal((T, n_heads, head_dim)), dtype)
+    k = _cache(rng, n_kv_heads, used + 6, head_dim, used, dtype)
+    v = _cache(rng, n_kv_heads, used + 6, head_dim, used, dtype)
+    out = prefill_attention(q, k, v, start_pos)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = _ref_attention(_f64(q), _f64(k), _f64(v), np.arange(start_pos, used))
+    _assert_close(out, ref, dtype)
+
+
+def test_prefill_attention_long_chunk_crosses_blocks():
+    """T > the 64-row query block and a context spanning several 64-key blocks."""
+    rng = np.random.default_rng(7)
+    T, start_pos, H, Hkv, D = 70, 40, 2, 1, 16
+    q = _tensor(rng.standard_normal((T, H, D)), torch.float32)
+    k = _cache(rng, Hkv, 128, D, start_pos + T, torch.float32)
+    v = _cache(rng, Hkv, 128, D, start_pos + T, torch.float32)
+    ref = _ref_attention(_f64(q), _f64(k), _f64(v), np.arange(start_pos, start_pos + T))
+    _assert_close(prefill_attention(q, k, v, start_pos), ref, torch.float32)
+
+
+def test_prefill_attention_into_strided_q_and_out():
+    """q taken as a view of a fused qkv buffer, result written into a caller's buffer."""
+    rng = np.random.default_rng(8)
+    T, H, Hkv, D = 3, 4, 2, 8
+    qkv = _tensor(rng.standard_normal((T, (H + 2 * Hkv) * D)), torch.float32)
+    q = qkv[:, : H * D].view(T, H, D)
+    k = _cache(rng, Hkv, 8, D, T, torch.float32)
+    v = _cache(rng, Hkv, 8, D, T, torch.float32)
+    out = torch.empty(T, H, D, device=DEVICE)
+    assert prefill_attention(q, k, v, 0, out=out) is out
+    _assert_close(out, _ref_attention(_f64(q), _f64(k), _f64(v), np.arange(T)), torch.float32)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", HEADS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,chunk", [(8, None), (8, 1), (16, 64), (12, 1)])
+def test_decode_attention_batched_split_kv(n_heads, n_kv_heads, dtype, head_dim, chunk):
+    rng = np.random.default_rng(n_heads * 10 + n_kv_heads + head_dim)
+    lengths = np.array([1, 70, 150], dtype=np.int32)  # a single-token context, and ones spanning splits
+    B, capacity = len(lengths), 160
+    q = _tensor(rng.standard_normal((B, n_heads, head_dim)), dtype)
+    k = torch.stack([_cache(rng, n_kv_heads, capacity, head_dim, n, dtype) for n in lengths])
+    v = torch.stack([_cache(rng, n_kv_heads, capacity, head_dim, n, dtype) for n in lengths])
+    out = decode_attention(q, k, v, torch.from_numpy(lengths).to(DEVICE), chunk=chunk)
+    assert out.shape == q.shape and out.dtype == dtype
+    for b, n in enumerate(lengths):
+        ref = _ref_attention(_f64(q[b : b + 1]), _f64(k[b]), _f64(v[b]), np.array([n - 1]))
+        _assert_close(out[b : b + 1], ref, dtype)
+
+
+def test_decode_matches_prefill_last_row():
+    """Decoding the last token equals the last row of prefilling the whole sequence."""
+    rng = np.random.default_rng(9)
+    T, H, Hkv, D = 9, 4, 2, 8
+    q = _tensor(rng.standard_normal((T, H, D)), torch.float32)
+    k = _cache(rng, Hkv, 16, D, T, torch.float32)
+    v = _cache(rng, Hkv, 16, D, T, torch.float32)
+    full = prefill_attention(q, k, v, 0)
+    last = decode_attention(q[-1:].contiguous(), k[None], v[None], torch.tensor([T], dtype=torch.int32, device=DEVICE),
+                            max_length=T)
+    np.testing.assert_allclose(_f64(last[0]), _f64(full[-1]), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_rejects_bad_lengths():
+    q = torch.zeros(2, 4, 8, device=DEVICE)
+    k = torch.zeros(2, 2, 16, 8, device=DEVICE)
+    with pytest.raises(ValueError):
+        decode_attention(q, k, k, torch.tensor([1, 2, 3], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError):
+        decode_attention(q, k, k, torch.tensor([1, 17], dtype=torch.int32, device=DEVICE))

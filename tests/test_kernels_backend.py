@@ -1,0 +1,106 @@
+"""kernels.triton_backend.TritonBackend against engine.numpy_backend.NumpyBackend (same weights, same steps)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the Triton backend needs torch")
+pytest.importorskip("triton", reason="the Triton backend needs triton")
+
+from engine.batch import SequenceStep  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.model_weights import LayerWeights, ModelWeights  # noqa: E402
+from engine.numpy_backend import NumpyBackend  # noqa: E402
+from kernels._common import interpreting  # noqa: E402
+
+if not interpreting() and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
+
+from kernels.triton_backend import TritonBackend  # noqa: E402
+
+
+def _config(n_heads, n_kv_heads, tied=False):
+    return ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                       num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=8,
+                       max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tied)
+
+
+def _weights(c: ModelConfig, seed=0) -> ModelWeights:
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=0.2):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    def norm():
+        return (1.0 + 0.2 * rng.standard_normal(c.hidden_size)).astype(np.float32)
+
+    qkv_rows = c.q_size + 2 * c.kv_size
+    layers = [LayerWeights(attn_norm=norm(), wqkv=rand(qkv_rows, c.hidden_size), wo=rand(c.hidden_size, c.q_size),
+                           mlp_norm=norm(), w_gate_up=rand(2 * c.intermediate_size, c.hidden_size),
+                           w_down=rand(c.hidden_size, c.intermediate_size))
+              for _ in range(c.num_hidden_layers)]
+    embed = rand(c.vocab_size, c.hidden_size, scale=1.0)
+    lm_head = embed if c.tie_word_embeddings else rand(c.vocab_size, c.hidden_size)
+    return ModelWeights(embed=embed, layers=layers, final_norm=norm(), lm_head=lm_head)
+
+
+def _rel(ours, ref):
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def _run_script(backend):
+    """Prefill two prompts, decode them together, a ragged batch, then truncate and re-feed: every logits array."""
+    out = []
+    a, b = backend.new_cache(), backend.new_cache()
+    out += backend.forward([SequenceStep(a, [5, 17, 3, 44, 9], all_logits=True)])
+    out += backend.forward([SequenceStep(b, [1, 2], all_logits=False)])
+    out += backend.forward([SequenceStep(a, [7]), SequenceStep(b, [8])])  # batched decode
+    out += backend.forward([SequenceStep(a, [11, 12, 13], all_logits=True), SequenceStep(b, [14])])  # ragged
+    a.truncate(4)
+    out += backend.forward([SequenceStep(a, [60, 61], all_logits=True)])  # re-feed after a rejected suffix
+    assert (a.length, b.length) == (6, 4)
+    return out
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,tied", [(4, 4, False), (4, 2, True), (4, 1, False)])
+def test_triton_backend_matches_numpy_fp32(n_heads, n_kv_heads, tied):
+    c = _config(n_heads, n_kv_heads, tied)
+    w = _weights(c, seed=n_heads + n_kv_heads)
+    ours = _run_script(TritonBackend(c, w, dtype="float32"))
+    ref = _run_script(NumpyBackend(c, w))
+    assert [o.shape for o in ours] == [r.shape for r in ref]
+    for o, r in zip(ours, ref):
+        assert o.dtype == np.float32
+        assert _rel(o, r) < 1e-4
+
+
+def test_triton_backend_bf16_close_to_numpy():
+    c = _config(4, 2)
+    w = _weights(c, seed=3)
+    ours = _run_script(TritonBackend(c, w, dtype="bfloat16"))
+    ref = _run_script(NumpyBackend(c, w))
+    for o, r in zip(ours, ref):
+        assert _rel(o, r) < 5e-2
+
+
+def test_stories260k_prompt_logits_on_triton(stories260k):
+    import engine
+
+    model = engine.load_model(str(stories260k), backend="triton", dtype="float32")
+    ref = np.load(stories260k / "reference_outputs.npz")
+    logits = model.logits(ref["prompt_ids"])
+    assert np.max(np.abs(logits - ref["prompt_logits"])) < 1e-4
+
+
+@pytest.mark.slow
+def test_stories260k_greedy_on_triton(stories260k):
+    import engine
+    from tests.conftest import read_json
+
+    model = engine.load_model(str(stories260k), backend="triton", dtype="float32")
+    expected = read_json(stories260k / "reference_outputs.json")
+    prompt = expected["prompt_ids"]
+    assert model.generate(prompt, max_new_tokens=32) == expected["greedy_from_prompt_ids_32"][len(prompt):]
