@@ -135,8 +135,12 @@ class SequenceState:
     def finished(self) -> bool:
         return self.stop_reason is not None
 
-    def accept(self, logits: np.ndarray) -> TokenEvent:
-        """Sample the next token from logits (vocab,), record it, and decide whether the sequence stops here."""
+    def accept(self, logits: np.ndarray, context_length: int | None = None) -> TokenEvent:
+        """Sample the next token from logits (vocab,), record it, and decide whether the sequence stops here.
+
+        context_length: tokens the logits were computed from (default: the cache's length; a verification step
+        passes each row's own position).
+        """
         token = sample_token(logits, self.options.sampling, self.rng, self.prompt_ids + self.generated)
         self.generated.append(token)
         text = ""
@@ -149,7 +153,7 @@ class SequenceState:
         if self.stop_reason is None:
             if len(self.generated) >= self.options.max_new_tokens:
                 self.stop_reason = STOP_MAX_TOKENS
-            elif self.cache.length >= self.max_length:
+            elif (self.cache.length if context_length is None else context_length) >= self.max_length:
                 self.stop_reason = STOP_CONTEXT_FULL
         if self.stop_reason in (STOP_MAX_TOKENS, STOP_CONTEXT_FULL, STOP_EOS) and self.decoder is not None:
             text += self.stops.push(self.decoder.flush())[0] + self.stops.flush()

@@ -172,9 +172,9 @@ class Scheduler:
 
     def _accept(self, r: Request, logits, draft: list[int], now: float) -> None:
         """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft."""
-        fed_before = r.cache.length - len(logits) if draft else None
+        fed_before = r.cache.length - len(logits)
         for i, row in enumerate(logits):
-            event = r.state.accept(row)
+            event = r.state.accept(row, context_length=fed_before + i + 1)
             r.events.append(event)
             if not r.t_first:
                 r.t_first = now
@@ -185,7 +185,6 @@ class Scheduler:
         if draft:
             r.draft_tokens += len(draft)
             # The cache holds the fed token and every draft token; keep those the accepted tokens vouch for.
-            accepted = len(r.events) and i + 1
-            r.cache.truncate(fed_before + accepted)
+            r.cache.truncate(fed_before + i + 1)
         if r.state.finished:
             self.finish(r)

@@ -1,0 +1,118 @@
+"""The installed `tinyllama` console script, run in a subprocess as a user would."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def tinyllama(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    exe = shutil.which("tinyllama")
+    cmd = [exe] if exe else [sys.executable, "-m", "engine"]
+    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def test_generate_streams_the_story(stories260k):
+    p = tinyllama("generate", "--model", str(stories260k), "--max-new-tokens", "30", "Once upon a time")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(", there was a little girl named Lily")
+
+
+def test_generate_prompt_from_stdin_with_stop_and_json(stories260k):
+    p = tinyllama("generate", "--model", str(stories260k), "--json", "--stop", "Lily", stdin="Once upon a time")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["text"] == ", there was a little girl named "
+    assert out["stop_reason"] == "stop_string" and out["prompt_token_ids"] == [1, 403, 407, 261, 378]
+    assert out["token_ids"][:3] == [432, 383, 286]
+    assert set(out["timings"]) >= {"prompt_tokens_per_s", "generated_tokens_per_s", "time_to_first_token_s"}
+
+
+def test_generate_sampling_flags_and_verbose(stories260k):
+    args = ["generate", "--model", str(stories260k), "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9",
+            "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "3", "--max-new-tokens", "20", "--verbose",
+            "Once upon a time"]
+    a, b = tinyllama(*args), tinyllama(*args)
+    assert a.returncode == 0 and a.stdout == b.stdout and len(a.stdout) > 10
+    assert "generated: 20 tokens" in a.stderr and "stop: max_new_tokens" in a.stderr
+
+
+def test_generate_chat_template(tiny_chat_model):
+    p = tinyllama("generate", "--model", str(tiny_chat_model), "--chat", "--system", "Be brief.", "--json",
+                  "--max-new-tokens", "5", "Hi")
+    assert p.returncode == 0, p.stderr
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tiny_chat_model)
+    expected = tok.encode("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n")
+    assert json.loads(p.stdout)["prompt_token_ids"] == expected and expected[0] == 1
+
+
+def test_chat_flag_without_template_is_one_line(stories260k):
+    assert "no chat template" in one_line_error(tinyllama("generate", "--model", str(stories260k), "--chat", "Hi"))
+
+
+def test_bad_flag_exits_2():
+    p = tinyllama("generate", "--temperature", "warm", "x")
+    assert p.returncode == 2 and "invalid float value" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be"),
+])
+def test_bad_values_are_one_line(stories260k, flags, message):
+    assert message in one_line_error(tinyllama("generate", "--model", str(stories260k), *flags, "x"))
+
+
+def test_prompt_longer_than_window(stories260k):
+    long_prompt = "the dog " * 400  # > 512 tokens
+    line = one_line_error(tinyllama("generate", "--model", str(stories260k), long_prompt))
+    assert "context window is 512" in line and "--truncate" in line
+    p = tinyllama("generate", "--model", str(stories260k), "--truncate", "--max-new-tokens", "4", long_prompt)
+    assert p.returncode == 0, p.stderr
+
+
+def test_broken_model_is_one_line(tmp_path, stories260k):
+    (tmp_path / "config.json").write_text((stories260k / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((stories260k / "model.safetensors").read_bytes()[:5000])
+    assert "truncated file" in one_line_error(tinyllama("generate", "--model", str(tmp_path), "x"))
+    assert "no such model folder" in one_line_error(tinyllama("check", "--model", str(tmp_path / "nope")))
+
+
+def test_uncached_default_model_offline_is_one_line(tmp_path):
+    import os
+
+    env_cache = str(tmp_path / "empty-hf-cache")
+    exe = shutil.which("tinyllama") or sys.executable
+    cmd = [exe, "check"] if shutil.which("tinyllama") else [exe, "-m", "engine", "check"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env={**os.environ, "HF_HUB_CACHE": env_cache, "HF_HUB_OFFLINE": "1"})
+    line = one_line_error(p)
+    assert "TinyLlama/TinyLlama-1.1B-Chat-v1.0" in line and "not in the Hugging Face cache" in line
+
+
+def test_check_agrees_with_transformers(stories260k):
+    p = tinyllama("check", "--model", str(stories260k), "--prompt", "Once upon a time", "--steps", "12")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "greedy tokens: 12/12 identical" in p.stdout and "OK: matches transformers" in p.stdout
+
+
+def test_python_dash_m_engine_is_the_same_command(stories260k):
+    p = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", str(stories260k), "--max-new-tokens",
+                        "8", "Once upon a time"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 0 and p.stdout.startswith(", there was")

@@ -1,0 +1,126 @@
+"""Continuous batching and speculative decoding: batched and speculative greedy output equal plain decoding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine.errors import EngineError
+from engine.scheduler import Scheduler
+
+PASSAGE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+           "One day, she saw a big, red ball.")
+
+
+@pytest.fixture(scope="module")
+def stories(stories260k):
+    return engine.load_model(str(stories260k))
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    from tests.conftest import make_random_checkpoint
+
+    folder = make_random_checkpoint(tmp_path_factory.mktemp("sched"), num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128, seed=3)
+    return engine.load_model(str(folder))
+
+
+def test_batched_sequences_equal_single_sequences(random_model):
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, 256, size=n)) for n in (3, 17, 1, 40, 9)]
+    lengths = [12, 5, 20, 8, 15]
+    scheduler = Scheduler(random_model, prefill_chunk=16)
+    requests = [scheduler.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)]
+    for _ in scheduler.run():
+        pass
+    for p, n, r in zip(prompts, lengths, requests):
+        assert r.result.token_ids == random_model.generate(p, max_new_tokens=n, ignore_eos=True)
+        assert r.cache is None  # a finished sequence frees its cache at once
+
+
+def test_requests_join_and_leave_mid_run(random_model):
+    scheduler = Scheduler(random_model, prefill_chunk=8)
+    first = scheduler.submit([1, 5, 9], max_new_tokens=30, ignore_eos=True)
+    short = scheduler.submit([1, 7], max_new_tokens=3, ignore_eos=True)
+    for _ in range(6):
+        scheduler.step()
+    assert short.finished and short not in scheduler.active  # left after 3 tokens
+    late_prompt = list(range(10, 60))  # 50 tokens: prefilled in chunks of 8 while `first` keeps decoding
+    late = scheduler.submit(late_prompt, max_new_tokens=10, ignore_eos=True)
+    produced_during_prefill = []
+    while late.prefilled < len(late_prompt):
+        before = len(first.state.generated)
+        scheduler.step()
+        produced_during_prefill.append(len(first.state.generated) - before)
+    assert len(produced_during_prefill) >= 50 // 8 and all(n == 1 for n in produced_during_prefill[:-1])
+    for _ in scheduler.run():
+        pass
+    assert first.result.token_ids == random_model.generate([1, 5, 9], max_new_tokens=30, ignore_eos=True)
+    assert late.result.token_ids == random_model.generate(late_prompt, max_new_tokens=10, ignore_eos=True)
+    assert short.result.token_ids == random_model.generate([1, 7], max_new_tokens=3, ignore_eos=True)
+
+
+def test_bad_request_fails_alone(random_model):
+    scheduler = Scheduler(random_model)
+    good = scheduler.submit([1, 2, 3], max_new_tokens=5, ignore_eos=True)
+    for bad in (dict(temperature=-1.0), dict(top_p=3.0), dict(max_new_tokens=0), dict(speculate=-2)):
+        with pytest.raises(EngineError):
+            scheduler.submit([1, 2, 3], **bad)
+    with pytest.raises(EngineError):
+        scheduler.submit([1, 999999])  # token outside the vocabulary
+    with pytest.raises(EngineError):
+        scheduler.submit(list(range(200)))  # longer than the window
+    list(scheduler.run())
+    assert good.result.stop_reason == "max_new_tokens" and len(good.result.token_ids) == 5
+
+
+def test_streaming_one_request_among_many(random_model):
+    scheduler = Scheduler(random_model)
+    a = scheduler.submit([1, 2, 3], max_new_tokens=6, ignore_eos=True)
+    b = scheduler.submit([4, 5], max_new_tokens=9, ignore_eos=True)
+    ids_a = [e.token_id for e in a]  # drives the scheduler: b advances too
+    assert ids_a == a.result.token_ids and len(b.state.generated) >= 6
+    ids_b = [e.token_id for e in b]
+    assert ids_b == random_model.generate([4, 5], max_new_tokens=9, ignore_eos=True)
+
+
+def test_cancel_one_request(random_model):
+    scheduler = Scheduler(random_model)
+    a = scheduler.submit([1, 2, 3], max_new_tokens=50, ignore_eos=True)
+    b = scheduler.submit([1, 2, 3], max_new_tokens=8, ignore_eos=True)
+    scheduler.step()
+    scheduler.step()
+    a.cancel()
+    list(scheduler.run())
+    assert a.result.stop_reason == "cancelled" and len(a.result.token_ids) == 2
+    assert b.result.stop_reason == "max_new_tokens"
+
+
+@pytest.mark.parametrize("prompt", [PASSAGE + " Repeat the story: " + PASSAGE[:40], "Once upon a time"])
+def test_speculative_greedy_equals_plain(stories, prompt):
+    plain = stories.complete(prompt, max_new_tokens=60)
+    fast = stories.complete(prompt, max_new_tokens=60, speculate=6)
+    assert fast.token_ids == plain.token_ids and fast.text == plain.text and fast.stop_reason == plain.stop_reason
+    assert fast.draft_tokens > 0 and 0 < fast.acceptance_rate <= 1
+
+
+def test_speculative_batch_with_stops_equals_plain(stories):
+    prompts = [PASSAGE + " Again: " + PASSAGE[:30], "The cat", PASSAGE]
+    plain = stories.generate_batch(prompts, max_new_tokens=40, stop=["ball"])
+    fast = stories.generate_batch(prompts, max_new_tokens=40, stop=["ball"], speculate=4)
+    for p, f in zip(plain, fast):
+        assert (f.token_ids, f.text, f.stop_reason) == (p.token_ids, p.text, p.stop_reason)
+
+
+def test_speculative_seeded_sampling_equals_plain(stories):
+    """Each accepted token is one draw from the same distribution and RNG stream as plain decoding."""
+    kw = dict(max_new_tokens=40, temperature=0.8, seed=7)
+    assert stories.generate(PASSAGE + " " + PASSAGE, speculate=5, **kw) == stories.generate(PASSAGE + " " + PASSAGE, **kw)
+
+
+def test_speculative_respects_the_window(stories):
+    prompt = [1] + [403, 407, 261, 378] * 126  # 505 tokens of a repeating pattern: drafts would run past 512
+    plain = stories.complete(prompt, max_new_tokens=50)
+    fast = stories.complete(prompt, max_new_tokens=50, speculate=8)
+    assert fast.token_ids == plain.token_ids and fast.stop_reason == plain.stop_reason == "context_full"
