@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens if it exceeds the window")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    p.add_argument("--speculate", type=int, default=0, metavar="N",
+                   help="prompt-lookup speculative decoding: draft up to N tokens from the context per step")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--verbose", "-v", action="store_true", help="statistics on stderr")
 
@@ -140,7 +142,7 @@ def run_generate(args) -> int:
     ids = prompt_ids_for(model, args)
     if args.truncate:
         ids = ids[-max(1, model.config.max_position_embeddings - options.max_new_tokens):]
-    gen = Generation(model, ids, options)
+    gen = Generation(model, ids, options, speculate=args.speculate)
     for event in gen:
         if not args.json and event.text:
             sys.stdout.write(event.text)
@@ -150,13 +152,16 @@ def run_generate(args) -> int:
         print(json.dumps(result_json(r), ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose:
         from engine.blas import blas_info
 
         kernel = blas_info().get("kernel") if args.backend == "numpy" else args.backend
         print(f"prompt tokens: {len(r.prompt_token_ids)}  prefill: {r.prompt_tokens_per_s:.1f} tok/s  "
               f"time to first token: {r.time_to_first_token:.3f} s  generated: {len(r.token_ids)} tokens at "
-              f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})",
+              f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})"
+              + (f"  speculative: {r.accepted_draft_tokens}/{r.draft_tokens} drafts accepted "
+                 f"({100 * r.acceptance_rate:.0f}%)" if args.speculate else ""),
               file=sys.stderr)
     return 0
 
@@ -174,6 +179,8 @@ def result_json(r) -> dict:
             "prefill_s": r.prefill_seconds,
             "decode_s": r.decode_seconds,
         },
+        "speculative": {"draft_tokens": r.draft_tokens, "accepted_draft_tokens": r.accepted_draft_tokens,
+                        "acceptance_rate": r.acceptance_rate},
     }
 
 

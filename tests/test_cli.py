@@ -116,3 +116,13 @@ def test_python_dash_m_engine_is_the_same_command(stories260k):
     p = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", str(stories260k), "--max-new-tokens",
                         "8", "Once upon a time"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert p.returncode == 0 and p.stdout.startswith(", there was")
+
+
+def test_speculate_flag_gives_plain_output_and_reports_acceptance(stories260k):
+    prompt = "Once upon a time, there was a little girl named Lily. She loved to play. Once upon a time"
+    plain = tinyllama("generate", "--model", str(stories260k), "--json", "--max-new-tokens", "40", prompt)
+    fast = tinyllama("generate", "--model", str(stories260k), "--json", "--max-new-tokens", "40", "--speculate", "5",
+                     prompt)
+    a, b = json.loads(plain.stdout), json.loads(fast.stdout)
+    assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
+    assert b["speculative"]["draft_tokens"] > 0 and 0 < b["speculative"]["acceptance_rate"] <= 1
