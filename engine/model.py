@@ -1,7 +1,6 @@
 """Model: a loaded checkpoint on a backend, with the public API (`load_model`, `logits`, `generate`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

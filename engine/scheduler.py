@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.batch import SequenceStep
 from engine.errors import EngineError
-from engine.generate import (GenerationOptions, GenerationResult, SequenceState, TokenEvent, check_prompt,
+from engine.generate import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
                              default_options)
 from engine.speculative import prompt_lookup_draft
 

@@ -1,38 +1,23 @@
 """engine.chat_template against transformers' `apply_chat_template(..., tokenize=False)`."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import shared_model
 from engine.chat_template import ChatTemplateError, NoChatTemplateError, render_chat
 from engine.tokenizer import Tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _shared_models_dir() -> Path:
-    """$TINYLLAMA_SHARED_MODELS, else <repo>/../shared/models."""
-    return Path(os.environ.get("TINYLLAMA_SHARED_MODELS") or REPO_ROOT.parent / "shared" / "models")
-
-
-def _model_folder(name: str) -> Path:
-    folder = _shared_models_dir() / name
-    if not (folder / "tokenizer_config.json").is_file():
-        pytest.skip(f"shared model folder {folder} is absent (set TINYLLAMA_SHARED_MODELS)")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tinyllama_folder() -> Path:
-    return _model_folder("tinyllama-1.1b-chat-v1.0")
+    return shared_model("tinyllama-1.1b-chat-v1.0")
 
 
 @pytest.fixture(scope="module")
 def stories_folder() -> Path:
-    return _model_folder("stories260K")
+    return shared_model("stories260K")
 
 
 @pytest.fixture(scope="module")
