@@ -1,8 +1,9 @@
 """Split-KV (flash-decoding) attention for one new token per sequence, batched, with GQA.
 
-Cache layout (stacked): k_cache/v_cache (B, n_kv_heads, capacity, head_dim), sequence b owning row b;
-lengths (B,) int gives how many cache positions of each sequence are valid, the new token's included
-(its K/V already written at position lengths[b]-1). Each sequence's context is cut into chunks of
+Cache layout (stacked): k_cache/v_cache (S, n_kv_heads, capacity, head_dim), sequence b owning row b, or row
+slots[b] when a (B,) int `slots` tensor is given (a slot pool shared by every sequence: one launch for the whole
+batch, whatever rows the sequences hold); lengths (B,) int gives how many cache positions of each sequence are
+valid, the new token's included (its K/V already written at position lengths[b]-1). Each sequence's context is cut into chunks of
 `chunk` positions; program (split, kv_head, b) runs an online softmax over one chunk for all the
 query heads that share kv_head (packed as the rows of one tl.dot tile, so K/V are read once per group),
 and writes its partial (max, sum, unnormalised output). A second kernel combines the splits.
@@ -19,17 +20,22 @@ from ._common import check_float, check_last_contiguous, dot_mode, multiprocesso
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_ml_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, slot_ptr, part_o_ptr, part_ml_ptr,
     head_dim, group, chunk, qk_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kp, stride_vb, stride_vh, stride_vp,
     stride_pob, stride_poh, stride_pos, stride_mlb, stride_mlh, stride_mls,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
     length = tl.load(len_ptr + b).to(tl.int32)
+    if HAS_SLOTS:
+        row = tl.load(slot_ptr + b).to(tl.int64)  # the cache row (pool slot) of sequence b
+    else:
+        row = b.to(tl.int64)
     start = split * chunk
     end = min(start + chunk, length)
 
@@ -41,8 +47,8 @@ def _decode_partial_kernel(
     heads = kv_head * group + offs_g  # the query heads sharing this kv head
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+    k_base = k_ptr + row * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + row * stride_vb + kv_head * stride_vh
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -96,16 +102,19 @@ def _decode_combine_kernel(
              mask=offs_d < head_dim)
 
 
-def _check(q, k_cache, v_cache, lengths):
+def _check(q, k_cache, v_cache, lengths, slots):
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"decode_attention: need q (B, H, D) and k/v_cache (B, Hkv, cap, D), got "
+        raise ValueError(f"decode_attention: need q (B, H, D) and k/v_cache (B or slots, Hkv, cap, D), got "
                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     B, n_heads, head_dim = q.shape
     kb, n_kv_heads, _, kd = k_cache.shape
-    if kb != B or kd != head_dim or n_kv_heads == 0 or n_heads % n_kv_heads:
+    if (slots is None and kb != B) or kd != head_dim or n_kv_heads == 0 or n_heads % n_kv_heads:
         raise ValueError(f"decode_attention: cache {tuple(k_cache.shape)} does not fit q {tuple(q.shape)}")
     if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"decode_attention: lengths must be ({B},) int32/int64, got {tuple(lengths.shape)} {lengths.dtype}")
+        raise ValueError(f"decode_attention: lengths must be ({B},) int32/int64, "
+                         f"got {tuple(lengths.shape)} {lengths.dtype}")
+    if slots is not None and (slots.shape != (B,) or slots.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"decode_attention: slots must be ({B},) int32/int64, got {tuple(slots.shape)} {slots.dtype}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_float(f"decode_attention {name}", t)
         check_last_contiguous(f"decode_attention {name}", t)
@@ -115,14 +124,17 @@ def _check(q, k_cache, v_cache, lengths):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      max_length: int | None = None, out: torch.Tensor | None = None,
-                     chunk: int | None = None) -> torch.Tensor:
+                     chunk: int | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
     """One-token GQA attention: q (B, n_heads, head_dim), k/v_cache (B, n_kv_heads, capacity, head_dim),
     lengths (B,) int32 (valid positions per sequence, >= 1) -> (B, n_heads, head_dim) in q's dtype.
 
     `max_length` (host int >= max(lengths)) sizes the split grid; when omitted it is read from
-    `lengths` (a device sync). `chunk` overrides the positions per split (rounded up to the key block).
+    `lengths` (a device sync). Passing the cache capacity gives a grid that depends on shapes only (what a
+    CUDA graph needs; splits past a sequence's end exit at once). `chunk` overrides the positions per split
+    (rounded up to the key block). `slots` (B,) int: sequence b's cache is k/v_cache[slots[b]] (a slot pool,
+    any number of rows) instead of row b.
     """
-    _check(q, k_cache, v_cache, lengths)
+    _check(q, k_cache, v_cache, lengths, slots)
     B, n_heads, head_dim = q.shape
     n_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
@@ -151,14 +163,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_ml = torch.empty((B, n_heads, n_splits, 2), dtype=torch.float32, device=q.device)
     qk_scale = (1.0 / math.sqrt(head_dim)) * 1.4426950408889634
     _decode_partial_kernel[(n_splits, n_kv_heads, B)](
-        q, k_cache, v_cache, lengths, part_o, part_ml,
+        q, k_cache, v_cache, lengths, lengths if slots is None else slots, part_o, part_ml,
         head_dim, group, chunk, qk_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype),
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype), HAS_SLOTS=slots is not None,
         num_warps=4, num_stages=2,
     )
     _decode_combine_kernel[(n_heads, B)](

@@ -1,4 +1,7 @@
-"""DeviceKVCache: one sequence's keys and values for every layer as device (torch) tensors."""
+"""Device KV caches: DeviceKVCache (one sequence, its own growing tensors) and PooledKVCache (one slot of a
+KVSlotPool: fixed-window storage stacked across sequences, for batched decode attention and CUDA graphs)."""
+
+import weakref
 
 import torch
 
@@ -57,3 +60,130 @@ class DeviceKVCache:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
         self.length = n
+
+
+class KVSlotPool:
+    """Fixed-window KV storage shared by many sequences: k, v (n_layers, slots, n_kv_heads, window, head_dim).
+
+    Layer i's storage k[i] is one stacked (slots, n_kv_heads, window, head_dim) tensor, so decode attention for a
+    whole batch is one launch (each sequence names its row), and its address never changes while the pool keeps
+    its size: what a captured CUDA graph needs. Slot 0 is scratch (the padding rows of a graph batch write there)
+    and is never handed out. When every slot is taken the pool doubles (a new allocation, contents copied) and
+    `generation` goes up: graphs captured against the old storage must be dropped.
+    """
+
+    SCRATCH = 0
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, window: int, dtype: torch.dtype,
+                 device: torch.device, slots: int = 8):
+        self.window = window
+        self.generation = 0
+        shape = (n_layers, max(2, slots), n_kv_heads, window, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self._free = list(range(self.slots - 1, 0, -1))  # pop() hands out the lowest free slot first
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def in_use(self) -> int:
+        return self.slots - 1 - len(self._free)
+
+    @property
+    def slot_nbytes(self) -> int:
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+    def acquire(self) -> int:
+        if not self._free:
+            self._grow(2 * self.slots)
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        if slot != self.SCRATCH and slot not in self._free:
+            self._free.append(slot)
+            self._free.sort(reverse=True)
+
+    def _grow(self, slots: int) -> None:
+        old = self.slots
+        for name in ("k", "v"):
+            cur = getattr(self, name)
+            new = torch.empty(cur.shape[:1] + (slots,) + cur.shape[2:], dtype=cur.dtype, device=cur.device)
+            new[:, :old].copy_(cur)
+            setattr(self, name, new)
+        self._free = sorted(self._free + list(range(old, slots)), reverse=True)
+        self.generation += 1
+
+
+class PooledKVCache:
+    """One sequence's keys/values in a slot of a KVSlotPool (same interface as DeviceKVCache).
+
+    k, v: (n_layers, n_kv_heads, capacity, head_dim) views of the pool (re-read on every access, so they follow a
+    pool that grew). The slot returns to the pool when the cache is garbage-collected (or on `release()`). A
+    sequence that outgrows the pool's window moves to private growing storage (a DeviceKVCache, up to the model's
+    window); it then takes the per-sequence paths of the backend (`slot` is None).
+    """
+
+    def __init__(self, pool: KVSlotPool, max_length: int, block_tokens: int = BLOCK_TOKENS):
+        self.pool = pool
+        self.max_length = max_length
+        self.block_tokens = block_tokens
+        self.length = 0
+        self.slot: int | None = pool.acquire()
+        self._private: DeviceKVCache | None = None
+        self._finalizer = weakref.finalize(self, pool.release, self.slot)
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.pool.k[:, self.slot] if self.slot is not None else self._private.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.pool.v[:, self.slot] if self.slot is not None else self._private.v
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.window if self.slot is not None else self._private.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.slot_nbytes if self.slot is not None else self._private.nbytes
+
+    def reserve(self, new_length: int) -> None:
+        """Make room for `new_length` tokens in total; ContextOverflowError past the model's window."""
+        if new_length > self.max_length:
+            raise ContextOverflowError(
+                f"sequence of {new_length} tokens exceeds the model's context window of {self.max_length}"
+            )
+        if self.slot is not None:
+            if new_length <= self.pool.window:
+                return
+            k = self.pool.k[:, self.slot]
+            n_layers, n_kv_heads, _, head_dim = k.shape
+            private = DeviceKVCache(n_layers, n_kv_heads, head_dim, self.max_length, k.dtype, k.device,
+                                    self.block_tokens)
+            private.reserve(new_length)
+            private.k[:, :, : self.length].copy_(k[:, :, : self.length])
+            private.v[:, :, : self.length].copy_(self.pool.v[:, self.slot, :, : self.length])
+            self._private = private
+            self.release()
+        self._private.length = self.length
+        self._private.reserve(new_length)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values of `layer` at positions start..start+T-1. k, v: (T, n_kv_heads, head_dim)."""
+        end = start + k.shape[0]
+        self.k[layer, :, start:end].copy_(k.transpose(0, 1))
+        self.v[layer, :, start:end].copy_(v.transpose(0, 1))
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first n tokens (0 <= n <= length)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.length = n
+
+    def release(self) -> None:
+        """Give the slot back to the pool now (the cache must not be used in the pool afterwards)."""
+        self._finalizer()
+        self.slot = None
