@@ -19,8 +19,12 @@ class KVCache:
         self.max_length = max_length
         self.block_tokens = block_tokens
         self.length = 0
-        self.k = np.empty((n_layers, n_kv_heads, 0, head_dim), dtype=np.float32)
-        self.v = np.empty_like(self.k)
+        self.k = self.allocate((n_layers, n_kv_heads, 0, head_dim))
+        self.v = self.allocate((n_layers, n_kv_heads, 0, head_dim))
+
+    def allocate(self, shape: tuple[int, ...]):
+        """New uninitialised storage of `shape` (float32 NumPy here; a device cache overrides this)."""
+        return np.empty(shape, dtype=np.float32)
 
     @property
     def capacity(self) -> int:
@@ -28,14 +32,11 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return 2 * self.k.size * self.k.itemsize
 
     def reserve(self, new_length: int) -> None:
         """Make room for `new_length` tokens in total; ContextOverflowError past the model's window."""
-        if new_length > self.max_length:
-            raise ContextOverflowError(
-                f"sequence of {new_length} tokens exceeds the model's context window of {self.max_length}"
-            )
+        self.check_window(new_length)
         if new_length <= self.capacity:
             return
         grown = max(new_length, self.capacity + self.capacity // 2)
@@ -43,15 +44,22 @@ class KVCache:
         capacity = min(self.max_length, blocks * self.block_tokens)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = np.empty(old.shape[:2] + (capacity, old.shape[3]), dtype=np.float32)
+            new = self.allocate(tuple(old.shape[:2]) + (capacity, old.shape[3]))
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
+
+    def check_window(self, new_length: int) -> None:
+        """ContextOverflowError when `new_length` tokens would not fit the model's window."""
+        if new_length > self.max_length:
+            raise ContextOverflowError(
+                f"sequence of {new_length} tokens exceeds the model's context window of {self.max_length}"
+            )
 
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store new keys/values of `layer` at positions start..start+T-1. k, v: (T, n_kv_heads, head_dim)."""
         end = start + k.shape[0]
-        self.k[layer, :, start:end] = k.transpose(1, 0, 2)
-        self.v[layer, :, start:end] = v.transpose(1, 0, 2)
+        self.k[layer, :, start:end] = k.swapaxes(0, 1)
+        self.v[layer, :, start:end] = v.swapaxes(0, 1)
 
     def layer(self, layer: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of the first `length` positions of `layer`: k, v each (n_kv_heads, length, head_dim)."""

@@ -5,61 +5,20 @@ import weakref
 
 import torch
 
-from engine.errors import ContextOverflowError
-
-BLOCK_TOKENS = 128
+from engine.kv_cache import BLOCK_TOKENS, KVCache
 
 
-class DeviceKVCache:
-    """Keys/values of one sequence. k, v: (n_layers, n_kv_heads, capacity, head_dim) device tensors; `length` valid.
-
-    Same contract as engine.kv_cache.KVCache: capacity grows in blocks of BLOCK_TOKENS (by half again each time,
-    never past `max_length`); `truncate(n)` keeps the first n tokens.
-    """
+class DeviceKVCache(KVCache):
+    """Keys/values of one sequence in device tensors: engine.kv_cache.KVCache's growth, writes and truncation, with
+    k, v: (n_layers, n_kv_heads, capacity, head_dim) in the backend's dtype on its device."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_length: int,
                  dtype: torch.dtype, device: torch.device, block_tokens: int = BLOCK_TOKENS):
-        self.max_length = max_length
-        self.block_tokens = block_tokens
-        self.length = 0
-        self.k = torch.empty((n_layers, n_kv_heads, 0, head_dim), dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        self.dtype, self.device = dtype, device
+        super().__init__(n_layers, n_kv_heads, head_dim, max_length, block_tokens)
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def reserve(self, new_length: int) -> None:
-        """Make room for `new_length` tokens in total; ContextOverflowError past the model's window."""
-        if new_length > self.max_length:
-            raise ContextOverflowError(
-                f"sequence of {new_length} tokens exceeds the model's context window of {self.max_length}"
-            )
-        if new_length <= self.capacity:
-            return
-        grown = max(new_length, self.capacity + self.capacity // 2)
-        capacity = min(self.max_length, -(-grown // self.block_tokens) * self.block_tokens)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.empty(old.shape[:2] + (capacity, old.shape[3]), dtype=old.dtype, device=old.device)
-            new[:, :, : self.length].copy_(old[:, :, : self.length])
-            setattr(self, name, new)
-
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values of `layer` at positions start..start+T-1. k, v: (T, n_kv_heads, head_dim)."""
-        end = start + k.shape[0]
-        self.k[layer, :, start:end].copy_(k.transpose(0, 1))
-        self.v[layer, :, start:end].copy_(v.transpose(0, 1))
-
-    def truncate(self, n: int) -> None:
-        """Keep only the first n tokens (0 <= n <= length)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n
+    def allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
 
 
 class KVSlotPool:
@@ -116,8 +75,8 @@ class KVSlotPool:
         self.generation += 1
 
 
-class PooledKVCache:
-    """One sequence's keys/values in a slot of a KVSlotPool (same interface as DeviceKVCache).
+class PooledKVCache(KVCache):
+    """One sequence's keys/values in a slot of a KVSlotPool (KVCache's writes and truncation over pool storage).
 
     k, v: (n_layers, n_kv_heads, capacity, head_dim) views of the pool (re-read on every access, so they follow a
     pool that grew). The slot returns to the pool when the cache is garbage-collected (or on `release()`). A
@@ -126,6 +85,7 @@ class PooledKVCache:
     """
 
     def __init__(self, pool: KVSlotPool, max_length: int, block_tokens: int = BLOCK_TOKENS):
+        # KVCache.__init__ is not called: the storage is the pool's, k and v are views of it.
         self.pool = pool
         self.max_length = max_length
         self.block_tokens = block_tokens
@@ -152,10 +112,7 @@ class PooledKVCache:
 
     def reserve(self, new_length: int) -> None:
         """Make room for `new_length` tokens in total; ContextOverflowError past the model's window."""
-        if new_length > self.max_length:
-            raise ContextOverflowError(
-                f"sequence of {new_length} tokens exceeds the model's context window of {self.max_length}"
-            )
+        self.check_window(new_length)
         if self.slot is not None:
             if new_length <= self.pool.window:
                 return
@@ -170,18 +127,6 @@ class PooledKVCache:
             self.release()
         self._private.length = self.length
         self._private.reserve(new_length)
-
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values of `layer` at positions start..start+T-1. k, v: (T, n_kv_heads, head_dim)."""
-        end = start + k.shape[0]
-        self.k[layer, :, start:end].copy_(k.transpose(0, 1))
-        self.v[layer, :, start:end].copy_(v.transpose(0, 1))
-
-    def truncate(self, n: int) -> None:
-        """Keep only the first n tokens (0 <= n <= length)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n
 
     def release(self) -> None:
         """Give the slot back to the pool now (the cache must not be used in the pool afterwards)."""
