@@ -70,3 +70,27 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
     """SwiGLU activation. gate_up: (N, 2 * intermediate), gate columns first -> (N, intermediate) float32."""
     inter = gate_up.shape[-1] // 2
     return silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
+
+SMALL_M_ROWS = 12  # up to this many rows, `linear` walks the weight in cached blocks (measured: 1.5-3x at 2-8 rows)
+BLOCK_BYTES = 4 << 20  # weight rows per block: a few MB, read from memory once, then re-used from cache M times
+
+
+def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 (HF layout) -> (M, out) float32.
+
+    OpenBLAS's GEMM at a handful of rows runs far below both its GEMV bandwidth and its large-M FLOP rate (on the
+    2-core EPYC here: M=8 reads the weight at ~6 GB/s against ~30 GB/s for M=1). For 2 <= M <= SMALL_M_ROWS the
+    weight is walked in blocks of rows that stay in cache while each row of x takes one GEMV over the block, so
+    the weight crosses the memory bus once.
+    """
+    m = x.shape[0]
+    if m < 2 or m > SMALL_M_ROWS:
+        return x @ w.T
+    out = np.empty((m, w.shape[0]), dtype=np.float32)
+    rows = max(1, BLOCK_BYTES // (w.shape[1] * w.itemsize))
+    for start in range(0, w.shape[0], rows):
+        block = w[start : start + rows]
+        for i in range(m):
+            np.matmul(block, x[i], out=out[i, start : start + rows])
+    return out

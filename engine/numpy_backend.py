@@ -6,7 +6,7 @@ import numpy as np
 from engine.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.layers import apply_rotary, attention, rms_norm, swiglu
+from engine.layers import apply_rotary, attention, linear, rms_norm, swiglu
 from engine.model_weights import ModelWeights
 from engine.rope import rope_tables
 
@@ -46,7 +46,7 @@ class NumpyBackend:
         q_end, k_end = c.q_size, c.q_size + c.kv_size
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.attn_norm, self.eps)
-            qkv = h @ layer.wqkv.T  # (N, Q + 2KV)
+            qkv = linear(h, layer.wqkv)  # (N, Q + 2KV)
             q = apply_rotary(qkv[:, :q_end].reshape(n_tok, c.num_attention_heads, c.head_dim), cos, sin)
             k = apply_rotary(qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim), cos, sin)
             v = qkv[:, k_end:].reshape(n_tok, c.num_key_value_heads, c.head_dim)
@@ -57,9 +57,9 @@ class NumpyBackend:
                 keys, values = s.cache.layer(i, start + n)
                 attn[row : row + n] = attention(q[row : row + n], keys, values, start)
                 row += n
-            x = x + attn @ layer.wo.T
+            x = x + linear(attn, layer.wo)
             h = rms_norm(x, layer.mlp_norm, self.eps)
-            x = x + swiglu(h @ layer.w_gate_up.T) @ layer.w_down.T
+            x = x + linear(swiglu(linear(h, layer.w_gate_up)), layer.w_down)
         for s, start, n in zip(steps, starts, counts):
             s.cache.length = start + n
         return self._logits(x, steps, counts)
@@ -70,6 +70,6 @@ class NumpyBackend:
         rows = np.concatenate([
             np.arange(end - n, end) if s.all_logits else np.array([end - 1]) for s, n, end in zip(steps, counts, ends)
         ])
-        logits = rms_norm(x[rows], self.weights.final_norm, self.eps) @ self.weights.lm_head.T
+        logits = linear(rms_norm(x[rows], self.weights.final_norm, self.eps), self.weights.lm_head)
         sizes = [n if s.all_logits else 1 for s, n in zip(steps, counts)]
         return np.split(logits, np.cumsum(sizes)[:-1])
