@@ -1,0 +1,106 @@
+"""`tinyllama bench`: arguments (imported while the parser is built, so this module stays light: no NumPy or torch
+at import) and `run_bench(args) -> exit status`."""
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_BATCHES = "1,8,32"
+DEFAULT_PROMPT_LENS = "128,512"
+DEFAULT_NEW_TOKENS = 64
+DEFAULT_REPEATS = 3
+DEFAULT_THREADS = 2
+DEFAULT_SPECULATE = 4
+QUICK = dict(batch="1,4", prompt_len="32", new_tokens=8, repeats=1, systems="engine,transformers-fp32")
+SYSTEM_GROUPS = ("engine", "transformers-fp32", "transformers-bf16", "llama.cpp-f32", "llama.cpp-f16",
+                 "llama.cpp-q8_0")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Time this engine side by side with transformers (fp32, bf16) and llama.cpp (when "
+                      "llama-cpp-python is installed) on the same weights, each system in its own process: load time, "
+                      "prefill tokens/s per prompt length, time to first token, decode tokens/s per batch size, peak "
+                      "RSS, against this machine's memory-bandwidth floor. Writes results.json and PNG plots.")
+    p.add_argument("--model", default=None,
+                   help="local folder or Hub repo id (default: random weights of TinyLlama-1.1B's exact shape, "
+                        "made locally once)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--backend", default="numpy", metavar="numpy|triton",
+                   help="this engine's backend(s), comma-separated (default numpy)")
+    p.add_argument("--batch", default=None, metavar="LIST", help=f"decode batch sizes (default {DEFAULT_BATCHES})")
+    p.add_argument("--prompt-len", default=None, metavar="LIST",
+                   help=f"prefill prompt lengths; decode runs after the first (default {DEFAULT_PROMPT_LENS})")
+    p.add_argument("--new-tokens", type=int, default=None, metavar="N",
+                   help=f"decode steps timed per run (default {DEFAULT_NEW_TOKENS})")
+    p.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help=f"timed runs after the warm-up; median with min/max (default {DEFAULT_REPEATS})")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                   help="threads for every system (BLAS, torch, llama.cpp; default %(default)s)")
+    p.add_argument("--systems", default=None, metavar="LIST",
+                   help=f"which systems, comma-separated, from {', '.join(SYSTEM_GROUPS)} (default all)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where results.json and the plots go "
+                                                                "(default bench/out/<timestamp>)")
+    p.add_argument("--speculate", type=int, default=DEFAULT_SPECULATE, metavar="N",
+                   help="also time this engine's prompt-lookup speculative decoding at batch 1 with N-token drafts "
+                        "against plain decoding (0: skip; default %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="cut-down model, batches 1,4, prompt 32, 8 new tokens, 1 repeat, engine + transformers "
+                        "fp32 only (under a minute)")
+
+
+def _error(message: str):
+    from engine.errors import EngineError  # here, not at the top: importing `engine` loads NumPy
+
+    return EngineError(message)
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]; EngineError (one line) for anything but positive integers."""
+    items = [t.strip() for t in str(text).split(",")]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise _error(f"{option}: expected comma-separated positive integers, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def name_list(text: str, option: str, allowed) -> list[str]:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if not items or bad:
+        raise _error(f"{option}: unknown {', '.join(map(repr, bad)) or 'value ' + repr(text)} "
+                          f"(choose from {', '.join(allowed)})")
+    return list(dict.fromkeys(items))
+
+
+def settings_from(args) -> dict:
+    """The validated plan: lists parsed, --quick defaults filled in where the user gave none."""
+    from bench.systems import ENGINE_BACKENDS
+
+    quick = dict(QUICK) if args.quick else {}
+
+    def pick(name, default):
+        given = getattr(args, name)
+        return given if given is not None else quick.get(name, default)
+
+    backends = name_list(args.backend, "--backend", ENGINE_BACKENDS)
+    groups = name_list(pick("systems", ",".join(SYSTEM_GROUPS)), "--systems", SYSTEM_GROUPS)
+    systems = [s for g in groups for s in ([f"engine-{b}" for b in backends] if g == "engine" else [g])]
+    settings = dict(batches=int_list(pick("batch", DEFAULT_BATCHES), "--batch"),
+                    prompt_lens=int_list(pick("prompt_len", DEFAULT_PROMPT_LENS), "--prompt-len"),
+                    new_tokens=pick("new_tokens", DEFAULT_NEW_TOKENS), repeats=pick("repeats", DEFAULT_REPEATS),
+                    threads=args.threads, systems=systems, quick=bool(args.quick), speculate=args.speculate)
+    for key, option in (("new_tokens", "--new-tokens"), ("repeats", "--repeats"), ("threads", "--threads")):
+        if settings[key] < 1:
+            raise _error(f"{option} must be >= 1, got {settings[key]}")
+    if settings["speculate"] < 0:
+        raise _error(f"--speculate must be >= 0, got {settings['speculate']}")
+    return settings
+
+
+def run_bench(args) -> int:
+    settings = settings_from(args)  # user errors first, before anything slow
+    from bench.run import run
+
+    return run(settings, model=args.model, revision=args.revision, out=args.out)

@@ -1,0 +1,126 @@
+"""llama.cpp for the benchmark: is llama-cpp-python installed, and a GGUF of a Hugging Face checkpoint.
+
+The checkpoint is converted with llama.cpp's own `convert_hf_to_gguf.py` (--outtype f32|f16|q8_0), as
+../shared/BASELINES.md measured it. The converter is found at $TINYLLAMA_GGUF_CONVERTER, else in the cache (made from
+the llama-cpp-python source distribution of the installed version: `pip download --no-binary :all: --no-deps`).
+GGUF files are cached under the benchmark cache, keyed by the checkpoint's path, size and time.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from bench.checkpoints import cache_root
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def version() -> str | None:
+    try:
+        from importlib.metadata import version as v
+
+        return v("llama-cpp-python")
+    except Exception:
+        return None
+
+
+def shared_tokenizer_dir() -> Path | None:
+    """TinyLlama's real tokenizer in ../shared/models (the converter needs a vocabulary; random weights have none)."""
+    here = Path(__file__).resolve().parent.parent
+    root = Path(os.environ.get("TINYLLAMA_SHARED_MODELS", here.parent / "shared" / "models"))
+    path = root / "tinyllama-1.1b-chat-v1.0"
+    return path if (path / "tokenizer.json").exists() else None
+
+
+def _extracted(src: Path) -> Path | None:
+    found = sorted(src.glob("*/vendor/llama.cpp/.extracted"))
+    return found[-1].parent / "convert_hf_to_gguf.py" if found else None
+
+
+def _wanted(name: str) -> bool:
+    """The converter's files in the sdist: llama.cpp's top-level scripts, its conversion/ package, gguf-py."""
+    head, sep, rest = name.partition("/vendor/llama.cpp/")
+    return bool(sep) and "/" not in head and (
+        ("/" not in rest and rest.endswith(".py")) or rest.startswith(("conversion/", "gguf-py/")))
+
+
+def converter() -> Path:
+    """Path of convert_hf_to_gguf.py (fetched once from the llama-cpp-python sdist of the installed version)."""
+    env = os.environ.get("TINYLLAMA_GGUF_CONVERTER")
+    if env:
+        return Path(env)
+    src = cache_root() / "llama-cpp-src"
+    script = _extracted(src)
+    if script:
+        return script
+    src.mkdir(parents=True, exist_ok=True)
+    ver = version()
+    archives = sorted(src.glob(f"llama_cpp_python-{ver or '*'}.tar.gz"))
+    if not archives:
+        spec = f"llama-cpp-python=={ver}" if ver else "llama-cpp-python"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", "-d",
+                        str(src), spec], check=True, stdout=subprocess.DEVNULL)
+        archives = sorted(src.glob("llama_cpp_python-*.tar.gz"))
+    for archive in archives[-1:]:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if _wanted(m.name)]
+            tar.extractall(src, members=members, filter="data")
+            root = members[0].name.split("/vendor/llama.cpp/")[0] if members else None
+        if root:
+            (src / root / "vendor" / "llama.cpp" / ".extracted").touch()
+    script = _extracted(src)
+    if not script or not script.exists():
+        raise RuntimeError(f"convert_hf_to_gguf.py not found in the llama-cpp-python sdist under {src}")
+    return script
+
+
+def _key(folder: Path) -> str:
+    stats = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(folder.glob("*.safetensors"))]
+    return hashlib.sha1(repr((str(folder.resolve()), stats)).encode()).hexdigest()[:12]
+
+
+def gguf_for(folder, outtype: str) -> Path:
+    """A cached GGUF of the checkpoint in `folder` at `outtype` (f32, f16, q8_0)."""
+    folder = Path(folder)
+    out = cache_root() / "gguf" / f"{folder.name}-{_key(folder)}-{outtype}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.with_suffix(".src")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    tok = None if (folder / "tokenizer.json").exists() else shared_tokenizer_dir()
+    for p in folder.iterdir():
+        if p.is_file():
+            (stage / p.name).symlink_to(p.resolve())
+    if tok is not None:
+        for name in TOKENIZER_FILES:
+            if (tok / name).exists() and not (stage / name).exists():
+                (stage / name).symlink_to((tok / name).resolve())
+    script = converter()
+    env = dict(os.environ)
+    gguf_py = script.parent / "gguf-py"
+    if gguf_py.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join([str(gguf_py)] + [p for p in [env.get("PYTHONPATH")] if p])
+    tmp = out.with_suffix(".part")
+    try:
+        r = subprocess.run([sys.executable, str(script), str(stage), "--outtype", outtype, "--outfile", str(tmp)],
+                           env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"convert_hf_to_gguf.py --outtype {outtype} failed: {tail[0]}")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
+    return out

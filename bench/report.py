@@ -1,0 +1,162 @@
+"""Turning benchmark rows into the roofline columns, the stdout table and the PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.roofline import decode_floor
+
+GB = 1e9
+
+
+def add_roofline(rows: list[dict], machine: dict, model: dict) -> None:
+    """Floors in `machine['roofline']` for the model, and on every measured row its own batch-1 decode floor (its
+    weight bytes / read bandwidth) with the percentage of it reached at batch 1."""
+    roof = machine.get("roofline")
+    if not roof:
+        return
+    bw = roof["read_gbs"]
+    roof["fp32_weight_bytes"] = model["fp32_weight_bytes"]
+    roof["decode_floor_fp32_tok_s"] = decode_floor(model["fp32_weight_bytes"], bw)
+    roof["decode_floor_bf16_tok_s"] = decode_floor(model["fp32_weight_bytes"] // 2, bw)
+    roof["prefill_ceiling_fp32_tok_s"] = roof["matmul_gflops"] * GB / (2 * model["weight_count"])
+    for row in rows:
+        if row.get("weight_bytes"):
+            row["floor_tok_s"] = decode_floor(row["weight_bytes"], bw)
+            if row.get("kind") == "decode" and row.get("batch") == 1 and row.get("decode_tok_s"):
+                row["pct_of_floor"] = 100 * row["decode_tok_s"] / row["floor_tok_s"]
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}" if v < 1000 else f"{v:,.0f}"
+
+
+def _spread(row: dict, key: str) -> str:
+    med, lo, hi = row.get(key), row.get(f"{key}_min"), row.get(f"{key}_max")
+    if med is None:
+        return "-"
+    if lo is None or hi is None or row.get("repeats", 1) <= 1:
+        return _fmt(med)
+    return f"{_fmt(med)} [{_fmt(lo)}-{_fmt(hi)}]"
+
+
+def _grid(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body])
+
+
+def table(results: dict) -> str:
+    rows, machine, model, settings = results["rows"], results.get("machine", {}), results["model"], results["settings"]
+    out = [f"model: {model['folder']}  ({model['weight_count'] / 1e9:.3f} B parameters, "
+           f"{model['fp32_weight_bytes'] / GB:.2f} GB in fp32)"]
+    if machine:
+        blas = machine.get("blas") or {}
+        out.append(f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, {settings['threads']} threads; "
+                   f"BLAS {blas.get('library')} {blas.get('version')} kernel {blas.get('kernel')} "
+                   f"(OPENBLAS_CORETYPE={machine.get('OPENBLAS_CORETYPE')})"
+                   + (f"; GPU {machine['gpu']['name']}" if machine.get("gpu") else ""))
+        roof = machine.get("roofline")
+        if roof:
+            out.append(f"roofline: memory read {roof['read_gbs']:.1f} GB/s (NumPy, best of 1 and {settings['threads']}"
+                       f" threads; GEMV {roof['gemv_gbs']:.1f} GB/s), fp32 matmul {roof['matmul_gflops']:.0f} GFLOP/s "
+                       f"at M=128 -> batch-1 decode floor {roof['decode_floor_fp32_tok_s']:.2f} tok/s for fp32 "
+                       f"weights ({roof['decode_floor_bf16_tok_s']:.2f} for 16-bit)")
+    busy = (machine.get("load_average") or {}).get("start", [0])[0]
+    if busy > 0.5:
+        out.append(f"warning: the machine was busy when the run started (load average {busy:.2f}); other processes "
+                   f"share its cores, so these figures are low and noisy")
+    out.append(f"{settings['repeats']} timed run(s) after a warm-up; median [min-max]; decode after a "
+               f"{settings['prompt_lens'][0]}-token prompt, {settings['new_tokens']} new tokens, aggregate tok/s")
+    ok = [r for r in rows if r.get("status") == "ok"]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+
+    body, notes = [], []
+    for label in labels:
+        mine = [r for r in ok if r["label"] == label]
+        bad = [r for r in rows if r["label"] == label and r.get("status") != "ok"]
+        notes += [f"{label}: {r['status']}: {r.get('note', '')}" for r in bad]
+        if not mine:
+            body.append([label, bad[0].get("dtype", ""), bad[0]["status"], "-", "-", "-", "-"])
+            continue
+        r0 = mine[0]
+        body.append([label, r0["dtype"], r0.get("blas_kernel") or "-", _fmt(r0.get("load_s"), 2),
+                     _fmt(r0.get("weight_bytes", 0) / GB, 2), _fmt(r0.get("peak_rss_bytes", 0) / GB, 2),
+                     _fmt(r0.get("floor_tok_s"), 2)])
+    out += ["", "Systems", _grid(["system", "dtype", "kernel", "load s", "weights GB", "peak RSS GB",
+                                  "B=1 floor tok/s"], body)]
+    if notes:
+        out += ["", "Notes"] + [f"- {n}" for n in notes]
+
+    body = [[r["label"], r["prompt_tokens"], _spread(r, "prefill_tok_s"),
+             _fmt(r.get("ttft_s"), 3)] for r in ok if r.get("kind") == "prefill"]
+    if body:
+        out += ["", "Prefill (batch 1)", _grid(["system", "prompt tokens", "prefill tok/s", "TTFT s"], body)]
+    body = [[r["label"], r["batch"], _spread(r, "decode_tok_s"),
+             f"{r['pct_of_floor']:.0f}%" if r.get("pct_of_floor") is not None else ""]
+            for r in ok if r.get("kind") == "decode"]
+    if body:
+        out += ["", "Decode", _grid(["system", "batch", "decode tok/s", "% of B=1 floor"], body)]
+    body = [[r["label"], r["draft_tokens"], _fmt(r["plain_decode_tok_s"], 2), _spread(r, "decode_tok_s"),
+             f"{r['speedup']:.2f}x", f"{100 * r['acceptance_rate']:.0f}%"] for r in ok if r.get("kind") == "speculative"]
+    if body:
+        out += ["", "Prompt-lookup speculative decoding (batch 1, prompt repeating a passage; same greedy tokens)",
+                _grid(["system", "draft", "plain tok/s", "speculative tok/s", "speed-up", "accepted"], body)]
+    return "\n".join(out)
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    """decode_vs_batch.png and prefill_vs_prompt.png in out_dir (one line per system)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r.get("status") == "ok"]
+    roof = (results.get("machine") or {}).get("roofline")
+    model = results["model"]
+    paths = []
+    for kind, x_key, y_key, xlabel, ylabel, name in (
+            ("decode", "batch", "decode_tok_s", "batch size", "decode tokens/s (aggregate)", "decode_vs_batch.png"),
+            ("prefill", "prompt_tokens", "prefill_tok_s", "prompt length (tokens)", "prefill tokens/s",
+             "prefill_vs_prompt.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        xs_all = sorted({r[x_key] for r in rows if r.get("kind") == kind})
+        for label in dict.fromkeys(r["label"] for r in rows):
+            mine = sorted((r for r in rows if r["label"] == label and r.get("kind") == kind), key=lambda r: r[x_key])
+            if not mine:
+                continue
+            xs = [r[x_key] for r in mine]
+            ys = [r[y_key] for r in mine]
+            lo = [r[y_key] - (r.get(f"{y_key}_min") or r[y_key]) for r in mine]
+            hi = [(r.get(f"{y_key}_max") or r[y_key]) - r[y_key] for r in mine]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        if roof and xs_all:
+            if kind == "decode":
+                floor = roof["decode_floor_fp32_tok_s"]
+                ceiling = roof["prefill_ceiling_fp32_tok_s"]
+                ax.plot(xs_all, [min(b * floor, ceiling) for b in xs_all], "k--", linewidth=1,
+                        label="fp32 roofline (bandwidth, matmul)")
+            else:
+                ax.axhline(roof["prefill_ceiling_fp32_tok_s"], color="k", linestyle="--", linewidth=1,
+                           label="fp32 matmul ceiling")
+        if len(xs_all) > 1:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs_all, [str(x) for x in xs_all])
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} - {model['weight_count'] / 1e9:.2f} B params, "
+                     f"{(results.get('machine') or {}).get('threads', '')} threads")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / name
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,200 @@
+"""The benchmark's parent process: pick the checkpoint, measure the roofline, run every system in its own worker
+process, collect their JSON rows, and write results.json, the plots and the table."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from engine.errors import EngineError
+
+REPO = Path(__file__).resolve().parent.parent
+WARMUP_ROOM = 16  # decode steps beyond --new-tokens the worker may take (warm-up)
+
+
+def default_out() -> Path:
+    return REPO / "bench" / "out" / time.strftime("%Y%m%d-%H%M%S")
+
+
+def worker_env(threads: int) -> dict:
+    from bench.systems import threads_env
+
+    env = threads_env(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+def run_worker(argv: list[str], env: dict, log: Path, on_event) -> int:
+    """Run `python -m bench.worker ARGV`, its stderr into `log`; on_event(dict) for each message line."""
+    from bench.worker import MARK
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.worker", *argv], stdout=subprocess.PIPE, stderr=err,
+                                env=env, cwd=str(REPO), text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                if line.startswith(MARK):
+                    on_event(json.loads(line[len(MARK):]))
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def last_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def resolve_checkpoint(model: str | None, revision: str | None, quick: bool, env: dict, logs: Path) -> Path:
+    """The checkpoint folder: --model, else the cached random checkpoint of TinyLlama's (or the quick) shape."""
+    if model is not None:
+        from weights.hub import resolve_model_folder
+
+        return resolve_model_folder(model, revision)
+    from bench.checkpoints import QUICK_SHAPE, TINYLLAMA_SHAPE, checkpoint_folder, checkpoint_ready
+
+    shape = QUICK_SHAPE if quick else TINYLLAMA_SHAPE
+    if checkpoint_ready(shape):
+        return checkpoint_folder(shape)
+    print(f"making a random checkpoint of {'the quick' if quick else 'TinyLlama-1.1B'} shape in "
+          f"{checkpoint_folder(shape)} (once) ...", file=sys.stderr)
+    found = {}
+    log = logs / "checkpoint.log"
+    rc = run_worker(["checkpoint", "quick" if quick else "tinyllama"], env, log, found.update)
+    if rc != 0 or "folder" not in found:
+        raise EngineError(f"could not make the random checkpoint ({last_line(log) or f'exit {rc}'})")
+    return Path(found["folder"])
+
+
+def model_summary(folder: Path, settings: dict) -> dict:
+    """Shape numbers from config.json (validated as the engine would), and a check that the runs fit its window."""
+    from engine.config import ModelConfig
+    from weights.checkpoint import read_json
+
+    config = ModelConfig.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    need = max(settings["prompt_lens"]) + settings["new_tokens"] + WARMUP_ROOM
+    if need > config.max_position_embeddings:
+        raise EngineError(f"--prompt-len {max(settings['prompt_lens'])} + --new-tokens {settings['new_tokens']} "
+                          f"exceed the model's context window of {config.max_position_embeddings}")
+    count = config.weight_count()
+    return {"folder": str(folder), "weight_count": count, "fp32_weight_bytes": 4 * count,
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "vocab_size": config.vocab_size, "max_position_embeddings": config.max_position_embeddings}
+
+
+def run(settings: dict, model: str | None, revision: str | None, out: str | None) -> int:
+    from tqdm import tqdm
+
+    from bench import report
+
+    if model is not None:  # a bad --model is one line before anything is written
+        from weights.hub import resolve_model_folder
+
+        model = str(resolve_model_folder(model, revision))
+    out_dir = Path(out) if out else default_out()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EngineError(f"--out {out_dir}: {e.strerror or e}") from None
+    logs = out_dir / "logs"
+    env = worker_env(settings["threads"])
+    folder = resolve_checkpoint(model, revision, settings["quick"], env, logs)
+    summary = model_summary(folder, settings)
+
+    machine: dict = {}
+    load_start = os.getloadavg()
+    rows: list[dict] = []  # as the workers sent them; roofline columns are added to copies when written
+    failures: list[str] = []
+    bar = tqdm(total=1, unit="step", desc="roofline", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+    def on_event(event: dict, system: str | None = None):
+        kind = event["event"]
+        if kind == "total":
+            bar.total += event["units"]
+            bar.refresh()
+        elif kind == "status":
+            bar.set_description(event.get("what", ""))
+        elif kind == "progress":
+            bar.set_description(event.get("what", system or ""), refresh=False)
+            bar.update(1)
+        elif kind == "roofline":
+            machine.update(event["machine"])
+        elif kind == "rows":
+            rows.extend(event["rows"])
+        elif kind == "unavailable":
+            rows.append(event["row"])
+            bar.write(f"{system}: {event['row']['note']}", file=sys.stderr)
+        elif kind == "error":
+            rows.extend(event["rows"])
+            rows.append(event["row"])
+
+    try:
+        log = logs / "roofline.log"
+        rc = run_worker(["roofline", str(settings["threads"])] + (["--quick"] if settings["quick"] else []), env, log,
+                        on_event)
+        bar.update(1)
+        if rc != 0 or not machine:
+            failures.append(f"roofline: {last_line(log) or f'exit {rc}'}")
+        with tempfile.TemporaryDirectory(prefix="tinyllama-bench-") as tmp:
+            for system in settings["systems"]:
+                spec = dict(settings, system=system, folder=str(folder))
+                spec_path = Path(tmp) / f"{system}.json"
+                spec_path.write_text(json.dumps(spec))
+                log = logs / f"{system}.log"
+                before = len(rows)
+                rc = run_worker(["run", str(spec_path)], env, log, lambda e, s=system: on_event(e, s))
+                if rc != 0:
+                    note = next((r.get("note") for r in rows[before:] if r.get("status") == "error"), None)
+                    note = note or last_line(log) or f"exit status {rc}"
+                    if not any(r.get("status") == "error" for r in rows[before:]):
+                        from bench.systems import describe
+
+                        rows.append(dict(describe(system), label=system, status="error", note=note))
+                    failures.append(f"{system}: {note} (log: {log})")
+                write_results(out_dir, summary, settings, machine, rows, load_start, complete=False)
+    finally:
+        bar.close()
+
+    results = write_results(out_dir, summary, settings, machine, rows, load_start, complete=True)
+    plots = report.plot(results, out_dir)
+    print(report.table(results))
+    print(f"\nresults: {out_dir / 'results.json'}" + "".join(f"\nplot: {p}" for p in plots))
+    for f in failures:
+        print(f"tinyllama: bench: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def write_results(out_dir: Path, summary: dict, settings: dict, machine: dict, rows: list[dict], load_start,
+                  complete: bool) -> dict:
+    """results.json as it stands (written after every system too, with complete: false, so an interrupted run keeps
+    what it measured)."""
+    from bench import report
+
+    machine = dict(machine, load_average={"start": list(load_start), "end": list(os.getloadavg())})
+    if machine.get("roofline"):
+        machine["roofline"] = dict(machine["roofline"])
+    rows = [dict(r) for r in rows]
+    report.add_roofline(rows, machine, summary)
+    results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv[1:], "complete": complete,
+               "model": summary, "settings": settings, "machine": machine, "rows": rows}
+    path = out_dir / "results.json"
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    return results

@@ -1,0 +1,308 @@
+"""The systems a benchmark compares, behind one small interface the worker times.
+
+A runner: `prepare()` (untimed: format conversion); `load()`; `prefill(ids) -> first token` (a fresh sequence each
+call); `decode_setup(batch, ids)` prefills `batch` copies of the prompt; `decode_reset()` cuts every sequence back to
+the prompt; `decode_step()` adds one greedy token to every sequence in one batched forward. `weight_bytes` and
+`info()` describe it. Imports are lazy: a worker only loads the libraries of the one system it runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+ENGINE_BACKENDS = ("numpy", "triton")
+TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+LLAMACPP_TYPES = ("f32", "f16", "q8_0")
+
+
+class Unavailable(Exception):
+    """The system cannot run here (library not installed, no GPU): a note in the results, not a failure."""
+
+
+def system_names(engine_backends) -> list[str]:
+    """Every system name, in the order results list them."""
+    return ([f"engine-{b}" for b in engine_backends] + [f"transformers-{d}" for d in TRANSFORMERS_DTYPES]
+            + [f"llama.cpp-{t}" for t in LLAMACPP_TYPES])
+
+
+def describe(name: str) -> dict:
+    """system / backend / dtype fields of a system name (engine-numpy, transformers-bf16, llama.cpp-q8_0)."""
+    family, _, variant = name.partition("-")
+    if family == "engine":
+        return {"system": "tinyllama-engine", "backend": variant, "dtype": "float32"}
+    if family == "transformers":
+        return {"system": "transformers", "backend": "torch-sdpa", "dtype": TRANSFORMERS_DTYPES[variant]}
+    return {"system": "llama.cpp", "backend": "llama-cpp-python", "dtype": variant}
+
+
+def make_runner(name: str, folder: str, threads: int):
+    family, _, variant = name.partition("-")
+    if family == "engine":
+        return EngineRunner(folder, variant)
+    if family == "transformers":
+        return TransformersRunner(folder, TRANSFORMERS_DTYPES[variant], threads)
+    if family == "llama.cpp":
+        return LlamaCppRunner(folder, variant, threads)
+    raise ValueError(f"unknown system {name!r}")
+
+
+def argmax_rows(logits) -> list[int]:
+    import numpy as np
+
+    return [int(i) for i in np.argmax(logits, axis=-1).reshape(-1)]
+
+
+class Runner:
+    room = 2048  # tokens per sequence the runs need (the worker sets it)
+
+    def prepare(self):
+        pass
+
+
+class EngineRunner(Runner):
+    def __init__(self, folder: str, backend: str):
+        self.folder, self.backend_name = folder, backend
+        self.caches, self.next_tokens, self.prompt_len = [], [], 0
+
+    def load(self):
+        import engine  # noqa: F401  (chooses OpenBLAS's kernel before NumPy loads)
+        from engine.batch import SequenceStep
+
+        if self.backend_name == "triton":
+            if importlib.util.find_spec("triton") is None:
+                raise Unavailable("triton is not installed")
+            try:
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise Unavailable("no GPU (torch.cuda.is_available() is False)")
+            except ImportError:
+                raise Unavailable("torch is not installed") from None
+            try:
+                import kernels.triton_backend  # noqa: F401
+            except ImportError as e:
+                raise Unavailable(f"kernels.triton_backend does not import ({e})") from None
+        self.Step = SequenceStep
+        self.model = engine.load_model(self.folder, backend=self.backend_name)
+        self.weight_bytes = int(self.model.backend.weights.nbytes)
+        self.weight_count = int(self.model.config.weight_count())
+
+    def prefill(self, ids) -> int:
+        logits = self.model.forward([self.Step(self.model.new_cache(), ids)])[0]
+        return argmax_rows(logits[-1])[0]
+
+    def decode_setup(self, batch: int, ids):
+        self.caches = [self.model.new_cache() for _ in range(batch)]
+        logits = self.model.forward([self.Step(c, ids) for c in self.caches])
+        self.first_tokens = [argmax_rows(lg[-1])[0] for lg in logits]
+        self.prompt_len = len(ids)
+        self.decode_reset()
+
+    def decode_reset(self):
+        for c in self.caches:
+            c.truncate(self.prompt_len)
+        self.next_tokens = list(self.first_tokens)
+
+    def decode_step(self):
+        logits = self.model.forward([self.Step(c, [t]) for c, t in zip(self.caches, self.next_tokens)])
+        self.next_tokens = [argmax_rows(lg[-1])[0] for lg in logits]
+
+    def speculative(self, passage: list[int], new_tokens: int, draft: int) -> dict:
+        """Batch-1 greedy decoding of a prompt that asks to repeat a passage, plain and with prompt-lookup drafts."""
+        prompt = passage + passage[: len(passage) // 8]  # the passage, then its start again: "go on repeating"
+        plain = self.model.complete(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+        fast = self.model.complete(prompt, max_new_tokens=new_tokens, ignore_eos=True, speculate=draft)
+        if fast.token_ids != plain.token_ids:
+            raise RuntimeError("speculative decoding changed the greedy output")
+        return {"plain_tok_s": plain.generated_tokens_per_s, "speculative_tok_s": fast.generated_tokens_per_s,
+                "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt)}
+
+    def info(self) -> dict:
+        from engine.blas import blas_info
+
+        if self.backend_name == "numpy":
+            b = blas_info()
+            return {"kernel": b.get("kernel"), "blas": b}
+        import torch
+
+        return {"kernel": "triton", "gpu": torch.cuda.get_device_name(0)}
+
+
+class TransformersRunner(Runner):
+    def __init__(self, folder: str, dtype: str, threads: int):
+        self.folder, self.dtype_name, self.threads = folder, dtype, threads
+
+    def load(self):
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+            raise Unavailable("torch / transformers are not installed")
+        import torch
+        import transformers
+
+        torch.set_num_threads(self.threads)
+        self.torch = torch
+        self.model = transformers.LlamaForCausalLM.from_pretrained(
+            self.folder, dtype=getattr(torch, self.dtype_name), attn_implementation="sdpa").eval()
+        self.weight_bytes = int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        self.weight_count = int(sum(p.numel() for p in self.model.parameters()))
+
+    def _forward(self, ids, cache=None):
+        with self.torch.inference_mode():
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1].argmax(-1)
+
+    def prefill(self, ids) -> int:
+        _, tok = self._forward(self.torch.tensor([list(ids)]))
+        return int(tok[0])
+
+    def decode_setup(self, batch: int, ids):
+        self.cache, first = self._forward(self.torch.tensor([list(ids)] * batch))
+        self.first_tokens = first.view(batch, 1)
+        self.prompt_len = len(ids)
+        self.decode_reset()
+
+    def decode_reset(self):
+        extra = self.cache.get_seq_length() - self.prompt_len
+        if extra > 0:
+            self.cache.crop(-extra)  # a negative count removes that many tokens (transformers 4.x and 5.x alike)
+        self.next_tokens = self.first_tokens
+
+    def decode_step(self):
+        self.cache, tok = self._forward(self.next_tokens, self.cache)
+        self.next_tokens = tok.view(-1, 1)
+
+    def info(self) -> dict:
+        torch = self.torch
+        return {"kernel": f"torch {torch.__version__} cpu={torch.backends.cpu.get_cpu_capability()}",
+                "torch_threads": torch.get_num_threads()}
+
+
+class LlamaCppRunner(Runner):
+    """llama.cpp through llama-cpp-python's low-level API (batched decode needs one sequence id per row)."""
+
+    def __init__(self, folder: str, outtype: str, threads: int):
+        self.folder, self.outtype, self.threads = folder, outtype, threads
+        self.ctx = None
+
+    def prepare(self):
+        """Convert the checkpoint to GGUF (cached; not part of the load time)."""
+        from bench import llamacpp
+
+        if not llamacpp.installed():
+            raise Unavailable("llama-cpp-python is not installed (pip install llama-cpp-python)")
+        self.gguf = llamacpp.gguf_for(self.folder, self.outtype)
+
+    def load(self):
+        import llama_cpp as L
+
+        self.L = L
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        load = getattr(L, "llama_model_load_from_file", None) or L.llama_load_model_from_file
+        self.model = load(str(self.gguf).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {self.gguf}")
+        vocab_of = getattr(L, "llama_model_get_vocab", None)
+        self.n_vocab = (L.llama_vocab_n_tokens(vocab_of(self.model)) if vocab_of else L.llama_n_vocab(self.model))
+        self.weight_bytes = int(L.llama_model_size(self.model))
+        self.weight_count = int(L.llama_model_n_params(self.model))
+        self.ctx_batch = 0
+
+    def _context(self, n_seq: int, n_ctx: int):
+        L = self.L
+        if self.ctx is not None and self.ctx_batch >= n_seq and self.ctx_len >= n_ctx:
+            self._clear()
+            return
+        if self.ctx is not None:
+            L.llama_free(self.ctx)
+        p = L.llama_context_default_params()
+        p.n_ctx = n_ctx * n_seq
+        p.n_batch = p.n_ubatch = min(512, n_ctx * n_seq)
+        p.n_seq_max = n_seq
+        p.n_threads = p.n_threads_batch = self.threads
+        init = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
+        self.ctx = init(self.model, p)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.ctx_batch, self.ctx_len = n_seq, n_ctx
+        self._clear()
+
+    def _clear(self):
+        self._seq_rm(-1, 0, -1)
+
+    def _seq_rm(self, seq: int, p0: int, p1: int):
+        L = self.L
+        if hasattr(L, "llama_get_memory"):
+            L.llama_memory_seq_rm(L.llama_get_memory(self.ctx), seq, p0, p1)
+        elif hasattr(L, "llama_kv_self_seq_rm"):
+            L.llama_kv_self_seq_rm(self.ctx, seq, p0, p1)
+        else:
+            L.llama_kv_cache_seq_rm(self.ctx, seq, p0, p1)
+
+    def _decode(self, rows) -> list[int]:
+        """rows: (seq, position, token, wants_logits) -> argmax tokens of the rows that want logits."""
+        import numpy as np
+
+        L = self.L
+        out = []
+        for start in range(0, len(rows), self.n_batch):
+            chunk = rows[start:start + self.n_batch]
+            batch = L.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for i, (seq, pos, tok, want) in enumerate(chunk):
+                    batch.token[i], batch.pos[i] = tok, pos
+                    batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, seq, bool(want)
+                batch.n_tokens = len(chunk)
+                rc = L.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+                for i, (_, _, _, want) in enumerate(chunk):
+                    if want:
+                        ptr = L.llama_get_logits_ith(self.ctx, i)
+                        out.append(int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))))
+            finally:
+                L.llama_batch_free(batch)
+        return out
+
+    @property
+    def n_batch(self) -> int:
+        return min(512, self.ctx_len * self.ctx_batch)
+
+    def prefill(self, ids) -> int:
+        if self.ctx is None or self.ctx_len < len(ids):
+            self._context(max(1, self.ctx_batch), max(self.room, len(ids)))
+        self._clear()
+        n = len(ids)
+        return self._decode([(0, p, int(t), p == n - 1) for p, t in enumerate(ids)])[0]
+
+    def decode_setup(self, batch: int, ids):
+        self._context(batch, max(self.room, len(ids) + 64))
+        n = len(ids)
+        self.first_tokens = self._decode([(s, p, int(t), p == n - 1) for s in range(batch) for p, t in enumerate(ids)])
+        self.batch, self.prompt_len = batch, n
+        self.decode_reset()
+
+    def decode_reset(self):
+        for s in range(self.batch):
+            self._seq_rm(s, self.prompt_len, -1)
+        self.next_tokens, self.position = list(self.first_tokens), self.prompt_len
+
+    def decode_step(self):
+        self.next_tokens = self._decode([(s, self.position, t, True) for s, t in enumerate(self.next_tokens)])
+        self.position += 1
+
+    def info(self) -> dict:
+        L = self.L
+        system_info = L.llama_print_system_info().decode(errors="replace").strip()
+        on = [kv.split("=")[0].strip() for kv in system_info.replace("|", "\n").splitlines()
+              if kv.strip().endswith("= 1")]
+        features = [f for f in on if f.startswith(("AVX", "AMX", "NEON", "SVE", "FMA", "F16C"))]
+        return {"kernel": "ggml " + (",".join(features) or "cpu"), "system_info": system_info,
+                "llama_cpp_version": getattr(L, "__version__", None), "gguf": str(self.gguf)}
+
+
+def threads_env(threads: int) -> dict:
+    """Environment for a worker: every thread pool sized to `threads`."""
+    env = dict(os.environ)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
