@@ -96,6 +96,7 @@ class ChatTurn:
 
     @property
     def cancelled(self) -> bool:
+        """Whether the turn ended by cancellation (stop reason 'cancelled'); False while it is running."""
         return self.result is not None and self.result.stop_reason == STOP_CANCELLED
 
     def _finish(self, broken: bool = False) -> None:
@@ -149,6 +150,7 @@ class ChatSession:
 
     @property
     def window(self) -> int:
+        """The model's context window in tokens (max_position_embeddings)."""
         return self.model.config.max_position_embeddings
 
     def history(self, messages: list[dict] | None = None) -> list[dict]:
@@ -169,6 +171,7 @@ class ChatSession:
         return max(1, min(n, self.window // 4))
 
     def generation_options(self):
+        """The session's GenerationOptions: the model's defaults with this session's options applied."""
         return default_options(self.model, **self.options)
 
     def send(self, text: str) -> ChatTurn:
@@ -250,6 +253,7 @@ class ChatSession:
                 "repetition_penalty": s.repetition_penalty, "seed": s.seed, "max_new_tokens": o.max_new_tokens}
 
     def transcript(self) -> dict:
+        """The conversation as a JSON-ready dict: format, version, system prompt, copies of the messages."""
         return {"format": TRANSCRIPT_FORMAT, "version": 1, "system": self.system,
                 "messages": [dict(m) for m in self.messages]}
 

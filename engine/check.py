@@ -2,6 +2,8 @@
 token agreement. The tool a user with real weights runs to trust the engine."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
 from engine.errors import EngineError
@@ -28,6 +30,7 @@ def transformers_logits_and_greedy(folder, ids: list[int], steps: int) -> tuple[
 
 
 def run_check(args) -> int:
+    """The `check` subcommand: compare with transformers, print the report -> exit status (0: match)."""
     from engine.cli import load
 
     if args.steps < 1:
@@ -40,12 +43,9 @@ def run_check(args) -> int:
     ours = model.logits(ids)
     ours_tokens = model.generate(ids, max_new_tokens=args.steps, ignore_eos=True)
     print(f"model: {model.folder}  backend: {args.backend}  prompt: {len(ids)} tokens")
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         print(f"this engine's greedy tokens: {ours_tokens}")
-        raise EngineError("transformers and torch are not installed: pip install transformers torch") from None
+        raise EngineError("transformers and torch are not installed: pip install transformers torch")
     ref_logits, ref_tokens = transformers_logits_and_greedy(model.folder, ids, args.steps)
     diff = float(np.max(np.abs(ours - ref_logits)))
     relative = diff / float(np.max(np.abs(ref_logits)))

@@ -23,6 +23,7 @@ def fail(message: str, code: int = 1) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Add --model, --revision and --backend to `p`."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"local folder or Hugging Face repo id (default {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
@@ -30,6 +31,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Add the sampling options (--temperature .. --seed), --max-new-tokens and --stop to `p`."""
     g = p.add_argument_group("sampling (defaults from the model's generation_config.json; greedy otherwise)")
     g.add_argument("--temperature", type=float, help="0 means greedy")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
@@ -43,11 +45,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_overrides(args) -> dict:
+    """The sampling options of parsed `args` as keyword arguments (None: not given, the model's default)."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tinyllama` argument parser with its check, generate, chat and bench subcommands."""
     parser = argparse.ArgumentParser(prog="tinyllama", description="TinyLlama inference engine (NumPy / Triton).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `tinyllama` command line (`argv`, default sys.argv[1:]) -> exit status (1: user error)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check":
@@ -134,6 +139,7 @@ def prompt_ids_for(model, args) -> list[int]:
 
 
 def run_generate(args) -> int:
+    """The `generate` subcommand: stream the completion (or print JSON with --json) -> exit status 0."""
     from engine.generate import Generation, default_options
 
     model = load(args)
@@ -167,6 +173,7 @@ def run_generate(args) -> int:
 
 
 def result_json(r) -> dict:
+    """A GenerationResult as the dict `generate --json` prints: text, token ids, timings, speculative stats."""
     return {
         "text": r.text,
         "token_ids": r.token_ids,

@@ -31,10 +31,12 @@ class ModelConfig:
 
     @property
     def q_size(self) -> int:
+        """Width of the query projection: num_attention_heads * head_dim."""
         return self.num_attention_heads * self.head_dim
 
     @property
     def kv_size(self) -> int:
+        """Width of each of the key and value projections: num_key_value_heads * head_dim."""
         return self.num_key_value_heads * self.head_dim
 
     @property
@@ -81,6 +83,7 @@ def _prod(shape) -> int:
 
 def _parse(d: dict, source: str) -> ModelConfig:
     def fail(msg: str) -> CheckpointError:
+        """A CheckpointError for `msg`, prefixed with the config's source."""
         return CheckpointError(f"{source}: {msg}")
 
     archs = d.get("architectures") or []
@@ -90,12 +93,14 @@ def _parse(d: dict, source: str) -> ModelConfig:
         raise fail(f"not a Llama-architecture model (model_type {found!r}); only Llama checkpoints are supported")
 
     def positive_int(key: str, default=None) -> int:
+        """d[key] (`default` when absent), checked to be a positive int; CheckpointError otherwise."""
         value = d.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise fail(f"'{key}' must be a positive integer, got {value!r}")
         return value
 
     def number(key: str, default) -> float:
+        """d[key] (`default` when absent) as a float, checked to be positive; CheckpointError otherwise."""
         value = d.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise fail(f"'{key}' must be a positive number, got {value!r}")

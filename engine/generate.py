@@ -62,10 +62,12 @@ class GenerationResult:
 
     @property
     def acceptance_rate(self) -> float:
+        """Fraction of speculative draft tokens the model accepted (0.0 without drafts)."""
         return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prompt_tokens_per_s(self) -> float:
+        """Prefill speed: prefill_tokens over prefill_seconds (0.0 when no time was measured)."""
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
@@ -133,6 +135,7 @@ class SequenceState:
 
     @property
     def finished(self) -> bool:
+        """Whether a stop reason has been set."""
         return self.stop_reason is not None
 
     def accept(self, logits: np.ndarray, context_length: int | None = None) -> TokenEvent:
@@ -161,11 +164,13 @@ class SequenceState:
         return TokenEvent(token, text)
 
     def cancel(self) -> None:
+        """Stop with reason 'cancelled', unless the sequence has already stopped."""
         if self.stop_reason is None:
             self.stop_reason = STOP_CANCELLED
 
     @property
     def text(self) -> str:
+        """All text streamed so far, joined."""
         return "".join(self.text_parts)
 
 

@@ -28,10 +28,12 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
+        """Positions allocated per layer (k.shape[2]); `length` of them are valid."""
         return self.k.shape[2]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the k and v storage together (the whole capacity, not just `length`)."""
         return 2 * self.k.size * self.k.itemsize
 
     def reserve(self, new_length: int) -> None:

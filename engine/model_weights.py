@@ -37,6 +37,7 @@ class ModelWeights:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of all weight arrays (a tied lm_head counted once)."""
         arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             arrays += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
@@ -54,6 +55,7 @@ def load_model_weights(checkpoint: Checkpoint, config: ModelConfig) -> ModelWeig
     checkpoint.validate(shapes, optional)
 
     def read_rows(names: list[str]) -> np.ndarray:
+        """Tensors `names` stacked row-wise into one new array: (sum of their rows, in_features) float32."""
         rows = sum(shapes[n][0] for n in names)
         out = np.empty((rows,) + shapes[names[0]][1:], dtype=np.float32)
         start = 0

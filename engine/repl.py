@@ -74,6 +74,7 @@ class Repl:
         self.err.flush()
 
     def error(self, text) -> None:
+        """Report `text` on stderr as 'error: text'."""
         self.notice(f"error: {text}")
 
     # ---- input --------------------------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class Repl:
         return line.rstrip("\r\n")
 
     def setup_readline(self) -> None:
+        """Load the readline history file and bind Tab to command completion; nothing without readline."""
         try:
             import readline
         except ImportError:  # e.g. Windows without pyreadline: input() still works, without editing
@@ -101,6 +103,7 @@ class Repl:
             self._history_file = path
 
         def complete(text, state):
+            """readline completer: the state-th command (plus a space) starting with `text`, or None."""
             matches = [c + " " for c in COMMANDS if c.startswith(text)] if text.startswith("/") else []
             return matches[state] if state < len(matches) else None
 
@@ -112,6 +115,7 @@ class Repl:
             readline.parse_and_bind("tab: complete")
 
     def save_readline_history(self) -> None:
+        """Write the readline history file, if one was set up; errors are ignored."""
         if self._history_file:
             try:
                 import readline
@@ -122,6 +126,7 @@ class Repl:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> int:
+        """The loop: a banner (interactive), then one line at a time until EOF or /exit -> exit status 0."""
         if self.interactive:
             self.setup_readline()
             s = self.session
@@ -168,6 +173,7 @@ class Repl:
         return True
 
     def command(self, text: str) -> bool:
+        """Run one /command line; False for /exit or /quit; EngineError for an unknown command or bad usage."""
         name, _, rest = text.partition(" ")
         rest = rest.strip()
         name = name.lower()
@@ -212,6 +218,7 @@ class Repl:
 
     @staticmethod
     def path_argument(rest: str, name: str) -> str:
+        """The FILE of /save or /load: `rest` unquoted if it is one shell word, else as typed; EngineError if empty."""
         if not rest:
             raise EngineError(f"usage: {name} FILE")
         try:
@@ -221,6 +228,7 @@ class Repl:
         return parts[0] if len(parts) == 1 else rest
 
     def show_stats(self) -> None:
+        """Print the last turn's TurnStats (prefill and context tokens, speeds, stop reason), or 'no reply yet'."""
         st = self.session.stats
         if st is None:
             self.say("no reply yet")
@@ -236,6 +244,7 @@ class Repl:
 
     # ---- a reply ------------------------------------------------------------------------------------------------
     def reply(self, text: str) -> None:
+        """Send `text` as a user message and stream the reply to stdout; Ctrl-C stops it, notices go to stderr."""
         s = self.session
         try:
             turn = s.send(text)
@@ -249,6 +258,7 @@ class Repl:
         presses = [0]
 
         def on_sigint(signum, frame):
+            """SIGINT handler during a reply: count the press; from the second one on raise KeyboardInterrupt."""
             presses[0] += 1
             if presses[0] > 1:  # a second Ctrl-C: stop even inside a long prefill
                 raise KeyboardInterrupt

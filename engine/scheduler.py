@@ -44,6 +44,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
+        """Whether the request's status is FINISHED."""
         return self.status == FINISHED
 
     def __iter__(self):
@@ -61,6 +62,7 @@ class Request:
 
     @property
     def result(self) -> GenerationResult:
+        """A GenerationResult of the request so far (stop_reason None while it runs), with its timings."""
         s = self.state
         return GenerationResult(
             token_ids=list(s.generated), text=s.text, stop_reason=s.stop_reason, prompt_token_ids=self.prompt_ids,
@@ -108,6 +110,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
+        """Whether any request is still waiting or active."""
         return bool(self.waiting or self.active)
 
     def run(self):

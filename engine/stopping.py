@@ -14,6 +14,7 @@ class StopStringFilter:
         self.pending = ""
 
     def push(self, piece: str) -> tuple[str, bool]:
+        """Feed one text piece -> (text safe to emit now, whether a stop string was completed)."""
         if not self.stop_strings:
             return piece, False
         self.pending += piece

@@ -103,6 +103,7 @@ class Tokenizer:
                 special_tokens[name] = text
 
         def token_id(name: str) -> int | None:
+            """Id of the special token `name` (e.g. 'eos_token'), or None if it is unset or not in the vocabulary."""
             text = special_tokens.get(name)
             return None if text is None else hf_tokenizer.token_to_id(text)
 

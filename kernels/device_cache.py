@@ -18,6 +18,7 @@ class DeviceKVCache(KVCache):
         super().__init__(n_layers, n_kv_heads, head_dim, max_length, block_tokens)
 
     def allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """New uninitialised tensor of `shape` in the cache's dtype on its device."""
         return torch.empty(shape, dtype=self.dtype, device=self.device)
 
 
@@ -44,22 +45,27 @@ class KVSlotPool:
 
     @property
     def slots(self) -> int:
+        """Number of slots, the scratch slot 0 included."""
         return self.k.shape[1]
 
     @property
     def in_use(self) -> int:
+        """Slots handed out now (the scratch slot not counted)."""
         return self.slots - 1 - len(self._free)
 
     @property
     def slot_nbytes(self) -> int:
+        """Bytes of one slot's keys and values over all layers."""
         return 2 * self.k[:, 0].numel() * self.k.element_size()
 
     def acquire(self) -> int:
+        """Hand out the lowest free slot (never the scratch slot); the pool doubles first if none is free."""
         if not self._free:
             self._grow(2 * self.slots)
         return self._free.pop()
 
     def release(self, slot: int) -> None:
+        """Give `slot` back to the free list (the scratch slot and an already free slot are ignored)."""
         if slot != self.SCRATCH and slot not in self._free:
             self._free.append(slot)
             self._free.sort(reverse=True)
@@ -96,18 +102,22 @@ class PooledKVCache(KVCache):
 
     @property
     def k(self) -> torch.Tensor:
+        """Keys: (n_layers, n_kv_heads, capacity, head_dim) view of the pool slot, or the private tensor."""
         return self.pool.k[:, self.slot] if self.slot is not None else self._private.k
 
     @property
     def v(self) -> torch.Tensor:
+        """Values: (n_layers, n_kv_heads, capacity, head_dim) view of the pool slot, or the private tensor."""
         return self.pool.v[:, self.slot] if self.slot is not None else self._private.v
 
     @property
     def capacity(self) -> int:
+        """Positions available: the pool's window, or the private storage's capacity."""
         return self.pool.window if self.slot is not None else self._private.capacity
 
     @property
     def nbytes(self) -> int:
+        """Bytes of this cache's storage: one pool slot, or the private storage."""
         return self.pool.slot_nbytes if self.slot is not None else self._private.nbytes
 
     def reserve(self, new_length: int) -> None:

@@ -95,6 +95,7 @@ class TritonBackend:
         self.dtype = DTYPES[dtype]
 
         def to_device(a: np.ndarray) -> torch.Tensor:
+            """NumPy array -> contiguous tensor of the same shape on the backend's device, in its dtype."""
             return torch.from_numpy(np.ascontiguousarray(a)).to(device=self.device, dtype=self.dtype)
 
         self.embed = to_device(weights.embed)
@@ -211,6 +212,7 @@ class TritonBackend:
         pool = self.pool
 
         def attend(i, q, k, v, attn):
+            """Store layer i's new K/V in the caches; write q's attention into attn (N, n_heads, head_dim)."""
             if pooled:
                 store_kv(k, v, pool.k[i], pool.v[i], slots_dev, pos_dev)  # every token, one launch
                 if n_dec:
@@ -272,6 +274,7 @@ class TritonBackend:
         lengths, slots = st.inputs[2, :bucket], st.inputs[3, :bucket]
 
         def attend(i, q, k, v, attn):
+            """Store layer i's K/V in the pool slots; write decode attention into attn (bucket, n_heads, head_dim)."""
             store_kv(k, v, pool.k[i], pool.v[i], slots, positions)
             decode_attention(q, pool.k[i], pool.v[i], lengths, max_length=pool.window, out=attn, slots=slots)
 
@@ -347,6 +350,7 @@ class _StaticInputs:
         self.host[:, lo:hi] = np.array([[0], [0], [1], [KVSlotPool.SCRATCH]], dtype=np.int32)
 
     def upload(self) -> None:
+        """Copy the host staging inputs (4, size) int32 to the device buffer (non-blocking when pinned)."""
         self.inputs.copy_(self._host_t, non_blocking=self._host_t.is_pinned())
 
 

@@ -39,9 +39,11 @@ class Checkpoint:
 
     @property
     def names(self) -> list[str]:
+        """Names of all tensors across the shards."""
         return list(self._where)
 
     def info(self, name: str) -> TensorInfo:
+        """TensorInfo (dtype, shape, byte range) of tensor `name`; KeyError if it is absent."""
         return self._where[name].tensors[name]
 
     def read_into(self, name: str, out: np.ndarray) -> None:
@@ -70,6 +72,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self._where[name].path}: unexpected tensor '{name}' for this config")
 
     def close(self) -> None:
+        """Close every shard's file."""
         for f in self.files:
             f.close()
 

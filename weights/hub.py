@@ -72,5 +72,6 @@ def offline_message(ref: str) -> str:
 
 
 def first_line(e: BaseException) -> str:
+    """The first line of the exception's message, or its class name when the message is empty."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

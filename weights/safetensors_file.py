@@ -38,6 +38,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
+        """Number of elements: the product of `shape` (1 for a scalar)."""
         return int(np.prod(self.shape, dtype=np.int64))
 
 
@@ -141,6 +142,7 @@ class SafetensorsFile:
         return out
 
     def close(self) -> None:
+        """Close the memory map, if open (safe to call twice)."""
         if self._mmap is not None:
             self._mmap.close()
             self._mmap = None
