@@ -1,34 +1,20 @@
 """kernels.attention_prefill / attention_decode (causal GQA, split-KV decode) against NumPy float64."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the Triton kernels need torch")
-pytest.importorskip("triton", reason="the Triton kernels need triton")
+from tests.kernel_support import DEVICE, TOL, f64, torch  # first: sets TRITON_INTERPRET
+from kernels.attention_decode import decode_attention
+from kernels.attention_prefill import prefill_attention
 
-from kernels._common import interpreting  # noqa: E402
-from kernels.attention_decode import decode_attention  # noqa: E402
-from kernels.attention_prefill import prefill_attention  # noqa: E402
 
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
-DEVICE = "cpu" if interpreting() else "cuda"
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]  # (n_heads, n_kv_heads): GQA ratios 1, 2, 4 and MQA
 
 
 def _tensor(a, dtype):
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dtype).to(DEVICE)
-
-
-def _f64(t):
-    return t.float().cpu().numpy().astype(np.float64)
 
 
 def _ref_attention(q, k, v, positions):
@@ -47,7 +33,7 @@ def _ref_attention(q, k, v, positions):
 
 def _assert_close(got, ref, dtype):
     tol = TOL[dtype]
-    np.testing.assert_allclose(_f64(got), ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+    np.testing.assert_allclose(f64(got), ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
 
 
 def _cache(rng, n_kv, capacity, head_dim, used, dtype):
@@ -68,7 +54,7 @@ def test_prefill_attention(n_heads, n_kv_heads, T, start_pos, head_dim, dtype):
     v = _cache(rng, n_kv_heads, used + 6, head_dim, used, dtype)
     out = prefill_attention(q, k, v, start_pos)
     assert out.shape == q.shape and out.dtype == dtype
-    ref = _ref_attention(_f64(q), _f64(k), _f64(v), np.arange(start_pos, used))
+    ref = _ref_attention(f64(q), f64(k), f64(v), np.arange(start_pos, used))
     _assert_close(out, ref, dtype)
 
 
@@ -79,7 +65,7 @@ def test_prefill_attention_long_chunk_crosses_blocks():
     q = _tensor(rng.standard_normal((T, H, D)), torch.float32)
     k = _cache(rng, Hkv, 128, D, start_pos + T, torch.float32)
     v = _cache(rng, Hkv, 128, D, start_pos + T, torch.float32)
-    ref = _ref_attention(_f64(q), _f64(k), _f64(v), np.arange(start_pos, start_pos + T))
+    ref = _ref_attention(f64(q), f64(k), f64(v), np.arange(start_pos, start_pos + T))
     _assert_close(prefill_attention(q, k, v, start_pos), ref, torch.float32)
 
 
@@ -93,7 +79,7 @@ def test_prefill_attention_into_strided_q_and_out():
     v = _cache(rng, Hkv, 8, D, T, torch.float32)
     out = torch.empty(T, H, D, device=DEVICE)
     assert prefill_attention(q, k, v, 0, out=out) is out
-    _assert_close(out, _ref_attention(_f64(q), _f64(k), _f64(v), np.arange(T)), torch.float32)
+    _assert_close(out, _ref_attention(f64(q), f64(k), f64(v), np.arange(T)), torch.float32)
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", HEADS)
@@ -109,7 +95,7 @@ def test_decode_attention_batched_split_kv(n_heads, n_kv_heads, dtype, head_dim,
     out = decode_attention(q, k, v, torch.from_numpy(lengths).to(DEVICE), chunk=chunk)
     assert out.shape == q.shape and out.dtype == dtype
     for b, n in enumerate(lengths):
-        ref = _ref_attention(_f64(q[b : b + 1]), _f64(k[b]), _f64(v[b]), np.array([n - 1]))
+        ref = _ref_attention(f64(q[b : b + 1]), f64(k[b]), f64(v[b]), np.array([n - 1]))
         _assert_close(out[b : b + 1], ref, dtype)
 
 
@@ -123,7 +109,7 @@ def test_decode_matches_prefill_last_row():
     full = prefill_attention(q, k, v, 0)
     last = decode_attention(q[-1:].contiguous(), k[None], v[None], torch.tensor([T], dtype=torch.int32, device=DEVICE),
                             max_length=T)
-    np.testing.assert_allclose(_f64(last[0]), _f64(full[-1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f64(last[0]), f64(full[-1]), rtol=1e-5, atol=1e-6)
 
 
 def test_decode_attention_rejects_bad_lengths():

@@ -1,22 +1,10 @@
 """kernels.matmul against a NumPy float64 reference (Triton interpreter on CPU unless TRITON_INTERPRET=0 on a GPU)."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the Triton kernels need torch")
-pytest.importorskip("triton", reason="the Triton kernels need triton")
-
-from kernels._common import interpreting  # noqa: E402
-from kernels.matmul import DECODE_MAX_M, matmul  # noqa: E402
-
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
-DEVICE = "cpu" if interpreting() else "cuda"
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+from tests.kernel_support import DEVICE, TOL, f64, torch  # first: sets TRITON_INTERPRET
+from kernels.matmul import DECODE_MAX_M, matmul
 
 
 def _rand(shape, dtype, seed):
@@ -24,13 +12,9 @@ def _rand(shape, dtype, seed):
     return torch.from_numpy(g.standard_normal(shape).astype(np.float32)).to(dtype).to(DEVICE)
 
 
-def _f64(t):
-    return t.float().cpu().numpy().astype(np.float64)
-
-
 def _assert_close(got, ref, dtype):
     tol = TOL[dtype]
-    np.testing.assert_allclose(_f64(got), ref, rtol=tol, atol=tol * np.abs(ref).max())
+    np.testing.assert_allclose(f64(got), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -40,14 +24,14 @@ def test_matmul_matches_numpy(M, N, K, dtype):
     x, w = _rand((M, K), dtype, 1), _rand((N, K), dtype, 2)
     y = matmul(x, w)
     assert y.shape == (M, N) and y.dtype == dtype
-    _assert_close(y, _f64(x) @ _f64(w).T, dtype)
+    _assert_close(y, f64(x) @ f64(w).T, dtype)
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3, 64])
 def test_matmul_decode_split_k(split_k):
     x, w = _rand((2, 300), torch.float32, 3), _rand((21, 300), torch.float32, 4)
     y = matmul(x, w, split_k=split_k)
-    _assert_close(y, _f64(x) @ _f64(w).T, torch.float32)
+    _assert_close(y, f64(x) @ f64(w).T, torch.float32)
 
 
 @pytest.mark.parametrize("M", [2, 20])
@@ -58,7 +42,7 @@ def test_matmul_strided_x_and_out(M):
     out = torch.full((M, 24), float("nan"), device=DEVICE)
     y = matmul(x, w, out=out)
     assert y is out
-    _assert_close(y, _f64(x) @ _f64(w).T, torch.float32)
+    _assert_close(y, f64(x) @ f64(w).T, torch.float32)
 
 
 def test_matmul_rejects_bad_shapes():

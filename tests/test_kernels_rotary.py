@@ -1,27 +1,10 @@
 """kernels.rotary (Hugging Face rotate_half convention) against NumPy float64."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the Triton kernels need torch")
-pytest.importorskip("triton", reason="the Triton kernels need triton")
-
-from kernels._common import interpreting  # noqa: E402
-
-from kernels.rotary import apply_rotary, apply_rotary_qkv  # noqa: E402
-
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
-DEVICE = "cpu" if interpreting() else "cuda"
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def _f64(t):
-    return t.float().cpu().numpy().astype(np.float64)
+from tests.kernel_support import DEVICE, TOL, f64, torch  # first: sets TRITON_INTERPRET
+from kernels.rotary import apply_rotary, apply_rotary_qkv
 
 
 def _tables(max_pos, head_dim, theta=10000.0):
@@ -47,10 +30,10 @@ def test_apply_rotary(T, n_heads, head_dim, dtype, inplace):
     x = torch.from_numpy(g.standard_normal((T, n_heads, head_dim)).astype(np.float32)).to(dtype).to(DEVICE)
     cos, sin = _tables(64, head_dim)
     positions = torch.from_numpy(g.integers(0, 64, size=T).astype(np.int32)).to(DEVICE)
-    ref = _ref_rotary(_f64(x), _f64(cos), _f64(sin), positions.cpu().numpy())
+    ref = _ref_rotary(f64(x), f64(cos), f64(sin), positions.cpu().numpy())
     y = apply_rotary(x, cos, sin, positions, inplace=inplace)
     assert (y is x) == inplace and y.dtype == dtype
-    np.testing.assert_allclose(_f64(y), ref, rtol=TOL[dtype], atol=TOL[dtype])
+    np.testing.assert_allclose(f64(y), ref, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (8, 2), (4, 1)])
@@ -60,14 +43,14 @@ def test_apply_rotary_qkv_in_place(n_heads, n_kv_heads, dtype):
     g = np.random.default_rng(n_heads * 10 + n_kv_heads)
     width = (n_heads + 2 * n_kv_heads) * head_dim
     qkv = torch.from_numpy(g.standard_normal((T, width)).astype(np.float32)).to(dtype).to(DEVICE)
-    before = _f64(qkv).reshape(T, n_heads + 2 * n_kv_heads, head_dim)
+    before = f64(qkv).reshape(T, n_heads + 2 * n_kv_heads, head_dim)
     cos, sin = _tables(32, head_dim)
     positions = torch.arange(start_pos, start_pos + T, dtype=torch.int64, device=DEVICE)
     out = apply_rotary_qkv(qkv, cos, sin, positions, n_heads, n_kv_heads, head_dim)
     assert out is qkv
-    after = _f64(qkv).reshape(T, n_heads + 2 * n_kv_heads, head_dim)
+    after = f64(qkv).reshape(T, n_heads + 2 * n_kv_heads, head_dim)
     n_rot = n_heads + n_kv_heads
-    ref = _ref_rotary(before[:, :n_rot], _f64(cos), _f64(sin), positions.cpu().numpy())
+    ref = _ref_rotary(before[:, :n_rot], f64(cos), f64(sin), positions.cpu().numpy())
     np.testing.assert_allclose(after[:, :n_rot], ref, rtol=TOL[dtype], atol=TOL[dtype])
     np.testing.assert_array_equal(after[:, n_rot:], before[:, n_rot:])  # v untouched
 
@@ -76,4 +59,4 @@ def test_position_zero_is_identity():
     cos, sin = _tables(4, 16)
     x = torch.randn(2, 3, 16, device=DEVICE)
     y = apply_rotary(x, cos, sin, torch.zeros(2, dtype=torch.int32, device=DEVICE))
-    np.testing.assert_allclose(_f64(y), _f64(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f64(y), f64(x), rtol=1e-6, atol=1e-6)
