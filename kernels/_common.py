@@ -62,3 +62,15 @@ def tile_dot(a, b, DOT_MODE: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, DOT_MODE: tl.constexpr):
+    """One key/value tile of flash attention: s (BM, BN) log2-domain scores (-inf where masked), v (BN, BD) values;
+    running row max m_i (BM,), row sum l_i (BM,) and output acc (BM, BD), all fp32 -> updated (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_MODE)
+    return m_new, l_i, acc

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_last_contiguous, dot_mode, multiprocessor_count, next_pow2, tile_dot
+from ._common import (check_float, check_last_contiguous, dot_mode, multiprocessor_count, next_pow2, online_softmax_step,
+                      tile_dot)
 
 
 @triton.jit
@@ -60,14 +61,9 @@ def _decode_partial_kernel(
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tile_dot(q, kt, DOT_MODE) * qk_scale  # log2-domain scores (BLOCK_G, BLOCK_N)
         s = tl.where(kv_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + k_pos[:, None] * stride_vp + offs_d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_MODE)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, DOT_MODE)
 
     po = part_o_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :]
     tl.store(po, acc, mask=g_ok[:, None] & d_ok[None, :])
