@@ -108,6 +108,8 @@ class SafetensorsFile:
         if self._mmap is None:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # Start reading the whole file into the page cache now, in the background, while tensors are copied.
+            self._mmap.madvise(mmap.MADV_WILLNEED)
         return self._mmap
 
     def read_into(self, name: str, out: np.ndarray) -> None:
@@ -122,6 +124,8 @@ class SafetensorsFile:
         if info.numel == 0:
             return
         mm = self._map()
+        start = info.begin - info.begin % PAGE
+        mm.madvise(mmap.MADV_WILLNEED, start, info.end - start)  # one large read-ahead, not a page fault per 4 KB
         storage, _ = DTYPES[info.dtype]
         src = np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.begin)
         flat = out.reshape(-1)
@@ -132,7 +136,6 @@ class SafetensorsFile:
         else:
             np.copyto(flat, src, casting="same_kind")
         del src
-        start = info.begin - info.begin % PAGE
         mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def read(self, name: str) -> np.ndarray:
