@@ -1,25 +1,14 @@
 """kernels.triton_backend.TritonBackend against engine.numpy_backend.NumpyBackend (same weights, same steps)."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the Triton backend needs torch")
-pytest.importorskip("triton", reason="the Triton backend needs triton")
-
-from engine.batch import SequenceStep  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.model_weights import LayerWeights, ModelWeights  # noqa: E402
-from engine.numpy_backend import NumpyBackend  # noqa: E402
-from kernels._common import interpreting  # noqa: E402
-
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
-
-from kernels.triton_backend import TritonBackend  # noqa: E402
+import tests.kernel_support  # noqa: F401  (first: sets TRITON_INTERPRET; skips without torch, triton or a device)
+from engine.batch import SequenceStep
+from engine.config import ModelConfig
+from engine.model_weights import LayerWeights, ModelWeights
+from engine.numpy_backend import NumpyBackend
+from kernels.triton_backend import TritonBackend
 
 
 def _config(n_heads, n_kv_heads, tied=False):

@@ -5,31 +5,20 @@ calls ("graph mode off, static buffers on"); these tests check it equals the eag
 """
 
 import gc
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the Triton backend needs torch")
-pytest.importorskip("triton", reason="the Triton backend needs triton")
-
-from engine.batch import SequenceStep  # noqa: E402
-from engine.errors import ContextOverflowError  # noqa: E402
-from engine.numpy_backend import NumpyBackend  # noqa: E402
-from kernels._common import interpreting  # noqa: E402
-
-if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)
-
-from kernels.attention_decode import decode_attention  # noqa: E402
-from kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache  # noqa: E402
-from kernels.kv_store import store_kv  # noqa: E402
-from kernels.triton_backend import TritonBackend, _to_host_f32  # noqa: E402
-from tests.test_kernels_backend import _config, _rel, _weights  # noqa: E402
-
-DEVICE = "cpu" if interpreting() else "cuda"
+from tests.kernel_support import DEVICE, torch  # first: sets TRITON_INTERPRET
+from engine.batch import SequenceStep
+from engine.errors import ContextOverflowError
+from engine.numpy_backend import NumpyBackend
+from kernels._common import interpreting
+from kernels.attention_decode import decode_attention
+from kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache
+from kernels.kv_store import store_kv
+from kernels.triton_backend import TritonBackend, _to_host_f32
+from tests.test_kernels_backend import _config, _rel, _weights
 
 
 def _t(a, dtype=torch.float32):
