@@ -2,27 +2,16 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import shared_model
 from engine.chat_template import ChatTemplateError, NoChatTemplateError, render_chat
 from engine.tokenizer import Tokenizer
 
-@pytest.fixture(scope="module")
-def tinyllama_folder() -> Path:
-    return shared_model("tinyllama-1.1b-chat-v1.0")
-
 
 @pytest.fixture(scope="module")
-def stories_folder() -> Path:
-    return shared_model("stories260K")
-
-
-@pytest.fixture(scope="module")
-def tinyllama(tinyllama_folder) -> Tokenizer:
-    return Tokenizer.from_folder(tinyllama_folder)
+def tinyllama(tinyllama_tokenizer_dir) -> Tokenizer:
+    return Tokenizer.from_folder(tinyllama_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +20,13 @@ def transformers_module():
 
 
 @pytest.fixture(scope="module")
-def hf_tinyllama(transformers_module, tinyllama_folder):
-    return transformers_module.AutoTokenizer.from_pretrained(str(tinyllama_folder))
+def hf_tinyllama(transformers_module, tinyllama_tokenizer_dir):
+    return transformers_module.AutoTokenizer.from_pretrained(str(tinyllama_tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
-def hf_stories(transformers_module, stories_folder):
-    return transformers_module.AutoTokenizer.from_pretrained(str(stories_folder))
+def hf_stories(transformers_module, stories260k):
+    return transformers_module.AutoTokenizer.from_pretrained(str(stories260k))
 
 
 CONVERSATIONS = {
@@ -64,8 +53,8 @@ def test_tinyllama_renders_the_zephyr_format(tinyllama):
     assert rendered == "<|system|>\nS</s>\n<|user|>\nHi</s>\n<|assistant|>\n"  # from the task's specification
 
 
-def test_tinyllama_matches_the_observed_renderings(tinyllama, tinyllama_folder):
-    path = tinyllama_folder / "expected_tokens.json"
+def test_tinyllama_matches_the_observed_renderings(tinyllama, tinyllama_tokenizer_dir):
+    path = tinyllama_tokenizer_dir / "expected_tokens.json"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     expected = json.loads(path.read_text(encoding="utf-8"))
@@ -92,9 +81,9 @@ def test_encode_chat_adds_bos_once(tinyllama):
     assert ids[0] == tinyllama.bos_id and ids[1] != tinyllama.bos_id
 
 
-def test_encode_chat_does_not_double_a_bos_written_by_the_template(tinyllama, tinyllama_folder, tmp_path):
+def test_encode_chat_does_not_double_a_bos_written_by_the_template(tinyllama, tinyllama_tokenizer_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a temporary copy, outside the repo
-        shutil.copy(tinyllama_folder / name, tmp_path / name)
+        shutil.copy(tinyllama_tokenizer_dir / name, tmp_path / name)
     (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     tokenizer = Tokenizer.from_folder(tmp_path)
     ids = tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
@@ -182,8 +171,8 @@ def test_sandbox_blocks_attribute_escapes():
         render_chat("{{ messages.append(1) }}", [{"role": "user", "content": "x"}])  # immutable sandbox
 
 
-def test_model_without_template_reports_it(hf_stories, stories_folder):
-    stories = Tokenizer.from_folder(stories_folder)
+def test_model_without_template_reports_it(hf_stories, stories260k):
+    stories = Tokenizer.from_folder(stories260k)
     assert hf_stories.chat_template is None
     assert stories.chat_template is None
     with pytest.raises(NoChatTemplateError):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import shared_model
 from engine.tokenizer import NoChatTemplateError, StreamDecoder, Tokenizer
+
 
 def _read_json(path: Path):
     with open(path, encoding="utf-8") as handle:
@@ -19,28 +19,18 @@ def _read_json(path: Path):
 
 
 @pytest.fixture(scope="module")
-def tinyllama_folder() -> Path:
-    return shared_model("tinyllama-1.1b-chat-v1.0")
+def tinyllama(tinyllama_tokenizer_dir) -> Tokenizer:
+    return Tokenizer.from_folder(tinyllama_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def stories_folder() -> Path:
-    return shared_model("stories260K")
+def stories(stories260k) -> Tokenizer:
+    return Tokenizer.from_folder(stories260k)
 
 
 @pytest.fixture(scope="module")
-def tinyllama(tinyllama_folder) -> Tokenizer:
-    return Tokenizer.from_folder(tinyllama_folder)
-
-
-@pytest.fixture(scope="module")
-def stories(stories_folder) -> Tokenizer:
-    return Tokenizer.from_folder(stories_folder)
-
-
-@pytest.fixture(scope="module")
-def expected_tokens(tinyllama_folder) -> dict:
-    path = tinyllama_folder / "expected_tokens.json"
+def expected_tokens(tinyllama_tokenizer_dir) -> dict:
+    path = tinyllama_tokenizer_dir / "expected_tokens.json"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     return _read_json(path)
@@ -54,10 +44,10 @@ def any_tokenizer(request) -> Tokenizer:
 # ---------------------------------------------------------------- loading
 
 
-def test_tinyllama_special_ids_and_template_come_from_the_folder(tinyllama, tinyllama_folder):
-    config = _read_json(tinyllama_folder / "config.json")
-    tokenizer_config = _read_json(tinyllama_folder / "tokenizer_config.json")
-    generation_config = _read_json(tinyllama_folder / "generation_config.json")
+def test_tinyllama_special_ids_and_template_come_from_the_folder(tinyllama, tinyllama_tokenizer_dir):
+    config = _read_json(tinyllama_tokenizer_dir / "config.json")
+    tokenizer_config = _read_json(tinyllama_tokenizer_dir / "tokenizer_config.json")
+    generation_config = _read_json(tinyllama_tokenizer_dir / "generation_config.json")
     assert tinyllama.bos_id == config["bos_token_id"] == 1
     assert tinyllama.eos_ids == (generation_config["eos_token_id"],) == (2,)
     assert tinyllama.vocab_size == config["vocab_size"]
@@ -65,8 +55,8 @@ def test_tinyllama_special_ids_and_template_come_from_the_folder(tinyllama, tiny
     assert tinyllama.special_tokens["eos_token"] == tokenizer_config["eos_token"]
 
 
-def test_stories_has_no_chat_template(stories, stories_folder):
-    config = _read_json(stories_folder / "config.json")
+def test_stories_has_no_chat_template(stories, stories260k):
+    config = _read_json(stories260k / "config.json")
     assert stories.vocab_size == config["vocab_size"] == 512
     assert stories.bos_id == config["bos_token_id"]
     assert stories.eos_ids == (config["eos_token_id"],)
@@ -77,8 +67,8 @@ def test_stories_has_no_chat_template(stories, stories_folder):
     assert "no chat template" in str(error.value)
 
 
-def test_eos_ids_union_tokenizer_first_then_generation_then_model_config(tmp_path, stories_folder):
-    shutil.copy(stories_folder / "tokenizer.json", tmp_path / "tokenizer.json")  # tmp copy, outside the repo
+def test_eos_ids_union_tokenizer_first_then_generation_then_model_config(tmp_path, stories260k):
+    shutil.copy(stories260k / "tokenizer.json", tmp_path / "tokenizer.json")  # tmp copy, outside the repo
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}, "bos_token": "<s>"}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, 5]}))
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 9, "bos_token_id": 1}))
@@ -87,8 +77,8 @@ def test_eos_ids_union_tokenizer_first_then_generation_then_model_config(tmp_pat
     assert tokenizer.bos_id == 1
 
 
-def test_chat_template_jinja_file_is_read(tmp_path, stories_folder):
-    shutil.copy(stories_folder / "tokenizer.json", tmp_path / "tokenizer.json")
+def test_chat_template_jinja_file_is_read(tmp_path, stories260k):
+    shutil.copy(stories260k / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     tokenizer = Tokenizer.from_folder(tmp_path)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
@@ -115,8 +105,8 @@ def test_encode_chat_matches_observed_raw_ids(tinyllama, expected_tokens):
 
 
 @pytest.fixture(scope="module")
-def stories_reference(stories_folder) -> dict:
-    path = stories_folder / "reference_outputs.json"
+def stories_reference(stories260k) -> dict:
+    path = stories260k / "reference_outputs.json"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     return _read_json(path)
@@ -169,7 +159,7 @@ def _reference_decode(tokenizer_json: dict, ids, skip_special_tokens: bool) -> s
     return text[1:] if text.startswith(" ") else text
 
 
-@pytest.mark.parametrize("folder_fixture", ["tinyllama_folder", "stories_folder"])
+@pytest.mark.parametrize("folder_fixture", ["tinyllama_tokenizer_dir", "stories260k"])
 @pytest.mark.parametrize("skip_special_tokens", [False, True])
 def test_decode_matches_an_independent_decoder(request, folder_fixture, skip_special_tokens):
     folder = request.getfixturevalue(folder_fixture)
@@ -203,12 +193,12 @@ def test_decode_round_trips_text(tinyllama, stories, text):
         assert tokenizer.decode(ids[1:]) == text
 
 
-def test_special_tokens_in_user_text_are_special(tinyllama, tinyllama_folder, expected_tokens):
+def test_special_tokens_in_user_text_are_special(tinyllama, tinyllama_tokenizer_dir, expected_tokens):
     text = "Hello</s> World"
     assert tinyllama.encode(text, add_special_tokens=False) == expected_tokens["edge_cases_no_bos"][text]["raw"]
     ids = tinyllama.encode(text)
     assert ids.count(2) == 1 and ids[0] == tinyllama.bos_id
-    tokenizer_json = _read_json(tinyllama_folder / "tokenizer.json")
+    tokenizer_json = _read_json(tinyllama_tokenizer_dir / "tokenizer.json")
     for skip in (False, True):
         assert tinyllama.decode(ids, skip) == _reference_decode(tokenizer_json, ids, skip)
 
@@ -291,8 +281,8 @@ def test_plain_tokens_are_emitted_as_they_arrive(tinyllama):
     assert chunks[-1] == ""  # nothing was held back for flush
 
 
-def test_space_after_special_token_is_kept_like_decode(tinyllama, tinyllama_folder):
-    tokenizer_json = _read_json(tinyllama_folder / "tokenizer.json")
+def test_space_after_special_token_is_kept_like_decode(tinyllama, tinyllama_tokenizer_dir):
+    tokenizer_json = _read_json(tinyllama_tokenizer_dir / "tokenizer.json")
     hello, world = tinyllama.encode("Hello World", add_special_tokens=False)  # '▁Hello', '▁World'
     for ids in ([1, hello, 2, world], [2, world], [hello, 2, 2, world, 1]):
         for skip in (False, True):
