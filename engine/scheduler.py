@@ -116,13 +116,9 @@ class Scheduler:
     def run(self):
         """Step until every request is finished, yielding (request, TokenEvent) as tokens are produced."""
         while self.has_work:
-            for request in list(self.active) + list(self.waiting):
+            for request in self.step():  # finished ones too: their last token is queued in this step
                 while request.events:
                     yield request, request.events.popleft()
-            self.step()
-        for request in list(self.active):
-            while request.events:
-                yield request, request.events.popleft()
 
     def finish(self, request: Request, cancelled: bool = False) -> None:
         """Take a request out of the batch; its cache is dropped unless the caller keeps it."""
@@ -137,15 +133,18 @@ class Scheduler:
             request.cache = None
             request.state.cache = None
 
-    def step(self) -> None:
-        """One batched forward over every active sequence's next tokens (and a chunk of waiting prompts)."""
+    def step(self) -> list[Request]:
+        """One batched forward over every active sequence's next tokens (and a chunk of waiting prompts).
+
+        Returns the requests that took part (each may have new events queued, and may have finished).
+        """
         while self.waiting and len(self.active) < self.max_active:
             request = self.waiting.popleft()
             request.status = PREFILLING
             request.t_start = time.perf_counter()
             self.active.append(request)
         if not self.active:
-            return
+            return []
         decoding = [r for r in self.active if r.status == DECODING]
         budget = self.prefill_chunk if decoding else None  # a lone prefill runs whole
         plan: list[tuple[Request, list[int], list[int]]] = []  # (request, tokens fed, draft part)
@@ -172,6 +171,7 @@ class Scheduler:
                     continue
                 r.status = DECODING
             self._accept(r, logits, draft, now)
+        return [r for r, _, _ in plan]
 
     def _accept(self, r: Request, logits, draft: list[int], now: float) -> None:
         """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft."""

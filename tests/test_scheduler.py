@@ -124,3 +124,14 @@ def test_speculative_respects_the_window(stories):
     plain = stories.complete(prompt, max_new_tokens=50)
     fast = stories.complete(prompt, max_new_tokens=50, speculate=8)
     assert fast.token_ids == plain.token_ids and fast.stop_reason == plain.stop_reason == "context_full"
+
+
+def test_run_streams_every_token_of_every_request(random_model):
+    """The (request, event) stream of Scheduler.run() carries each request's tokens, its last one included."""
+    scheduler = Scheduler(random_model)
+    requests = [scheduler.submit([1, 2, 3], max_new_tokens=n, ignore_eos=True) for n in (4, 9, 1)]
+    streamed = {r.id: [] for r in requests}
+    for request, event in scheduler.run():
+        streamed[request.id].append(event.token_id)
+    for r in requests:
+        assert streamed[r.id] == r.result.token_ids and len(r.result.token_ids) == r.state.options.max_new_tokens
