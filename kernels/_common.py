@@ -45,6 +45,15 @@ def check_last_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
+def check_qkv(kernel: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Raise unless q, k_cache and v_cache are fp32/fp16/bf16 of one dtype with a contiguous last dimension."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_float(f"{kernel} {name}", t)
+        check_last_contiguous(f"{kernel} {name}", t)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{kernel}: q, k_cache and v_cache must share a dtype")
+
+
 def multiprocessor_count(device: torch.device) -> int:
     """Number of SMs of a CUDA device (a nominal 4 in the interpreter, to keep grids small)."""
     if device.type == "cuda":

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_float, check_last_contiguous, dot_mode, multiprocessor_count, next_pow2, online_softmax_step,
+from ._common import (check_last_contiguous, check_qkv, dot_mode, multiprocessor_count, next_pow2, online_softmax_step,
                       tile_dot)
 
 
@@ -111,11 +111,7 @@ def _check(q, k_cache, v_cache, lengths, slots):
                          f"got {tuple(lengths.shape)} {lengths.dtype}")
     if slots is not None and (slots.shape != (B,) or slots.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"decode_attention: slots must be ({B},) int32/int64, got {tuple(slots.shape)} {slots.dtype}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_float(f"decode_attention {name}", t)
-        check_last_contiguous(f"decode_attention {name}", t)
-        if t.dtype != q.dtype:
-            raise TypeError("decode_attention: q, k_cache and v_cache must share a dtype")
+    check_qkv("decode_attention", q, k_cache, v_cache)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_last_contiguous, dot_mode, next_pow2, online_softmax_step, tile_dot
+from ._common import check_last_contiguous, check_qkv, dot_mode, next_pow2, online_softmax_step, tile_dot
 
 
 @triton.jit
@@ -76,11 +76,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"prefill_attention: head_dim {kd} vs {head_dim}, or n_heads {n_heads} not a multiple of n_kv_heads {n_kv_heads}")
     if start_pos < 0 or start_pos + T > capacity:
         raise ValueError(f"prefill_attention: positions {start_pos}..{start_pos + T - 1} exceed the cache capacity {capacity}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_float(f"prefill_attention {name}", t)
-        check_last_contiguous(f"prefill_attention {name}", t)
-        if t.dtype != q.dtype:
-            raise TypeError("prefill_attention: q, k_cache and v_cache must share a dtype")
+    check_qkv("prefill_attention", q, k_cache, v_cache)
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if o.shape != q.shape or o.dtype != q.dtype:
         raise ValueError("prefill_attention: out must match q's shape and dtype")
