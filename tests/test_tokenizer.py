@@ -18,6 +18,13 @@ def _read_json(path: Path):
         return json.load(handle)
 
 
+def _read_json_or_skip(path: Path):
+    """An optional shared fixture file: its JSON, or skip the test when it is absent."""
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return _read_json(path)
+
+
 @pytest.fixture(scope="module")
 def tinyllama(tinyllama_tokenizer_dir) -> Tokenizer:
     return Tokenizer.from_folder(tinyllama_tokenizer_dir)
@@ -30,10 +37,7 @@ def stories(stories260k) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def expected_tokens(tinyllama_tokenizer_dir) -> dict:
-    path = tinyllama_tokenizer_dir / "expected_tokens.json"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return _read_json(path)
+    return _read_json_or_skip(tinyllama_tokenizer_dir / "expected_tokens.json")
 
 
 @pytest.fixture(params=["tinyllama", "stories"])
@@ -106,10 +110,7 @@ def test_encode_chat_matches_observed_raw_ids(tinyllama, expected_tokens):
 
 @pytest.fixture(scope="module")
 def stories_reference(stories260k) -> dict:
-    path = stories260k / "reference_outputs.json"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return _read_json(path)
+    return _read_json_or_skip(stories260k / "reference_outputs.json")
 
 
 def test_stories_encode_and_decode_match_reference_outputs(stories, stories_reference):
