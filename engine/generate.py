@@ -106,7 +106,7 @@ def eos_ids_of(model) -> tuple[int, ...]:
     gen = getattr(model, "generation_config", {}) or {}
     eos = gen.get("eos_token_id")
     ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
-    tokenizer = getattr(model, "_tokenizer", None)
+    tokenizer = _tokenizer_or_none(model)
     if tokenizer is not None:
         ids += list(tokenizer.eos_ids)
     return tuple(dict.fromkeys(ids))

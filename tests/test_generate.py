@@ -51,11 +51,14 @@ def test_stop_on_eos_from_options(stories):
     assert result.stop_reason == "eos" and result.token_ids == plain[: first + 1]
 
 
-def test_stop_on_config_eos(tiny):
+def test_stop_on_config_eos(tiny, tiny_chat_model):
     """The model's own EOS (config/generation_config/tokenizer: </s> = 2) stops generation when it is sampled."""
     from engine.generate import eos_ids_of
 
-    tiny.tokenizer  # noqa: B018 - load it so its EOS ids join
+    fresh = engine.load_model(str(tiny_chat_model))  # tokenizer not loaded yet: its EOS ids must join all the same
+    fresh.config = fresh.config.__class__(**{**fresh.config.__dict__, "eos_token_ids": ()})
+    fresh.generation_config = {}
+    assert eos_ids_of(fresh) == (2,)  # from the tokenizer alone
     assert 2 in eos_ids_of(tiny)
     plain = tiny.generate([1, 450, 29871], max_new_tokens=20, ignore_eos=True)
     result = tiny.complete([1, 450, 29871], max_new_tokens=20, eos_ids=(plain[3],))
