@@ -49,7 +49,7 @@ def run_check(args) -> int:
     ref_logits, ref_tokens = transformers_logits_and_greedy(model.folder, ids, args.steps)
     diff = float(np.max(np.abs(ours - ref_logits)))
     relative = diff / float(np.max(np.abs(ref_logits)))
-    same = sum(1 for _ in _common_prefix(ours_tokens, ref_tokens))
+    same = next((i for i, (a, b) in enumerate(zip(ours_tokens, ref_tokens)) if a != b), args.steps)
     print(f"max |logit difference| over the prompt: {diff:.3e} ({relative:.2e} of the logit scale)")
     print(f"greedy tokens: {same}/{args.steps} identical")
     if same < args.steps:
@@ -59,9 +59,3 @@ def run_check(args) -> int:
     print("OK: matches transformers" if ok else "MISMATCH")
     return 0 if ok else 1
 
-
-def _common_prefix(a, b):
-    for x, y in zip(a, b):
-        if x != y:
-            return
-        yield x
