@@ -118,11 +118,11 @@ class EngineRunner(Runner):
                 "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt)}
 
     def info(self) -> dict:
+        from engine import native
         from engine.blas import blas_info
 
         if self.backend_name == "numpy":
-            b = blas_info()
-            return {"kernel": b.get("kernel"), "blas": b}
+            return {"kernel": native.kernel_name(), "blas": blas_info(), "native_matmul": native.status().detail}
         import torch
 
         return {"kernel": "triton", "gpu": torch.cuda.get_device_name(0)}

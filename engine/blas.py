@@ -28,7 +28,12 @@ def cpu_flags() -> set[str]:
 def choose_openblas_kernel() -> str | None:
     """Set OPENBLAS_CORETYPE for the OpenBLAS NumPy is about to load; returns the kernel asked for (None: left alone)."""
     wish = os.environ.get("TINYLLAMA_BLAS_KERNEL", "auto")
-    if wish == "keep" or "numpy" in sys.modules:
+    if "numpy" in sys.modules:
+        return None
+    # OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call by default, taking the cores the compiled
+    # decode kernel (engine.native) runs on next; 2^4 cycles makes them sleep at once. The user's setting wins.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    if wish == "keep":
         return None
     if wish == "auto":
         if not AVX512_FLAGS <= cpu_flags():

@@ -160,9 +160,9 @@ def run_generate(args) -> int:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
-        from engine.blas import blas_info
+        from engine.native import kernel_name
 
-        kernel = blas_info().get("kernel") if args.backend == "numpy" else args.backend
+        kernel = kernel_name() if args.backend == "numpy" else args.backend
         print(f"prompt tokens: {len(r.prompt_token_ids)}  prefill: {r.prompt_tokens_per_s:.1f} tok/s  "
               f"time to first token: {r.time_to_first_token:.3f} s  generated: {len(r.token_ids)} tokens at "
               f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})"

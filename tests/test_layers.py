@@ -11,9 +11,9 @@ def f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 12, 13, 40])
+@pytest.mark.parametrize("m", [1, 2, 5, 12, 13, 40, 48, 49, 70])
 def test_linear_every_path(m):
-    """x @ w.T for one row (GEMV), a few rows (cache-blocked GEMVs over several blocks) and many rows (GEMM)."""
+    """x @ w.T for one row, a few rows and many rows: the compiled kernel up to NATIVE_MAX_ROWS, then BLAS GEMM."""
     rng = np.random.default_rng(m)
     x = rng.standard_normal((m, 1024)).astype(np.float32)
     w = rng.standard_normal((3000, 1024)).astype(np.float32)  # 12 MB: three 4 MB blocks
