@@ -28,7 +28,8 @@ class Request:
     prompt_ids: list[int]
     state: SequenceState
     cache: object
-    speculate: int = 0  # draft tokens per step (prompt lookup); 0: plain decoding
+    speculate: int = 0  # most draft tokens per step (prompt lookup); 0: plain decoding
+    draft_len: int = 0  # draft tokens asked for next step: adapts between 1 and `speculate` (see _adapt_draft)
     keep_cache: bool = False
     status: str = WAITING
     prefilled: int = 0  # prompt tokens in the cache
@@ -103,8 +104,8 @@ class Scheduler:
         if cache.length >= len(ids):
             raise EngineError("the cache already holds the whole prompt: nothing to prefill")
         state = SequenceState(self.model, ids, options, cache)
-        request = Request(next(self._ids), ids, state, cache, speculate=speculate, keep_cache=keep_cache,
-                          prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
+        request = Request(next(self._ids), ids, state, cache, speculate=speculate, draft_len=speculate,
+                          keep_cache=keep_cache, prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
         self.waiting.append(request)
         return request
 
@@ -152,7 +153,7 @@ class Scheduler:
             if r.status == DECODING:
                 context = r.prompt_ids + r.state.generated
                 room = r.state.max_length - r.cache.length - 1
-                draft = prompt_lookup_draft(context, min(r.speculate, room)) if r.speculate and room > 0 else []
+                draft = prompt_lookup_draft(context, min(r.draft_len, room)) if r.speculate and room > 0 else []
                 plan.append((r, [r.state.generated[-1]] + draft, draft))
             elif budget is None or budget > 0:
                 todo = r.prompt_ids[r.prefilled:]
@@ -173,6 +174,15 @@ class Scheduler:
             self._accept(r, logits, draft, now)
         return [r for r, _, _ in plan]
 
+    @staticmethod
+    def _adapt_draft(r: Request, accepted: int) -> None:
+        """Longer drafts while they are accepted whole, shorter when rejected (transformers' assisted-generation
+        heuristic): verifying drafts that keep failing costs rows in every matmul for nothing."""
+        if accepted == r.draft_len:
+            r.draft_len = min(r.speculate, r.draft_len + 2)
+        else:
+            r.draft_len = max(1, r.draft_len - 1)
+
     def _accept(self, r: Request, logits, draft: list[int], now: float) -> None:
         """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft."""
         fed_before = r.cache.length - len(logits)
@@ -187,6 +197,7 @@ class Scheduler:
             r.accepted_draft_tokens += 1
         if draft:
             r.draft_tokens += len(draft)
+            self._adapt_draft(r, accepted=i)
             # The cache holds the fed token and every draft token; keep those the accepted tokens vouch for.
             r.cache.truncate(fed_before + i + 1)
         if r.state.finished:

@@ -1,12 +1,15 @@
 """Continuous batching and speculative decoding: batched and speculative greedy output equal plain decoding."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 import engine
 from engine.errors import EngineError
 from engine.scheduler import Scheduler
+from engine.speculative import prompt_lookup_draft
 
 PASSAGE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
            "One day, she saw a big, red ball.")
@@ -117,6 +120,39 @@ def test_speculative_seeded_sampling_equals_plain(stories):
     """Each accepted token is one draw from the same distribution and RNG stream as plain decoding."""
     kw = dict(max_new_tokens=40, temperature=0.8, seed=7)
     assert stories.generate(PASSAGE + " " + PASSAGE, speculate=5, **kw) == stories.generate(PASSAGE + " " + PASSAGE, **kw)
+
+
+def test_draft_length_adapts_to_acceptance():
+    """Whole drafts accepted: the next is 2 longer (up to `speculate`); a rejection: 1 shorter (down to 1)."""
+    r = SimpleNamespace(speculate=6, draft_len=6)
+    Scheduler._adapt_draft(r, accepted=2)
+    assert r.draft_len == 5
+    for _ in range(10):
+        Scheduler._adapt_draft(r, accepted=0)
+    assert r.draft_len == 1
+    Scheduler._adapt_draft(r, accepted=1)
+    assert r.draft_len == 3
+    Scheduler._adapt_draft(r, accepted=3)
+    Scheduler._adapt_draft(r, accepted=5)
+    assert r.draft_len == 6
+
+
+def test_scheduler_asks_for_adapted_draft_lengths(stories, monkeypatch):
+    """The scheduler asks prompt lookup for the adapted length each step, and the output stays the plain one."""
+    from engine import scheduler as scheduler_module
+
+    asked = []
+
+    def recording_draft(context, max_draft):
+        asked.append(max_draft)
+        return prompt_lookup_draft(context, max_draft)
+
+    monkeypatch.setattr(scheduler_module, "prompt_lookup_draft", recording_draft)
+    prompt = "Tom had a red ball. " * 3 + "Then"
+    result = stories.complete(prompt, max_new_tokens=40, speculate=8)
+    assert result.token_ids == stories.complete(prompt, max_new_tokens=40).token_ids
+    assert asked[0] == 8 and min(asked) < 8  # some drafts were rejected, and later ones asked for less
+    assert result.draft_tokens <= sum(asked)
 
 
 def test_speculative_respects_the_window(stories):
