@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 
 ENGINE_BACKENDS = ("numpy", "triton")
 TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -114,8 +115,26 @@ class EngineRunner(Runner):
         fast = self.model.complete(prompt, max_new_tokens=new_tokens, ignore_eos=True, speculate=draft)
         if fast.token_ids != plain.token_ids:
             raise RuntimeError("speculative decoding changed the greedy output")
+        one_s, verify_s = self.verify_cost(prompt, draft)
         return {"plain_tok_s": plain.generated_tokens_per_s, "speculative_tok_s": fast.generated_tokens_per_s,
-                "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt)}
+                "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt),
+                "step_s": one_s, "verify_step_s": verify_s}
+
+    def verify_cost(self, prompt: list[int], draft: int, trials: int = 3) -> tuple[float, float]:
+        """Seconds of a decode step of 1 token and of a verification step of 1 + `draft` tokens (every position's
+        logits) at the same cache position after `prompt`, best of `trials`: what a step of drafts costs."""
+        from engine.batch import SequenceStep
+
+        cache = self.model.new_cache()
+        self.model.forward([SequenceStep(cache, prompt)])
+        length, one, verify = cache.length, [], []
+        for _ in range(trials):
+            for tokens, times in (([prompt[-1]], one), (prompt[-draft - 1:], verify)):
+                t0 = time.perf_counter()
+                self.model.forward([SequenceStep(cache, tokens, all_logits=len(tokens) > 1)])
+                times.append(time.perf_counter() - t0)
+                cache.truncate(length)
+        return min(one), min(verify)
 
     def info(self) -> dict:
         from engine import native

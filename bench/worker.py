@@ -107,7 +107,9 @@ def run_system(spec: dict) -> int:
                              new_tokens=new_tokens, prefill_tok_s=None, ttft_s=None, decode_tok_s=r_med,
                              decode_tok_s_min=r_min, decode_tok_s_max=r_max, plain_decode_tok_s=spread(plain)[0],
                              speedup=r_med / spread(plain)[0], draft_tokens=spec["speculate"],
-                             acceptance_rate=spread([r["acceptance_rate"] for r in spec_rows])[0]))
+                             acceptance_rate=spread([r["acceptance_rate"] for r in spec_rows])[0],
+                             step_s=min(r["step_s"] for r in spec_rows),
+                             verify_step_s=min(r["verify_step_s"] for r in spec_rows)))
     except Unavailable as e:
         emit("unavailable", row=dict(base, status="unavailable", note=str(e)))
         return 0

@@ -53,6 +53,7 @@ def test_quick_results_json(quick_run):
     assert len(spec) == 1 and spec[0]["decode_tok_s"] > 0 and spec[0]["plain_decode_tok_s"] > 0
     assert 0 <= spec[0]["acceptance_rate"] <= 1 and spec[0]["speedup"] == pytest.approx(
         spec[0]["decode_tok_s"] / spec[0]["plain_decode_tok_s"])
+    assert 0 < spec[0]["step_s"] < 60 and 0 < spec[0]["verify_step_s"] < 60  # the cost of a step of drafts
 
 
 def test_quick_machine_block(quick_run):
