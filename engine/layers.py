@@ -74,7 +74,8 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
     return silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
-NATIVE_MAX_ROWS = 128  # up to this many rows the compiled kernel is faster than OpenBLAS (measured: 1.8-3x at 2-32, 1.06x at 128)
+NATIVE_MAX_ROWS = 64  # up to this many rows the compiled kernel is faster in the model (decode B=8: 2x, B=64: 1.4x;
+# a 128-token prefill is 1.3x faster on OpenBLAS, whose GEMM packs x and w for the cache)
 SMALL_M_ROWS = 12  # without it, up to this many rows `linear` walks the weight in cached blocks (1.5-3x at 2-8 rows)
 BLOCK_BYTES = 4 << 20  # weight rows per block: a few MB, read from memory once, then re-used from cache M times
 

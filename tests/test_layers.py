@@ -11,7 +11,7 @@ def f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 12, 13, 40, 128, 129])
+@pytest.mark.parametrize("m", [1, 2, 5, 12, 13, 40, 64, 65])
 def test_linear_every_path(m):
     """x @ w.T for one row, a few rows and many rows: the compiled kernel up to NATIVE_MAX_ROWS, then BLAS GEMM."""
     rng = np.random.default_rng(m)

@@ -1,6 +1,6 @@
 """Our compiled CPU matmul for few rows (engine/native/matmul.c), built with the system C compiler on first use.
 
-`y = x @ w.T` at 1-128 rows of x is every decode, batched-decode and speculative-verify matmul. OpenBLAS's GEMM
+`y = x @ w.T` at 1-64 rows of x is every decode, batched-decode and speculative-verify matmul. OpenBLAS's GEMM
 there reads the weight far below memory bandwidth, so the NumPy backend hands those shapes to `matmul_xwt`, an
 AVX-512 kernel that reads every weight row from memory once per call (see matmul.c). It is built like Triton builds
 its kernels: compiled once with `cc -O3 -fopenmp` into a cache folder keyed by the source's hash, then loaded with
