@@ -45,6 +45,16 @@ def check_last_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
+def output_like(kernel: str, like: torch.Tensor, out: torch.Tensor | None, name: str = "x") -> torch.Tensor:
+    """`out` checked to match `like`'s shape and dtype with a contiguous last dimension, or a new contiguous tensor."""
+    if out is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(f"{kernel}: out must match {name}'s shape and dtype")
+    check_last_contiguous(f"{kernel} out", out)
+    return out
+
+
 def check_qkv(kernel: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Raise unless q, k_cache and v_cache are fp32/fp16/bf16 of one dtype with a contiguous last dimension."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_last_contiguous, check_qkv, dot_mode, multiprocessor_count, next_pow2, online_softmax_step,
+from ._common import (check_qkv, dot_mode, multiprocessor_count, next_pow2, online_softmax_step, output_like,
                       tile_dot)
 
 
@@ -129,10 +129,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(q, k_cache, v_cache, lengths, slots)
     B, n_heads, head_dim = q.shape
     n_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    if o.shape != q.shape or o.dtype != q.dtype:
-        raise ValueError("decode_attention: out must match q's shape and dtype")
-    check_last_contiguous("decode_attention out", o)
+    o = output_like("decode_attention", q, out, name="q")
     if B == 0:
         return o
     if max_length is None:

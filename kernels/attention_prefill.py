@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_last_contiguous, check_qkv, dot_mode, next_pow2, online_softmax_step, tile_dot
+from ._common import check_qkv, dot_mode, next_pow2, online_softmax_step, output_like, tile_dot
 
 
 @triton.jit
@@ -77,10 +77,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if start_pos < 0 or start_pos + T > capacity:
         raise ValueError(f"prefill_attention: positions {start_pos}..{start_pos + T - 1} exceed the cache capacity {capacity}")
     check_qkv("prefill_attention", q, k_cache, v_cache)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    if o.shape != q.shape or o.dtype != q.dtype:
-        raise ValueError("prefill_attention: out must match q's shape and dtype")
-    check_last_contiguous("prefill_attention out", o)
+    o = output_like("prefill_attention", q, out, name="q")
     if T == 0:
         return o
     block_d = max(16, next_pow2(head_dim))

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_last_contiguous, next_pow2
+from ._common import check_float, check_last_contiguous, next_pow2, output_like
 
 
 @triton.jit
@@ -46,10 +46,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if not weight.is_contiguous():
         raise ValueError("rms_norm: weight must be contiguous")
     T, N = x.shape
-    y = torch.empty_like(x) if out is None else out
-    if y.shape != x.shape or y.dtype != x.dtype:
-        raise ValueError("rms_norm: out must match x's shape and dtype")
-    check_last_contiguous("rms_norm out", y)
+    y = output_like("rms_norm", x, out)
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError("rms_norm: residual must match x's shape and dtype")
