@@ -92,6 +92,18 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+def model_variant(source: Path, folder: Path, json_name: str, edit) -> Path:
+    """A new `folder` linking every file of the model `source`, except `json_name`: a copy changed by edit(dict)."""
+    folder.mkdir()
+    for f in source.iterdir():
+        if f.name != json_name:
+            (folder / f.name).symlink_to(f)
+    data = read_json(source / json_name)
+    edit(data)
+    (folder / json_name).write_text(json.dumps(data))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory, tinyllama_tokenizer_dir) -> Path:
     """A small random Llama with TinyLlama's real 32000-token tokenizer and chat template (window 256)."""

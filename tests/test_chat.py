@@ -12,7 +12,7 @@ import pytest
 
 from engine.chat import ChatSession
 from engine.errors import EngineError
-from tests.conftest import load_reference, reference_greedy
+from tests.conftest import load_reference, model_variant, reference_greedy
 
 SYSTEM = "You are a helpful assistant."
 EOS = 2
@@ -276,14 +276,8 @@ def test_save_and_load_round_trip(model, tmp_path):
 def test_a_model_without_chat_template_is_refused(tiny_chat_model, tmp_path):
     from engine.model import Model
 
-    no_template = tmp_path / "no-template"
-    no_template.mkdir()
-    for f in tiny_chat_model.iterdir():
-        (no_template / f.name).symlink_to(f)
-    (no_template / "tokenizer_config.json").unlink()
-    config = json.loads((tiny_chat_model / "tokenizer_config.json").read_text())
-    config.pop("chat_template")
-    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    no_template = model_variant(tiny_chat_model, tmp_path / "no-template", "tokenizer_config.json",
+                                lambda config: config.pop("chat_template"))
     m = Model.__new__(Model)
     m.folder, m._tokenizer = no_template, None
     with pytest.raises(EngineError, match="no chat template.*tinyllama generate"):

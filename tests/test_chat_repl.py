@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, model_variant
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -138,15 +138,8 @@ def test_turn_two_prefills_only_its_new_tokens_and_commands_work(tiny_chat_model
 @pytest.fixture
 def long_window_model(tiny_chat_model, tmp_path):
     """The same weights with a 4096-token window, so a reply can run long enough to interrupt."""
-    folder = tmp_path / "long"
-    folder.mkdir()
-    for f in tiny_chat_model.iterdir():
-        (folder / f.name).symlink_to(f)
-    (folder / "config.json").unlink()
-    config = json.loads((tiny_chat_model / "config.json").read_text())
-    config["max_position_embeddings"] = 4096
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return model_variant(tiny_chat_model, tmp_path / "long", "config.json",
+                         lambda config: config.update(max_position_embeddings=4096))
 
 
 def test_ctrl_c_stops_the_streaming_reply_and_clears_the_line(long_window_model, tmp_path):
@@ -204,14 +197,8 @@ def test_piped_stdin_prints_only_the_replies(tiny_chat_model, tmp_path):
 
 
 def test_chat_refuses_a_model_without_a_chat_template(tiny_chat_model, tmp_path):
-    folder = tmp_path / "no-template"
-    folder.mkdir()
-    for f in tiny_chat_model.iterdir():
-        if f.name != "tokenizer_config.json":
-            (folder / f.name).symlink_to(f)
-    config = json.loads((tiny_chat_model / "tokenizer_config.json").read_text())
-    config.pop("chat_template")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = model_variant(tiny_chat_model, tmp_path / "no-template", "tokenizer_config.json",
+                           lambda config: config.pop("chat_template"))
     p = run_piped("--model", str(folder), stdin="Hello\n")
     assert p.returncode == 1 and p.stdout == ""
     lines = [line for line in p.stderr.splitlines() if line.strip()]
