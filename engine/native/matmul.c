@@ -6,8 +6,8 @@
  *
  * Why our own: OpenBLAS's GEMM at 2-32 rows packs the whole weight for every call and reads it far below memory
  * bandwidth (M=8: ~6-9 GB/s against ~30-35 GB/s for a GEMV on a 2-core EPYC). Here every weight row is read from
- * memory once per call whatever M is: a tile of NR weight rows is loaded 16 floats at a time and multiplied into
- * MB rows of x held in cache, MB*NR accumulators in AVX-512 registers, reduced once at the end of the row.
+ * memory once per call whatever M is: a tile of 6 weight rows (8 at M=1) is loaded 16 floats at a time and
+ * multiplied into MB rows of x held in cache, 24 accumulators in AVX-512 registers, reduced once at the end of the row.
  * Threads (OpenMP) take blocks of the weight's rows in turn, so each streams its own contiguous part.
  */
 #include <immintrin.h>
@@ -17,6 +17,7 @@
 #define NR 8               /* most rows of w per register tile (see rows_per_tile) */
 #define PF_DIST 512        /* prefetch each weight row this many floats ahead into L2 (measured: 1.1-1.3x at M=1-8) */
 #define BLOCK_BYTES 262144 /* weight rows per cache block: re-used from L2 by every MB-row chunk of x */
+#define BLOCK_ROWS_UNIT 24 /* block heights are multiples of every tile height in rows_per_tile */
 
 /* Weight rows per tile for mb rows of x: as many accumulators as the 32 zmm registers allow (mb*nr + nr + 1),
  * and several weight rows in flight even at mb=1, where the kernel is a GEMV bound by memory. */
@@ -89,19 +90,21 @@ int matmul_supported(void)
     return __builtin_cpu_supports("avx512f") ? 1 : 0;
 }
 
+/* `rows` rounded down to whole tiles of every height, at least one unit. */
+static ptrdiff_t whole_tiles(ptrdiff_t rows)
+{
+    return rows < BLOCK_ROWS_UNIT ? BLOCK_ROWS_UNIT : rows - rows % BLOCK_ROWS_UNIT;
+}
+
 /* out = x @ w.T (shapes above) on `threads` threads. Blocks of weight rows are split among the threads; inside a
  * block every MB-row chunk of x runs over the block's tiles, so the block is read from memory once. */
 TARGET void matmul_xwt(const float *x, ptrdiff_t ldx, const float *w, ptrdiff_t ldw, float *out, ptrdiff_t ldo,
                        ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
 {
-    ptrdiff_t rows = BLOCK_BYTES / (K * (ptrdiff_t)sizeof(float));
-    rows = rows < 24 ? 24 : rows - rows % 24; /* a multiple of every tile height */
+    ptrdiff_t rows = whole_tiles(BLOCK_BYTES / (K * (ptrdiff_t)sizeof(float)));
+    if ((N + rows - 1) / rows < 4 * threads) /* small weights: smaller blocks so every thread gets work */
+        rows = whole_tiles(N / (4 * threads));
     ptrdiff_t blocks = (N + rows - 1) / rows;
-    if (blocks < 4 * threads) { /* small weights: smaller blocks so every thread gets work */
-        rows = (N / (4 * threads)) / 24 * 24;
-        if (rows < 24) rows = 24;
-        blocks = (N + rows - 1) / rows;
-    }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (ptrdiff_t b = 0; b < blocks; b++) {
         ptrdiff_t n_end = (b + 1) * rows < N ? (b + 1) * rows : N;
