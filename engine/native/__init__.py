@@ -121,10 +121,11 @@ def status() -> NativeStatus:
 
 
 def kernel_name() -> str:
-    """What runs the NumPy backend's matmuls, for logs and benchmark tables: e.g. "native avx512 + OpenBLAS SkylakeX"."""
+    """What runs the NumPy backend's matmuls, for logs and benchmark tables: e.g. "native avx512 + openblas SkylakeX"."""
     from engine.blas import blas_info
 
-    blas = f"{blas_info().get('library') or 'BLAS'} {blas_info().get('kernel') or ''}".strip()
+    info = blas_info()
+    blas = f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()
     return f"native avx512 + {blas}" if status().available else blas
 
 
