@@ -45,13 +45,18 @@ def check_last_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
+def check_like(kernel: str, name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    """Raise ValueError unless `t` has `like`'s shape and dtype and a contiguous last dimension."""
+    if t.shape != like.shape or t.dtype != like.dtype:
+        raise ValueError(f"{kernel}: {name} must match {like_name}'s shape and dtype")
+    check_last_contiguous(f"{kernel} {name}", t)
+
+
 def output_like(kernel: str, like: torch.Tensor, out: torch.Tensor | None, name: str = "x") -> torch.Tensor:
-    """`out` checked to match `like`'s shape and dtype with a contiguous last dimension, or a new contiguous tensor."""
+    """`out` checked against `like` (check_like), or a new contiguous tensor of `like`'s shape and dtype."""
     if out is None:
         return torch.empty_like(like, memory_format=torch.contiguous_format)
-    if out.shape != like.shape or out.dtype != like.dtype:
-        raise ValueError(f"{kernel}: out must match {name}'s shape and dtype")
-    check_last_contiguous(f"{kernel} out", out)
+    check_like(kernel, "out", out, like, name)
     return out
 
 

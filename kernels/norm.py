@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_last_contiguous, next_pow2, output_like
+from ._common import check_float, check_last_contiguous, check_like, next_pow2, output_like
 
 
 @triton.jit
@@ -48,9 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     T, N = x.shape
     y = output_like("rms_norm", x, out)
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError("rms_norm: residual must match x's shape and dtype")
-        check_last_contiguous("rms_norm residual", residual)
+        check_like("rms_norm", "residual", residual, x, "x")
         h = torch.empty_like(x)
         res, stride_r, stride_h = residual, residual.stride(0), h.stride(0)
     else:
