@@ -223,9 +223,7 @@ class Generation:
         try:
             yield from self.request
         finally:
-            if not self.request.finished:
-                self.request.cancel()
-            self.result = self.request.result
+            self.cancel()  # a no-op for a finished request; sets `result`
 
     def cancel(self) -> None:
         """Stop now (Ctrl-C): the result's stop reason is 'cancelled'."""
