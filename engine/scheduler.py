@@ -175,10 +175,11 @@ class Scheduler:
         return [r for r, _, _ in plan]
 
     @staticmethod
-    def _adapt_draft(r: Request, accepted: int) -> None:
+    def _adapt_draft(r: Request, drafted: int, accepted: int) -> None:
         """Longer drafts while they are accepted whole, shorter when rejected (transformers' assisted-generation
-        heuristic): verifying drafts that keep failing costs rows in every matmul for nothing."""
-        if accepted == r.draft_len:
+        heuristic): verifying drafts that keep failing costs rows in every matmul for nothing. `drafted` is what
+        prompt lookup found, which may be fewer tokens than asked for."""
+        if accepted == drafted:
             r.draft_len = min(r.speculate, r.draft_len + 2)
         else:
             r.draft_len = max(1, r.draft_len - 1)
@@ -197,7 +198,7 @@ class Scheduler:
             r.accepted_draft_tokens += 1
         if draft:
             r.draft_tokens += len(draft)
-            self._adapt_draft(r, accepted=i)
+            self._adapt_draft(r, drafted=len(draft), accepted=i)
             # The cache holds the fed token and every draft token; keep those the accepted tokens vouch for.
             r.cache.truncate(fed_before + i + 1)
         if r.state.finished:

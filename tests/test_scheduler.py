@@ -125,16 +125,19 @@ def test_speculative_seeded_sampling_equals_plain(stories):
 def test_draft_length_adapts_to_acceptance():
     """Whole drafts accepted: the next is 2 longer (up to `speculate`); a rejection: 1 shorter (down to 1)."""
     r = SimpleNamespace(speculate=6, draft_len=6)
-    Scheduler._adapt_draft(r, accepted=2)
+    Scheduler._adapt_draft(r, drafted=6, accepted=2)
     assert r.draft_len == 5
     for _ in range(10):
-        Scheduler._adapt_draft(r, accepted=0)
+        Scheduler._adapt_draft(r, drafted=r.draft_len, accepted=0)
     assert r.draft_len == 1
-    Scheduler._adapt_draft(r, accepted=1)
+    Scheduler._adapt_draft(r, drafted=1, accepted=1)
     assert r.draft_len == 3
-    Scheduler._adapt_draft(r, accepted=3)
-    Scheduler._adapt_draft(r, accepted=5)
+    Scheduler._adapt_draft(r, drafted=3, accepted=3)
+    Scheduler._adapt_draft(r, drafted=5, accepted=5)
     assert r.draft_len == 6
+    r.draft_len = 2
+    Scheduler._adapt_draft(r, drafted=1, accepted=1)  # lookup found only 1 of the 2 asked for, and it was kept
+    assert r.draft_len == 4
 
 
 def test_scheduler_asks_for_adapted_draft_lengths(stories, monkeypatch):
