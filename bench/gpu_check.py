@@ -120,7 +120,7 @@ def decode_rate(backend, batch: int, prompt_len: int, steps: int, warmup: int = 
     round trip included, as in generation). Returns tok/s per sequence and aggregate."""
     import numpy as np
 
-    from engine.batch import SequenceStep
+    from engine.runtime.batch import SequenceStep
 
     rng = np.random.default_rng(seed)
     vocab = backend.config.vocab_size
@@ -145,7 +145,7 @@ def decode_rate(backend, batch: int, prompt_len: int, steps: int, warmup: int = 
 def prefill_rate(backend, tokens: int, trials: int = 3) -> dict:
     import numpy as np
 
-    from engine.batch import SequenceStep
+    from engine.runtime.batch import SequenceStep
 
     ids = np.random.default_rng(1).integers(3, backend.config.vocab_size, tokens)
     backend.forward([SequenceStep(backend.new_cache(), ids)])  # compile every GEMM / attention config

@@ -67,7 +67,7 @@ class EngineRunner(Runner):
 
     def load(self):
         import engine  # noqa: F401  (chooses OpenBLAS's kernel before NumPy loads)
-        from engine.batch import SequenceStep
+        from engine.runtime.batch import SequenceStep
 
         if self.backend_name == "triton":
             if importlib.util.find_spec("triton") is None:
@@ -123,7 +123,7 @@ class EngineRunner(Runner):
     def verify_cost(self, prompt: list[int], draft: int, trials: int = 3) -> tuple[float, float]:
         """Seconds of a decode step of 1 token and of a verification step of 1 + `draft` tokens (every position's
         logits) at the same cache position after `prompt`, best of `trials`: what a step of drafts costs."""
-        from engine.batch import SequenceStep
+        from engine.runtime.batch import SequenceStep
 
         cache = self.model.new_cache()
         self.model.forward([SequenceStep(cache, prompt)])
@@ -137,8 +137,8 @@ class EngineRunner(Runner):
         return min(one), min(verify)
 
     def info(self) -> dict:
-        from engine import native
-        from engine.blas import blas_info
+        from engine.runtime import native
+        from engine.runtime.blas import blas_info
 
         if self.backend_name == "numpy":
             return {"kernel": native.kernel_name(), "blas": blas_info(), "native_matmul": native.status().detail}

@@ -6,7 +6,7 @@ else a library prints there is ignored by the parent.
 """
 from __future__ import annotations
 
-from engine.blas import choose_openblas_kernel
+from engine.runtime.blas import choose_openblas_kernel
 
 choose_openblas_kernel()  # before NumPy loads, as `engine` does, so every worker runs the engine's BLAS kernel
 
@@ -164,7 +164,7 @@ def versions() -> dict:
 
 def run_roofline(threads: int, quick: bool) -> int:
     from bench.roofline import measure
-    from engine.blas import blas_info
+    from engine.runtime.blas import blas_info
 
     roof = measure(threads, quick=quick)
     blas = blas_info()

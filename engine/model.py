@@ -5,9 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.batch import SequenceStep
 from engine.config import ModelConfig
-from engine.model_weights import load_model_weights
+from engine.generation.generate import Generation, generate, generate_batch
+from engine.generation.state import default_options
+from engine.runtime.batch import SequenceStep
+from engine.runtime.numpy_backend import NumpyBackend
+from engine.runtime.weights import load_model_weights
+from engine.text.tokenizer import Tokenizer
 from weights.checkpoint import open_checkpoint, read_json
 from weights.errors import CheckpointError
 from weights.hub import DEFAULT_MODEL, resolve_model_folder
@@ -29,8 +33,6 @@ class Model:
     def tokenizer(self):
         """The model's tokenizer (tokenizer.json in the model folder); CheckpointError when the folder has none."""
         if self._tokenizer is None:
-            from engine.tokenizer import Tokenizer
-
             if self.folder is None or not (self.folder / "tokenizer.json").exists():
                 raise CheckpointError(f"{self.folder}: no tokenizer.json in the model folder")
             self._tokenizer = Tokenizer.from_folder(self.folder)
@@ -41,7 +43,7 @@ class Model:
         return self.backend.new_cache()
 
     def forward(self, steps: list[SequenceStep]) -> list[np.ndarray]:
-        """The ragged batch forward (see engine.batch): per step logits, float32."""
+        """The ragged batch forward (see engine.runtime.batch): per step logits, float32."""
         return self.backend.forward(steps)
 
     def logits(self, token_ids) -> np.ndarray:
@@ -62,21 +64,15 @@ class Model:
         Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (str or list),
         ignore_eos, speculate (prompt-lookup draft length), truncate; defaults from generation_config.json.
         """
-        from engine.generate import generate
-
         return generate(self, self.prompt_ids(prompt), **options)
 
     def stream(self, prompt, cache=None, speculate: int = 0, truncate: bool = False, **options):
         """Streaming form of `complete`: iterate for TokenEvents (token_id, text); `.result` afterwards."""
-        from engine.generate import Generation, default_options
-
         return Generation(self, self.prompt_ids(prompt), default_options(self, **options), cache=cache,
                           speculate=speculate, truncate=truncate)
 
     def generate_batch(self, prompts, **options) -> list:
         """Several prompts (ids or text) at once, one batched forward per step -> list of GenerationResult."""
-        from engine.generate import generate_batch
-
         return generate_batch(self, [self.prompt_ids(p) for p in prompts], **options)
 
 
@@ -91,8 +87,6 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         weights = load_model_weights(checkpoint, config)
     generation_config = _generation_config(folder)
     if backend == "numpy":
-        from engine.numpy_backend import NumpyBackend
-
         impl = NumpyBackend(config, weights, **backend_options)
     else:
         from kernels.triton_backend import TritonBackend

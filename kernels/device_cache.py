@@ -5,11 +5,11 @@ import weakref
 
 import torch
 
-from engine.kv_cache import BLOCK_TOKENS, KVCache
+from engine.runtime.kv_cache import BLOCK_TOKENS, KVCache
 
 
 class DeviceKVCache(KVCache):
-    """Keys/values of one sequence in device tensors: engine.kv_cache.KVCache's growth, writes and truncation, with
+    """Keys/values of one sequence in device tensors: engine.runtime.kv_cache.KVCache's growth, writes and truncation, with
     k, v: (n_layers, n_kv_heads, capacity, head_dim) in the backend's dtype on its device."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_length: int,

@@ -29,10 +29,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ruff: noqa: E402
-from engine.batch import SequenceStep
+from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
-from engine.model_weights import ModelWeights
-from engine.rope import rope_tables
+from engine.runtime.weights import ModelWeights
+from engine.runtime.rope import rope_tables
 from kernels._common import interpreting
 from kernels.attention_decode import decode_attention
 from kernels.attention_prefill import prefill_attention
@@ -71,7 +71,7 @@ POOL_WINDOW_MAX = 4096  # default per-slot window of the static KV pool (longer 
 
 
 class TritonBackend:
-    """Runs a Llama model with the Triton kernels; same interface and results as engine.numpy_backend.NumpyBackend.
+    """Runs a Llama model with the Triton kernels; same interface and results as engine.runtime.numpy_backend.NumpyBackend.
 
     dtype: "float32" | "bfloat16" | "float16" | "auto" (bfloat16 on a GPU, float32 in the interpreter).
     cuda_graphs: keep the caches in a static slot pool and run one-token decode steps through the static-buffer

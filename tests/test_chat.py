@@ -1,4 +1,4 @@
-"""ChatSession (engine.chat) without a terminal: KV-cache reuse across turns, overflow trimming, cancel, transcripts.
+"""ChatSession (engine.generation.chat) without a terminal: KV-cache reuse across turns, overflow trimming, cancel, transcripts.
 
 The model is a small random Llama carrying TinyLlama's real tokenizer and chat template (window 256). Prompts are
 rendered here by hand from TinyLlama's template and tokenized with the real tokenizer; reply tokens are checked
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from engine.chat import ChatSession
+from engine.generation.chat import ChatSession
 from engine.errors import EngineError
 from tests.conftest import load_reference, model_variant, reference_greedy
 
@@ -27,7 +27,7 @@ def model(tiny_chat_model):
 
 @pytest.fixture(scope="module")
 def tok(tiny_chat_model):
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     return Tokenizer.from_folder(tiny_chat_model)
 
@@ -282,3 +282,29 @@ def test_a_model_without_chat_template_is_refused(tiny_chat_model, tmp_path):
     m.folder, m._tokenizer = no_template, None
     with pytest.raises(EngineError, match="no chat template.*tinyllama generate"):
         ChatSession(m)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_an_interrupted_save_keeps_the_previous_transcript(model, tmp_path, monkeypatch, failure):
+    """/save writes a temporary file beside the target and renames it: a save that dies half-way (a full disk, Ctrl-C)
+    leaves the previous transcript whole and no temporary file behind."""
+    import engine.generation.chat as chat_module
+
+    session = ChatSession(model, system=SYSTEM, max_new_tokens=4)
+    session.reply("first")
+    path = tmp_path / "t.json"
+    session.save(path)
+    before = path.read_bytes()
+    session.reply("second")
+
+    def dies(fd):
+        raise failure
+
+    monkeypatch.setattr(chat_module.os, "fsync", dies)  # after part of the new file is written, before the rename
+    with pytest.raises(EngineError if isinstance(failure, OSError) else KeyboardInterrupt):
+        session.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+    monkeypatch.undo()
+    session.save(path)
+    assert len(json.loads(path.read_text(encoding="utf-8"))["messages"]) == 4

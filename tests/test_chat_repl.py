@@ -66,7 +66,7 @@ def render(system, messages) -> str:
 
 @pytest.fixture(scope="module")
 def tok(tiny_chat_model):
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     return Tokenizer.from_folder(tiny_chat_model)
 

@@ -1,12 +1,12 @@
-"""engine.chat_template against transformers' `apply_chat_template(..., tokenize=False)`."""
+"""engine.text.chat_template against transformers' `apply_chat_template(..., tokenize=False)`."""
 
 import json
 import shutil
 
 import pytest
 
-from engine.chat_template import ChatTemplateError, NoChatTemplateError, render_chat
-from engine.tokenizer import Tokenizer
+from engine.text.chat_template import ChatTemplateError, NoChatTemplateError, render_chat
+from engine.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -12,8 +11,8 @@ from tests.conftest import REPO
 
 
 def tinyllama(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    exe = shutil.which("tinyllama")
-    cmd = [exe] if exe else [sys.executable, "-m", "engine"]
+    """The command line of the code under test (`python -m engine` from this checkout), never a PATH lookup."""
+    cmd = [sys.executable, "-m", "engine"]
     return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -54,7 +53,7 @@ def test_generate_chat_template(tiny_chat_model):
     p = tinyllama("generate", "--model", str(tiny_chat_model), "--chat", "--system", "Be brief.", "--json",
                   "--max-new-tokens", "5", "Hi")
     assert p.returncode == 0, p.stderr
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(tiny_chat_model)
     expected = tok.encode("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n")
@@ -70,21 +69,52 @@ def test_bad_flag_exits_2():
     assert p.returncode == 2 and "invalid float value" in p.stderr and "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be"),
-])
-def test_bad_values_are_one_line(stories260k, flags, message):
-    assert message in one_line_error(tinyllama("generate", "--model", str(stories260k), *flags, "x"))
+BAD_VALUES = [  # (option, bad value, what the one-line message names)
+    ("temperature", "-1", "temperature must be >= 0"), ("temperature", "nan", "temperature must be a finite"),
+    ("temperature", "inf", "temperature must be a finite"), ("top-k", "-1", "top_k must be an integer >= 0"),
+    ("top-p", "0", "top_p must be in (0, 1]"), ("top-p", "1.5", "top_p must be in (0, 1]"),
+    ("top-p", "nan", "top_p must be a finite"), ("min-p", "-0.1", "min_p must be in [0, 1]"),
+    ("min-p", "1.5", "min_p must be in [0, 1]"), ("repetition-penalty", "0", "repetition_penalty must be > 0"),
+    ("repetition-penalty", "-1", "repetition_penalty must be > 0"), ("seed", "-3", "seed must be an integer >= 0"),
+    ("max-new-tokens", "0", "max_new_tokens must be an integer >= 1"),
+    ("max-new-tokens", "-5", "max_new_tokens must be an integer >= 1"),
+    ("speculate", "-1", "speculate must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("option, value, message", BAD_VALUES)
+def test_bad_values_are_one_line_and_exit_1(stories260k, capsys, option, value, message):
+    """Every sampling option is validated the same way: one line on stderr, exit 1, no traceback (in process: the
+    same main() as the console script, so an exception would fail the test)."""
+    from engine.cli import main
+
+    sampling = [] if option == "temperature" else ["--temperature", "1"]
+    code = main(["generate", "--model", str(stories260k), f"--{option}", value, *sampling, "x"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_bad_seed_in_a_subprocess_is_one_line(stories260k):
+    """The user's report: `tinyllama generate --seed -3 --temperature 1 Hi` ended in a NumPy traceback."""
+    p = tinyllama("generate", "--model", str(stories260k), "--seed", "-3", "--temperature", "1", "Hi")
+    assert "seed must be an integer >= 0" in one_line_error(p) and p.returncode == 1
 
 
 def test_prompt_longer_than_window(stories260k):
     long_prompt = "the dog " * 400  # > 512 tokens
     line = one_line_error(tinyllama("generate", "--model", str(stories260k), long_prompt))
     assert "context window is 512" in line and "--truncate" in line
-    p = tinyllama("generate", "--model", str(stories260k), "--truncate", "--max-new-tokens", "4", long_prompt)
+    p = tinyllama("generate", "--model", str(stories260k), "--truncate", "--max-new-tokens", "4", "--json",
+                  long_prompt)
     assert p.returncode == 0, p.stderr
+    from engine import load_model
+
+    model = load_model(str(stories260k))
+    ids = model.prompt_ids(long_prompt)
+    assert json.loads(p.stdout)["prompt_token_ids"] == ids[-(512 - 4):]  # the API's rule: room for 4 new tokens
+    assert model.complete(long_prompt, max_new_tokens=4, truncate=True).prompt_token_ids == ids[-(512 - 4):]
 
 
 def test_broken_model_is_one_line(tmp_path, stories260k):
@@ -98,9 +128,7 @@ def test_uncached_default_model_offline_is_one_line(tmp_path):
     import os
 
     env_cache = str(tmp_path / "empty-hf-cache")
-    exe = shutil.which("tinyllama") or sys.executable
-    cmd = [exe, "check"] if shutil.which("tinyllama") else [exe, "-m", "engine", "check"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "engine", "check"], capture_output=True, text=True, timeout=60, cwd=REPO,
                        env={**os.environ, "HF_HUB_CACHE": env_cache, "HF_HUB_OFFLINE": "1"})
     line = one_line_error(p)
     assert "TinyLlama/TinyLlama-1.1B-Chat-v1.0" in line and "not in the Hugging Face cache" in line

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.batch import SequenceStep
+from engine.runtime.batch import SequenceStep
 from tests.conftest import load_reference, make_random_checkpoint, read_json, reference_greedy, reference_logits
 
 STORY_START = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."

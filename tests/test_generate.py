@@ -7,7 +7,7 @@ import pytest
 
 import engine
 from engine.errors import ContextOverflowError, EngineError
-from engine.generate import default_options
+from engine.generation.state import default_options
 
 STORY = ", there was a little girl named Lily"
 
@@ -53,7 +53,7 @@ def test_stop_on_eos_from_options(stories):
 
 def test_stop_on_config_eos(tiny, tiny_chat_model):
     """The model's own EOS (config/generation_config/tokenizer: </s> = 2) stops generation when it is sampled."""
-    from engine.generate import eos_ids_of
+    from engine.generation.state import eos_ids_of
 
     fresh = engine.load_model(str(tiny_chat_model))  # tokenizer not loaded yet: its EOS ids must join all the same
     fresh.config = fresh.config.__class__(**{**fresh.config.__dict__, "eos_token_ids": ()})
@@ -89,7 +89,13 @@ def test_prompt_longer_than_window_is_refused_or_truncated(stories):
     with pytest.raises(ContextOverflowError, match="context window is 512"):
         stories.complete(prompt, max_new_tokens=5)
     result = stories.complete(prompt, max_new_tokens=5, truncate=True)
-    assert len(result.prompt_token_ids) == 511 and result.prompt_token_ids == prompt[-511:]
+    # The one truncation rule (API and CLI): keep room for the requested new tokens.
+    assert result.prompt_token_ids == prompt[-(512 - 5):]
+    assert result.stop_reason == "max_new_tokens" and len(result.token_ids) == 5
+    fits = [1] + [403] * 500  # fits the window, but not with 20 new tokens: cut to 492 tokens
+    assert stories.complete(fits, max_new_tokens=20, truncate=True).prompt_token_ids == fits[-492:]
+    assert stories.complete(fits, max_new_tokens=5, truncate=True).prompt_token_ids == fits  # room enough: kept
+    assert stories.complete(fits, max_new_tokens=5000, truncate=True).prompt_token_ids == fits[-1:]
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -101,7 +107,7 @@ def test_seeded_sampling_is_reproducible(tiny):
 
 def test_sampled_tokens_follow_the_processed_distribution(stories):
     """Frequencies of the first sampled token match the processed distribution (temperature, top-k, top-p)."""
-    from engine.sampling import SamplingParams, probabilities
+    from engine.generation.sampling import SamplingParams, probabilities
 
     params = dict(temperature=1.3, top_k=20, top_p=0.9)
     expected = probabilities(stories.logits([1, 403, 407])[-1], SamplingParams(**params))
@@ -125,7 +131,7 @@ def test_defaults_come_from_generation_config(stories):
         opts = default_options(stories)
         assert (opts.sampling.temperature, opts.sampling.top_p) == (0.7, 0.8)
         assert default_options(stories, temperature=0.0).sampling.greedy
-        from engine.generate import eos_ids_of
+        from engine.generation.state import eos_ids_of
 
         assert set(eos_ids_of(stories)) >= {2, 5}
     finally:

@@ -1,13 +1,13 @@
-"""kernels.triton_backend.TritonBackend against engine.numpy_backend.NumpyBackend (same weights, same steps)."""
+"""kernels.triton_backend.TritonBackend against engine.runtime.numpy_backend.NumpyBackend (same weights, same steps)."""
 
 import numpy as np
 import pytest
 
 import tests.kernel_support  # noqa: F401  (first: sets TRITON_INTERPRET; skips without torch, triton or a device)
-from engine.batch import SequenceStep
+from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
-from engine.model_weights import LayerWeights, ModelWeights
-from engine.numpy_backend import NumpyBackend
+from engine.runtime.weights import LayerWeights, ModelWeights
+from engine.runtime.numpy_backend import NumpyBackend
 from kernels.triton_backend import TritonBackend
 
 

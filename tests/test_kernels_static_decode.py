@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tests.kernel_support import DEVICE, torch  # first: sets TRITON_INTERPRET
-from engine.batch import SequenceStep
+from engine.runtime.batch import SequenceStep
 from engine.errors import ContextOverflowError
-from engine.numpy_backend import NumpyBackend
+from engine.runtime.numpy_backend import NumpyBackend
 from kernels._common import interpreting
 from kernels.attention_decode import decode_attention
 from kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache

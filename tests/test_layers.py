@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import layers
+from engine.runtime import layers
 
 
 def f64(a):

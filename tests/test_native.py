@@ -1,4 +1,4 @@
-"""The compiled few-row matmul (engine/native) against float64 NumPy, its build and its fallbacks."""
+"""The compiled few-row matmul (engine/runtime/native) against float64 NumPy, its build and its fallbacks."""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine import layers, native
-from engine.native import NativeStatus
+from engine.runtime import layers, native
+from engine.runtime.native import NativeStatus
 
 needs_native = pytest.mark.skipif(not native.status().available,
                                   reason=f"the compiled matmul is not usable here: {native.status().detail}")
@@ -74,7 +74,7 @@ def test_linear_without_the_native_kernel_uses_blas(monkeypatch):
 
 def status_in_subprocess(env_overrides: dict, tmp_path) -> str:
     env = dict(os.environ, TINYLLAMA_CACHE=str(tmp_path / "cache"), **env_overrides)
-    code = "from engine import native; s = native.status(); print(s.available, s.detail)"
+    code = "from engine.runtime import native; s = native.status(); print(s.available, s.detail)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()

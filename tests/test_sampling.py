@@ -1,4 +1,4 @@
-"""engine.sampling against transformers' own logits processors (the reference semantics)."""
+"""engine.generation.sampling against transformers' own logits processors (the reference semantics)."""
 
 import math
 import warnings
@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from engine.sampling import (
+from engine.generation.sampling import (
     SamplingError,
     SamplingParams,
     apply_min_p,

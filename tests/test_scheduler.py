@@ -8,8 +8,8 @@ import pytest
 
 import engine
 from engine.errors import EngineError
-from engine.scheduler import Scheduler
-from engine.speculative import prompt_lookup_draft
+from engine.generation.scheduler import Scheduler
+from engine.generation.speculative import prompt_lookup_draft
 
 PASSAGE = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
            "One day, she saw a big, red ball.")
@@ -142,7 +142,7 @@ def test_draft_length_adapts_to_acceptance():
 
 def test_scheduler_asks_for_adapted_draft_lengths(stories, monkeypatch):
     """The scheduler asks prompt lookup for the adapted length each step, and the output stays the plain one."""
-    from engine import scheduler as scheduler_module
+    from engine.generation import scheduler as scheduler_module
 
     asked = []
 

@@ -1,4 +1,4 @@
-"""engine.tokenizer against the shared model folders' observed ids and `tokenizers.decode`.
+"""engine.text.tokenizer against the shared model folders' observed ids and `tokenizers.decode`.
 
 The shared folders are read in place (never copied into the repo); tests skip when they are absent.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.tokenizer import NoChatTemplateError, StreamDecoder, Tokenizer
+from engine.text.tokenizer import NoChatTemplateError, StreamDecoder, Tokenizer
 
 
 def _read_json(path: Path):

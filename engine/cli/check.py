@@ -6,6 +6,7 @@ import importlib.util
 
 import numpy as np
 
+from engine.cli.common import load
 from engine.errors import EngineError
 
 TOLERANCE = 1e-3  # relative to the logit scale; the test suite holds the NumPy backend to 1e-4
@@ -31,8 +32,6 @@ def transformers_logits_and_greedy(folder, ids: list[int], steps: int) -> tuple[
 
 def run_check(args) -> int:
     """The `check` subcommand: compare with transformers, print the report -> exit status (0: match)."""
-    from engine.cli import load
-
     if args.steps < 1:
         raise EngineError(f"--steps must be >= 1, got {args.steps}")
     model = load(args)

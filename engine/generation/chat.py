@@ -5,17 +5,19 @@ token ids that cache holds. Each turn renders the whole history with the model's
 prefix it shares with `cached_ids` (normally everything up to the end of the previous reply, so only the new user
 message and the template glue are prefilled), and streams the reply. When the conversation would not leave room for
 a reply in the model's window, the oldest turns are dropped (the system prompt stays). The terminal side is
-engine.repl; this module has no I/O besides transcript files.
+engine.cli.chat; this module has no I/O besides transcript files.
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.chat_template import ChatTemplateError
+from engine.text.chat_template import ChatTemplateError
 from engine.errors import EngineError
-from engine.generate import STOP_CANCELLED, default_options
+from engine.generation.state import STOP_CANCELLED, default_options
 
 # /set NAME VALUE: the sampling options a session may change, and how their values are parsed.
 SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
@@ -258,12 +260,26 @@ class ChatSession:
                 "messages": [dict(m) for m in self.messages]}
 
     def save(self, path) -> None:
-        """Write the conversation as JSON: {"system": ..., "messages": [{"role", "content"}, ...]}."""
-        text = json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n"
+        """Write the conversation as JSON: {"system": ..., "messages": [{"role", "content"}, ...]}.
+
+        Atomic: the JSON goes to a temporary file beside `path`, flushed to disk, then renamed over it, so an
+        interrupted save (Ctrl-C, a full disk, a kill) leaves the previous transcript whole."""
+        target = Path(path).expanduser()
+        data = (json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+        tmp = None
         try:
-            Path(path).expanduser().write_text(text, encoding="utf-8")
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            tmp = None
         except OSError as e:
             raise EngineError(f"cannot write {path}: {e.strerror or e}") from None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
 
     def load(self, path) -> None:
         """Replace the conversation with a transcript written by `save` (or a plain list of role/content messages)."""

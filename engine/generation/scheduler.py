@@ -11,11 +11,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.batch import SequenceStep
+from engine.runtime.batch import SequenceStep
 from engine.errors import EngineError
-from engine.generate import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
+from engine.generation.state import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
                              default_options)
-from engine.speculative import prompt_lookup_draft
+from engine.generation.speculative import prompt_lookup_draft
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
 
@@ -99,7 +99,7 @@ class Scheduler:
         options = options if options is not None else default_options(self.model, **overrides)
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
             raise EngineError(f"speculate must be an integer >= 0, got {speculate!r}")
-        ids = check_prompt(self.model, prompt_ids, truncate)
+        ids = check_prompt(self.model, prompt_ids, truncate, options.max_new_tokens)
         cache = cache if cache is not None else self.model.new_cache()
         if cache.length >= len(ids):
             raise EngineError("the cache already holds the whole prompt: nothing to prefill")

@@ -1,4 +1,4 @@
-"""`tinyllama chat`: the terminal side of a ChatSession (engine.chat).
+"""`tinyllama chat`: the terminal side of a ChatSession (engine.generation.chat).
 
 On a terminal: a banner, a `>>> ` prompt with readline line editing and history, replies streamed token by token,
 Ctrl-C stops a reply (or clears the line at the prompt), Ctrl-D or /exit quits. With stdin a pipe or a file: one
@@ -12,7 +12,8 @@ import shlex
 import signal
 import sys
 
-from engine.chat import SETTABLE, ChatSession
+from engine.cli.common import load, sampling_overrides
+from engine.generation.chat import SETTABLE, ChatSession
 from engine.errors import EngineError
 
 PROMPT = ">>> "
@@ -35,8 +36,6 @@ A line starting with // sends the rest, beginning with /, as a message."""
 
 def run_chat(args) -> int:
     """The `chat` subcommand: load the model, then talk until EOF or /exit -> exit status."""
-    from engine.cli import load, sampling_overrides
-
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.batch import SequenceStep
+from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
-from engine.kv_cache import KVCache
-from engine.layers import apply_rotary, attention, linear, rms_norm, swiglu
-from engine.model_weights import ModelWeights
-from engine.rope import rope_tables
+from engine.runtime.kv_cache import KVCache
+from engine.runtime.layers import apply_rotary, attention, linear, rms_norm, swiglu
+from engine.runtime.weights import ModelWeights
+from engine.runtime.rope import rope_tables
 
 
 class NumpyBackend:

@@ -1,4 +1,4 @@
-"""Our compiled CPU matmul for few rows (engine/native/matmul.c), built with the system C compiler on first use.
+"""Our compiled CPU matmul for few rows (engine/runtime/native/matmul.c), built with the system C compiler on first use.
 
 `y = x @ w.T` at 1-64 rows of x is every decode, batched-decode and speculative-verify matmul. OpenBLAS's GEMM
 there reads the weight far below memory bandwidth, so the NumPy backend hands those shapes to `matmul_xwt`, an
@@ -122,7 +122,7 @@ def status() -> NativeStatus:
 
 def kernel_name() -> str:
     """What runs the NumPy backend's matmuls, for logs and benchmark tables: e.g. "native avx512 + openblas SkylakeX"."""
-    from engine.blas import blas_info
+    from engine.runtime.blas import blas_info
 
     info = blas_info()
     blas = f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import native
+from engine.runtime import native
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
@@ -85,7 +85,7 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
     OpenBLAS's GEMM at a handful of rows runs far below both its GEMV bandwidth and its large-M FLOP rate (on the
     2-core EPYC here: M=8 reads the weight at ~6 GB/s against ~30 GB/s for M=1). Up to NATIVE_MAX_ROWS rows the
-    compiled kernel of `engine.native` reads each weight row once per call; where it is not available, 2 to
+    compiled kernel of `engine.runtime.native` reads each weight row once per call; where it is not available, 2 to
     SMALL_M_ROWS rows walk the weight in blocks that stay in cache while each row of x takes one GEMV over the
     block. Larger M (prefill) is BLAS's GEMM.
     """

@@ -66,8 +66,9 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.repetition_penalty <= 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)):
-            raise SamplingError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
+                                      or self.seed < 0):
+            raise SamplingError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

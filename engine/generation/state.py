@@ -1,7 +1,7 @@
-"""Generation above the backend seam: prefill, decode_one_token, and the streaming loop with its stop conditions.
+"""One sequence's generation state above the backend seam: options, results, sampling and stop detection per token.
 
-A `Generation` is the primitive: an iterator of `TokenEvent`s for one sequence; `generate` consumes it. The scheduler
-drives many `SequenceState`s through one batched forward per step with the same per-token logic.
+`SequenceState.accept(logits)` is the per-token step every way of generating shares (a lone sequence, the
+scheduler's batch, speculative verification): sample, record, detect EOS / stop strings / length / a full window.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import ContextOverflowError, EngineError
-from engine.sampling import SamplingParams, make_rng, sample_token
-from engine.stopping import StopStringFilter
+from engine.generation.sampling import SamplingParams, make_rng, sample_token
+from engine.text.stopping import StopStringFilter
 
 STOP_EOS = "eos"
 STOP_STRING = "stop_string"
@@ -181,8 +181,13 @@ def _tokenizer_or_none(model):
         return None
 
 
-def check_prompt(model, prompt_ids, truncate: bool = False, reserve: int = 1) -> list[int]:
-    """Validate a prompt's ids; too long for the window: EngineError, or with `truncate` keep its last tokens."""
+def check_prompt(model, prompt_ids, truncate: bool = False, max_new_tokens: int = 1) -> list[int]:
+    """Validate a prompt's ids (list of ints) -> the ids to run.
+
+    A prompt must leave room for at least one new token in the window (else ContextOverflowError). With `truncate`
+    the oldest tokens are dropped so that prompt + max_new_tokens fits the window (at least one token is kept):
+    the one rule of `truncate=True` in the API and `--truncate` on the command line.
+    """
     ids = [int(t) for t in prompt_ids]
     if not ids:
         raise EngineError("the prompt is empty: give at least one token")
@@ -191,64 +196,12 @@ def check_prompt(model, prompt_ids, truncate: bool = False, reserve: int = 1) ->
     if bad:
         raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     window = model.config.max_position_embeddings
-    if len(ids) + reserve > window:
-        if not truncate:
-            raise ContextOverflowError(
-                f"the prompt has {len(ids)} tokens but the context window is {window} "
-                f"(at most {window - reserve} leave room to generate); shorten it or use --truncate"
-            )
-        ids = ids[len(ids) - (window - reserve):]
+    if truncate:
+        keep = max(1, window - max_new_tokens)
+        return ids[len(ids) - keep:] if len(ids) > keep else ids
+    if len(ids) + 1 > window:
+        raise ContextOverflowError(
+            f"the prompt has {len(ids)} tokens but the context window is {window} "
+            f"(at most {window - 1} leave room to generate); shorten it or use --truncate"
+        )
     return ids
-
-
-class Generation:
-    """Streaming generation for one sequence: iterate for TokenEvents; `result` once it is exhausted (or closed).
-
-    With `cache` given (a conversation's cache) only the prompt tokens beyond `cache.length` are prefilled: the cache
-    must already hold exactly prompt_ids[:cache.length], and it is kept (not freed) when generation ends.
-    `speculate` > 0 drafts that many tokens per step by prompt lookup and verifies them in one forward.
-    """
-
-    def __init__(self, model, prompt_ids, options: GenerationOptions, cache=None, truncate: bool = False,
-                 speculate: int = 0):
-        from engine.scheduler import Scheduler
-
-        self.scheduler = Scheduler(model)
-        self.request = self.scheduler.submit(prompt_ids, options, cache=cache, truncate=truncate,
-                                             speculate=speculate, keep_cache=cache is not None)
-        self.prompt_ids = self.request.prompt_ids
-        self.result: GenerationResult | None = None
-
-    def __iter__(self):
-        try:
-            yield from self.request
-        finally:
-            self.cancel()  # a no-op for a finished request; sets `result`
-
-    def cancel(self) -> None:
-        """Stop now (Ctrl-C): the result's stop reason is 'cancelled'."""
-        if not self.request.finished:
-            self.request.cancel()
-        self.result = self.request.result
-
-
-def generate(model, prompt_ids, cache=None, truncate: bool = False, speculate: int = 0,
-             **options) -> GenerationResult:
-    """Generate after `prompt_ids` until a stop condition; options as in `default_options`."""
-    gen = Generation(model, prompt_ids, default_options(model, **options), cache=cache, truncate=truncate,
-                     speculate=speculate)
-    for _ in gen:
-        pass
-    return gen.result
-
-
-def generate_batch(model, prompts, speculate: int = 0, **options) -> list[GenerationResult]:
-    """Generate for several prompts at once (one batched forward per step, each with its own stop)."""
-    from engine.scheduler import Scheduler
-
-    scheduler = Scheduler(model)
-    opts = default_options(model, **options)
-    requests = [scheduler.submit(p, opts, speculate=speculate) for p in prompts]
-    for _ in scheduler.run():
-        pass
-    return [r.result for r in requests]

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from engine.chat_template import NoChatTemplateError, render_chat
+from engine.text.chat_template import NoChatTemplateError, render_chat
 
 __all__ = ["Tokenizer", "StreamDecoder", "NoChatTemplateError"]
 

@@ -31,7 +31,7 @@ def choose_openblas_kernel() -> str | None:
     if "numpy" in sys.modules:
         return None
     # OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) after each call by default, taking the cores the compiled
-    # decode kernel (engine.native) runs on next; 2^4 cycles makes them sleep at once. The user's setting wins.
+    # decode kernel (engine.runtime.native) runs on next; 2^4 cycles makes them sleep at once. The user's setting wins.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     if wish == "keep":
         return None

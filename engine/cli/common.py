@@ -1,0 +1,51 @@
+"""What every `tinyllama` subcommand shares: the model and sampling options, loading, and one-line user errors."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.errors import EngineError
+from engine.model import load_model
+from weights.errors import CheckpointError
+from weights.hub import DEFAULT_MODEL
+
+USER_ERRORS = (CheckpointError, EngineError)
+
+
+def fail(message: str, code: int = 1) -> int:
+    """Print one line on stderr; the exit status to return."""
+    print(f"tinyllama: error: {message}", file=sys.stderr)
+    return code
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Add --model, --revision and --backend to `p`."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--backend", choices=("numpy", "triton"), default="numpy", help="forward implementation")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Add the sampling options (--temperature .. --seed), --max-new-tokens and --stop to `p`."""
+    g = p.add_argument_group("sampling (defaults from the model's generation_config.json; greedy otherwise)")
+    g.add_argument("--temperature", type=float, help="0 means greedy")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (transformers semantics)")
+    g.add_argument("--seed", type=int, help="make sampling reproducible")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (not printed); may be repeated")
+
+
+def sampling_overrides(args) -> dict:
+    """The sampling options of parsed `args` as keyword arguments (None: not given, the model's default)."""
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+def load(args):
+    """Load the model named by --model/--revision/--backend."""
+    return load_model(args.model, backend=args.backend, revision=args.revision)

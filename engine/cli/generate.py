@@ -1,0 +1,74 @@
+"""`tinyllama generate`: complete one prompt, streaming the text (or one JSON object with --json)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from engine.cli.common import load, sampling_overrides
+from engine.errors import EngineError
+from engine.generation.generate import Generation
+from engine.generation.state import default_options
+
+
+def prompt_ids_for(model, args) -> list[int]:
+    """The prompt text (argument or stdin), tokenized, wrapped in the chat template with --chat."""
+    text = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
+    tokenizer = model.tokenizer
+    if not args.chat:
+        if args.system:
+            raise EngineError("--system needs --chat")
+        return tokenizer.encode(text)
+    if tokenizer.chat_template is None:
+        raise EngineError(f"{args.model} has no chat template; run without --chat for plain completion")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": text}]
+    return tokenizer.encode_chat(messages)
+
+
+def run_generate(args) -> int:
+    """The `generate` subcommand: stream the completion (or print JSON with --json) -> exit status 0."""
+    model = load(args)
+    options = default_options(model, max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+                              **sampling_overrides(args))
+    ids = prompt_ids_for(model, args)
+    gen = Generation(model, ids, options, speculate=args.speculate, truncate=args.truncate)
+    for event in gen:
+        if not args.json and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    r = gen.result
+    if args.json:
+        print(json.dumps(result_json(r), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose:
+        from engine.runtime.native import kernel_name
+
+        kernel = kernel_name() if args.backend == "numpy" else args.backend
+        print(f"prompt tokens: {len(r.prompt_token_ids)}  prefill: {r.prompt_tokens_per_s:.1f} tok/s  "
+              f"time to first token: {r.time_to_first_token:.3f} s  generated: {len(r.token_ids)} tokens at "
+              f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})"
+              + (f"  speculative: {r.accepted_draft_tokens}/{r.draft_tokens} drafts accepted "
+                 f"({100 * r.acceptance_rate:.0f}%)" if args.speculate else ""),
+              file=sys.stderr)
+    return 0
+
+
+def result_json(r) -> dict:
+    """A GenerationResult as the dict `generate --json` prints: text, token ids, timings, speculative stats."""
+    return {
+        "text": r.text,
+        "token_ids": r.token_ids,
+        "prompt_token_ids": r.prompt_token_ids,
+        "stop_reason": r.stop_reason,
+        "timings": {
+            "prompt_tokens_per_s": r.prompt_tokens_per_s,
+            "generated_tokens_per_s": r.generated_tokens_per_s,
+            "time_to_first_token_s": r.time_to_first_token,
+            "prefill_s": r.prefill_seconds,
+            "decode_s": r.decode_seconds,
+        },
+        "speculative": {"draft_tokens": r.draft_tokens, "accepted_draft_tokens": r.accepted_draft_tokens,
+                        "acceptance_rate": r.acceptance_rate},
+    }

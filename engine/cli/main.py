@@ -1,0 +1,80 @@
+"""`tinyllama` command line: the parser and the dispatch to one module per subcommand. User errors print one line
+and exit non-zero."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_options, fail
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `tinyllama` argument parser with its check, generate, chat and bench subcommands."""
+    parser = argparse.ArgumentParser(prog="tinyllama", description="TinyLlama inference engine (NumPy / Triton).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="compare this engine's logits and greedy tokens with transformers")
+    add_model_options(p)
+    p.add_argument("--prompt", default="The capital of France is", help="prompt text (default: %(default)r)")
+    p.add_argument("--steps", type=int, default=16, help="greedy steps to compare (default 16)")
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens so that it and --max-new-tokens fit the window")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    p.add_argument("--speculate", type=int, default=0, metavar="N",
+                   help="prompt-lookup speculative decoding: draft up to N tokens from the context per step")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--verbose", "-v", action="store_true", help="statistics on stderr")
+
+    p = sub.add_parser("chat", help="interactive chat REPL")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.add_argument("--system", help="system prompt")
+
+    p = sub.add_parser("bench", help="throughput benchmark against transformers (and llama.cpp)")
+    try:
+        from bench.cli import add_bench_arguments
+    except ImportError:  # bench/ not built yet
+        add_bench_arguments = None
+    if add_bench_arguments:
+        add_bench_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `tinyllama` command line (`argv`, default sys.argv[1:]) -> exit status (1: user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            from engine.cli.check import run_check
+
+            return run_check(args)
+        if args.command == "generate":
+            from engine.cli.generate import run_generate
+
+            return run_generate(args)
+        if args.command == "chat":
+            from engine.cli.chat import run_chat
+
+            return run_chat(args)
+        if args.command == "bench":
+            from bench.cli import run_bench
+
+            return run_bench(args)
+    except USER_ERRORS as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

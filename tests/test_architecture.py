@@ -1,0 +1,171 @@
+"""The house rules of the package layout, read from the source with `ast` (no imports run):
+
+- no import circles among the modules of engine, weights, kernels and bench (an import inside a function counts);
+- arrows point down: engine.runtime and engine.text import nothing above them, engine.generation never imports the
+  model, the CLI or the server, and nothing but the CLI imports engine.cli;
+- every sub-package of engine says in its docstring what lives there.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PACKAGES = ("engine", "weights", "kernels", "bench")
+# What each room may import from this project (prefixes); anything else of the project is an upward arrow.
+ALLOWED = {
+    "engine.runtime": ("engine.runtime", "engine.config", "engine.errors", "weights"),
+    "engine.text": ("engine.text", "engine.errors"),
+    "engine.generation": ("engine.generation", "engine.runtime", "engine.text", "engine.config", "engine.errors",
+                          "weights"),
+    "weights": ("weights",),
+    "kernels": ("kernels", "engine.runtime", "engine.config", "engine.errors", "weights"),
+    "engine.config": ("engine.config", "weights"),
+    "engine.errors": ("engine.errors",),
+}
+NOT_FOR_ANYONE_BUT_CLI = "engine.cli"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the project packages: dotted name -> file."""
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            found[module_name(path)] = path
+    return found
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules `name` imports anywhere in its file (top level or inside functions)."""
+    is_package = path.name == "__init__.py"
+    targets: set[str] = set()
+
+    def add(dotted: str) -> None:
+        while dotted and dotted not in modules:  # `import a.b.c` of a non-module attribute: its module
+            dotted = dotted.rpartition(".")[0]
+        if dotted and dotted != name:
+            targets.add(dotted)
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                add(sub if sub in modules else source)
+    return targets
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted: the import circles."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def room_of(module: str) -> str | None:
+    return next((room for room in sorted(ALLOWED, key=len, reverse=True)
+                 if module == room or module.startswith(room + ".")), None)
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, targets in sorted(graph.items()):
+        room = room_of(module)
+        for t in sorted(targets):
+            if room is not None and not any(t == a or t.startswith(a + ".") for a in ALLOWED[room]):
+                bad.append(f"{module} -> {t} (room {room} may import only {', '.join(ALLOWED[room])})")
+            if (t == NOT_FOR_ANYONE_BUT_CLI or t.startswith(NOT_FOR_ANYONE_BUT_CLI + ".")) and not (
+                    module == NOT_FOR_ANYONE_BUT_CLI or module.startswith(NOT_FOR_ANYONE_BUT_CLI + ".")
+                    or module == "engine.__main__"):
+                bad.append(f"{module} -> {t} (only the command line imports engine.cli)")
+    return bad
+
+
+def test_the_graph_sees_imports_inside_functions_and_relative_ones():
+    graph = import_graph()
+    assert "engine.runtime.native" in graph["engine.runtime.layers"]
+    assert "kernels._common" in graph["kernels.matmul"]  # `from ._common import ...`
+    assert "engine.cli.check" in graph["engine.cli.main"]  # a lazy import inside main()
+
+
+def test_the_cycle_finder_finds_a_planted_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    found = cycles(import_graph())
+    assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_arrows_point_down():
+    bad = upward_arrows(import_graph())
+    assert not bad, "\n".join(bad)
+
+
+def test_the_rule_checker_flags_an_upward_arrow():
+    graph = {"engine.runtime.layers": {"engine.generation.sampling"}, "kernels.matmul": {"engine.cli.common"},
+             "engine.text.tokenizer": {"engine.runtime.layers"}}
+    flagged = {line.split(" -> ")[0] for line in upward_arrows(graph)}
+    assert flagged == set(graph)
+
+
+@pytest.mark.parametrize("package", ["engine", "engine.runtime", "engine.text", "engine.generation", "engine.cli",
+                                     "weights", "kernels", "bench"])
+def test_every_package_says_what_lives_there(package):
+    path = REPO / package.replace(".", "/") / "__init__.py"
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    assert doc and len(doc) > 40, f"{path} needs a docstring saying what lives there and what it must not import"
