@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.errors import EngineError
 from engine.generation.generate import Generation, generate, generate_batch
 from engine.generation.state import default_options
 from engine.runtime.batch import SequenceStep
 from engine.runtime.numpy_backend import NumpyBackend
+from engine.runtime.trace import TRACE_MEMORY_LIMIT, Trace, TraceRecorder
 from engine.runtime.weights import load_model_weights
 from engine.text.tokenizer import Tokenizer
 from weights.checkpoint import open_checkpoint, read_json
@@ -49,6 +51,27 @@ class Model:
     def logits(self, token_ids) -> np.ndarray:
         """Logits for every position of one prompt. token_ids: (T,) ints -> (T, vocab) float32."""
         return self.forward([SequenceStep(self.new_cache(), token_ids, all_logits=True)])[0]
+
+    def trace(self, prompt, attentions: bool = False, hidden_states: bool = False, layers=None,
+              max_bytes: int = TRACE_MEMORY_LIMIT) -> Trace:
+        """One forward pass over `prompt` (text or ids) that records what is asked -> Trace (engine.runtime.trace).
+
+        Trace.token_ids (T,), logits (T, vocab); attentions: per layer (n_heads, T, T) post-softmax probabilities
+        (transformers' output_attentions under eager attention); hidden_states: L + 1 arrays (T, hidden),
+        transformers' output_hidden_states ([0] embeddings, [i] after layer i-1, [L] after the final norm).
+        layers: indices 0..L (negative from the end) to record, None for all. EngineError (one line) when the trace
+        would hold more than `max_bytes` (default 4 GiB), or on a backend other than numpy.
+        """
+        if not isinstance(self.backend, NumpyBackend):
+            raise EngineError(f"trace runs on the numpy backend only (this model runs on {self.backend.name}); "
+                              "load it with backend='numpy'")
+        ids = self.prompt_ids(prompt)
+        if not ids:
+            raise EngineError("cannot trace an empty prompt")
+        recorder = TraceRecorder(self.config, len(ids), attentions, hidden_states, layers, max_bytes)
+        step = SequenceStep(self.new_cache(), ids, all_logits=True)
+        logits = self.backend.forward([step], recorder=recorder)[0]
+        return recorder.result(step.token_ids, logits)
 
     def prompt_ids(self, prompt) -> list[int]:
         """A prompt as token ids: text is encoded with the model's tokenizer (BOS added), ids pass through."""

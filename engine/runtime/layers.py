@@ -37,13 +37,14 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, return_probs: bool = False):
     """Causal grouped-query attention of T new queries over a sequence's cached keys/values.
 
     q: (T, n_heads, head_dim) at absolute positions start_pos..start_pos+T-1;
     k, v: (n_kv_heads, L, head_dim) with L = start_pos + T (the new tokens already appended);
     returns (T, n_heads * head_dim) float32. K/V heads are shared by the group of query heads that use them
     (head h reads kv head h // group), never repeated in memory.
+    return_probs: also return the post-softmax probabilities (n_heads, T, L) float32 (a trace; exact zeros masked).
     """
     t, n_heads, head_dim = q.shape
     n_kv, length, _ = k.shape
@@ -59,7 +60,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
         scores.reshape(n_kv, group, t, length)[:, :, future] = -np.inf
     probs = softmax(scores)
     out = np.matmul(probs, v)  # (n_kv, group*T, head_dim)
-    return out.reshape(n_kv, group, t, head_dim).transpose(2, 0, 1, 3).reshape(t, n_heads * head_dim)
+    out = out.reshape(n_kv, group, t, head_dim).transpose(2, 0, 1, 3).reshape(t, n_heads * head_dim)
+    return (out, probs.reshape(n_heads, t, length)) if return_probs else out
 
 
 def silu(x: np.ndarray) -> np.ndarray:

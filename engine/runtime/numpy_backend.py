@@ -27,13 +27,17 @@ class NumpyBackend:
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.max_position_embeddings)
 
-    def forward(self, steps: list[SequenceStep]) -> list[np.ndarray]:
+    def forward(self, steps: list[SequenceStep], recorder=None) -> list[np.ndarray]:
         """Run the new tokens of every step through the model, appending their K/V to each step's cache.
 
         All sequences' tokens are stacked into one (N, hidden) matrix so each weight matrix is read once per call;
         attention runs per sequence over its own cache. Returns per step logits (n or 1, vocab) float32.
+        recorder: None, or an engine.runtime.trace.TraceRecorder for one step that is handed the embeddings, each
+        layer's output, the final-normed hidden states and (where it asks) the attention probabilities.
         """
         c, w = self.config, self.weights
+        if recorder is not None and len(steps) != 1:
+            raise ValueError("a traced forward runs one sequence step")
         starts = [s.cache.length for s in steps]
         counts = [len(s.token_ids) for s in steps]
         for s, start, n in zip(steps, starts, counts):
@@ -42,6 +46,8 @@ class NumpyBackend:
         positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
         cos, sin = self.cos[positions], self.sin[positions]
         x = w.embed[token_ids]  # (N, H)
+        if recorder is not None:
+            recorder.record_hidden(0, x)
         n_tok = len(token_ids)
         q_end, k_end = c.q_size, c.q_size + c.kv_size
         for i, layer in enumerate(w.layers):
@@ -55,13 +61,21 @@ class NumpyBackend:
             for s, start, n in zip(steps, starts, counts):
                 s.cache.write(i, start, k[row : row + n], v[row : row + n])
                 keys, values = s.cache.layer(i, start + n)
-                attn[row : row + n] = attention(q[row : row + n], keys, values, start)
+                if recorder is not None and recorder.wants_attention(i):
+                    attn[row : row + n], probs = attention(q[row : row + n], keys, values, start, return_probs=True)
+                    recorder.record_attention(i, probs)
+                else:
+                    attn[row : row + n] = attention(q[row : row + n], keys, values, start)
                 row += n
             x = x + linear(attn, layer.wo)
             h = rms_norm(x, layer.mlp_norm, self.eps)
             x = x + linear(swiglu(linear(h, layer.w_gate_up)), layer.w_down)
+            if recorder is not None and i + 1 < len(w.layers):
+                recorder.record_hidden(i + 1, x)
         for s, start, n in zip(steps, starts, counts):
             s.cache.length = start + n
+        if recorder is not None:
+            recorder.record_hidden(len(w.layers), rms_norm(x, w.final_norm, self.eps))
         return self._logits(x, steps, counts)
 
     def _logits(self, x: np.ndarray, steps: list[SequenceStep], counts: list[int]) -> list[np.ndarray]:
