@@ -2,7 +2,8 @@
 
 - no import circles among the modules of engine, weights, kernels and bench (an import inside a function counts);
 - arrows point down: engine.runtime and engine.text import nothing above them, engine.generation never imports the
-  model, the CLI or the server, and nothing but the CLI imports engine.cli;
+  model, the CLI or the server, engine.model never imports engine.inspect (which sits on top of it), and nothing but
+  the CLI imports engine.cli;
 - every sub-package of engine says in its docstring what lives there.
 """
 from __future__ import annotations
@@ -21,6 +22,10 @@ ALLOWED = {
     "engine.text": ("engine.text", "engine.errors"),
     "engine.generation": ("engine.generation", "engine.runtime", "engine.text", "engine.config", "engine.errors",
                           "weights"),
+    "engine.model": ("engine.model", "engine.generation", "engine.runtime", "engine.text", "engine.config",
+                     "engine.errors", "weights", "kernels"),
+    "engine.inspect": ("engine.inspect", "engine.model", "engine.generation", "engine.runtime", "engine.text",
+                       "engine.config", "engine.errors", "weights"),
     "weights": ("weights",),
     "kernels": ("kernels", "engine.runtime", "engine.config", "engine.errors", "weights"),
     "engine.config": ("engine.config", "weights"),
@@ -158,13 +163,14 @@ def test_arrows_point_down():
 
 def test_the_rule_checker_flags_an_upward_arrow():
     graph = {"engine.runtime.layers": {"engine.generation.sampling"}, "kernels.matmul": {"engine.cli.common"},
-             "engine.text.tokenizer": {"engine.runtime.layers"}}
+             "engine.text.tokenizer": {"engine.runtime.layers"}, "engine.model": {"engine.inspect.lens"},
+             "engine.inspect.plots": {"engine.cli.inspect"}}
     flagged = {line.split(" -> ")[0] for line in upward_arrows(graph)}
     assert flagged == set(graph)
 
 
 @pytest.mark.parametrize("package", ["engine", "engine.runtime", "engine.text", "engine.generation", "engine.cli",
-                                     "weights", "kernels", "bench"])
+                                     "engine.inspect", "weights", "kernels", "bench"])
 def test_every_package_says_what_lives_there(package):
     path = REPO / package.replace(".", "/") / "__init__.py"
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))

@@ -9,7 +9,7 @@ from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_optio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `tinyllama` argument parser with its check, generate, chat and bench subcommands."""
+    """The `tinyllama` argument parser with its check, generate, chat, inspect and bench subcommands."""
     parser = argparse.ArgumentParser(prog="tinyllama", description="TinyLlama inference engine (NumPy / Triton).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     add_sampling_options(p)
     p.add_argument("--system", help="system prompt")
+
+    from engine.cli.inspect import add_inspect_parser
+
+    add_inspect_parser(sub)
 
     p = sub.add_parser("bench", help="throughput benchmark against transformers (and llama.cpp)")
     try:
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             from engine.cli.chat import run_chat
 
             return run_chat(args)
+        if args.command == "inspect":
+            from engine.cli.inspect import run_inspect
+
+            return run_inspect(args)
         if args.command == "bench":
             from bench.cli import run_bench
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders as _decoders
 
 from engine.text.chat_template import NoChatTemplateError, render_chat
 
@@ -20,6 +21,22 @@ __all__ = ["Tokenizer", "StreamDecoder", "NoChatTemplateError"]
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (bytes_to_unicode) inverted: the printable character standing for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
 def _read_json(path: Path) -> dict:
@@ -82,6 +99,8 @@ class Tokenizer:
         self.byte_fallback_ids: frozenset[int] = frozenset(
             token_id for token, token_id in hf_tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)
         )
+        self._added_ids = frozenset(hf_tokenizer.get_added_tokens_decoder())
+        self._byte_level = isinstance(hf_tokenizer.decoder, _decoders.ByteLevel)
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
@@ -144,6 +163,28 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary string of one id (e.g. '▁Hello', '<0xE2>'), None when out of range."""
         return self._tokenizer.id_to_token(int(token_id))
+
+    def token_to_id(self, piece: str) -> int | None:
+        """The id of a vocabulary piece ('▁Paris', '<0x0A>', '</s>'), None when the vocabulary has no such piece."""
+        return self._tokenizer.token_to_id(piece)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in decoded text: '▁Hello' -> b' Hello', '<0x0A>' -> b'\\n', an added
+        token (e.g. '<s>') -> its own text; byte-level BPE pieces ('ĠHello') through GPT-2's byte alphabet.
+
+        The sequence's decoded text is these bytes joined, less the one leading space SentencePiece decoding strips.
+        """
+        piece = self.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if int(token_id) in self._added_ids:
+            return piece.encode("utf-8")
+        if int(token_id) in self.byte_fallback_ids:
+            return bytes([int(piece[3:5], 16)])
+        if self._byte_level:
+            alphabet = _BYTE_LEVEL_ALPHABET
+            return bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode("utf-8")
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """messages -> prompt text rendered by the model's own template; NoChatTemplateError when it has none."""
