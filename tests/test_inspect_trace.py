@@ -143,3 +143,21 @@ def test_a_recorded_forward_takes_one_sequence(stories_pair):
     steps = [SequenceStep(model.new_cache(), [1, 2]), SequenceStep(model.new_cache(), [1, 3])]
     with pytest.raises(ValueError, match="one sequence"):
         model.backend.forward(steps, recorder=TraceRecorder(model.config, 2))
+
+
+def test_the_benchmarks_branch_free_forward_is_the_same_forward(stories_pair):
+    """bench/trace_overhead.py compares the shipped forward with a copy whose recorder lines are stripped by ast:
+    the copy must compute the same logits and keep no trace of the recorder."""
+    import inspect
+
+    from bench.trace_overhead import branch_free_forward
+
+    model, _ = stories_pair
+    stripped = branch_free_forward()
+    assert inspect.getsource(type(model.backend).forward).count("recorder is not None") >= 4
+    ids = model.tokenizer.encode(STORY)
+    shipped_cache, stripped_cache = model.new_cache(), model.new_cache()
+    for chunk in (ids[:10], ids[10:11], ids[11:]):  # prefill, one decode step, a chunk
+        a = model.backend.forward([SequenceStep(shipped_cache, chunk, all_logits=True)])[0]
+        b = stripped(model.backend, [SequenceStep(stripped_cache, chunk, all_logits=True)])[0]
+        assert np.array_equal(a, b)

@@ -90,8 +90,8 @@ def _masked(probs: np.ndarray) -> np.ma.MaskedArray:
     return np.ma.masked_array(probs, mask=np.triu(np.ones((t, t), dtype=bool), 1))
 
 
-def _tick_positions(n: int) -> np.ndarray:
-    step = max(1, math.ceil(n / MAX_TICK_LABELS))
+def _tick_positions(n: int, most: int = MAX_TICK_LABELS) -> np.ndarray:
+    step = max(1, math.ceil(n / most))
     return np.arange(0, n, step)
 
 
@@ -175,8 +175,8 @@ def plot_head_summary(summary: HeadSummary, n_kv_heads: int, path, n_tokens: int
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("head" + (f" (white lines between KV groups of {group})" if 1 < group < n_heads else ""))
         ax.set_ylabel("layer")
-        ax.set_xticks(_tick_positions(n_heads))
-        ax.set_yticks(_tick_positions(n_layers))
+        ax.set_xticks(_tick_positions(n_heads, most=16))
+        ax.set_yticks(_tick_positions(n_layers, most=24))
         for g in range(1, n_kv_heads if group > 1 else 0):
             ax.axvline(g * group - 0.5, color="white", linewidth=1.2)
         if annotate:
