@@ -82,12 +82,14 @@ def emit(args, obj: dict, lines: list[str]) -> int:
 
 
 def positive(value: int, option: str) -> int:
+    """`value` if it is >= 1, else EngineError naming `option`."""
     if value is None or value < 1:
         raise EngineError(f"{option} must be >= 1, got {value}")
     return value
 
 
 def shown(piece: str) -> str:
+    """A vocabulary piece as a one-line table cell."""
     from engine.inspect.tokens import shown_piece
 
     return shown_piece(piece)
@@ -96,6 +98,7 @@ def shown(piece: str) -> str:
 # --- tokens --------------------------------------------------------------------------------------------------
 
 def run_tokens(args) -> int:
+    """`inspect tokens`: the token table of TEXT (tokenizer only, no weights)."""
     from engine.inspect.tokens import token_rows
     from engine.text.tokenizer import Tokenizer
     from weights.errors import CheckpointError
@@ -128,6 +131,7 @@ def run_tokens(args) -> int:
 # --- next ----------------------------------------------------------------------------------------------------
 
 def run_next(args) -> int:
+    """`inspect next`: the top-k next tokens, raw and under the sampling settings."""
     from engine.generation.state import default_options
     from engine.inspect.next_token import next_tokens
 
@@ -174,6 +178,7 @@ def perplexity_source(arg: str) -> str:
 
 
 def run_perplexity(args) -> int:
+    """`inspect perplexity`: mean NLL, perplexity, the --worst tokens."""
     from engine.inspect.perplexity import perplexity
 
     if args.worst < 0:
@@ -188,7 +193,8 @@ def run_perplexity(args) -> int:
     worst = []
     for j in r.worst(args.worst):
         nll = float(r.nll[j - 1])
-        worst.append({"position": j, "token_id": int(r.token_ids[j]), "piece": tokenizer.id_to_token(int(r.token_ids[j])),
+        token = int(r.token_ids[j])
+        worst.append({"position": j, "token_id": token, "piece": tokenizer.id_to_token(token),
                       "nll": nll, "probability": math.exp(-nll),
                       "expected_id": int(r.predicted_ids[j - 1]),
                       "expected_piece": tokenizer.id_to_token(int(r.predicted_ids[j - 1]))})
@@ -208,11 +214,13 @@ def run_perplexity(args) -> int:
 # --- attention -----------------------------------------------------------------------------------------------
 
 def check_index(value: int | None, count: int, option: str, what: str) -> None:
+    """EngineError when `value` (an --option) is not in 0..count-1."""
     if value is not None and not 0 <= value < count:
         raise EngineError(f"{option} {value} is out of range: this model has {what} 0..{count - 1}")
 
 
 def run_attention(args) -> int:
+    """`inspect attention`: the layer, head and whole-model PNGs, the layer's head summaries."""
     from engine.inspect.attention import head_summary, summarise_heads
     from engine.inspect.plots import plot_head, plot_head_summary, plot_layer
 
@@ -255,6 +263,7 @@ def run_attention(args) -> int:
 # --- lens ----------------------------------------------------------------------------------------------------
 
 def run_lens(args) -> int:
+    """`inspect lens`: the logit-lens table (and PNG with --out)."""
     from engine.inspect.lens import logit_lens
     from engine.inspect.plots import plot_lens
 
@@ -283,6 +292,7 @@ def run_lens(args) -> int:
 # --- neighbours ----------------------------------------------------------------------------------------------
 
 def run_neighbours(args) -> int:
+    """`inspect neighbours`: the k nearest tokens by cosine similarity."""
     from engine.inspect.neighbours import nearest_tokens, token_for_word
 
     positive(args.k, "--k")

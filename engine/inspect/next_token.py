@@ -34,7 +34,8 @@ class NextTokens:
     kept: int  # tokens with non-zero probability under the sampling settings (greedy: 1)
 
 
-def next_token_distributions(logits: np.ndarray, sampling: SamplingParams, previous_ids=()) -> tuple[np.ndarray, np.ndarray]:
+def next_token_distributions(logits: np.ndarray, sampling: SamplingParams,
+                             previous_ids=()) -> tuple[np.ndarray, np.ndarray]:
     """logits (vocab,) float32 -> (softmax probabilities, probabilities under `sampling`), each (vocab,) float64."""
     raw = logits.astype(np.float64)
     raw = np.exp(raw - raw.max())
@@ -61,4 +62,5 @@ def next_tokens(model: Model, prompt, k: int = 10, sampling: SamplingParams | No
     candidates = [NextToken(rank=r + 1, token_id=int(t), piece=tokenizer.id_to_token(int(t)), logit=float(logits[t]),
                             probability=float(raw[t]), sampled_probability=float(sampled[t]))
                   for r, t in enumerate(order)]
-    return NextTokens(prompt_ids=list(ids), candidates=candidates, sampling=sampling, kept=int(np.count_nonzero(sampled)))
+    return NextTokens(prompt_ids=list(ids), candidates=candidates, sampling=sampling,
+                      kept=int(np.count_nonzero(sampled)))

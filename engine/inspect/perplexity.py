@@ -97,7 +97,8 @@ def perplexity(model: Model, text_or_ids, window: int | None = None, stride: int
         if w.scored_from >= w.end:
             continue
         logits = model.forward([SequenceStep(model.new_cache(), ids[w.begin : w.end], all_logits=True)])[0]
-        rows = logits[w.scored_from - 1 - w.begin : w.end - 1 - w.begin].astype(np.float64)  # predict scored_from..end-1
+        # row r of the window's logits predicts token begin + r + 1: the rows for scored_from..end-1
+        rows = logits[w.scored_from - 1 - w.begin : w.end - 1 - w.begin].astype(np.float64)
         top = rows.max(axis=1, keepdims=True)
         log_z = np.log(np.exp(rows - top).sum(axis=1)) + top[:, 0]
         targets = ids[w.scored_from : w.end]

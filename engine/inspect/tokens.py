@@ -40,5 +40,5 @@ def token_rows(tokenizer: Tokenizer, ids) -> list[TokenRow]:
 
 
 def shown_piece(piece: str) -> str:
-    """A piece as a one-line label: control characters and spaces made visible ('\\n' -> '\\\\n')."""
+    """A piece as a one-line label: characters that do not print (a newline, a tab) written as escapes ('\\n')."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in piece)
