@@ -7,12 +7,14 @@ from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.kv_cache import KVCache
 from engine.runtime.layers import apply_rotary, attention, linear, rms_norm, swiglu
-from engine.runtime.weights import ModelWeights
+from engine.runtime.weights import ModelWeights, embed_rows
 from engine.runtime.rope import rope_tables
 
 
 class NumpyBackend:
-    """Runs a Llama model on the CPU with NumPy (BLAS for the matmuls), float32 throughout."""
+    """Runs a Llama model on the CPU: NumPy for the elementwise work, our compiled kernels (engine.runtime.native) for
+    the matmuls and attention, OpenBLAS where they are not available. Activations, KV cache and logits are float32;
+    weights are float32 or the checkpoint's 16-bit dtype (widened exactly inside the kernels)."""
 
     name = "numpy"
 
@@ -21,6 +23,11 @@ class NumpyBackend:
         self.weights = weights
         self.eps = np.float32(config.rms_norm_eps)
         self.cos, self.sin = rope_tables(config)  # (max_pos, head_dim) each
+
+    @property
+    def weights_dtype(self) -> str:
+        """How the weight matrices are held: "bfloat16", "float16" or "float32"."""
+        return self.weights.dtype
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence."""
@@ -41,7 +48,7 @@ class NumpyBackend:
         token_ids = np.concatenate([s.token_ids for s in steps])
         positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
         cos, sin = self.cos[positions], self.sin[positions]
-        x = w.embed[token_ids]  # (N, H)
+        x = embed_rows(w.embed, token_ids)  # (N, H) float32
         n_tok = len(token_ids)
         q_end, k_end = c.q_size, c.q_size + c.kv_size
         for i, layer in enumerate(w.layers):
