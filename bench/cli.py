@@ -10,9 +10,13 @@ DEFAULT_NEW_TOKENS = 64
 DEFAULT_REPEATS = 3
 DEFAULT_THREADS = 2
 DEFAULT_SPECULATE = 4
-QUICK = dict(batch="1,4", prompt_len="32", new_tokens=8, repeats=1, systems="engine,transformers-fp32")
+DEFAULT_LONG_CONTEXT = 2000
+QUICK = dict(batch="1,4", prompt_len="32", new_tokens=8, repeats=1, systems="engine,transformers-fp32",
+             long_context=96)
 SYSTEM_GROUPS = ("engine", "transformers-fp32", "transformers-bf16", "llama.cpp-f32", "llama.cpp-f16",
-                 "llama.cpp-q8_0")
+                 "llama.cpp-bf16", "llama.cpp-q8_0")
+ISA_CHOICES = ("auto", "avx512", "avx2", "portable")
+WEIGHTS_CHOICES = ("auto", "float32")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +30,18 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--backend", default="numpy", metavar="numpy|triton",
                    help="this engine's backend(s), comma-separated (default numpy)")
+    p.add_argument("--isa", default="auto", metavar="LIST",
+                   help="the engine's kernel variant(s), comma-separated, from auto (the best this CPU runs), avx512, "
+                        "avx2, portable: one engine row each (default auto)")
+    p.add_argument("--weights-dtype", default="auto", metavar="LIST",
+                   help="the engine's weights: auto (the checkpoint's 16-bit dtype kept), float32 (widened at load), "
+                        "comma-separated for one row each (default auto)")
+    p.add_argument("--checkpoint-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="dtype of the random checkpoint every system loads when no --model is given (default "
+                        "bfloat16, as TinyLlama ships)")
+    p.add_argument("--long-context", type=int, default=None, metavar="N",
+                   help=f"also time batch-1 decode at a context of N tokens and the memory a prefill of that many "
+                        f"tokens adds (default {DEFAULT_LONG_CONTEXT}; 0 skips)")
     p.add_argument("--batch", default=None, metavar="LIST", help=f"decode batch sizes (default {DEFAULT_BATCHES})")
     p.add_argument("--prompt-len", default=None, metavar="LIST",
                    help=f"prefill prompt lengths; decode runs after the first (default {DEFAULT_PROMPT_LENS})")
@@ -85,18 +101,30 @@ def settings_from(args) -> dict:
         return given if given is not None else quick.get(name, default)
 
     backends = name_list(args.backend, "--backend", ENGINE_BACKENDS)
+    isas = name_list(args.isa, "--isa", ISA_CHOICES)
+    weights = name_list(args.weights_dtype, "--weights-dtype", WEIGHTS_CHOICES)
     groups = name_list(pick("systems", ",".join(SYSTEM_GROUPS)), "--systems", SYSTEM_GROUPS)
-    systems = [s for g in groups for s in ([f"engine-{b}" for b in backends] if g == "engine" else [g])]
+    engines = [engine_system(b, i, w) for b in backends for i in isas for w in weights
+               if b == "numpy" or i == "auto"]
+    systems = [s for g in groups for s in (engines if g == "engine" else [g])]
     settings = dict(batches=int_list(pick("batch", DEFAULT_BATCHES), "--batch"),
                     prompt_lens=int_list(pick("prompt_len", DEFAULT_PROMPT_LENS), "--prompt-len"),
                     new_tokens=pick("new_tokens", DEFAULT_NEW_TOKENS), repeats=pick("repeats", DEFAULT_REPEATS),
-                    threads=args.threads, systems=systems, quick=bool(args.quick), speculate=args.speculate)
+                    threads=args.threads, systems=systems, quick=bool(args.quick), speculate=args.speculate,
+                    long_context=pick("long_context", DEFAULT_LONG_CONTEXT), checkpoint_dtype=args.checkpoint_dtype)
     for key, option in (("new_tokens", "--new-tokens"), ("repeats", "--repeats"), ("threads", "--threads")):
         if settings[key] < 1:
             raise _error(f"{option} must be >= 1, got {settings[key]}")
     if settings["speculate"] < 0:
         raise _error(f"--speculate must be >= 0, got {settings['speculate']}")
+    if settings["long_context"] < 0:
+        raise _error(f"--long-context must be >= 0, got {settings['long_context']}")
     return settings
+
+
+def engine_system(backend: str, isa: str = "auto", weights: str = "auto") -> str:
+    """The system name of an engine configuration: engine-numpy, engine-numpy-avx2, engine-numpy-float32, ..."""
+    return "-".join(["engine", backend] + [part for part in (isa, weights) if part != "auto"])
 
 
 def run_bench(args) -> int:

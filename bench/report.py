@@ -101,6 +101,16 @@ def table(results: dict) -> str:
             for r in ok if r.get("kind") == "decode"]
     if body:
         out += ["", "Decode", _grid(["system", "batch", "decode tok/s", "% of B=1 floor"], body)]
+    body = []
+    for r in (r for r in ok if r.get("kind") == "long_context"):
+        short = next((d for d in ok if d["label"] == r["label"] and d.get("kind") == "decode" and d["batch"] == 1), None)
+        body.append([r["label"], r["context_tokens"], _spread(r, "decode_tok_s"),
+                     f"{100 * r['decode_tok_s'] / short['decode_tok_s']:.0f}%" if short else "-",
+                     _fmt(r["prefill_added_bytes"] / 1e6, 0)])
+    if body:
+        out += ["", f"Long context (batch 1; against batch-1 decode after {settings['prompt_lens'][0]} tokens; memory "
+                    "a prefill of that context added over the loaded model: KV cache, activations)",
+                _grid(["system", "context", "decode tok/s", "of short", "prefill adds MB"], body)]
     body = [[r["label"], r["draft_tokens"], _fmt(r["plain_decode_tok_s"], 2), _spread(r, "decode_tok_s"),
              f"{r['speedup']:.2f}x", f"{100 * r['acceptance_rate']:.0f}%",
              f"{r['verify_step_s'] / r['step_s']:.2f}x" if r.get("step_s") else ""]

@@ -61,8 +61,10 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def resolve_checkpoint(model: str | None, revision: str | None, quick: bool, env: dict, logs: Path) -> Path:
-    """The checkpoint folder: --model, else the cached random checkpoint of TinyLlama's (or the quick) shape."""
+def resolve_checkpoint(model: str | None, revision: str | None, quick: bool, env: dict, logs: Path,
+                       dtype: str = "bfloat16") -> Path:
+    """The checkpoint folder: --model, else the cached random checkpoint of TinyLlama's (or the quick) shape, saved in
+    `dtype` (bf16 by default, as TinyLlama ships: every system loads that same file)."""
     if model is not None:
         from weights.hub import resolve_model_folder
 
@@ -70,13 +72,13 @@ def resolve_checkpoint(model: str | None, revision: str | None, quick: bool, env
     from bench.checkpoints import QUICK_SHAPE, TINYLLAMA_SHAPE, checkpoint_folder, checkpoint_ready
 
     shape = QUICK_SHAPE if quick else TINYLLAMA_SHAPE
-    if checkpoint_ready(shape):
-        return checkpoint_folder(shape)
-    print(f"making a random checkpoint of {'the quick' if quick else 'TinyLlama-1.1B'} shape in "
-          f"{checkpoint_folder(shape)} (once) ...", file=sys.stderr)
+    if checkpoint_ready(shape, dtype):
+        return checkpoint_folder(shape, dtype)
+    print(f"making a random {dtype} checkpoint of {'the quick' if quick else 'TinyLlama-1.1B'} shape in "
+          f"{checkpoint_folder(shape, dtype)} (once) ...", file=sys.stderr)
     found = {}
     log = logs / "checkpoint.log"
-    rc = run_worker(["checkpoint", "quick" if quick else "tinyllama"], env, log, found.update)
+    rc = run_worker(["checkpoint", "quick" if quick else "tinyllama", dtype], env, log, found.update)
     if rc != 0 or "folder" not in found:
         raise EngineError(f"could not make the random checkpoint ({last_line(log) or f'exit {rc}'})")
     return Path(found["folder"])
@@ -88,9 +90,10 @@ def model_summary(folder: Path, settings: dict) -> dict:
     from weights.checkpoint import read_json
 
     config = ModelConfig.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
-    need = max(settings["prompt_lens"]) + settings["new_tokens"] + WARMUP_ROOM
+    need = max(max(settings["prompt_lens"]), settings.get("long_context", 0)) + settings["new_tokens"] + WARMUP_ROOM
     if need > config.max_position_embeddings:
-        raise EngineError(f"--prompt-len {max(settings['prompt_lens'])} + --new-tokens {settings['new_tokens']} "
+        raise EngineError(f"--prompt-len {max(settings['prompt_lens'])} (or --long-context "
+                          f"{settings.get('long_context', 0)}) + --new-tokens {settings['new_tokens']} "
                           f"exceed the model's context window of {config.max_position_embeddings}")
     count = config.weight_count()
     return {"folder": str(folder), "weight_count": count, "fp32_weight_bytes": 4 * count,
@@ -114,7 +117,8 @@ def run(settings: dict, model: str | None, revision: str | None, out: str | None
         raise EngineError(f"--out {out_dir}: {e.strerror or e}") from None
     logs = out_dir / "logs"
     env = worker_env(settings["threads"])
-    folder = resolve_checkpoint(model, revision, settings["quick"], env, logs)
+    folder = resolve_checkpoint(model, revision, settings["quick"], env, logs, settings.get("checkpoint_dtype",
+                                                                                             "bfloat16"))
     summary = model_summary(folder, settings)
 
     machine: dict = {}

@@ -12,8 +12,9 @@ import os
 import time
 
 ENGINE_BACKENDS = ("numpy", "triton")
+ENGINE_ISAS = ("avx512", "avx2", "portable")
 TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-LLAMACPP_TYPES = ("f32", "f16", "q8_0")
+LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 class Unavailable(Exception):
@@ -26,11 +27,23 @@ def system_names(engine_backends) -> list[str]:
             + [f"llama.cpp-{t}" for t in LLAMACPP_TYPES])
 
 
+def engine_parts(name: str) -> tuple[str, str | None, str]:
+    """(backend, forced kernel variant or None, weights_dtype) of an engine system name: engine-numpy,
+    engine-numpy-avx2, engine-numpy-float32, engine-numpy-portable-float32."""
+    parts = name.split("-")[1:]
+    backend = parts[0]
+    isa = next((p for p in parts[1:] if p in ENGINE_ISAS), None)
+    weights = "float32" if "float32" in parts[1:] else "auto"
+    return backend, isa, weights
+
+
 def describe(name: str) -> dict:
-    """system / backend / dtype fields of a system name (engine-numpy, transformers-bf16, llama.cpp-q8_0)."""
+    """system / backend / dtype fields of a system name (engine-numpy, transformers-bf16, llama.cpp-q8_0); an engine's
+    dtype is what it holds its weights in, known once it has loaded them (`auto` until then)."""
     family, _, variant = name.partition("-")
     if family == "engine":
-        return {"system": "tinyllama-engine", "backend": variant, "dtype": "float32"}
+        backend, _, weights = engine_parts(name)
+        return {"system": "tinyllama-engine", "backend": backend, "dtype": weights}
     if family == "transformers":
         return {"system": "transformers", "backend": "torch-sdpa", "dtype": TRANSFORMERS_DTYPES[variant]}
     return {"system": "llama.cpp", "backend": "llama-cpp-python", "dtype": variant}
@@ -39,7 +52,7 @@ def describe(name: str) -> dict:
 def make_runner(name: str, folder: str, threads: int):
     family, _, variant = name.partition("-")
     if family == "engine":
-        return EngineRunner(folder, variant)
+        return EngineRunner(folder, *engine_parts(name))
     if family == "transformers":
         return TransformersRunner(folder, TRANSFORMERS_DTYPES[variant], threads)
     if family == "llama.cpp":
@@ -61,13 +74,19 @@ class Runner:
 
 
 class EngineRunner(Runner):
-    def __init__(self, folder: str, backend: str):
-        self.folder, self.backend_name = folder, backend
+    def __init__(self, folder: str, backend: str, isa: str | None = None, weights_dtype: str = "auto"):
+        self.folder, self.backend_name, self.isa, self.weights_dtype = folder, backend, isa, weights_dtype
         self.caches, self.next_tokens, self.prompt_len = [], [], 0
+        if isa:  # each system runs in its own worker process: the variant is chosen before the kernels load
+            os.environ["TINYLLAMA_NATIVE_ISA"] = isa
 
     def load(self):
         import engine  # noqa: F401  (chooses OpenBLAS's kernel before NumPy loads)
+        from engine.runtime import native
         from engine.runtime.batch import SequenceStep
+
+        if self.isa and not native.status().available:
+            raise Unavailable(f"the {self.isa} kernel variant cannot run here: {native.status().detail}")
 
         if self.backend_name == "triton":
             if importlib.util.find_spec("triton") is None:
@@ -84,8 +103,10 @@ class EngineRunner(Runner):
             except ImportError as e:
                 raise Unavailable(f"kernels.triton_backend does not import ({e})") from None
         self.Step = SequenceStep
-        self.model = engine.load_model(self.folder, backend=self.backend_name)
+        self.model = engine.load_model(self.folder, backend=self.backend_name, weights_dtype=self.weights_dtype)
+        self.dtype = self.model.weights_dtype
         self.weight_bytes = int(self.model.backend.weights.nbytes)
+        self.decode_bytes = int(self.model.backend.weights.decode_bytes())
         self.weight_count = int(self.model.config.weight_count())
 
     def prefill(self, ids) -> int:
@@ -141,7 +162,8 @@ class EngineRunner(Runner):
         from engine.runtime.blas import blas_info
 
         if self.backend_name == "numpy":
-            return {"kernel": native.kernel_name(), "blas": blas_info(), "native_matmul": native.status().detail}
+            return {"kernel": native.kernel_name(), "blas": blas_info(), "native_kernels": native.status().detail,
+                    "weights_dtype": self.model.weights_dtype, "weights_dtype_reason": self.model.weights_dtype_reason}
         import torch
 
         return {"kernel": "triton", "gpu": torch.cuda.get_device_name(0)}

@@ -28,10 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def branch_free_forward():
-    """NumpyBackend.forward with every `if` whose test mentions `recorder` replaced by its else-branch (or removed)."""
+    """NumpyBackend.forward for steps of at most PASS_ROWS tokens (one pass: the decode steps this measures), with
+    every `if` of its pass (`_forward_pass`, the layer loop) whose test mentions `recorder` replaced by its
+    else-branch (or removed)."""
     from engine.runtime import numpy_backend
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(numpy_backend.NumpyBackend.forward)))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(numpy_backend.NumpyBackend._forward_pass)))
 
     class StripRecorder(ast.NodeTransformer):
         def visit_If(self, node):
@@ -45,9 +47,19 @@ def branch_free_forward():
     function.body = [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
     if "recorder" in ast.unparse(function.body):
         raise RuntimeError("a recorder use outside an `if recorder ...:` line; update bench/trace_overhead.py")
+    function.args.args = [a for a in function.args.args if a.arg != "recorder"]
+    function.args.defaults = []
     namespace = dict(vars(numpy_backend))
     exec(compile(tree, "<branch-free forward>", "exec"), namespace)  # noqa: S102 - our own source, transformed
-    return namespace["forward"]
+    stripped_pass = namespace["_forward_pass"]
+
+    def forward(backend, steps):
+        """What NumpyBackend.forward does for one pass: reserve the caches, then the stripped pass."""
+        for s in steps:
+            s.cache.reserve(s.cache.length + len(s.token_ids))
+        return stripped_pass(backend, steps)
+
+    return forward
 
 
 def measure(model, batch: int, steps: int, rounds: int, prompt_len: int = 32) -> dict:

@@ -43,14 +43,15 @@ def run_system(spec: dict) -> int:
     name, folder = spec["system"], spec["folder"]
     prompt_lens, batches = spec["prompt_lens"], spec["batches"]
     new_tokens, repeats = spec["new_tokens"], spec["repeats"]
-    emit("total", units=1 + 1 + len(prompt_lens) * repeats + len(batches) * (1 + repeats))
+    long_context = spec.get("long_context", 0)
+    emit("total", units=1 + 1 + len(prompt_lens) * repeats + len(batches) * (1 + repeats) + (1 if long_context else 0))
     base = dict(describe(name), label=name, threads=spec["threads"], repeats=repeats, status="ok")
     rows: list[dict] = []
     try:
         import numpy as np
 
         runner = make_runner(name, folder, spec["threads"])
-        runner.room = max(prompt_lens) + new_tokens + WARMUP_DECODE_STEPS + 8
+        runner.room = max(max(prompt_lens), long_context) + new_tokens + WARMUP_DECODE_STEPS + 8
         emit("status", what=f"{name}: preparing")
         runner.prepare()
         t0 = time.perf_counter()
@@ -60,8 +61,12 @@ def run_system(spec: dict) -> int:
         info = runner.info()
         base.update(load_s=load_s, weight_bytes=runner.weight_bytes, weight_count=runner.weight_count,
                     blas_kernel=info.pop("kernel"), info=info)
+        if getattr(runner, "dtype", None):  # the engine holds what the checkpoint and its kernels allow
+            base["dtype"] = runner.dtype
+        if getattr(runner, "decode_bytes", None):
+            base["decode_bytes"] = runner.decode_bytes
         vocab = json.load(open(os.path.join(folder, "config.json")))["vocab_size"]
-        ids = [int(t) for t in np.random.default_rng(0).integers(3, vocab, size=max(prompt_lens))]
+        ids = [int(t) for t in np.random.default_rng(0).integers(3, vocab, size=max(max(prompt_lens), long_context))]
 
         runner.prefill(ids[: prompt_lens[0]])  # warm-up
         emit("progress", what=f"{name}: warm-up")
@@ -97,6 +102,9 @@ def run_system(spec: dict) -> int:
                              prefill_tok_s=None, prefill_tok_s_min=None, prefill_tok_s_max=None,
                              ttft_s=None, ttft_s_min=None, ttft_s_max=None,
                              decode_tok_s=r_med, decode_tok_s_min=r_min, decode_tok_s_max=r_max))
+        if long_context:
+            rows.append(dict(base, **long_context_row(runner, ids, long_context, new_tokens, repeats)))
+            emit("progress", what=f"{name}: context {long_context}")
         if spec.get("speculate") and hasattr(runner, "speculative"):
             emit("status", what=f"{name}: speculative decoding")
             spec_rows = [runner.speculative(ids[:p], new_tokens, spec["speculate"]) for _ in range(repeats)]
@@ -124,6 +132,58 @@ def run_system(spec: dict) -> int:
         row["peak_rss_bytes"] = peak_rss_bytes()
     emit("rows", rows=rows)
     return 0
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class RssSampler:
+    """The largest resident memory of this process while the `with` block runs (sampled every 5 ms)."""
+
+    def __enter__(self):
+        import threading
+
+        self.before = self.peak = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, current_rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+
+def long_context_row(runner, ids: list[int], context: int, new_tokens: int, repeats: int) -> dict:
+    """Batch-1 decode with the cache holding ~`context` tokens, and the memory the prefill of them added (peak RSS
+    during it minus RSS before: activations, attention scratch, KV cache)."""
+    prompt = ids[: context - new_tokens - WARMUP_DECODE_STEPS]
+    with RssSampler() as rss:
+        runner.decode_setup(1, prompt)
+    for _ in range(WARMUP_DECODE_STEPS):
+        runner.decode_step()
+    rates = []
+    for _ in range(repeats):
+        runner.decode_reset()
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            runner.decode_step()
+        rates.append(new_tokens / (time.perf_counter() - t0))
+    r_med, r_min, r_max = spread(rates)
+    return dict(kind="long_context", batch=1, prompt_tokens=len(prompt), new_tokens=new_tokens,
+                context_tokens=len(prompt) + WARMUP_DECODE_STEPS + new_tokens, prefill_tok_s=None, ttft_s=None, decode_tok_s=r_med,
+                decode_tok_s_min=r_min, decode_tok_s_max=r_max, prefill_added_bytes=max(0, rss.peak - rss.before))
 
 
 def cpu_model() -> str:
@@ -181,12 +241,14 @@ def main(argv: list[str]) -> int:
             return run_system(json.load(f))
     if argv[:1] == ["roofline"] and len(argv) in (2, 3):
         return run_roofline(int(argv[1]), quick=argv[2:] == ["--quick"])
-    if argv[:1] == ["checkpoint"] and len(argv) == 2:
+    if argv[:1] == ["checkpoint"] and len(argv) in (2, 3):
         from bench.checkpoints import QUICK_SHAPE, TINYLLAMA_SHAPE, random_checkpoint
 
-        emit("checkpoint", folder=str(random_checkpoint({"quick": QUICK_SHAPE, "tinyllama": TINYLLAMA_SHAPE}[argv[1]])))
+        shape = {"quick": QUICK_SHAPE, "tinyllama": TINYLLAMA_SHAPE}[argv[1]]
+        emit("checkpoint", folder=str(random_checkpoint(shape, argv[2] if len(argv) == 3 else "bfloat16")))
         return 0
-    print("usage: python -m bench.worker run SPEC.json | roofline THREADS [--quick] | checkpoint quick|tinyllama",
+    print("usage: python -m bench.worker run SPEC.json | roofline THREADS [--quick] | checkpoint quick|tinyllama "
+          "[DTYPE]",
           file=sys.stderr)
     return 2
 

@@ -11,8 +11,9 @@ from engine.generation.generate import Generation, generate, generate_batch
 from engine.generation.state import default_options
 from engine.runtime.batch import SequenceStep
 from engine.runtime.numpy_backend import NumpyBackend
+from engine.runtime import native
 from engine.runtime.trace import TRACE_MEMORY_LIMIT, Trace, TraceRecorder
-from engine.runtime.weights import load_model_weights
+from engine.runtime.weights import choose_weights_dtype, load_model_weights, stored_dtype
 from engine.text.tokenizer import Tokenizer
 from weights.checkpoint import open_checkpoint, read_json
 from weights.errors import CheckpointError
@@ -24,12 +25,20 @@ BACKENDS = ("numpy", "triton")
 class Model:
     """A Llama model ready to run: `config`, a backend (`numpy` or `triton`), and the tokenizer when the folder has one."""
 
-    def __init__(self, config: ModelConfig, backend, folder: Path | None = None, generation_config: dict | None = None):
+    def __init__(self, config: ModelConfig, backend, folder: Path | None = None, generation_config: dict | None = None,
+                 weights_dtype: str | None = None, weights_dtype_reason: str = ""):
         self.config = config
         self.backend = backend
         self.folder = folder
         self.generation_config = generation_config or {}
+        self._weights_dtype = weights_dtype
+        self.weights_dtype_reason = weights_dtype_reason  # why the weights are held as `weights_dtype`
         self._tokenizer = None
+
+    @property
+    def weights_dtype(self) -> str:
+        """How the weight matrices are held in host memory: "bfloat16", "float16" or "float32"."""
+        return self._weights_dtype or getattr(self.backend, "weights_dtype", "float32")
 
     @property
     def tokenizer(self):
@@ -99,15 +108,22 @@ class Model:
         return generate_batch(self, [self.prompt_ids(p) for p in prompts], **options)
 
 
-def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str | None = None, **backend_options) -> Model:
-    """Load a Llama checkpoint (local folder or Hub repo id) onto `backend` ("numpy" or "triton")."""
+def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str | None = None,
+               weights_dtype: str = "auto", **backend_options) -> Model:
+    """Load a Llama checkpoint (local folder or Hub repo id) onto `backend` ("numpy" or "triton").
+
+    weights_dtype: "auto" keeps a bf16/fp16 checkpoint's matrices 16-bit where the backend's kernels widen them exactly
+    (the NumPy backend's compiled kernels, the Triton kernels), else float32; "float32" widens them at load."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     folder = resolve_model_folder(ref, revision)
     raw_config, checkpoint = open_checkpoint(folder)
     with checkpoint:
         config = ModelConfig.from_dict(raw_config, source=str(folder / "config.json"))
-        weights = load_model_weights(checkpoint, config)
+        kernels = native.status() if backend == "numpy" else native.NativeStatus(True, backend)
+        dtype, reason = choose_weights_dtype(weights_dtype, stored_dtype(checkpoint, config), kernels.available,
+                                             kernels.detail)
+        weights = load_model_weights(checkpoint, config, dtype)
     generation_config = _generation_config(folder)
     if backend == "numpy":
         impl = NumpyBackend(config, weights, **backend_options)
@@ -115,7 +131,8 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         from kernels.triton_backend import TritonBackend
 
         impl = TritonBackend(config, weights, **backend_options)
-    return Model(config, impl, folder=folder, generation_config=generation_config)
+    return Model(config, impl, folder=folder, generation_config=generation_config,
+                 weights_dtype=dtype, weights_dtype_reason=reason)
 
 
 def _generation_config(folder: Path) -> dict:

@@ -152,3 +152,23 @@ def test_tinyllama_dimensions_two_layers(tmp_path):
     ids = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889]
     assert relative_error(model.logits(ids), reference_logits(ref, ids)) < 1e-4
     assert model.generate(ids, max_new_tokens=6, ignore_eos=True) == reference_greedy(ref, ids, 6)
+
+
+def test_long_prompts_run_in_passes_with_the_same_logits(random_pair, monkeypatch):
+    """More tokens than PASS_ROWS in one call run as several passes (bounded activation memory): the logits equal
+    one pass over everything (to rounding; bit-equal on the compiled kernels, whose rows do not depend on M)."""
+    from engine.runtime import numpy_backend
+
+    model, _ = random_pair
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, model.config.vocab_size, size=n) for n in (40, 3, 25)]
+    whole = model.forward([SequenceStep(model.new_cache(), p, all_logits=True) for p in prompts])
+    last = model.forward([SequenceStep(model.new_cache(), p) for p in prompts])
+    monkeypatch.setattr(numpy_backend, "PASS_ROWS", 16)  # 68 tokens: 5 passes, sequences cut across them
+    caches = [model.new_cache() for _ in prompts]
+    pieces = model.forward([SequenceStep(c, p, all_logits=True) for c, p in zip(caches, prompts)])
+    for a, b, c in zip(whole, pieces, caches):
+        assert b.shape == a.shape and np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))
+    assert [c.length for c in caches] == [40, 3, 25]
+    for a, b in zip(last, model.forward([SequenceStep(model.new_cache(), p) for p in prompts])):
+        assert b.shape == (1, model.config.vocab_size) and np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))

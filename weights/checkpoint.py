@@ -47,7 +47,7 @@ class Checkpoint:
         return self._where[name].tensors[name]
 
     def read_into(self, name: str, out: np.ndarray) -> None:
-        """Copy tensor `name` into the float32 array `out` (same element count)."""
+        """Copy tensor `name` into `out` (same element count): float32, or the tensor's own 16-bit storage."""
         self._where[name].read_into(name, out)
 
     def read(self, name: str) -> np.ndarray:

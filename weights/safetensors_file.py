@@ -113,23 +113,27 @@ class SafetensorsFile:
         return self._mmap
 
     def read_into(self, name: str, out: np.ndarray) -> None:
-        """Copy tensor `name` into `out` (float32, same number of elements), widening F16/BF16.
+        """Copy tensor `name` into `out` (same number of elements, C-contiguous).
 
-        The file's pages for this tensor are released from this process afterwards, so loading a whole checkpoint
-        never holds the file mapping and the float32 copy resident at once.
+        `out` is float32 (F16/BF16 widened exactly on the way), or the tensor's own 16-bit storage: float16 for F16,
+        uint16 (the raw bits) for BF16. The file's pages for this tensor are released from this process afterwards,
+        so loading a whole checkpoint never holds the file mapping and the copy resident at once.
         """
         info = self.tensors[name]
-        if out.dtype != np.float32 or out.size != info.numel or not out.flags.c_contiguous:
-            raise ValueError(f"read_into({name}): needs a contiguous float32 array of {info.numel} elements")
+        storage, _ = DTYPES[info.dtype]
+        if out.size != info.numel or not out.flags.c_contiguous or out.dtype not in (np.float32, storage):
+            raise ValueError(f"read_into({name}): needs a contiguous float32 or {storage} array of {info.numel} "
+                             f"elements, got {out.dtype} {out.shape}")
         if info.numel == 0:
             return
         mm = self._map()
         start = info.begin - info.begin % PAGE
         mm.madvise(mmap.MADV_WILLNEED, start, info.end - start)  # one large read-ahead, not a page fault per 4 KB
-        storage, _ = DTYPES[info.dtype]
         src = np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.begin)
         flat = out.reshape(-1)
-        if info.dtype == "BF16":
+        if out.dtype == storage:
+            np.copyto(flat, src)  # the checkpoint's own bytes
+        elif info.dtype == "BF16":
             bits = flat.view(np.uint32)
             np.copyto(bits, src)  # uint16 -> uint32
             bits <<= 16  # bf16 is the top half of a float32

@@ -41,7 +41,7 @@ def run_check(args) -> int:
         ids = [model.config.bos_token_id or 0]
     ours = model.logits(ids)
     ours_tokens = model.generate(ids, max_new_tokens=args.steps, ignore_eos=True)
-    print(f"model: {model.folder}  backend: {args.backend}  prompt: {len(ids)} tokens")
+    print(f"model: {model.folder}  backend: {args.backend}  weights: {model.weights_dtype}  prompt: {len(ids)} tokens")
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         print(f"this engine's greedy tokens: {ours_tokens}")
         raise EngineError("transformers and torch are not installed: pip install transformers torch")

@@ -6,6 +6,7 @@ import sys
 
 from engine.errors import EngineError
 from engine.model import load_model
+from engine.runtime.weights import WEIGHTS_DTYPE_CHOICES
 from weights.errors import CheckpointError
 from weights.hub import DEFAULT_MODEL
 
@@ -19,11 +20,14 @@ def fail(message: str, code: int = 1) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Add --model, --revision and --backend to `p`."""
+    """Add --model, --revision, --backend and --weights-dtype to `p`."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"local folder or Hugging Face repo id (default {DEFAULT_MODEL})")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--backend", choices=("numpy", "triton"), default="numpy", help="forward implementation")
+    p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPE_CHOICES, default="auto",
+                   help="how to hold the weights: auto (default) keeps a bf16/fp16 checkpoint 16-bit, widened exactly "
+                        "inside the kernels (half the memory and bytes per token); float32 widens them at load")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -47,5 +51,5 @@ def sampling_overrides(args) -> dict:
 
 
 def load(args):
-    """Load the model named by --model/--revision/--backend."""
-    return load_model(args.model, backend=args.backend, revision=args.revision)
+    """Load the model named by --model/--revision/--backend/--weights-dtype."""
+    return load_model(args.model, backend=args.backend, revision=args.revision, weights_dtype=args.weights_dtype)

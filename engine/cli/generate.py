@@ -48,7 +48,8 @@ def run_generate(args) -> int:
         kernel = kernel_name() if args.backend == "numpy" else args.backend
         print(f"prompt tokens: {len(r.prompt_token_ids)}  prefill: {r.prompt_tokens_per_s:.1f} tok/s  "
               f"time to first token: {r.time_to_first_token:.3f} s  generated: {len(r.token_ids)} tokens at "
-              f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})"
+              f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})  "
+              f"weights: {model.weights_dtype}"
               + (f"  speculative: {r.accepted_draft_tokens}/{r.draft_tokens} drafts accepted "
                  f"({100 * r.acceptance_rate:.0f}%)" if args.speculate else ""),
               file=sys.stderr)

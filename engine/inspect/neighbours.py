@@ -7,6 +7,7 @@ import numpy as np
 
 from engine.errors import EngineError
 from engine.model import Model
+from engine.runtime.weights import widen
 
 MATRICES = ("embed", "lm_head")
 
@@ -37,10 +38,11 @@ def token_for_word(model: Model, word: str) -> int:
 
 
 def embedding_matrix(model: Model, matrix: str = "embed") -> np.ndarray:
-    """(vocab, hidden) float32: the input embeddings ('embed') or the output embeddings ('lm_head')."""
+    """(vocab, hidden) float32: the input embeddings ('embed') or the output embeddings ('lm_head'), widened exactly
+    from the checkpoint's dtype where the weights are held 16-bit."""
     if matrix not in MATRICES:
         raise EngineError(f"matrix must be one of {', '.join(MATRICES)}, got {matrix!r}")
-    return getattr(model.backend.weights, matrix)
+    return widen(getattr(model.backend.weights, matrix))
 
 
 def nearest_tokens(model: Model, token_id: int, k: int = 10, matrix: str = "embed") -> list[Neighbour]:

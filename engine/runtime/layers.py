@@ -38,7 +38,16 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, return_probs: bool = False):
-    """Causal grouped-query attention of T new queries over a sequence's cached keys/values.
+    """Causal grouped-query attention: the compiled kernel (one pass over the keys, online softmax) where available,
+    else `attention_numpy`; arguments and result as in `attention_numpy`. With return_probs the kernel also writes the
+    probabilities (a trace) and computes the output exactly as without them."""
+    if native.status().available:
+        return native.attention(q, k, v, start_pos, return_probs=return_probs)
+    return attention_numpy(q, k, v, start_pos, return_probs)
+
+
+def attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, return_probs: bool = False):
+    """Causal grouped-query attention of T new queries over a sequence's cached keys/values, in NumPy.
 
     q: (T, n_heads, head_dim) at absolute positions start_pos..start_pos+T-1;
     k, v: (n_kv_heads, L, head_dim) with L = start_pos + T (the new tokens already appended);
@@ -76,23 +85,24 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
     return silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
-NATIVE_MAX_ROWS = 64  # up to this many rows the compiled kernel is faster in the model (decode B=8: 2x, B=64: 1.4x;
-# a 128-token prefill is 1.3x faster on OpenBLAS, whose GEMM packs x and w for the cache)
-SMALL_M_ROWS = 12  # without it, up to this many rows `linear` walks the weight in cached blocks (1.5-3x at 2-8 rows)
+BLAS_FROM_ROWS = 65  # float32 weights from this many rows of x go to OpenBLAS's GEMM (see `linear`)
+SMALL_M_ROWS = 12  # without the kernels, up to this many rows `linear` walks the weight in cached blocks (1.5-3x at 2-8 rows)
 BLOCK_BYTES = 4 << 20  # weight rows per block: a few MB, read from memory once, then re-used from cache M times
 
 
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 (HF layout) -> (M, out) float32.
+    """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 | uint16 (bf16 bits) | float16 (HF layout) -> (M, out)
+    float32.
 
-    OpenBLAS's GEMM at a handful of rows runs far below both its GEMV bandwidth and its large-M FLOP rate (on the
-    2-core EPYC here: M=8 reads the weight at ~6 GB/s against ~30 GB/s for M=1). Up to NATIVE_MAX_ROWS rows the
-    compiled kernel of `engine.runtime.native` reads each weight row once per call; where it is not available, 2 to
-    SMALL_M_ROWS rows walk the weight in blocks that stay in cache while each row of x takes one GEMV over the
-    block. Larger M (prefill) is BLAS's GEMM.
+    16-bit weights always run on the compiled kernel of `engine.runtime.native`, which widens them exactly in
+    registers (the loader keeps them 16-bit only when it is available). Float32 weights run on it up to BLAS_FROM_ROWS
+    rows: OpenBLAS's GEMM at a handful of rows reads the weight far below memory bandwidth (on the 2-core EPYC here:
+    M=8 at ~6 GB/s against ~30 GB/s for M=1), while for prefill its GEMM is a well-tuned float32 path. Without the
+    kernels, 2 to SMALL_M_ROWS rows walk the weight in blocks that stay in cache while each row of x takes one GEMV
+    over the block.
     """
     m = x.shape[0]
-    if m <= NATIVE_MAX_ROWS and native.status().available:
+    if w.dtype != np.float32 or (m < BLAS_FROM_ROWS and native.status().available):
         return native.matmul_xwt(np.ascontiguousarray(x), w)
     if m < 2 or m > SMALL_M_ROWS:
         return x @ w.T

@@ -7,12 +7,34 @@ from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.kv_cache import KVCache
 from engine.runtime.layers import apply_rotary, attention, linear, rms_norm, swiglu
-from engine.runtime.weights import ModelWeights
+from engine.runtime.weights import ModelWeights, embed_rows
 from engine.runtime.rope import rope_tables
 
 
+PASS_ROWS = 512  # most tokens per pass through the layers (a 2000-token prompt runs in 4 passes)
+
+
+def split_into_passes(steps: list[SequenceStep], rows: int) -> list[list[tuple[int, SequenceStep, bool]]]:
+    """The steps cut into passes of at most `rows` tokens, each sequence's tokens in order across passes: per pass a
+    list of (index of the step, the piece to run, whether it is the step's last piece)."""
+    passes, current, room = [], [], rows
+    for j, step in enumerate(steps):
+        ids = step.token_ids
+        while len(ids):
+            if room == 0:
+                passes.append(current)
+                current, room = [], rows
+            piece, ids = ids[:room], ids[room:]
+            current.append((j, SequenceStep(step.cache, piece, all_logits=step.all_logits), len(ids) == 0))
+            room -= len(piece)
+    passes.append(current)
+    return passes
+
+
 class NumpyBackend:
-    """Runs a Llama model on the CPU with NumPy (BLAS for the matmuls), float32 throughout."""
+    """Runs a Llama model on the CPU: NumPy for the elementwise work, our compiled kernels (engine.runtime.native) for
+    the matmuls and attention, OpenBLAS where they are not available. Activations, KV cache and logits are float32;
+    weights are float32 or the checkpoint's 16-bit dtype (widened exactly inside the kernels)."""
 
     name = "numpy"
 
@@ -22,6 +44,11 @@ class NumpyBackend:
         self.eps = np.float32(config.rms_norm_eps)
         self.cos, self.sin = rope_tables(config)  # (max_pos, head_dim) each
 
+    @property
+    def weights_dtype(self) -> str:
+        """How the weight matrices are held: "bfloat16", "float16" or "float32"."""
+        return self.weights.dtype
+
     def new_cache(self) -> KVCache:
         """An empty KV cache for one sequence."""
         c = self.config
@@ -30,22 +57,36 @@ class NumpyBackend:
     def forward(self, steps: list[SequenceStep], recorder=None) -> list[np.ndarray]:
         """Run the new tokens of every step through the model, appending their K/V to each step's cache.
 
-        All sequences' tokens are stacked into one (N, hidden) matrix so each weight matrix is read once per call;
-        attention runs per sequence over its own cache. Returns per step logits (n or 1, vocab) float32.
+        All sequences' tokens are stacked into one (N, hidden) matrix so each weight matrix is read once per pass;
+        attention runs per sequence over its own cache. More than PASS_ROWS tokens run as several passes (a long
+        prompt in pieces, in order), so activations take O(PASS_ROWS) memory whatever the prompt; the kernels give
+        every row the same bits either way. Returns per step logits (n or 1, vocab) float32.
         recorder: None, or an engine.runtime.trace.TraceRecorder for one step that is handed the embeddings, each
-        layer's output, the final-normed hidden states and (where it asks) the attention probabilities.
+        layer's output, the final-normed hidden states and (where it asks) the attention probabilities; a traced
+        step runs in one pass (its size is bounded by the trace's own memory guard).
         """
+        for s in steps:
+            s.cache.reserve(s.cache.length + len(s.token_ids))  # raises before any cache is touched on overflow
+        if recorder is not None or sum(len(s.token_ids) for s in steps) <= PASS_ROWS:
+            return self._forward_pass(steps, recorder)
+        outputs: list[list[np.ndarray]] = [[] for _ in steps]
+        for part in split_into_passes(steps, PASS_ROWS):
+            for (j, piece, last), logits in zip(part, self._forward_pass([piece for _, piece, _ in part])):
+                if steps[j].all_logits or last:
+                    outputs[j].append(logits)
+        return [np.concatenate(o) if len(o) > 1 else o[0] for o in outputs]
+
+    def _forward_pass(self, steps: list[SequenceStep], recorder=None) -> list[np.ndarray]:
+        """One pass of `forward` over steps whose caches have room reserved."""
         c, w = self.config, self.weights
         if recorder is not None and len(steps) != 1:
             raise ValueError("a traced forward runs one sequence step")
         starts = [s.cache.length for s in steps]
         counts = [len(s.token_ids) for s in steps]
-        for s, start, n in zip(steps, starts, counts):
-            s.cache.reserve(start + n)  # raises before any cache is touched if a sequence would overflow
         token_ids = np.concatenate([s.token_ids for s in steps])
         positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
         cos, sin = self.cos[positions], self.sin[positions]
-        x = w.embed[token_ids]  # (N, H)
+        x = embed_rows(w.embed, token_ids)  # (N, H) float32
         if recorder is not None:
             recorder.record_hidden(0, x)
         n_tok = len(token_ids)

@@ -1,8 +1,13 @@
-"""ModelWeights: a checkpoint's tensors as float32 arrays in the layout the forward pass uses.
+"""ModelWeights: a checkpoint's tensors in the layout the forward pass uses, in the checkpoint's own dtype.
 
 Hugging Face's [out_features, in_features] layout is kept (y = x @ W.T reads W row by row, the fastest way), and
 the projections that read the same input are fused into one matrix: q/k/v into `wqkv`, gate/up into `w_gate_up`.
 Each tensor is copied straight from the memory-mapped file into its slice of the fused array: no second copy.
+
+The matrices and the embedding table stay in the checkpoint's 16-bit dtype when the compiled kernels can use them
+(bfloat16 as uint16 arrays holding the bf16 bits, float16 as float16 arrays): the kernels widen each value exactly to
+float32 in registers, so the products are those of the float32 weights while each decoded token reads half the bytes.
+Otherwise (or with weights_dtype="float32") they are widened to float32 at load. Norm weights are always float32.
 """
 from __future__ import annotations
 
@@ -11,37 +16,68 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.errors import EngineError
 from weights.checkpoint import Checkpoint
+
+# weights_dtype name -> NumPy storage dtype of the matrices and the embedding table
+STORAGE = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+WEIGHTS_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class LayerWeights:
-    """One decoder layer (H = hidden, I = intermediate, Q = heads*head_dim, KV = kv_heads*head_dim), float32."""
+    """One decoder layer (H = hidden, I = intermediate, Q = heads*head_dim, KV = kv_heads*head_dim).
 
-    attn_norm: np.ndarray  # (H,)
+    Matrices in the model's storage dtype (float32, uint16 bf16 bits or float16); norms float32."""
+
+    attn_norm: np.ndarray  # (H,) float32
     wqkv: np.ndarray  # (Q + 2*KV, H): rows of q_proj, then k_proj, then v_proj
     wo: np.ndarray  # (H, Q)
-    mlp_norm: np.ndarray  # (H,)
+    mlp_norm: np.ndarray  # (H,) float32
     w_gate_up: np.ndarray  # (2*I, H): rows of gate_proj, then up_proj
     w_down: np.ndarray  # (H, I)
 
 
 @dataclass
 class ModelWeights:
-    """All weights of a Llama model, float32."""
+    """All weights of a Llama model; `dtype` names how the matrices and the embedding table are stored."""
 
     embed: np.ndarray  # (vocab, H)
     layers: list[LayerWeights]
-    final_norm: np.ndarray  # (H,)
+    final_norm: np.ndarray  # (H,) float32
     lm_head: np.ndarray  # (vocab, H); the same array as `embed` when embeddings are tied
+    dtype: str = "float32"  # "float32" | "bfloat16" (uint16 arrays of bf16 bits) | "float16"
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every weight array once (a tied lm_head is the embedding table)."""
+        arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            arrays += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
+        return arrays
 
     @property
     def nbytes(self) -> int:
         """Bytes of all weight arrays (a tied lm_head counted once)."""
-        arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        for layer in self.layers:
-            arrays += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
-        return sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in self.arrays())
+
+    def decode_bytes(self) -> int:
+        """Bytes one decoded token reads: every matrix and the lm_head; of the embedding table only one row, unless
+        it is tied (then it is the lm_head, read whole)."""
+        embed_row = 0 if self.lm_head is self.embed else self.embed.nbytes // self.embed.shape[0]
+        return self.nbytes - self.embed.nbytes + embed_row + (self.embed.nbytes if self.lm_head is self.embed else 0)
+
+
+def widen(a: np.ndarray) -> np.ndarray:
+    """A weight array (float32, uint16 bf16 bits, float16) as float32 with the same values (a copy unless float32)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def embed_rows(table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """Rows of the embedding table (vocab, H) in its storage dtype -> (len(token_ids), H) float32, widened exactly."""
+    return widen(table[token_ids])
 
 
 def expected_tensors(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -49,15 +85,56 @@ def expected_tensors(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], s
     return config.tensor_shapes(), ({"lm_head.weight"} if config.tie_word_embeddings else set())
 
 
-def load_model_weights(checkpoint: Checkpoint, config: ModelConfig) -> ModelWeights:
-    """Validate `checkpoint` against `config`, then read every tensor into fused float32 arrays."""
+def stored_dtype(checkpoint: Checkpoint, config: ModelConfig) -> str:
+    """The dtype the checkpoint stores its matrices and embedding table in: "bfloat16", "float16" or "float32"
+    (also "float32" when they are mixed, the one dtype that holds every bf16 and fp16 value exactly)."""
+    shapes, _ = expected_tensors(config)
+    names = [n for n, shape in shapes.items() if len(shape) == 2 and n in checkpoint.names]
+    found = {SAFETENSORS_DTYPES[checkpoint.info(n).dtype] for n in names}
+    return found.pop() if len(found) == 1 else "float32"
+
+
+def choose_weights_dtype(requested: str, stored: str, kernels_available: bool, kernels_detail: str = "") \
+        -> tuple[str, str]:
+    """(dtype to hold the weights in, why) for weights_dtype=`requested` on a checkpoint stored as `stored`.
+
+    "auto" keeps 16-bit weights 16-bit when the compiled kernels can multiply them (widened exactly in registers),
+    and widens them to float32 otherwise; "float32" always widens; "bfloat16"/"float16" must name the checkpoint's
+    own dtype (converting between them would change the weights). EngineError for anything else."""
+    if requested not in WEIGHTS_DTYPE_CHOICES:
+        raise EngineError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPE_CHOICES)}, got {requested!r}")
+    if requested == "float32":
+        return "float32", "asked for (weights_dtype=float32)"
+    if stored == "float32":
+        if requested != "auto":
+            raise EngineError(f"weights_dtype={requested} but the checkpoint stores float32 weights; rounding them to "
+                              f"{requested} would change them (use auto or float32)")
+        return "float32", "the checkpoint's dtype"
+    if requested not in ("auto", stored):
+        raise EngineError(f"weights_dtype={requested} but the checkpoint stores {stored} weights; converting would "
+                          f"change them (use auto, {stored} or float32)")
+    if not kernels_available:
+        return "float32", f"widened at load: the compiled kernels are not available ({kernels_detail})"
+    return stored, "the checkpoint's dtype, widened in the kernels"
+
+
+def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str = "float32") -> ModelWeights:
+    """Validate `checkpoint` against `config`, then read every tensor into the fused arrays, matrices and embedding
+    table stored as `dtype` ("float32", or the checkpoint's own "bfloat16"/"float16"), norms as float32."""
     shapes, optional = expected_tensors(config)
     checkpoint.validate(shapes, optional)
+    storage = STORAGE[dtype]
+
+    def read(name: str, as_dtype=storage) -> np.ndarray:
+        """Tensor `name` as a new array of `as_dtype`."""
+        out = np.empty(shapes[name], dtype=as_dtype)
+        checkpoint.read_into(name, out)
+        return out
 
     def read_rows(names: list[str]) -> np.ndarray:
-        """Tensors `names` stacked row-wise into one new array: (sum of their rows, in_features) float32."""
+        """Tensors `names` stacked row-wise into one new array: (sum of their rows, in_features)."""
         rows = sum(shapes[n][0] for n in names)
-        out = np.empty((rows,) + shapes[names[0]][1:], dtype=np.float32)
+        out = np.empty((rows,) + shapes[names[0]][1:], dtype=storage)
         start = 0
         for name in names:
             n = shapes[name][0]
@@ -70,14 +147,15 @@ def load_model_weights(checkpoint: Checkpoint, config: ModelConfig) -> ModelWeig
         p = f"model.layers.{i}."
         layers.append(
             LayerWeights(
-                attn_norm=checkpoint.read(p + "input_layernorm.weight"),
+                attn_norm=read(p + "input_layernorm.weight", np.float32),
                 wqkv=read_rows([p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"]),
-                wo=checkpoint.read(p + "self_attn.o_proj.weight"),
-                mlp_norm=checkpoint.read(p + "post_attention_layernorm.weight"),
+                wo=read(p + "self_attn.o_proj.weight"),
+                mlp_norm=read(p + "post_attention_layernorm.weight", np.float32),
                 w_gate_up=read_rows([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                w_down=checkpoint.read(p + "mlp.down_proj.weight"),
+                w_down=read(p + "mlp.down_proj.weight"),
             )
         )
-    embed = checkpoint.read("model.embed_tokens.weight")
-    lm_head = embed if config.tie_word_embeddings else checkpoint.read("lm_head.weight")
-    return ModelWeights(embed=embed, layers=layers, final_norm=checkpoint.read("model.norm.weight"), lm_head=lm_head)
+    embed = read("model.embed_tokens.weight")
+    lm_head = embed if config.tie_word_embeddings else read("lm_head.weight")
+    return ModelWeights(embed=embed, layers=layers, final_norm=read("model.norm.weight", np.float32), lm_head=lm_head,
+                        dtype=dtype)

@@ -1,15 +1,25 @@
-"""Our compiled CPU matmul for few rows (engine/runtime/native/matmul.c), built with the system C compiler on first use.
+"""Our compiled CPU kernels (C beside this file), built with the system C compiler on first use.
 
-`y = x @ w.T` at 1-64 rows of x is every decode, batched-decode and speculative-verify matmul. OpenBLAS's GEMM
-there reads the weight far below memory bandwidth, so the NumPy backend hands those shapes to `matmul_xwt`, an
-AVX-512 kernel that reads every weight row from memory once per call (see matmul.c). It is built like Triton builds
-its kernels: compiled once with `cc -O3 -fopenmp` into a cache folder keyed by the source's hash, then loaded with
-ctypes. Where it cannot be used (no AVX-512, no compiler, TINYLLAMA_NATIVE=0) `status()` says why and the backend
-uses NumPy's BLAS, so results never depend on it being there.
+Two kernels, every one in three instruction-set variants chosen at run time by the CPU's features:
+- `matmul(x, w)`: y = x @ w.T for a step's float32 activations against a weight kept in its checkpoint's dtype
+  (float32, bfloat16 as uint16 bits, float16), widened exactly in registers before fp32 FMAs (matmul.h). It reads
+  each weight row from memory once per call whatever the number of rows of x, and serves every matmul of the NumPy
+  backend: decode (1 row), batches and speculative verification (a few rows), prefill (hundreds).
+- `attention(q, k, v, start)`: causal grouped-query attention of new queries over one sequence's float32 KV cache,
+  one pass over the keys with an online softmax (attention.h), memory O(rows x block).
+Variants: avx512 (x86-64 with AVX-512), avx2 (AVX2 + FMA + F16C: most x86 laptops and desktops), portable (C vector
+extensions the compiler maps to NEON on ARM, SSE2 on x86). Threads come from our own pthread pool (pool.c), not
+OpenMP, so it builds with Apple's clang too.
 
-Environment: TINYLLAMA_NATIVE=0 turns it off; CC picks the compiler (default `cc`); TINYLLAMA_CACHE the cache
-folder (default $XDG_CACHE_HOME/tinyllama-engine or ~/.cache/tinyllama-engine); TINYLLAMA_NUM_THREADS (else
-OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS, else the CPUs this process may run on) the kernel's threads.
+Built like Triton builds its kernels: compiled once into a cache folder keyed by the sources' hash, the compiler and
+its flags, then loaded with ctypes (which releases the GIL during each call). Where it cannot be used (no compiler,
+TINYLLAMA_NATIVE=0) `status()` says why; the loader then widens 16-bit weights to float32 and the backend uses
+NumPy's BLAS and NumPy attention, so results never depend on it being there.
+
+Environment: TINYLLAMA_NATIVE=0 turns it off; TINYLLAMA_NATIVE_ISA=avx512|avx2|portable forces a variant (an error in
+`status()` if this CPU cannot run it); CC picks the compiler (default `cc`); TINYLLAMA_CACHE the cache folder (default
+$XDG_CACHE_HOME/tinyllama-engine or ~/.cache/tinyllama-engine); TINYLLAMA_NUM_THREADS (else OMP_NUM_THREADS, else
+OPENBLAS_NUM_THREADS, else the CPUs this process may run on) the kernels' threads.
 """
 from __future__ import annotations
 
@@ -24,16 +34,25 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("matmul.c")
-CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+HERE = Path(__file__).parent
+SOURCES = ["api.c", "pool.c", "variant_avx512.c", "variant_avx2.c", "variant_portable.c"]
+HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "simd_avx512.h", "simd_avx2.h", "simd_portable.h"]
+# Never -ffast-math / -Ofast: GCC then links code that sets flush-to-zero for the whole process (subnormal weights
+# and activations would become 0), and it may reorder the sums that make results reproducible.
+CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread"]
+LIBS = ["-lm"]
+ABI_VERSION = 2
+ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
+WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
 
 
 @dataclass(frozen=True)
 class NativeStatus:
-    """Whether the compiled kernel is in use, and what it is or why not."""
+    """Whether the compiled kernels are in use, and which variant or why not."""
 
     available: bool
     detail: str  # "avx512, 2 threads, <library path>" or the reason it is not used
+    isa: str | None = None
 
 
 def cache_dir() -> Path:
@@ -45,7 +64,7 @@ def cache_dir() -> Path:
 
 
 def thread_count() -> int:
-    """Threads the kernel runs on: TINYLLAMA_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, else usable CPUs."""
+    """Threads the kernels run on: TINYLLAMA_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, else usable CPUs."""
     for var in ("TINYLLAMA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
@@ -53,21 +72,23 @@ def thread_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compile `source` into the cache (once per source text, compiler and flags); returns the library's path.
+def build(folder: Path = HERE) -> Path:
+    """Compile the kernels in `folder` into the cache (once per source text, compiler and flags) -> the library path.
 
     Raises RuntimeError with the compiler's message when it fails."""
     compiler = shlex.split(os.environ.get("CC", "cc"))
-    text = source.read_bytes()
-    key = hashlib.sha256(text + repr((compiler, CFLAGS, os.uname().machine)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    digest = hashlib.sha256(repr((compiler, CFLAGS, LIBS, os.uname().machine)).encode())
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    target = cache_dir() / f"tinyllama-kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run(compiler + CFLAGS + ["-o", tmp, str(source)], capture_output=True, text=True)
+        done = subprocess.run(compiler + CFLAGS + ["-o", tmp] + [str(folder / s) for s in SOURCES] + LIBS,
+                              capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
@@ -79,71 +100,156 @@ def build(source: Path = SOURCE) -> Path:
     return target
 
 
-class _Kernel:
-    """The loaded library: matmul_xwt with its argument types."""
+class _Library:
+    """The loaded library with its argument types, the variant in use and the thread count."""
 
     def __init__(self, path: Path, threads: int):
         lib = ctypes.CDLL(str(path))
-        size, ptr = ctypes.c_ssize_t, ctypes.c_void_p
-        lib.matmul_xwt.argtypes = [ptr, size, ptr, size, ptr, size, size, size, size, ctypes.c_int]
-        lib.matmul_xwt.restype = None
-        lib.matmul_supported.restype = ctypes.c_int
+        size, ptr, i32 = ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_int
+        lib.tl_abi_version.restype = i32
+        lib.tl_isa_usable.argtypes = [i32]
+        lib.tl_isa_usable.restype = i32
+        lib.tl_matmul.argtypes = [i32, ptr, size, ptr, size, i32, ptr, size, size, size, size, i32]
+        lib.tl_matmul.restype = None
+        lib.tl_attention.argtypes = [i32, ptr, size, size, size, size, ptr, ptr, size, size, size, size,
+                                     ctypes.c_float, ptr, size, ptr, i32]
+        lib.tl_attention.restype = None
         self.lib, self.path, self.threads = lib, path, threads
+        self.isa = 0
+
+    def usable(self) -> list[str]:
+        """The variants this CPU can run, most preferred first."""
+        return [name for i, name in enumerate(ISAS) if self.lib.tl_isa_usable(i)]
 
 
-_kernel: _Kernel | None = None
+_library: _Library | None = None
 _status: NativeStatus | None = None
 
 
+def _describe(lib: _Library) -> NativeStatus:
+    name = ISAS[lib.isa]
+    return NativeStatus(True, f"{name}, {lib.threads} threads, {lib.path}", name)
+
+
 def _load() -> None:
-    """Build and load the kernel once per process, recording why not where it cannot be used."""
-    global _kernel, _status
+    """Build and load the kernels once per process, recording why not where they cannot be used."""
+    global _library, _status
     if os.environ.get("TINYLLAMA_NATIVE", "1") == "0":
         _status = NativeStatus(False, "off (TINYLLAMA_NATIVE=0)")
         return
     try:
-        kernel = _Kernel(build(), thread_count())
+        lib = _Library(build(), thread_count())
     except (RuntimeError, OSError) as e:
         _status = NativeStatus(False, f"not built: {e}")
         return
-    if not kernel.lib.matmul_supported():
-        _status = NativeStatus(False, "this CPU has no AVX-512")
+    if lib.lib.tl_abi_version() != ABI_VERSION:
+        _status = NativeStatus(False, f"{lib.path}: ABI {lib.lib.tl_abi_version()}, expected {ABI_VERSION}")
         return
-    _kernel = kernel
-    _status = NativeStatus(True, f"avx512, {kernel.threads} threads, {kernel.path}")
+    usable = lib.usable()
+    wish = os.environ.get("TINYLLAMA_NATIVE_ISA", "").strip().lower()
+    if wish and wish not in ISAS:
+        _status = NativeStatus(False, f"TINYLLAMA_NATIVE_ISA={wish!r} is not one of {', '.join(ISAS)}")
+        return
+    if wish and wish not in usable:
+        _status = NativeStatus(False, f"TINYLLAMA_NATIVE_ISA={wish}: this CPU cannot run it "
+                                      f"(usable: {', '.join(usable) or 'none'})")
+        return
+    lib.isa = ISAS.index(wish or usable[0])
+    _library, _status = lib, _describe(lib)
 
 
 def status() -> NativeStatus:
-    """Whether `matmul_xwt` is usable in this process (builds the kernel on first call)."""
+    """Whether the kernels are usable in this process, and which variant runs (builds them on first call)."""
     if _status is None:
         _load()
     return _status
 
 
+def usable_isas() -> list[str]:
+    """The variants this CPU can run (most preferred first); [] where the kernels are not available."""
+    return _library.usable() if status().available else []
+
+
+def set_isa(name: str) -> NativeStatus:
+    """Switch this process to variant `name` (avx512, avx2, portable): for tests and benchmarks; returns status()."""
+    global _status
+    if not status().available:
+        raise RuntimeError(f"native kernels unavailable: {status().detail}")
+    if name not in _library.usable():
+        raise ValueError(f"this CPU cannot run the {name!r} variant (usable: {', '.join(_library.usable())})")
+    _library.isa = ISAS.index(name)
+    _status = _describe(_library)
+    return _status
+
+
 def kernel_name() -> str:
-    """What runs the NumPy backend's matmuls, for logs and benchmark tables: e.g. "native avx512 + openblas SkylakeX"."""
+    """What runs the NumPy backend's matmuls, for logs and benchmark tables: e.g. "native avx512" or "openblas Haswell"."""
+    if status().available:
+        return f"native {status().isa}"
     from engine.runtime.blas import blas_info
 
     info = blas_info()
-    blas = f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()
-    return f"native avx512 + {blas}" if status().available else blas
+    return f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()
+
+
+def _require() -> _Library:
+    if not status().available:
+        raise RuntimeError(f"native kernels unavailable: {status().detail}")
+    return _library
+
+
+def _rows_contiguous(a: np.ndarray) -> bool:
+    return a.ndim == 2 and (a.shape[1] <= 1 or a.strides[1] == a.itemsize) and a.strides[0] % a.itemsize == 0
 
 
 def matmul_xwt(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ w.T with the compiled kernel. x: (M, K) float32, w: (N, K) float32 -> (M, N) float32.
+    """y = x @ w.T. x: (M, K) float32; w: (N, K) float32, uint16 (bfloat16 bits) or float16 -> (M, N) float32.
 
-    Rows of x and w must be contiguous (any row stride); `status().available` must be true."""
-    if not status().available:
-        raise RuntimeError(f"native matmul unavailable: {status().detail}")
-    (m, k), n = x.shape, w.shape[0]
-    if w.shape[1] != k or x.dtype != np.float32 or w.dtype != np.float32:
-        raise ValueError(f"matmul_xwt needs float32 x (M, K) and w (N, K); got {x.dtype}{x.shape}, {w.dtype}{w.shape}")
-    if x.strides[1] != 4 or w.strides[1] != 4:
+    Rows of x, w and out must be contiguous (any row stride); `status().available` must be true."""
+    lib = _require()
+    wtype = WEIGHT_TYPES.get(w.dtype)
+    if x.dtype != np.float32 or wtype is None or x.ndim != 2 or w.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"matmul_xwt needs float32 x (M, K) and a float32/bfloat16/float16 w (N, K); got "
+                         f"{x.dtype}{x.shape}, {w.dtype}{w.shape}")
+    if not _rows_contiguous(x) or not _rows_contiguous(w):
         raise ValueError("matmul_xwt needs rows of x and w contiguous")
+    (m, k), n = x.shape, w.shape[0]
     if out is None:
         out = np.empty((m, n), dtype=np.float32)
-    elif out.shape != (m, n) or out.dtype != np.float32 or out.strides[1] != 4:
+    elif out.shape != (m, n) or out.dtype != np.float32 or not _rows_contiguous(out):
         raise ValueError(f"matmul_xwt's out must be float32 ({m}, {n}) with contiguous rows")
-    _kernel.lib.matmul_xwt(x.ctypes.data, x.strides[0] // 4, w.ctypes.data, w.strides[0] // 4,
-                           out.ctypes.data, out.strides[0] // 4, m, n, k, _kernel.threads)
+    lib.lib.tl_matmul(lib.isa, x.ctypes.data, x.strides[0] // 4, w.ctypes.data, w.strides[0] // w.itemsize, wtype,
+                      out.ctypes.data, out.strides[0] // 4, m, n, k, lib.threads)
     return out
+
+
+ATTENTION_MAX_HEAD_DIM = 512
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, out: np.ndarray | None = None,
+              return_probs: bool = False):
+    """Causal GQA attention with the compiled kernel; the arguments and result of engine.runtime.layers.attention.
+
+    q: (T, n_heads, head_dim) float32 at positions start_pos.. ; k, v: (n_kv_heads, L, head_dim) float32 views with
+    contiguous rows (a KV cache layer), L == start_pos + T when return_probs, else >= -> (T, n_heads * head_dim)
+    float32, and with return_probs the post-softmax probabilities (n_heads, T, start_pos + T) float32 (exact zeros
+    above the diagonal; the output is the same bits either way)."""
+    lib = _require()
+    t, n_heads, head_dim = q.shape
+    n_kv, length, kd = k.shape
+    if (q.dtype != np.float32 or k.dtype != np.float32 or v.dtype != np.float32 or k.shape != v.shape
+            or kd != head_dim or n_heads % n_kv or length < start_pos + t or head_dim > ATTENTION_MAX_HEAD_DIM):
+        raise ValueError(f"attention: q {q.dtype}{q.shape}, k {k.dtype}{k.shape}, v {v.dtype}{v.shape}, "
+                         f"start {start_pos} do not fit")
+    if k.strides != v.strides or k.strides[2] != 4 or k.strides[1] % 4 or k.strides[0] % 4:
+        raise ValueError("attention: k and v need contiguous rows and the same strides")
+    if q.strides[2] != 4 or q.strides[1] != 4 * head_dim:
+        q = np.ascontiguousarray(q)
+    if out is None:
+        out = np.empty((t, n_heads * head_dim), dtype=np.float32)
+    probs = np.empty((n_heads, t, start_pos + t), dtype=np.float32) if return_probs else None
+    lib.lib.tl_attention(lib.isa, q.ctypes.data, q.strides[0] // 4, t, n_heads, head_dim, k.ctypes.data,
+                         v.ctypes.data, k.strides[0] // 4, k.strides[1] // 4, n_kv, start_pos,
+                         float(1.0 / np.sqrt(head_dim)), out.ctypes.data, out.strides[0] // 4,
+                         None if probs is None else probs.ctypes.data, lib.threads)
+    return (out, probs) if return_probs else out

@@ -1,0 +1,50 @@
+/* The library's entry points, called from Python with ctypes: which variants are compiled and runnable here, and the
+ * kernels of a chosen variant. Compiled for the baseline of the platform: nothing here needs a particular ISA. */
+#include "kernels.h"
+
+#define ABI_VERSION 2
+
+int tl_abi_version(void) { return ABI_VERSION; }
+
+/* 1 if `isa` is compiled into this library and this CPU (and OS) can run it. */
+int tl_isa_usable(int isa)
+{
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+    if (isa == ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+    return isa == ISA_PORTABLE;
+}
+
+static const tl_matmul_fn matmuls[ISA_COUNT] = {
+#if defined(__x86_64__) || defined(_M_X64)
+    tl_matmul_avx512, tl_matmul_avx2,
+#else
+    0, 0,
+#endif
+    tl_matmul_portable};
+static const tl_attention_fn attentions[ISA_COUNT] = {
+#if defined(__x86_64__) || defined(_M_X64)
+    tl_attention_avx512, tl_attention_avx2,
+#else
+    0, 0,
+#endif
+    tl_attention_portable};
+
+/* y (M, N) = x (M, K) @ w (N, K).T with w stored as wtype (W_F32, W_BF16, W_F16); strides in elements. */
+void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t ldw, int wtype, float *out,
+               ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
+{
+    matmuls[isa](x, ldx, w, ldw, wtype, out, ldo, M, N, K, threads);
+}
+
+/* Causal GQA attention of T queries over one sequence's cache (see attention.h); probs may be NULL. */
+void tl_attention(int isa, const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t n_heads, ptrdiff_t head_dim,
+                  const float *k, const float *v, ptrdiff_t ldh, ptrdiff_t ldp, ptrdiff_t n_kv_heads, ptrdiff_t start,
+                  float scale, float *out, ptrdiff_t ldo, float *probs, int threads)
+{
+    attentions[isa](q, ldq, T, n_heads, head_dim, k, v, ldh, ldp, n_kv_heads, start, scale, out, ldo, probs,
+                    threads);
+}

@@ -1,0 +1,165 @@
+/* Template: causal grouped-query attention of T new queries over one sequence's cached keys and values, float32.
+ *
+ * q:    (T, n_heads, head_dim), query t at row stride ldq (floats), head h at h * head_dim
+ * k, v: (n_kv_heads, L, head_dim) with L >= start + T, kv head stride ldh, position stride ldp (floats)
+ * out:  (T, n_heads * head_dim), row stride ldo
+ * Query t sits at absolute position start + t and sees keys 0 .. start + t; query head h reads kv head
+ * h / (n_heads / n_kv_heads) (GQA: never repeated in memory).
+ *
+ * Flash-attention style: the keys are visited in blocks of ATT_BK with an online softmax (running max, running sum,
+ * rescaled output), so memory is O(rows x block), never (heads x T x L). Work items are (kv head, block of queries);
+ * the rows of an item are its queries x the group of query heads sharing the kv head, taken ATT_RB at a time so each
+ * key and value row is loaded once for all of them. Scores are (q . k) * scale in float32, as the NumPy reference.
+ *
+ * probs (optional, for traces): (n_heads, T, L) float32 post-softmax probabilities, row stride L = start + T, exact
+ * zeros above the diagonal. A second pass over the keys recomputes each score and divides its exp by the row's final
+ * sum; the output is computed exactly as without it, so a traced forward gives the same bits as an untraced one. */
+#include <math.h>
+
+#define ATT_BK 64       /* keys per block */
+#define ATT_RB 4        /* query rows sharing each key/value load */
+#define ATT_ITEM_ROWS 64 /* rows (queries x group) per work item */
+#define ATT_DMAX 512
+
+typedef struct {
+    const float *q;
+    ptrdiff_t ldq, T, n_heads, head_dim;
+    const float *k, *v;
+    ptrdiff_t ldh, ldp, n_kv, start;
+    float scale;
+    float *out;
+    ptrdiff_t ldo, queries_per_item, query_blocks;
+    float *probs; /* NULL, or (n_heads, T, start + T) */
+} att_job;
+
+/* probs[head, t, :] of one row from its final running max m and sum l: exp(score - m) / l, zeros past pos. */
+TARGET static void att_probs(const att_job *a, const float *kbase, const float *q, ptrdiff_t t, ptrdiff_t head,
+                             ptrdiff_t pos, float m, float l)
+{
+    const ptrdiff_t D = a->head_dim, Dv = D - D % VL, L = a->start + a->T;
+    float *row = a->probs + (head * a->T + t) * L;
+    float buf[ATT_BK];
+    const float inv = 1.0f / l;
+    for (ptrdiff_t j0 = 0; j0 <= pos; j0 += ATT_BK) {
+        ptrdiff_t nj = pos + 1 - j0 < ATT_BK ? pos + 1 - j0 : ATT_BK;
+        for (ptrdiff_t j = 0; j < ATT_BK; j++) {
+            if (j >= nj) { buf[j] = -INFINITY; continue; }
+            const float *kr = kbase + (j0 + j) * a->ldp;
+            vf dot = vf_zero();
+            for (ptrdiff_t d = 0; d < Dv; d += VL) dot = vf_fmadd(vf_load(q + d), vf_load(kr + d), dot);
+            float sum = vf_sum(dot);
+            for (ptrdiff_t d = Dv; d < D; d++) sum += q[d] * kr[d];
+            buf[j] = sum * a->scale;
+        }
+        for (ptrdiff_t j = 0; j < ATT_BK; j += VL) vf_store(&buf[j], vf_exp(vf_add(vf_load(&buf[j]), vf_set1(-m))));
+        for (ptrdiff_t j = 0; j < nj; j++) row[j0 + j] = buf[j] * inv;
+    }
+    for (ptrdiff_t j = pos + 1; j < L; j++) row[j] = 0.0f;
+}
+
+/* ATT_RB (or fewer, rb) rows of one kv head: row r is query t[r] of head head[r]. */
+TARGET static void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, const ptrdiff_t *head, int rb)
+{
+    const ptrdiff_t D = a->head_dim, Dv = D - D % VL;
+    const float *q[ATT_RB];
+    float *o[ATT_RB];
+    ptrdiff_t pos[ATT_RB], limit = 0;
+    float m[ATT_RB], l[ATT_RB];
+    float acc[ATT_RB][ATT_DMAX];
+    float s[ATT_RB][ATT_BK];
+    for (int r = 0; r < rb; r++) {
+        q[r] = a->q + t[r] * a->ldq + head[r] * D;
+        o[r] = a->out + t[r] * a->ldo + head[r] * D;
+        pos[r] = a->start + t[r];
+        if (pos[r] + 1 > limit) limit = pos[r] + 1;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        memset(acc[r], 0, (size_t)D * sizeof(float));
+    }
+    const float *kbase = a->k + kv * a->ldh, *vbase = a->v + kv * a->ldh;
+    for (ptrdiff_t j0 = 0; j0 < limit; j0 += ATT_BK) {
+        ptrdiff_t nj = limit - j0 < ATT_BK ? limit - j0 : ATT_BK;
+        for (ptrdiff_t j = 0; j < nj; j++) { /* scores: one key row against every row */
+            const float *kr = kbase + (j0 + j) * a->ldp;
+            vf dot[ATT_RB];
+            for (int r = 0; r < rb; r++) dot[r] = vf_zero();
+            for (ptrdiff_t d = 0; d < Dv; d += VL) {
+                vf kv_ = vf_load(kr + d);
+                for (int r = 0; r < rb; r++) dot[r] = vf_fmadd(vf_load(q[r] + d), kv_, dot[r]);
+            }
+            for (int r = 0; r < rb; r++) {
+                float sum = vf_sum(dot[r]);
+                for (ptrdiff_t d = Dv; d < D; d++) sum += q[r][d] * kr[d];
+                s[r][j] = j0 + j <= pos[r] ? sum * a->scale : -INFINITY;
+            }
+        }
+        for (int r = 0; r < rb; r++) { /* online softmax: new max, rescale what was summed so far */
+            float mx = m[r];
+            for (ptrdiff_t j = 0; j < nj; j++) mx = s[r][j] > mx ? s[r][j] : mx;
+            float alpha = expf(m[r] - mx); /* 0 on the first block (m = -inf) */
+            m[r] = mx;
+            for (ptrdiff_t j = nj; j < ATT_BK; j++) s[r][j] = -INFINITY;
+            vf total = vf_zero(), shift = vf_set1(-mx);
+            for (ptrdiff_t j = 0; j < ATT_BK; j += VL) {
+                vf p = vf_exp(vf_add(vf_load(&s[r][j]), shift));
+                vf_store(&s[r][j], p);
+                total = vf_add(total, p);
+            }
+            l[r] = l[r] * alpha + vf_sum(total);
+            if (alpha != 1.0f) {
+                vf al = vf_set1(alpha);
+                for (ptrdiff_t d = 0; d < Dv; d += VL) vf_store(acc[r] + d, vf_mul(vf_load(acc[r] + d), al));
+                for (ptrdiff_t d = Dv; d < D; d++) acc[r][d] *= alpha;
+            }
+        }
+        for (ptrdiff_t j = 0; j < nj; j++) { /* acc += p . v, each value row loaded once for every row */
+            const float *vr = vbase + (j0 + j) * a->ldp;
+            for (ptrdiff_t d = 0; d < Dv; d += VL) {
+                vf vv = vf_load(vr + d);
+                for (int r = 0; r < rb; r++)
+                    vf_store(acc[r] + d, vf_fmadd(vf_set1(s[r][j]), vv, vf_load(acc[r] + d)));
+            }
+            for (ptrdiff_t d = Dv; d < D; d++)
+                for (int r = 0; r < rb; r++) acc[r][d] += s[r][j] * vr[d];
+        }
+    }
+    for (int r = 0; r < rb; r++) {
+        float inv = 1.0f / l[r];
+        for (ptrdiff_t d = 0; d < D; d++) o[r][d] = acc[r][d] * inv;
+        if (a->probs) att_probs(a, kbase, q[r], t[r], head[r], pos[r], m[r], l[r]);
+    }
+}
+
+/* Item i: kv head i / query_blocks, queries of block i % query_blocks, every head of the kv head's group. */
+TARGET static void att_item(void *arg, ptrdiff_t i)
+{
+    const att_job *a = (const att_job *)arg;
+    ptrdiff_t kv = i / a->query_blocks, t0 = (i % a->query_blocks) * a->queries_per_item;
+    ptrdiff_t t1 = t0 + a->queries_per_item < a->T ? t0 + a->queries_per_item : a->T;
+    ptrdiff_t group = a->n_heads / a->n_kv;
+    ptrdiff_t t[ATT_RB], head[ATT_RB];
+    int rb = 0;
+    for (ptrdiff_t tq = t0; tq < t1; tq++)
+        for (ptrdiff_t g = 0; g < group; g++) {
+            t[rb] = tq;
+            head[rb] = kv * group + g;
+            if (++rb == ATT_RB) {
+                att_rows(a, kv, t, head, rb);
+                rb = 0;
+            }
+        }
+    if (rb) att_rows(a, kv, t, head, rb);
+}
+
+void VARIANT(tl_attention)(const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t n_heads, ptrdiff_t head_dim,
+                           const float *k, const float *v, ptrdiff_t ldh, ptrdiff_t ldp, ptrdiff_t n_kv_heads,
+                           ptrdiff_t start, float scale, float *out, ptrdiff_t ldo, float *probs, int threads)
+{
+    if (T <= 0) return;
+    if (head_dim > ATT_DMAX || n_kv_heads <= 0 || n_heads % n_kv_heads) abort(); /* the caller checks these */
+    ptrdiff_t group = n_heads / n_kv_heads;
+    ptrdiff_t per_item = ATT_ITEM_ROWS / group > 0 ? ATT_ITEM_ROWS / group : 1;
+    att_job a = {q, ldq, T, n_heads, head_dim, k, v, ldh, ldp, n_kv_heads, start, scale, out, ldo, per_item,
+                 (T + per_item - 1) / per_item, probs};
+    tl_parallel(att_item, &a, n_kv_heads * a.query_blocks, threads);
+}

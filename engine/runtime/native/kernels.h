@@ -1,0 +1,35 @@
+/* Declarations shared by the kernel variants (variant_*.c, one per instruction set) and the exported entry points
+ * (api.c). Every variant compiles the same templates, matmul.h and attention.h, against its own simd_*.h. */
+#ifndef TL_KERNELS_H
+#define TL_KERNELS_H
+#include <stddef.h>
+
+#include "pool.h"
+
+/* How a weight matrix is stored. */
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+/* Instruction-set variants, in order of preference. */
+enum { ISA_AVX512 = 0, ISA_AVX2 = 1, ISA_PORTABLE = 2, ISA_COUNT = 3 };
+
+/* y (M, N) = x (M, K) @ w (N, K).T; see matmul.h. */
+typedef void (*tl_matmul_fn)(const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t ldw, int wtype, float *out,
+                             ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads);
+/* Causal grouped-query attention of T new queries over one sequence's keys/values; see attention.h. */
+typedef void (*tl_attention_fn)(const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t n_heads, ptrdiff_t head_dim,
+                                const float *k, const float *v, ptrdiff_t ldh, ptrdiff_t ldp, ptrdiff_t n_kv_heads,
+                                ptrdiff_t start, float scale, float *out, ptrdiff_t ldo, float *probs, int threads);
+
+void tl_matmul_avx512(const float *, ptrdiff_t, const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                      ptrdiff_t, int);
+void tl_matmul_avx2(const float *, ptrdiff_t, const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                    ptrdiff_t, int);
+void tl_matmul_portable(const float *, ptrdiff_t, const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t,
+                        ptrdiff_t, ptrdiff_t, int);
+void tl_attention_avx512(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const float *, const float *,
+                         ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t, float *, int);
+void tl_attention_avx2(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const float *, const float *,
+                       ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t, float *, int);
+void tl_attention_portable(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const float *, const float *,
+                           ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t, float *, int);
+
+#endif

@@ -1,0 +1,73 @@
+/* The AVX2 + FMA + F16C instruction set for the kernel templates (x86-64 since Intel Haswell / AMD Zen 1: most
+ * laptops and desktops; Intel client chips since 2021 have no AVX-512): 8 float lanes, 16 vector registers. */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define ISA_NAME "avx2"
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define INLINE __attribute__((always_inline)) static inline
+#define VL 8
+typedef __m256 vf;
+
+/* mb*nr accumulators + nr weight vectors + one x vector (+ the bf16 mask) within 16 registers. */
+#define TILE_MB 3
+#define TILE_NR_MAX 6
+static const int tile_nr[TILE_MB + 1] = {0, 6, 4, 3};
+#define BLOCK_ROWS_UNIT 12
+
+TARGET INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
+TARGET INLINE vf vf_set1(float a) { return _mm256_set1_ps(a); }
+TARGET INLINE vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+TARGET INLINE void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
+TARGET INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+TARGET INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+TARGET INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+TARGET INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+TARGET INLINE float vf_sum(vf v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+TARGET INLINE float vf_hmax(vf v)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define KEEP(v) __asm__("" : "+x"(v))
+
+/* 2*VL bf16 at p (one 32-byte load) -> the even elements / the odd elements as float32 (exact). */
+TARGET INLINE vf bf16_even(const uint16_t *p)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)p), 16));
+}
+TARGET INLINE vf bf16_odd(const uint16_t *p)
+{
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)p),
+                                                _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+TARGET INLINE vf f16_load(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* e^x as in simd_avx512.h. */
+TARGET INLINE vf vf_exp(vf x)
+{
+    vf under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    vf y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, y);
+}

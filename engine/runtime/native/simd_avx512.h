@@ -1,0 +1,66 @@
+/* The AVX-512 instruction set for the kernel templates (x86-64: Intel Xeon since Skylake-SP, Ice Lake and later
+ * client chips, AMD Zen 4/5): 16 float lanes, 32 vector registers. Functions are compiled for AVX-512 with a target
+ * attribute, so the rest of the library stays baseline x86-64 and the variant is only called where the CPU has it. */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define ISA_NAME "avx512"
+#define TARGET __attribute__((target("avx512f,fma,f16c")))
+#define INLINE __attribute__((always_inline)) static inline
+#define VL 16
+typedef __m512 vf;
+
+/* Register tiles of the matmul: up to TILE_MB rows of x by tile_nr[mb] rows of w, mb*nr accumulators plus nr
+ * widened weight vectors and one x vector within the 32 registers; 8 weight rows in flight at mb = 1 (a GEMV). */
+#define TILE_MB 4
+#define TILE_NR_MAX 8
+static const int tile_nr[TILE_MB + 1] = {0, 8, 6, 6, 6};
+#define BLOCK_ROWS_UNIT 24 /* a multiple of every tile_nr */
+
+TARGET INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
+TARGET INLINE vf vf_set1(float a) { return _mm512_set1_ps(a); }
+TARGET INLINE vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+TARGET INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
+TARGET INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+TARGET INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+TARGET INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+TARGET INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+TARGET INLINE float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
+TARGET INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
+/* Keep v in a register: GCC would otherwise fold the load into each FMA that uses it (one load per FMA). */
+#define KEEP(v) __asm__("" : "+v"(v))
+
+/* 2*VL bfloat16 values at p (one 64-byte load) widened exactly to float32: a bf16 is the top half of the float32 of
+ * the same value. The low half of each 32-bit lane is the even element, the high half the odd one. */
+TARGET INLINE vf bf16_even(const uint16_t *p)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512((const void *)p), 16));
+}
+TARGET INLINE vf bf16_odd(const uint16_t *p)
+{
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512((const void *)p), _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+/* VL float16 values at p widened exactly (every fp16 is a float32). */
+TARGET INLINE vf f16_load(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+/* e^x, |relative error| < 2 ulp (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, times 2^n); 0 for
+ * x < -87.3 (so -inf gives 0). */
+TARGET INLINE vf vf_exp(vf x)
+{
+    __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    vf p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    vf y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    return _mm512_maskz_mov_ps((__mmask16)~under, y);
+}

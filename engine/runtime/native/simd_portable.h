@@ -1,0 +1,77 @@
+/* Portable C for the kernel templates: GCC/Clang vector extensions, 4 float lanes, which the compiler maps to the
+ * platform's own vectors (NEON on ARM: Apple M-series, Graviton; SSE2 on any x86-64) with no intrinsics. */
+#include <stdint.h>
+#include <string.h>
+
+#define ISA_NAME "portable"
+#define TARGET
+#define INLINE __attribute__((always_inline)) static inline
+#define VL 4
+typedef float vf __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(16)));
+typedef uint32_t vu __attribute__((vector_size(16)));
+
+/* 2 rows of x by 4 of w: 8 accumulators + 4 weight vectors + 1 x vector fit 16 registers (SSE2) or 32 (NEON). */
+#define TILE_MB 2
+#define TILE_NR_MAX 4
+static const int tile_nr[TILE_MB + 1] = {0, 4, 4};
+#define BLOCK_ROWS_UNIT 4
+
+INLINE vf vf_zero(void) { return (vf){0.0f, 0.0f, 0.0f, 0.0f}; }
+INLINE vf vf_set1(float a) { return (vf){a, a, a, a}; }
+INLINE vf vf_load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+INLINE void vf_store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+INLINE vf vf_fmadd(vf a, vf b, vf c) { return a * b + c; }
+INLINE vf vf_mul(vf a, vf b) { return a * b; }
+INLINE vf vf_add(vf a, vf b) { return a + b; }
+INLINE vf vf_max(vf a, vf b) { return (vf)(((vi)(a > b) & (vi)a) | ((vi)(a <= b) & (vi)b)); }
+INLINE float vf_sum(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+INLINE float vf_hmax(vf v)
+{
+    float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
+    return a > b ? a : b;
+}
+#define KEEP(v) ((void)0)
+
+INLINE vu vu_load(const uint16_t *p) { vu v; memcpy(&v, p, sizeof v); return v; } /* 2*VL bf16 as VL uint32 */
+INLINE vf bf16_even(const uint16_t *p) { return (vf)(vu_load(p) << 16); }
+INLINE vf bf16_odd(const uint16_t *p) { return (vf)(vu_load(p) & 0xFFFF0000u); }
+/* VL float16 at p -> float32, exactly, with integer operations (no F16C or _Float16 needed). */
+INLINE vf f16_load(const uint16_t *p)
+{
+    uint16_t h[VL];
+    memcpy(h, p, sizeof h);
+    vu u = {h[0], h[1], h[2], h[3]};
+    vu sign = (u & 0x8000u) << 16;
+    vu mag = (u & 0x7FFFu) << 13;                   /* exponent and mantissa in float32 position */
+    vu exp = mag & (0x7C00u << 13);
+    vf normal = (vf)(mag + ((127u - 15u) << 23));     /* rebias */
+    vf inf_nan = (vf)(mag + ((255u - 31u) << 23));    /* 5-bit all-ones exponent -> 8-bit all-ones */
+    vf sub = (vf)(mag + (1u << 23)) - (vf)(vu){1u << 23, 1u << 23, 1u << 23, 1u << 23};
+    sub = sub * (vf){0x1p112f, 0x1p112f, 0x1p112f, 0x1p112f}; /* subnormal fp16: mantissa * 2^-24 */
+    vi is_sub = (vi)(exp == 0u), is_inf = (vi)(exp == (0x7C00u << 13));
+    vi bits = ((vi)normal & ~(is_sub | is_inf)) | ((vi)sub & is_sub) | ((vi)inf_nan & is_inf);
+    return (vf)((vu)bits | sign);
+}
+
+/* e^x as in simd_avx512.h, rounding to the nearest integer by the 1.5 * 2^23 trick (exact for |n| < 2^22). */
+INLINE vf vf_exp(vf x)
+{
+    const vf lo = vf_set1(-87.3f), hi = vf_set1(88.3f), magic = vf_set1(12582912.0f);
+    vi under = (vi)(x < lo);
+    x = (vf)(((vi)(x < lo) & (vi)lo) | (~(vi)(x < lo) & (vi)x));
+    x = (vf)(((vi)(x > hi) & (vi)hi) | (~(vi)(x > hi) & (vi)x));
+    vf n = (x * vf_set1(1.44269504088896341f) + magic) - magic;
+    vf r = x - n * vf_set1(0.693359375f);
+    r = r - n * vf_set1(-2.12194440e-4f);
+    vf p = vf_set1(1.9875691500e-4f);
+    p = p * r + vf_set1(1.3981999507e-3f);
+    p = p * r + vf_set1(8.3334519073e-3f);
+    p = p * r + vf_set1(4.1665795894e-2f);
+    p = p * r + vf_set1(1.6666665459e-1f);
+    p = p * r + vf_set1(5.0000001201e-1f);
+    vf y = p * r * r + (r + vf_set1(1.0f));
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    y = y * (vf)e;
+    return (vf)((vi)y & ~under);
+}

@@ -1,0 +1,8 @@
+/* The avx2 variant of the kernels: the templates compiled against simd_avx2.h. */
+#include "kernels.h"
+#if defined(__x86_64__) || defined(_M_X64)
+#include "simd_avx2.h"
+#define VARIANT(name) name##_avx2
+#include "matmul.h"
+#include "attention.h"
+#endif

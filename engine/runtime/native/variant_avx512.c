@@ -1,0 +1,8 @@
+/* The avx512 variant of the kernels: the templates compiled against simd_avx512.h. */
+#include "kernels.h"
+#if defined(__x86_64__) || defined(_M_X64)
+#include "simd_avx512.h"
+#define VARIANT(name) name##_avx512
+#include "matmul.h"
+#include "attention.h"
+#endif
