@@ -131,18 +131,23 @@ TARGET static void tile_any(const float *xp, ptrdiff_t ldxp, const char *w, ptrd
 /* Pack x (M, K) into xp (M, Kp): rows zero-padded to whole chunks, bf16 chunks reordered even/odd (see the top). */
 static void pack_x(const float *x, ptrdiff_t ldx, ptrdiff_t M, ptrdiff_t K, int wt, float *xp, ptrdiff_t ldxp)
 {
-    const ptrdiff_t chunk = CHUNK(wt);
+    const ptrdiff_t chunk = CHUNK(wt), full = K - K % chunk;
     for (ptrdiff_t i = 0; i < M; i++) {
         const float *src = x + i * ldx;
         float *dst = xp + i * ldxp;
-        if (K % chunk) memset(dst + K - K % chunk, 0, (size_t)chunk * sizeof(float));
+        if (K % chunk) memset(dst + full, 0, (size_t)chunk * sizeof(float));
         if (wt != W_BF16) {
             memcpy(dst, src, (size_t)K * sizeof(float));
             continue;
         }
-        for (ptrdiff_t k = 0; k < K; k++) {
-            ptrdiff_t c = k - k % chunk, r = k % chunk;
-            dst[c + (r % 2) * VL + r / 2] = src[k];
+        for (ptrdiff_t c = 0; c < full; c += chunk)
+            for (int l = 0; l < VL; l++) { /* a loop the compiler turns into shuffles */
+                dst[c + l] = src[c + 2 * l];
+                dst[c + VL + l] = src[c + 2 * l + 1];
+            }
+        for (ptrdiff_t k = full; k < K; k++) {
+            ptrdiff_t r = k - full;
+            dst[full + (r % 2) * VL + r / 2] = src[k];
         }
     }
 }

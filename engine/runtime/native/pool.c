@@ -101,6 +101,10 @@ void tl_parallel(tl_task task, void *ctx, ptrdiff_t n_items, int threads)
         pthread_mutex_unlock(&pool.lock);
     }
     take_items();
+    /* Slots no worker has claimed yet (a worker descheduled by a busy machine) are withdrawn: the items are done,
+     * so wait only for workers that are still running one. */
+    int unclaimed = atomic_exchange(&pool.slots, 0);
+    if (unclaimed > 0) atomic_fetch_sub(&pool.busy, unclaimed);
     while (atomic_load(&pool.busy) > 0) CPU_RELAX();
     pthread_mutex_unlock(&pool.call_lock);
 }
