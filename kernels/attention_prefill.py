@@ -62,13 +62,22 @@ def _prefill_attention_kernel(
 
 
 def plan_prefill(T: int, n_heads: int, head_dim: int, dtype: torch.dtype, target: Target) -> LaunchPlan:
-    """The launch for T causal queries of n_heads heads in `dtype` on `target`: one program per (query block, head)."""
+    """The launch for T causal queries of n_heads heads in `dtype` on `target`: one program per (query block, head).
+
+    fp32 tiles are multiplied without tensor cores (DOT_IEEE), every product in registers: key blocks of 32 and 8
+    warps for 32-64 query rows keep them there (64x64 tiles spilled 2-13 KB per thread on sm_80/sm_90, kernels.aot).
+    """
     block_d = max(16, next_pow2(head_dim))
     block_m = 64 if T > 32 else max(16, next_pow2(T))
-    block_n = 64 if block_d <= 64 else 32
+    warps = 4
+    if dtype == torch.float32:
+        block_n = 32
+        warps = 8 if block_m >= 32 else 4
+    else:
+        block_n = 64 if block_d <= 64 else 32
     return LaunchPlan(_prefill_attention_kernel, (triton.cdiv(T, block_m), n_heads),
                       dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(dtype, target.interpret)),
-                      num_warps=4, num_stages=2)
+                      num_warps=warps, num_stages=2)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int,

@@ -81,23 +81,26 @@ class Launch:
     args: tuple
 
 
-_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("kernel_launch_recorder", default=None)
+_RECORDER: contextvars.ContextVar[tuple[list, bool] | None] = contextvars.ContextVar("kernel_launches", default=None)
 
 
 def launch(plan: LaunchPlan, *args) -> None:
-    """Run `plan`'s kernel on `args`, or append a Launch to the active recording() instead."""
-    recorder = _RECORDER.get()
-    if recorder is not None:
-        recorder.append(Launch(plan, args))
-        return
+    """Run `plan`'s kernel on `args`; inside recording(), append a Launch (and run it only if that asked to)."""
+    active = _RECORDER.get()
+    if active is not None:
+        launches, execute = active
+        launches.append(Launch(plan, args))
+        if not execute:
+            return
     plan.kernel[plan.grid](*args, **plan.constexprs, num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
 @contextlib.contextmanager
-def recording():
-    """Within the block, `launch` runs nothing and appends each Launch to the list this yields."""
+def recording(execute: bool = False):
+    """Within the block, every `launch` appends its Launch to the list this yields; the kernels run only when
+    `execute` (recording a real run), never on meta tensors (recording what a GPU would be asked to run)."""
     launches: list[Launch] = []
-    token = _RECORDER.set(launches)
+    token = _RECORDER.set((launches, execute))
     try:
         yield launches
     finally:
