@@ -21,6 +21,7 @@ Two ways through `forward`:
 """
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -59,11 +60,12 @@ def host_tensor(a: np.ndarray) -> torch.Tensor:
     """A weight array as a CPU tensor over the same memory (no copy), in the dtype it holds: NumPy uint16 holds
     bfloat16 bits (the loader's representation of a bf16 checkpoint), float16 and float32 are themselves."""
     a = np.ascontiguousarray(a)  # the loader's arrays already are: no copy
-    if a.dtype == np.uint16:
-        return torch.from_numpy(a).view(torch.bfloat16)
-    if a.dtype in (np.float16, np.float32):
-        return torch.from_numpy(a)
-    raise TypeError(f"weights must be uint16 (bfloat16 bits), float16 or float32 arrays, got {a.dtype}")
+    if a.dtype not in (np.uint16, np.float16, np.float32):
+        raise TypeError(f"weights must be uint16 (bfloat16 bits), float16 or float32 arrays, got {a.dtype}")
+    with warnings.catch_warnings():  # a read-only array (a memory map) is fine: weights are never written
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
 
 
 def upload(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
