@@ -212,8 +212,9 @@ def specialize(launch, capability: int) -> tuple[Specialization, CompileJob]:
         _BINDERS[key] = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(launch.plan.constexprs, num_warps=launch.plan.num_warps, num_stages=launch.plan.num_stages)
     kwargs["debug"] = kernel.debug or knobs.runtime.debug  # what JITFunction.run adds
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # what JITFunction.run adds (triton 3.9)
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
     bound, specialization, options = _BINDERS[key](*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     names = kernel.arg_names

@@ -75,8 +75,8 @@ def plan_prefill(T: int, n_heads: int, head_dim: int, dtype: torch.dtype, target
         warps = 8 if block_m >= 32 else 4
     else:
         block_n = 64 if block_d <= 64 else 32
-    return LaunchPlan(_prefill_attention_kernel, (triton.cdiv(T, block_m), n_heads),
-                      dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(dtype, target.interpret)),
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(dtype, target.interpret))
+    return LaunchPlan(_prefill_attention_kernel, (triton.cdiv(T, block_m), n_heads), constexprs,
                       num_warps=warps, num_stages=2)
 
 

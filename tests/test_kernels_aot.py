@@ -188,7 +188,8 @@ old = LaunchPlan(_prefill_attention_kernel, (5, 4), dict(BLOCK_M=64, BLOCK_N=64,
                  num_warps=4, num_stages=2)  # fp32 64x64 tiles: what the prefill plan chose before kernels.aot
 args = (q, k, k, q, 300, 0, 128, 1, 0.1, *q.stride()[:2], *k.stride()[:2], *k.stride()[:2], *q.stride()[:2])
 out["spill"] = aot.compile_one(*aot.specialize(Launch(old, args), 80))
-x = torch.empty(256, 2048, dtype=torch.bfloat16, device="meta"); w = torch.empty(4096, 2048, dtype=torch.bfloat16, device="meta")
+x = torch.empty(256, 2048, dtype=torch.bfloat16, device="meta")
+w = torch.empty(4096, 2048, dtype=torch.bfloat16, device="meta")
 huge = LaunchPlan(_gemm_kernel, (1,), dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, DOT_MODE=0),
                   num_warps=8, num_stages=4)
 y = torch.empty(256, 4096, dtype=torch.bfloat16, device="meta")
