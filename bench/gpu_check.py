@@ -2,6 +2,7 @@
 speed against the device's own yardsticks. For a machine with an NVIDIA GPU:
 
     python -m bench.gpu_check [--out DIR] [--quick]
+    python -m bench.gpu_check --plan [--context N]     (no GPU: the targets below, see bench/gpu_plan.py)
 
   (a) correctness: prompt logits vs transformers LlamaForCausalLM in bf16 on the same GPU (max |diff|; the fp32
       reference shows how far bf16 itself is from exact), 32 greedy tokens: agreement with transformers' greedy
@@ -26,6 +27,8 @@ import re
 import sys
 import time
 from pathlib import Path
+
+from bench.gpu_plan import attention_flops, matmul_params, prefill_flops  # noqa: F401 (the counts results use)
 
 NO_GPU_MESSAGE = "gpu_check: no CUDA GPU available (torch.cuda.is_available() is False); run it on a machine with one"
 GiB = 1 << 30
@@ -93,21 +96,6 @@ def weight_bytes(backend) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def matmul_params(config) -> int:
-    """Multiply-accumulate weights per token through the decoder layers (lm_head apart)."""
-    c = config
-    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + \
-        3 * c.hidden_size * c.intermediate_size
-    return c.num_hidden_layers * per_layer
-
-
-def attention_flops(config, tokens: int) -> int:
-    """Causal prefill from an empty cache: QK^T and PV over (t + 1) keys for query t, every layer and head."""
-    c = config
-    pairs = tokens * (tokens + 1) // 2
-    return c.num_hidden_layers * c.num_attention_heads * 2 * 2 * c.head_dim * pairs
-
-
 def _sync():
     import torch
 
@@ -157,8 +145,7 @@ def prefill_rate(backend, tokens: int, trials: int = 3) -> dict:
         backend.forward([SequenceStep(cache, ids)])  # returns host logits: the step is finished
         best = min(best, time.perf_counter() - t0)
         del cache
-    c = backend.config
-    flops = 2 * matmul_params(c) * tokens + 2 * c.hidden_size * c.vocab_size + attention_flops(c, tokens)
+    flops = prefill_flops(backend.config, tokens)
     return {"tokens": tokens, "best_s": best, "tok_per_s": tokens / best, "flops": flops,
             "tflop_per_s": flops / best / 1e12}
 
@@ -404,7 +391,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("."), help="folder for gpu_check-<device>.json (default: .)")
     p.add_argument("--quick", action="store_true", help="fewer decode steps")
+    p.add_argument("--plan", action="store_true",
+                   help="no GPU needed: print the targets (bytes per decode step per kernel, decode floors, prefill "
+                        "ceilings) for TinyLlama bf16 on an H100 and an A100, from the backend's recorded launches")
+    p.add_argument("--context", type=int, default=256,
+                   help="--plan: cached positions per sequence in the decode step (default 256: a 128-token prompt "
+                        "and 128 new tokens, as the measured decode runs)")
     args = p.parse_args(argv)
+    if args.plan:
+        from bench.gpu_plan import format_plan, plan
+
+        print(format_plan(plan(args.context)), flush=True)
+        return 0
     if not cuda_available():
         print(NO_GPU_MESSAGE, flush=True)
         return 1

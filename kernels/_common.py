@@ -19,11 +19,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def dot_mode(dtype: torch.dtype) -> int:
-    """The DOT_* mode for tiles of `dtype` on the current execution target."""
+def dot_mode(dtype: torch.dtype, interpret: bool) -> int:
+    """The DOT_* mode for tiles of `dtype`: on a GPU, or in the interpreter when `interpret` (a Target's field)."""
     if dtype == torch.float32:
         return DOT_IEEE
-    if dtype == torch.bfloat16 and interpreting():
+    if dtype == torch.bfloat16 and interpret:
         return DOT_UPCAST
     return DOT_NATIVE
 
@@ -67,13 +67,6 @@ def check_qkv(kernel: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         check_last_contiguous(f"{kernel} {name}", t)
         if t.dtype != q.dtype:
             raise TypeError(f"{kernel}: q, k_cache and v_cache must share a dtype")
-
-
-def multiprocessor_count(device: torch.device) -> int:
-    """Number of SMs of a CUDA device (a nominal 4 in the interpreter, to keep grids small)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 @triton.jit

@@ -10,13 +10,14 @@ and writes its partial (max, sum, unnormalised output). A second kernel combines
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_qkv, dot_mode, multiprocessor_count, next_pow2, online_softmax_step, output_like,
-                      tile_dot)
+from ._common import check_qkv, dot_mode, next_pow2, online_softmax_step, output_like, tile_dot
+from .launch import LaunchPlan, Target, launch, target_of
 
 
 @triton.jit
@@ -114,9 +115,45 @@ def _check(q, k_cache, v_cache, lengths, slots):
     check_qkv("decode_attention", q, k_cache, v_cache)
 
 
+class DecodePlan(NamedTuple):
+    """The two launches of decode attention: `partial` over (n_splits, n_kv_heads, B) programs, each an online
+    softmax over `chunk` positions, then `combine` over (n_heads, B)."""
+
+    partial: LaunchPlan
+    combine: LaunchPlan
+    chunk: int
+    n_splits: int
+
+
+def plan_decode(B: int, n_heads: int, n_kv_heads: int, head_dim: int, max_length: int, chunk: int | None,
+                has_slots: bool, dtype: torch.dtype, target: Target) -> DecodePlan:
+    """The launches for B one-token queries against up to `max_length` cached positions, in `dtype` on `target`;
+    `chunk` None: enough splits for ~2 programs per SM."""
+    group = n_heads // n_kv_heads
+    block_g = max(16, next_pow2(group))
+    block_d = max(16, next_pow2(head_dim))
+    block_n = 64 if block_d <= 64 else 32
+    n_blocks = triton.cdiv(max_length, block_n)
+    if chunk is None:  # enough splits for ~2 programs per SM, at least one key block each
+        want = triton.cdiv(2 * target.sm_count, B * n_kv_heads)
+        chunk = triton.cdiv(n_blocks, max(1, min(want, n_blocks))) * block_n
+    chunk = triton.cdiv(max(int(chunk), 1), block_n) * block_n
+    n_splits = triton.cdiv(max_length, chunk)
+    # fp32 tiles are multiplied on the FMA units with every operand in registers: 8 warps share them (with 4, ptxas
+    # spilled on sm_80 for head_dim 128, kernels.aot)
+    partial = LaunchPlan(_decode_partial_kernel, (n_splits, n_kv_heads, B),
+                         dict(BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+                              DOT_MODE=dot_mode(dtype, target.interpret), HAS_SLOTS=has_slots),
+                         num_warps=8 if dtype == torch.float32 else 4, num_stages=2)
+    combine = LaunchPlan(_decode_combine_kernel, (n_heads, B),
+                         dict(BLOCK_S=max(2, next_pow2(n_splits)), BLOCK_D=max(2, next_pow2(head_dim))), num_warps=1)
+    return DecodePlan(partial, combine, chunk, n_splits)
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      max_length: int | None = None, out: torch.Tensor | None = None,
-                     chunk: int | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                     chunk: int | None = None, slots: torch.Tensor | None = None,
+                     target: Target | None = None) -> torch.Tensor:
     """One-token GQA attention: q (B, n_heads, head_dim), k/v_cache (B, n_kv_heads, capacity, head_dim),
     lengths (B,) int32 (valid positions per sequence, >= 1) -> (B, n_heads, head_dim) in q's dtype.
 
@@ -124,7 +161,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `lengths` (a device sync). Passing the cache capacity gives a grid that depends on shapes only (what a
     CUDA graph needs; splits past a sequence's end exit at once). `chunk` overrides the positions per split
     (rounded up to the key block). `slots` (B,) int: sequence b's cache is k/v_cache[slots[b]] (a slot pool,
-    any number of rows) instead of row b.
+    any number of rows) instead of row b. `target`: the device facts the launch is planned for (default: q's
+    device's own).
     """
     _check(q, k_cache, v_cache, lengths, slots)
     B, n_heads, head_dim = q.shape
@@ -136,36 +174,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         max_length = int(lengths.max().item())
     if not 1 <= max_length <= capacity:
         raise ValueError(f"decode_attention: max_length {max_length} outside 1..{capacity}")
+    target = target if target is not None else target_of(q.device)
+    plan = plan_decode(B, n_heads, n_kv_heads, head_dim, max_length, chunk, slots is not None, q.dtype, target)
 
-    group = n_heads // n_kv_heads
-    block_g = max(16, next_pow2(group))
-    block_d = max(16, next_pow2(head_dim))
-    block_n = 64 if block_d <= 64 else 32
-    n_blocks = triton.cdiv(max_length, block_n)
-    if chunk is None:  # enough splits for ~2 programs per SM, at least one key block each
-        want = triton.cdiv(2 * multiprocessor_count(q.device), B * n_kv_heads)
-        chunk = triton.cdiv(n_blocks, max(1, min(want, n_blocks))) * block_n
-    chunk = triton.cdiv(max(int(chunk), 1), block_n) * block_n
-    n_splits = triton.cdiv(max_length, chunk)
-
-    part_o = torch.empty((B, n_heads, n_splits, head_dim), dtype=torch.float32, device=q.device)
-    part_ml = torch.empty((B, n_heads, n_splits, 2), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((B, n_heads, plan.n_splits, head_dim), dtype=torch.float32, device=q.device)
+    part_ml = torch.empty((B, n_heads, plan.n_splits, 2), dtype=torch.float32, device=q.device)
     qk_scale = (1.0 / math.sqrt(head_dim)) * 1.4426950408889634
-    _decode_partial_kernel[(n_splits, n_kv_heads, B)](
-        q, k_cache, v_cache, lengths, lengths if slots is None else slots, part_o, part_ml,
-        head_dim, group, chunk, qk_scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_ml.stride(0), part_ml.stride(1), part_ml.stride(2),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype), HAS_SLOTS=slots is not None,
-        num_warps=4, num_stages=2,
-    )
-    _decode_combine_kernel[(n_heads, B)](
-        part_o, part_ml, o, n_splits, head_dim,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_ml.stride(0), part_ml.stride(1), part_ml.stride(2), o.stride(0), o.stride(1),
-        BLOCK_S=max(2, next_pow2(n_splits)), BLOCK_D=max(2, next_pow2(head_dim)), num_warps=1,
-    )
+    launch(plan.partial,
+           q, k_cache, v_cache, lengths, lengths if slots is None else slots, part_o, part_ml,
+           head_dim, n_heads // n_kv_heads, plan.chunk, qk_scale,
+           q.stride(0), q.stride(1),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+           part_o.stride(0), part_o.stride(1), part_o.stride(2),
+           part_ml.stride(0), part_ml.stride(1), part_ml.stride(2))
+    launch(plan.combine,
+           part_o, part_ml, o, plan.n_splits, head_dim,
+           part_o.stride(0), part_o.stride(1), part_o.stride(2),
+           part_ml.stride(0), part_ml.stride(1), part_ml.stride(2), o.stride(0), o.stride(1))
     return o

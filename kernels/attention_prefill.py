@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_qkv, dot_mode, next_pow2, online_softmax_step, output_like, tile_dot
+from .launch import LaunchPlan, Target, launch, target_of
 
 
 @triton.jit
@@ -60,12 +61,32 @@ def _prefill_attention_kernel(
              out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+def plan_prefill(T: int, n_heads: int, head_dim: int, dtype: torch.dtype, target: Target) -> LaunchPlan:
+    """The launch for T causal queries of n_heads heads in `dtype` on `target`: one program per (query block, head).
+
+    fp32 tiles are multiplied without tensor cores (DOT_IEEE), every product in registers: key blocks of 32 and 8
+    warps for 32-64 query rows keep them there (64x64 tiles spilled 2-13 KB per thread on sm_80/sm_90, kernels.aot).
+    """
+    block_d = max(16, next_pow2(head_dim))
+    block_m = 64 if T > 32 else max(16, next_pow2(T))
+    warps = 4
+    if dtype == torch.float32:
+        block_n = 32
+        warps = 8 if block_m >= 32 else 4
+    else:
+        block_n = 64 if block_d <= 64 else 32
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(dtype, target.interpret))
+    return LaunchPlan(_prefill_attention_kernel, (triton.cdiv(T, block_m), n_heads), constexprs,
+                      num_warps=warps, num_stages=2)
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, target: Target | None = None) -> torch.Tensor:
     """Causal GQA attention: q (T, n_heads, head_dim), k/v_cache (n_kv_heads, capacity, head_dim) -> (T, n_heads, head_dim).
 
     Queries sit at absolute positions start_pos..start_pos+T-1 and attend to cache positions <= their own;
     the cache must already hold the new tokens' K/V. Same dtype (fp32/fp16/bf16) everywhere; scale = 1/sqrt(head_dim).
+    `target`: the device facts the launch is planned for (default: q's device's own).
     """
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"prefill_attention: need q (T, H, D) and k/v_cache (Hkv, cap, D), got "
@@ -80,17 +101,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     o = output_like("prefill_attention", q, out, name="q")
     if T == 0:
         return o
-    block_d = max(16, next_pow2(head_dim))
-    block_m = 64 if T > 32 else max(16, next_pow2(T))
-    block_n = 64 if block_d <= 64 else 32
+    target = target if target is not None else target_of(q.device)
     qk_scale = (1.0 / math.sqrt(head_dim)) * 1.4426950408889634  # fold log2(e) in: exp2 below
-    grid = (triton.cdiv(T, block_m), n_heads)
-    _prefill_attention_kernel[grid](
-        q, k_cache, v_cache, o,
-        T, int(start_pos), head_dim, n_heads // n_kv_heads, qk_scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), o.stride(0), o.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_MODE=dot_mode(q.dtype),
-        num_warps=4, num_stages=2,
-    )
+    launch(plan_prefill(T, n_heads, head_dim, q.dtype, target),
+           q, k_cache, v_cache, o,
+           T, int(start_pos), head_dim, n_heads // n_kv_heads, qk_scale,
+           q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+           v_cache.stride(0), v_cache.stride(1), o.stride(0), o.stride(1))
     return o

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_float, check_last_contiguous, next_pow2
+from .launch import LaunchPlan, launch
 
 
 @triton.jit
@@ -55,10 +56,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         check_last_contiguous(f"store_kv {name}", t)
     if T == 0:
         return
-    _store_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slots, positions, n_kv_heads, head_dim,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_H=next_pow2(n_kv_heads), BLOCK_D=next_pow2(head_dim), num_warps=1,
-    )
+    plan = LaunchPlan(_store_kv_kernel, (T,), dict(BLOCK_H=next_pow2(n_kv_heads), BLOCK_D=next_pow2(head_dim)),
+                      num_warps=1)
+    launch(plan, k, v, k_cache, v_cache, slots, positions, n_kv_heads, head_dim,
+           k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))

@@ -10,11 +10,14 @@ Two paths, picked by the number of rows M of x:
 Both accumulate in fp32 and write the result in x's dtype.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, dot_mode, multiprocessor_count, next_pow2, tile_dot
+from ._common import check_float, dot_mode, next_pow2, tile_dot
+from .launch import LaunchPlan, Target, launch, target_of
 
 DECODE_MAX_M = 8
 
@@ -123,70 +126,96 @@ def _check_inputs(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) ->
     return out
 
 
-def _gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> None:
-    M, K = x.shape
-    N = w.shape[0]
-    if x.dtype == torch.float32:  # fp32 tiles are twice as big in shared memory
+def plan_gemm(M: int, N: int, dtype: torch.dtype, target: Target) -> LaunchPlan:
+    """The tiled-GEMM launch for y (M, N) = x (M, K) @ w (N, K).T in `dtype` on `target`."""
+    if dtype == torch.float32:  # fp32 tiles are twice as big in shared memory
         block_m, block_n, block_k, warps, stages = 64, 64, 32, 4, 3
     elif M >= 128:
         block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
     else:
         block_m, block_n, block_k, warps, stages = 64, 64, 64, 4, 4
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _gemm_kernel[grid](
-        x, w, y, M, N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, DOT_MODE=dot_mode(x.dtype),
-        num_warps=warps, num_stages=stages,
-    )
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                      DOT_MODE=dot_mode(dtype, target.interpret))
+    return LaunchPlan(_gemm_kernel, grid, constexprs, num_warps=warps, num_stages=stages)
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, split_k: int | None) -> None:
-    M, K = x.shape
-    N = w.shape[0]
+class GemvPlan(NamedTuple):
+    """The decode path's launches: `gemv` over (n_tiles, split_k) programs, each summing k_per_split of K; when
+    split_k > 1 it writes fp32 partials (split_k, M, N) that `reduce` adds up (None when split_k == 1)."""
+
+    gemv: LaunchPlan
+    split_k: int
+    k_per_split: int
+    reduce: LaunchPlan | None
+
+
+def plan_gemv(M: int, N: int, K: int, split_k: int | None, target: Target) -> GemvPlan:
+    """The weight-streaming launches for y (M, N) = x (M, K) @ w (N, K).T, M <= DECODE_MAX_M; `split_k` None: ~4
+    programs per SM of `target`."""
     block_m = next_pow2(M)
     block_n = max(16, 64 // block_m)  # keep the (BLOCK_M, BLOCK_N, BLOCK_K) product tile at 8K elements
     block_k = 128
     n_tiles = triton.cdiv(N, block_n)
     k_blocks = triton.cdiv(K, block_k)
     if split_k is None:  # aim for ~4 programs per SM
-        split_k = triton.cdiv(4 * multiprocessor_count(x.device), n_tiles)
+        split_k = triton.cdiv(4 * target.sm_count, n_tiles)
     split_k = max(1, min(int(split_k), k_blocks))
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
-    if split_k == 1:
+    # 8 warps: 32-64 product elements per thread, 64-123 registers on sm_80/sm_90 (4 warps took 96-168 and spilled
+    # in fp32 on sm_80 with BLOCK_M=4, kernels.aot)
+    gemv = LaunchPlan(_gemv_kernel, (n_tiles, split_k), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+                      num_warps=8)
+    reduce = None
+    if split_k > 1:
+        block = 1024
+        reduce = LaunchPlan(_splitk_reduce_kernel, (triton.cdiv(M * N, block),), dict(BLOCK=block))
+    return GemvPlan(gemv, split_k, k_per_split, reduce)
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, target: Target) -> None:
+    M, K = x.shape
+    N = w.shape[0]
+    launch(plan_gemm(M, N, x.dtype, target), x, w, y, M, N, K,
+           x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, split_k: int | None, target: Target) -> None:
+    M, K = x.shape
+    N = w.shape[0]
+    plan = plan_gemv(M, N, K, split_k, target)
+    if plan.split_k == 1:
         part, strides = y, (0, y.stride(0), y.stride(1))
     else:
-        part = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        part = torch.empty((plan.split_k, M, N), dtype=torch.float32, device=x.device)
         strides = part.stride()
-    _gemv_kernel[(n_tiles, split_k)](
-        x, w, part, M, N, K, k_per_split,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), *strides,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-    )
-    if split_k > 1:
+    launch(plan.gemv, x, w, part, M, N, K, plan.k_per_split,
+           x.stride(0), x.stride(1), w.stride(0), w.stride(1), *strides)
+    if plan.reduce is not None:
         dest = y if y.is_contiguous() else torch.empty((M, N), dtype=y.dtype, device=y.device)
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](part, dest, M * N, split_k, BLOCK=block)
+        launch(plan.reduce, part, dest, M * N, plan.split_k)
         if dest is not y:
             y.copy_(dest)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
-           split_k: int | None = None) -> torch.Tensor:
+           split_k: int | None = None, target: Target | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) @ w (N, K).T; fp32/fp16/bf16 (same for x and w), fp32 accumulation, y in x's dtype.
 
     Uses the decode path (weight-streaming GEMV, split over K) for M <= DECODE_MAX_M,
-    the tiled GEMM otherwise. `split_k` overrides the decode path's K split (tests/tuning).
+    the tiled GEMM otherwise. `split_k` overrides the decode path's K split (tests/tuning). `target`: the device
+    facts the launch is planned for (default: x's device's own).
     """
     y = _check_inputs(x, w, out)
+    target = target if target is not None else target_of(x.device)
     M, K = x.shape
     if M == 0 or y.shape[1] == 0:
         return y
     if K == 0:
         return y.zero_()
     if M <= DECODE_MAX_M:
-        _gemv(x, w, y, split_k)
+        _gemv(x, w, y, split_k, target)
     else:
-        _gemm(x, w, y)
+        _gemm(x, w, y, target)
     return y

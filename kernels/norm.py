@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_float, check_last_contiguous, check_like, next_pow2, output_like
+from .launch import LaunchPlan, launch
 
 
 @triton.jit
@@ -56,9 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if T > 0:
         block = next_pow2(N)
         warps = min(16, max(1, block // 256))
-        _rms_norm_kernel[(T,)](
-            x, res, weight, y, h, N, float(eps),
-            x.stride(0), stride_r, y.stride(0), stride_h,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps,
-        )
+        plan = LaunchPlan(_rms_norm_kernel, (T,), dict(HAS_RESIDUAL=residual is not None, BLOCK=block),
+                          num_warps=warps)
+        launch(plan, x, res, weight, y, h, N, float(eps), x.stride(0), stride_r, y.stride(0), stride_h)
     return (y, h) if residual is not None else y

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_float, check_last_contiguous, next_pow2
+from .launch import LaunchPlan, launch
 
 
 @triton.jit
@@ -61,12 +62,9 @@ def _launch(x3: torch.Tensor, y3: torch.Tensor, n_heads: int, cos, sin, position
         return
     block_half = next_pow2(head_dim // 2)
     block_h = min(next_pow2(n_heads), max(1, 4096 // block_half))
-    grid = (T, triton.cdiv(n_heads, block_h))
-    _rotary_kernel[grid](
-        x3, y3, cos, sin, positions, n_heads, head_dim // 2,
-        x3.stride(0), x3.stride(1), y3.stride(0), y3.stride(1), cos.stride(0),
-        BLOCK_H=block_h, BLOCK_HALF=block_half,
-    )
+    plan = LaunchPlan(_rotary_kernel, (T, triton.cdiv(n_heads, block_h)), dict(BLOCK_H=block_h, BLOCK_HALF=block_half))
+    launch(plan, x3, y3, cos, sin, positions, n_heads, head_dim // 2,
+           x3.stride(0), x3.stride(1), y3.stride(0), y3.stride(1), cos.stride(0))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,

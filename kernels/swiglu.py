@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_float, check_last_contiguous
+from .launch import LaunchPlan, launch
 
 
 @triton.jit
@@ -39,5 +40,6 @@ def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     check_last_contiguous("swiglu out", y)
     if M > 0 and I > 0:
         block = 1024
-        _swiglu_kernel[(M, triton.cdiv(I, block))](gate_up, y, I, gate_up.stride(0), y.stride(0), BLOCK=block)
+        plan = LaunchPlan(_swiglu_kernel, (M, triton.cdiv(I, block)), dict(BLOCK=block))
+        launch(plan, gate_up, y, I, gate_up.stride(0), y.stride(0))
     return y

@@ -21,6 +21,7 @@ Two ways through `forward`:
 """
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from kernels.attention_decode import decode_attention
 from kernels.attention_prefill import prefill_attention
 from kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache
 from kernels.kv_store import store_kv
+from kernels.launch import Target, target_of
 from kernels.matmul import matmul
 from kernels.norm import rms_norm
 from kernels.rotary import apply_rotary_qkv
@@ -52,6 +54,26 @@ def _default_device() -> torch.device:
     if not interpreting():
         raise RuntimeError("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU")
     return torch.device("cpu")
+
+
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A weight array as a CPU tensor over the same memory (no copy), in the dtype it holds: NumPy uint16 holds
+    bfloat16 bits (the loader's representation of a bf16 checkpoint), float16 and float32 are themselves."""
+    a = np.ascontiguousarray(a)  # the loader's arrays already are: no copy
+    if a.dtype not in (np.uint16, np.float16, np.float32):
+        raise TypeError(f"weights must be uint16 (bfloat16 bits), float16 or float32 arrays, got {a.dtype}")
+    with warnings.catch_warnings():  # a read-only array (a memory map) is fine: weights are never written
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
+
+
+def upload(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A weight array -> contiguous tensor of the same shape on `device` in `dtype`.
+
+    The array crosses to the device in its own dtype and is converted there: a 16-bit matrix is never widened to
+    float32 on the host (torch converts a cross-device copy on the source side when the dtypes differ)."""
+    return host_tensor(a).to(device=device).to(dtype=dtype)
 
 
 class _DeviceLayer:
@@ -73,6 +95,8 @@ POOL_WINDOW_MAX = 4096  # default per-slot window of the static KV pool (longer 
 class TritonBackend:
     """Runs a Llama model with the Triton kernels; same interface and results as engine.runtime.numpy_backend.NumpyBackend.
 
+    weights: matrices and embedding as float32, float16 or uint16 (bfloat16 bits) arrays; each is copied to the
+      device in that dtype and converted to `dtype` there.
     dtype: "float32" | "bfloat16" | "float16" | "auto" (bfloat16 on a GPU, float32 in the interpreter).
     cuda_graphs: keep the caches in a static slot pool and run one-token decode steps through the static-buffer
       path, captured as CUDA graphs on a CUDA device (uncaptured in the interpreter). False: per-sequence growing
@@ -80,23 +104,27 @@ class TritonBackend:
     graph_batch_sizes: the batch buckets of the static path (one graph each); larger batches run in pieces.
     pool_window: positions per pool slot (default min(model window, 4096)); a longer sequence moves to private
       storage and the eager path. Each slot reserves n_layers * 2 * n_kv_heads * pool_window * head_dim values.
+    target: the device facts every kernel launch is planned for (kernels.launch.Target); default: the device's
+      own. With device="meta" and a named target (kernels.launch.H100) under kernels.launch.recording(), forward
+      records the launches this backend would make on that GPU without running anything (kernels.aot).
     """
 
     name = "triton"
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, dtype: str = "auto", device=None,
-                 cuda_graphs: bool = True, graph_batch_sizes=GRAPH_BATCH_SIZES, pool_window: int | None = None):
+                 cuda_graphs: bool = True, graph_batch_sizes=GRAPH_BATCH_SIZES, pool_window: int | None = None,
+                 target: Target | None = None):
         self.config = config
         self.device = torch.device(device) if device is not None else _default_device()
+        self.target = target if target is not None else target_of(self.device)
         if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+            dtype = "float32" if self.target.interpret else "bfloat16"
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})")
         self.dtype = DTYPES[dtype]
 
         def to_device(a: np.ndarray) -> torch.Tensor:
-            """NumPy array -> contiguous tensor of the same shape on the backend's device, in its dtype."""
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=self.device, dtype=self.dtype)
+            return upload(a, self.device, self.dtype)
 
         self.embed = to_device(weights.embed)
         self.lm_head = self.embed if weights.lm_head is weights.embed else to_device(weights.lm_head)
@@ -175,15 +203,15 @@ class TritonBackend:
         h = rms_norm(x, self.layers[0].attn_norm, self.eps)
         attn = torch.empty((n_tok, H, D), dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.layers):
-            qkv = matmul(h, layer.wqkv)  # (N, (H + 2 Hkv) D)
+            qkv = matmul(h, layer.wqkv, target=self.target)  # (N, (H + 2 Hkv) D)
             apply_rotary_qkv(qkv, self.cos, self.sin, positions, H, Hkv, D)
             q = qkv[:, :q_end].view(n_tok, H, D)
             k = qkv[:, q_end:k_end].view(n_tok, Hkv, D)
             v = qkv[:, k_end:].view(n_tok, Hkv, D)
             attend(i, q, k, v, attn)
-            o = matmul(attn.view(n_tok, H * D), layer.wo)
+            o = matmul(attn.view(n_tok, H * D), layer.wo, target=self.target)
             h, x = rms_norm(o, layer.mlp_norm, self.eps, residual=x)
-            down = matmul(swiglu(matmul(h, layer.w_gate_up)), layer.w_down)
+            down = matmul(swiglu(matmul(h, layer.w_gate_up, target=self.target)), layer.w_down, target=self.target)
             next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
             h, x = rms_norm(down, next_norm, self.eps, residual=x)  # after the last layer: the final norm
         return h
@@ -217,7 +245,7 @@ class TritonBackend:
                 store_kv(k, v, pool.k[i], pool.v[i], slots_dev, pos_dev)  # every token, one launch
                 if n_dec:
                     decode_attention(q[:n_dec], pool.k[i], pool.v[i], lengths_dev, max_length=max_dec,
-                                     out=attn[:n_dec], slots=slots_dev[:n_dec])
+                                     out=attn[:n_dec], slots=slots_dev[:n_dec], target=self.target)
             row = 0
             for j, (s, start, n) in enumerate(zip(steps, starts, counts)):
                 cache = s.cache
@@ -225,9 +253,10 @@ class TritonBackend:
                     cache.write(i, start, k[row : row + n], v[row : row + n])
                 if n == 1 and not pooled:
                     decode_attention(q[row : row + 1], cache.k[i][None], cache.v[i][None], lengths_dev[j : j + 1],
-                                     max_length=start + 1, out=attn[row : row + 1])
+                                     max_length=start + 1, out=attn[row : row + 1], target=self.target)
                 elif n > 1:
-                    prefill_attention(q[row : row + n], cache.k[i], cache.v[i], start, out=attn[row : row + n])
+                    prefill_attention(q[row : row + n], cache.k[i], cache.v[i], start, out=attn[row : row + n],
+                                      target=self.target)
                 row += n
 
         x = self.embed.index_select(0, ids_dev)  # (N, hidden) residual stream
@@ -250,7 +279,7 @@ class TritonBackend:
             picked = h
         else:
             picked = h.index_select(0, torch.from_numpy(rows).to(self.device))
-        logits = _to_host_f32(matmul(picked, self.lm_head))
+        logits = _to_host_f32(matmul(picked, self.lm_head, target=self.target))
         sizes = [n if s.all_logits else 1 for s, n in zip(steps, counts)]
         return np.split(logits, np.cumsum(sizes)[:-1])
 
@@ -276,10 +305,11 @@ class TritonBackend:
         def attend(i, q, k, v, attn):
             """Store layer i's K/V in the pool slots; write decode attention into attn (bucket, n_heads, head_dim)."""
             store_kv(k, v, pool.k[i], pool.v[i], slots, positions)
-            decode_attention(q, pool.k[i], pool.v[i], lengths, max_length=pool.window, out=attn, slots=slots)
+            decode_attention(q, pool.k[i], pool.v[i], lengths, max_length=pool.window, out=attn, slots=slots,
+                             target=self.target)
 
         h = self._layers(self.embed.index_select(0, ids), positions, attend)
-        st.logits[:bucket].copy_(matmul(h, self.lm_head))
+        st.logits[:bucket].copy_(matmul(h, self.lm_head, target=self.target))
 
     def _graph(self, bucket: int):
         """The CUDA graph of `bucket`'s step, captured on first use (and again after the pool grew)."""
@@ -355,7 +385,11 @@ class _StaticInputs:
 
 
 def _to_host_f32(t: torch.Tensor) -> np.ndarray:
-    """(rows, vocab) device logits -> host float32 NumPy (bf16/fp16 widen exactly on the host, half the bytes)."""
+    """(rows, vocab) device logits -> host float32 NumPy (bf16/fp16 widen exactly on the host, half the bytes).
+
+    A meta tensor (launches being recorded, nothing computed) gives zeros of its shape."""
+    if t.device.type == "meta":
+        return np.zeros(tuple(t.shape), dtype=np.float32)
     if t.dtype == torch.float32:
         return t.to("cpu", copy=True).numpy()  # a copy even on a CPU device: t may be a static buffer
     if t.dtype == torch.bfloat16:  # bf16 is the top half of an fp32: shift the raw bits

@@ -70,3 +70,59 @@ def test_gpu_check_helpers_on_a_tiny_model(tmp_path, monkeypatch):
     assert gpu_check.hf_decode_rate(ref, prompt_len=3, steps=2, warmup=1)["tok_per_s_per_sequence"] > 0
     assert gpu_check.hf_prefill_rate(ref, 4, trials=1)["best_s"] > 0
     assert isinstance(torch.__version__, str)
+
+
+def test_gpu_check_plan_prints_the_targets_without_a_gpu():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--plan"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for needle in ("H100", "A100", "3.35 TB/s", "2.0 TB/s", "_gemv_kernel", "_decode_partial_kernel",
+                   "decode B=1: floor", "decode B=32: floor", "prefill 2048"):
+        assert needle in out, needle
+
+
+def test_gpu_plan_figures_follow_from_the_model_and_the_datasheets():
+    """Checked against counts made here from the config's tensor shapes, not from the plan's own formulas."""
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import tests.kernel_support  # noqa: F401  (the interpreter, as for every kernel test)
+    from bench.checkpoints import TINYLLAMA_SHAPE
+    from bench.gpu_plan import plan
+    from engine.config import ModelConfig
+
+    shape = dict(TINYLLAMA_SHAPE, head_dim=TINYLLAMA_SHAPE["hidden_size"] // TINYLLAMA_SHAPE["num_attention_heads"])
+    c = ModelConfig(**shape)
+    shapes = c.tensor_shapes()
+    matrices = sum(int(np.prod(s)) for name, s in shapes.items()
+                   if len(s) == 2 and name != "model.embed_tokens.weight")  # layer matrices and lm_head
+    layer_matrices = matrices - c.vocab_size * c.hidden_size
+    kv_per_seq = c.num_hidden_layers * 2 * c.num_key_value_heads * 256 * c.head_dim * 2  # bf16 K and V, 256 positions
+
+    p = plan(256)
+    assert [g["gpu"].split()[0] for g in p["gpus"]] == ["H100", "A100"]
+    for g in p["gpus"]:
+        bw = g["hbm_tb_s"] * 1e12
+        one, many = g["decode"]
+        assert (one["batch"], many["batch"]) == (1, 32)
+        assert one["launches"]["_gemv_kernel"] == 4 * c.num_hidden_layers + 1  # qkv, o, gate_up, down; lm_head
+        assert many["launches"]["_gemm_kernel"] == 4 * c.num_hidden_layers + 1  # 32 rows: the tiled GEMM
+        weights = 2 * matrices
+        matmul = one["bytes"]["_gemv_kernel"]
+        assert weights < matmul < 1.01 * weights  # every matrix once, plus the activations
+        assert weights <= one["total_bytes"] < 1.03 * weights
+        assert many["bytes"]["_decode_partial_kernel"] > 32 * kv_per_seq
+        assert many["total_bytes"] > weights + 32 * kv_per_seq
+        for step in (one, many):
+            assert step["tok_per_s"] == pytest.approx(step["batch"] * bw / step["total_bytes"])  # memory-bound
+        for f in g["prefill"]:
+            t = f["tokens"]
+            flops = 2 * t * layer_matrices + 2 * c.vocab_size * c.hidden_size + \
+                4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * t * (t + 1) // 2
+            assert f["flops"] == flops
+            assert f["tok_per_s"] == pytest.approx(t * g["bf16_tflop_s"] * 1e12 / flops)
+    h100, a100 = p["gpus"]
+    assert 1500 < h100["decode"][0]["tok_per_s"] < 3.35e12 / (2 * matrices)  # below the weights-only bound
+    assert a100["decode"][0]["tok_per_s"] == pytest.approx(h100["decode"][0]["tok_per_s"] * 2.0 / 3.35, rel=0.01)
