@@ -17,9 +17,10 @@
 #include <math.h>
 
 #define ATT_BK 64       /* keys per block */
-#define ATT_RB 4        /* query rows sharing each key/value load */
+#define ATT_RB 8        /* query rows sharing each key/value load */
 #define ATT_ITEM_ROWS 64 /* rows (queries x group) per work item */
 #define ATT_DMAX 512
+#define ATT_PV_CHUNKS 4 /* output vectors of one row kept in registers while its p . v sums over a key block */
 
 typedef struct {
     const float *q;
@@ -57,8 +58,8 @@ TARGET static void att_probs(const att_job *a, const float *kbase, const float *
     for (ptrdiff_t j = pos + 1; j < L; j++) row[j] = 0.0f;
 }
 
-/* ATT_RB (or fewer, rb) rows of one kv head: row r is query t[r] of head head[r]. */
-TARGET static void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, const ptrdiff_t *head, int rb)
+/* ATT_RB (or fewer, rb: a constant after inlining) rows of one kv head: row r is query t[r] of head head[r]. */
+TARGET INLINE void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, const ptrdiff_t *head, const int rb)
 {
     const ptrdiff_t D = a->head_dim, Dv = D - D % VL;
     const float *q[ATT_RB];
@@ -82,11 +83,14 @@ TARGET static void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, 
         for (ptrdiff_t j = 0; j < nj; j++) { /* scores: one key row against every row */
             const float *kr = kbase + (j0 + j) * a->ldp;
             vf dot[ATT_RB];
+#pragma GCC unroll 8
             for (int r = 0; r < rb; r++) dot[r] = vf_zero();
             for (ptrdiff_t d = 0; d < Dv; d += VL) {
                 vf kv_ = vf_load(kr + d);
+#pragma GCC unroll 8
                 for (int r = 0; r < rb; r++) dot[r] = vf_fmadd(vf_load(q[r] + d), kv_, dot[r]);
             }
+#pragma GCC unroll 8
             for (int r = 0; r < rb; r++) {
                 float sum = vf_sum(dot[r]);
                 for (ptrdiff_t d = Dv; d < D; d++) sum += q[r][d] * kr[d];
@@ -94,11 +98,12 @@ TARGET static void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, 
             }
         }
         for (int r = 0; r < rb; r++) { /* online softmax: new max, rescale what was summed so far */
-            float mx = m[r];
-            for (ptrdiff_t j = 0; j < nj; j++) mx = s[r][j] > mx ? s[r][j] : mx;
+            for (ptrdiff_t j = nj; j < ATT_BK; j++) s[r][j] = -INFINITY;
+            vf vmax = vf_load(&s[r][0]);
+            for (ptrdiff_t j = VL; j < ATT_BK; j += VL) vmax = vf_max(vmax, vf_load(&s[r][j]));
+            float mx = vf_hmax(vmax) > m[r] ? vf_hmax(vmax) : m[r];
             float alpha = expf(m[r] - mx); /* 0 on the first block (m = -inf) */
             m[r] = mx;
-            for (ptrdiff_t j = nj; j < ATT_BK; j++) s[r][j] = -INFINITY;
             vf total = vf_zero(), shift = vf_set1(-mx);
             for (ptrdiff_t j = 0; j < ATT_BK; j += VL) {
                 vf p = vf_exp(vf_add(vf_load(&s[r][j]), shift));
@@ -112,21 +117,52 @@ TARGET static void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, 
                 for (ptrdiff_t d = Dv; d < D; d++) acc[r][d] *= alpha;
             }
         }
-        for (ptrdiff_t j = 0; j < nj; j++) { /* acc += p . v, each value row loaded once for every row */
-            const float *vr = vbase + (j0 + j) * a->ldp;
-            for (ptrdiff_t d = 0; d < Dv; d += VL) {
-                vf vv = vf_load(vr + d);
-                for (int r = 0; r < rb; r++)
-                    vf_store(acc[r] + d, vf_fmadd(vf_set1(s[r][j]), vv, vf_load(acc[r] + d)));
+        /* acc += p . v: per row, ATT_PV_CHUNKS vectors of its output stay in registers over the block's keys (the
+         * block's value rows, 16 KB at head_dim 64, are re-read from L1 for each row). */
+        for (int r = 0; r < rb; r++) {
+            ptrdiff_t d0 = 0;
+            for (; d0 + ATT_PV_CHUNKS * VL <= Dv; d0 += ATT_PV_CHUNKS * VL) { /* constant trip counts: registers */
+                vf o4[ATT_PV_CHUNKS];
+                for (int c = 0; c < ATT_PV_CHUNKS; c++) o4[c] = vf_load(acc[r] + d0 + c * VL);
+                const float *vr = vbase + j0 * a->ldp + d0;
+                for (ptrdiff_t j = 0; j < nj; j++, vr += a->ldp) {
+                    vf p = vf_set1(s[r][j]);
+                    for (int c = 0; c < ATT_PV_CHUNKS; c++) o4[c] = vf_fmadd(p, vf_load(vr + c * VL), o4[c]);
+                }
+                for (int c = 0; c < ATT_PV_CHUNKS; c++) vf_store(acc[r] + d0 + c * VL, o4[c]);
+            }
+            for (; d0 < Dv; d0 += VL) { /* what is left of head_dim, one vector at a time */
+                vf o = vf_load(acc[r] + d0);
+                const float *vr = vbase + j0 * a->ldp + d0;
+                for (ptrdiff_t j = 0; j < nj; j++, vr += a->ldp) o = vf_fmadd(vf_set1(s[r][j]), vf_load(vr), o);
+                vf_store(acc[r] + d0, o);
             }
             for (ptrdiff_t d = Dv; d < D; d++)
-                for (int r = 0; r < rb; r++) acc[r][d] += s[r][j] * vr[d];
+                for (ptrdiff_t j = 0; j < nj; j++) acc[r][d] += s[r][j] * vbase[(j0 + j) * a->ldp + d];
         }
     }
     for (int r = 0; r < rb; r++) {
         float inv = 1.0f / l[r];
         for (ptrdiff_t d = 0; d < D; d++) o[r][d] = acc[r][d] * inv;
         if (a->probs) att_probs(a, kbase, q[r], t[r], head[r], pos[r], m[r], l[r]);
+    }
+}
+
+/* att_rows compiled for each row count. */
+TARGET static void att_rows_any(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, const ptrdiff_t *head, int rb)
+{
+    switch (rb) {
+    case 1: att_rows(a, kv, t, head, 1); break;
+    case 2: att_rows(a, kv, t, head, 2); break;
+    case 3: att_rows(a, kv, t, head, 3); break;
+    case 4: att_rows(a, kv, t, head, 4); break;
+#if ATT_RB > 4
+    case 5: att_rows(a, kv, t, head, 5); break;
+    case 6: att_rows(a, kv, t, head, 6); break;
+    case 7: att_rows(a, kv, t, head, 7); break;
+    case 8: att_rows(a, kv, t, head, 8); break;
+#endif
+    default: abort();
     }
 }
 
@@ -144,11 +180,11 @@ TARGET static void att_item(void *arg, ptrdiff_t i)
             t[rb] = tq;
             head[rb] = kv * group + g;
             if (++rb == ATT_RB) {
-                att_rows(a, kv, t, head, rb);
+                att_rows_any(a, kv, t, head, rb);
                 rb = 0;
             }
         }
-    if (rb) att_rows(a, kv, t, head, rb);
+    if (rb) att_rows_any(a, kv, t, head, rb);
 }
 
 void VARIANT(tl_attention)(const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t n_heads, ptrdiff_t head_dim,

@@ -18,8 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef PF_BYTES
 #define PF_BYTES 2048      /* prefetch each weight row this far ahead into L2 */
+#endif
+#ifndef BLOCK_BYTES
 #define BLOCK_BYTES 262144 /* weight bytes per block */
+#endif
 
 #define CHUNK(wt) ((wt) == W_BF16 ? 2 * VL : VL)
 #define ELEM(wt) ((wt) == W_F32 ? 4 : 2)
@@ -122,6 +126,9 @@ TARGET static void tile_any(const float *xp, ptrdiff_t ldxp, const char *w, ptrd
 #endif
 #if TILE_NR_MAX >= 8
         TILE_CASES_W(1, 7) TILE_CASES_W(1, 8)
+#endif
+#if TILE_NR_MAX >= 12
+        TILE_CASES_W(1, 9) TILE_CASES_W(1, 10) TILE_CASES_W(1, 11) TILE_CASES_W(1, 12)
 #endif
     default:
         abort(); /* a shape the tables above never ask for */

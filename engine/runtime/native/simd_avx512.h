@@ -13,8 +13,11 @@ typedef __m512 vf;
 /* Register tiles of the matmul: up to TILE_MB rows of x by tile_nr[mb] rows of w, mb*nr accumulators plus nr
  * widened weight vectors and one x vector within the 32 registers; 8 weight rows in flight at mb = 1 (a GEMV). */
 #define TILE_MB 4
-#define TILE_NR_MAX 8
-static const int tile_nr[TILE_MB + 1] = {0, 8, 6, 6, 6};
+#ifndef TILE_NR1
+#define TILE_NR1 8 /* weight rows per tile at one row of x */
+#endif
+#define TILE_NR_MAX (TILE_NR1 > 6 ? TILE_NR1 : 6)
+static const int tile_nr[TILE_MB + 1] = {0, TILE_NR1, 6, 6, 6};
 #define BLOCK_ROWS_UNIT 24 /* a multiple of every tile_nr */
 
 TARGET INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
