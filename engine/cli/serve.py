@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import signal
 import socket
+import sys
 
 from engine.cli.common import add_model_options, load
 from engine.errors import EngineError
@@ -32,6 +32,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a place in the batch; beyond, 503 (default %(default)s)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model's name in the API (default: the --model value)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser "
+                        "(CORS); may be repeated; none by default")
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                    help="on Ctrl-C, seconds requests in flight get to finish before they are cancelled "
                         "(default %(default)s)")
@@ -65,6 +68,7 @@ def log_config(level: str) -> dict:
 
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["loggers"]["tinyllama.serve"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    config["loggers"]["tinyllama.serve.startup"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     config["loggers"]["engine"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     return config
 
@@ -98,15 +102,16 @@ def run_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
-                     max_queue=args.max_queue, on_load_error=on_load_error)
+                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin)
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="on")
     server = Server(config)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    log = logging.getLogger("tinyllama.serve")  # configured by uvicorn.Config (log_config above)
-    log.info("loading %s ... (GET /health answers 503 until it is ready)", args.model)
-    log.info("listening on http://%s:%d (OpenAI API at http://%s:%d/v1; Ctrl-C to stop)", shown, port, shown, port)
+    # the progress lines show at every --log-level
+    print(f"INFO:     loading {args.model} ... (GET /health answers 503 until it is ready)", file=sys.stderr)
+    print(f"INFO:     listening on http://{shown}:{port} (OpenAI API at http://{shown}:{port}/v1; Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
     # uvicorn restores the signal handlers it found and then re-raises the signal that stopped it: with these,
     # that re-raise is a no-op, so a Ctrl-C or SIGTERM that shut the server down cleanly exits 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
@@ -30,7 +31,8 @@ from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse
 
-log = logging.getLogger("tinyllama.serve")
+log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
+startup_log = logging.getLogger("tinyllama.serve.startup")  # the ready line: shown at every log level
 
 OWNER = "tinyllama-engine"
 RETRY_AFTER_BUSY = "1"
@@ -79,7 +81,7 @@ class ServerState:
                 self.on_load_error(self.load_error)
             return
         self.model, self.strings, self.serving = model, strings, serving
-        log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once)",
+        startup_log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once)",
                  time.perf_counter() - started, self.served_model_name, model.config.max_position_embeddings,
                  self.max_active)
 
@@ -118,9 +120,10 @@ class ServerState:
 
 def create_app(load: Callable[[], object], served_model_name: str, api_key: str | None = None,
                max_active: int = 32, max_queue: int = 256,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = ()) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
-    `on_load_error(message)` is called if it fails. `app.state.server` is the ServerState."""
+    `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
+    may call the API (CORS; none by default). `app.state.server` is the ServerState."""
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error)
 
     @asynccontextmanager
@@ -132,6 +135,9 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
 
     app = FastAPI(title="tinyllama serve", lifespan=lifespan)
     app.state.server = state
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     install_error_handlers(app, on_error=lambda status: state.metrics.errors.labels(str(status)).inc())
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -165,14 +171,16 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
         body = await _prepare(request, state, ChatCompletionRequest)
         job = chat_job(state.model, body)
         return await _answer(request, state, job, Answer("chat", state.served_model_name, state.strings,
-                                                         job.logprobs, job.include_usage))
+                                                         job.logprobs, job.include_usage, job.continuous_usage,
+                                                         len(job.prompt_ids)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _prepare(request, state, CompletionRequest)
         job = completion_job(state.model, body)
         return await _answer(request, state, job, Answer("completion", state.served_model_name, state.strings,
-                                                         job.logprobs, job.include_usage))
+                                                         job.logprobs, job.include_usage, job.continuous_usage,
+                                                         len(job.prompt_ids)))
 
     return app
 

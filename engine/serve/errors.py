@@ -3,6 +3,7 @@ failure one (bad JSON, FastAPI's validation errors as 400, unknown routes, and, 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("tinyllama.serve")
+UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*|function-.*)$")
 
 INVALID_REQUEST = "invalid_request_error"  # OpenAI's type for every 4xx (bad fields, wrong key, unknown model or URL)
 SERVER_ERROR = "server_error"  # 5xx: busy, loading, shutting down, or a bug
@@ -46,7 +48,7 @@ def field_path(loc) -> str | None:
             continue
         if isinstance(part, int):
             path += f"[{part}]"
-        elif isinstance(part, str) and "[" not in part and not part.startswith("function-"):  # union branch names
+        elif isinstance(part, str) and not UNION_BRANCH.match(part):  # not a union member's tag ('str', ...)
             path += ("." if path else "") + part
     return path or None
 

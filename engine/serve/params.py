@@ -25,6 +25,7 @@ class Job:
     options: GenerationOptions
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
     logprobs: int | None  # top alternatives per token (0: the chosen token only); None: no log-probabilities
 
 
@@ -174,5 +175,6 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
     except EngineError as e:
         raise bad_request(f"{param}: {e}", param) from None
     options = generation_options(model, body, max_tokens, len(ids), param, logprobs)
-    include_usage = bool(body.stream and body.stream_options is not None and body.stream_options.include_usage)
-    return Job(ids, options, bool(body.stream), include_usage, logprobs)
+    stream_options = body.stream_options if body.stream else None
+    return Job(ids, options, bool(body.stream), bool(stream_options and stream_options.include_usage),
+               bool(stream_options and stream_options.continuous_usage_stats), logprobs)

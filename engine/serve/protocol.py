@@ -16,6 +16,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: usage so far in every chunk
 
 
 class ResponseFormat(_Body):

@@ -25,7 +25,11 @@ def finish_reason(result: GenerationResult) -> str:
 
 def usage(result: GenerationResult) -> dict:
     """{"prompt_tokens", "completion_tokens", "total_tokens"}: every token of the prompt and every generated one."""
-    prompt, completion = len(result.prompt_token_ids), len(result.token_ids)
+    return usage_of(len(result.prompt_token_ids), len(result.token_ids))
+
+
+def usage_of(prompt: int, completion: int) -> dict:
+    """OpenAI's usage object for these counts."""
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -66,7 +70,7 @@ class Answer:
     """The response of one request in OpenAI's shape: `kind` 'chat' or 'completion'."""
 
     def __init__(self, kind: str, model_name: str, strings: TokenStrings, logprobs: int | None,
-                 include_usage: bool = False):
+                 include_usage: bool = False, continuous_usage: bool = False, prompt_tokens: int = 0):
         self.kind = kind
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -74,6 +78,9 @@ class Answer:
         self.strings = strings
         self.logprobs = logprobs
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0  # streamed so far
         self.text_offset = 0  # completions' text_offset runs on across stream chunks
 
     # ---- pieces -----------------------------------------------------------------------------------------------
@@ -107,7 +114,9 @@ class Answer:
     def _chunk(self, choices: list[dict]) -> dict:
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
                  "created": self.created, "model": self.model, "system_fingerprint": None, "choices": choices}
-        if self.include_usage:
+        if self.continuous_usage:
+            chunk["usage"] = usage_of(self.prompt_tokens, self.completion_tokens)
+        elif self.include_usage:
             chunk["usage"] = None
         return chunk
 
@@ -125,7 +134,8 @@ class Answer:
     def delta_chunk(self, events: list[TokenEvent]) -> dict | None:
         """A chunk with these tokens' text (and log-probabilities); None when it would carry nothing."""
         text = "".join(e.text for e in events)
-        if not text and (self.logprobs is None or not events):
+        self.completion_tokens += len(events)
+        if not text and (self.logprobs is None or not events) and not (self.continuous_usage and events):
             return None
         return self._chunk([self._choice(text, None, self.logprobs_block(events))])
 
