@@ -300,9 +300,9 @@ def report(results: dict) -> str:
              f"server RSS at start: {fmt(results['rss_start_bytes'], ' MB', 1e-6, 0)}",
              "round  tok/s   of in-process  TTFT p50  TTFT p95  completed  errors  RSS after"]
     for i, r in enumerate(results["rounds"], 1):
-        lines.append(f"{i:>5}  {r['tok_s']:6.1f}  {100 * r['tok_s'] / base:12.0f}%  {fmt(r['ttft_p50_s'], ' s', 1, 3):>8}"
-                     f"  {fmt(r['ttft_p95_s'], ' s', 1, 3):>8}  {r['completed']:>9}  {r['errors']:>6}  "
-                     f"{fmt(r['rss_after_bytes'], ' MB', 1e-6, 0):>9}")
+        lines.append(f"{i:>5}  {r['tok_s']:6.1f}  {100 * r['tok_s'] / base:12.0f}%  "
+                     f"{fmt(r['ttft_p50_s'], ' s', 1, 3):>8}  {fmt(r['ttft_p95_s'], ' s', 1, 3):>8}  "
+                     f"{r['completed']:>9}  {r['errors']:>6}  {fmt(r['rss_after_bytes'], ' MB', 1e-6, 0):>9}")
     s = results["summary"]
     lines.append(f"server / in-process: {100 * s['ratio']:.0f}% (mean of rounds; goal >= 85%), errors: {s['errors']}, "
                  f"RSS after the last round vs the first: {fmt(s['rss_growth'], '%', 100, 1)} (goal within 5%)")

@@ -90,7 +90,8 @@ def test_completion_greedy_equals_model_complete(client, model, prompt):
     r = client.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=20)
     expected = model.complete(prompt, max_new_tokens=20, temperature=0)
     assert r.choices[0].text == expected.text and r.choices[0].finish_reason == openai_finish(expected.stop_reason)
-    assert r.usage.prompt_tokens == len(model.prompt_ids(prompt)) and r.usage.completion_tokens == len(expected.token_ids)
+    assert r.usage.prompt_tokens == len(model.prompt_ids(prompt))
+    assert r.usage.completion_tokens == len(expected.token_ids)
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
 
 

@@ -30,6 +30,7 @@ from engine.serve.metrics import ServerMetrics
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse
+from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
 startup_log = logging.getLogger("tinyllama.serve.startup")  # the ready line: shown at every log level
@@ -75,7 +76,7 @@ class ServerState:
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue).start()
         except Exception as error:  # noqa: BLE001 - the CLI shows the message and exits 1
             self.load_error = str(error) or type(error).__name__
-            if not isinstance(error, (EngineError, OSError)) and type(error).__name__ != "CheckpointError":
+            if not isinstance(error, (EngineError, CheckpointError, OSError)):  # not a user's error: a bug
                 log.exception("loading the model failed")
             if self.on_load_error is not None:
                 self.on_load_error(self.load_error)
@@ -274,7 +275,8 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
     finally:
         if not handed_over:
             watcher.cancel()
-            state.serving.cancel(ticket)  # a no-op once it has ended
+            if not ticket.done:  # the client went away, or this task was cancelled
+                state.serving.cancel(ticket)
 
 
 def _raise_if_error(item) -> None:

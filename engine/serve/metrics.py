@@ -20,7 +20,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("tinyllama_requests_running", "Sequences in the batch now", registry=r).set_function(running)
-        Gauge("tinyllama_requests_waiting", "Requests waiting for a place in the batch", registry=r).set_function(waiting)
+        Gauge("tinyllama_requests_waiting", "Requests waiting for a place in the batch",
+              registry=r).set_function(waiting)
         self.prompt_tokens = Counter("tinyllama_prompt_tokens", "Prompt tokens of requests that reached their first "
                                      "token", registry=r)
         self.generation_tokens = Counter("tinyllama_generation_tokens", "Tokens generated", registry=r)
