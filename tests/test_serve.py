@@ -29,10 +29,21 @@ PROMPT = "Once upon a time"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
+WINDOW = 2048
+
+
 @pytest.fixture(scope="module")
-def server(tiny_chat_model):
-    s = ServerProcess("--model", str(tiny_chat_model), "--served-model-name", NAME, "--api-key", API_KEY,
-                      env=ONE_THREAD)
+def chat_model(tmp_path_factory, tinyllama_tokenizer_dir):
+    """tiny_chat_model's shape and real tokenizer, with a 2048-token window: room for generations long enough to be
+    cancelled midway however fast the machine."""
+    return make_random_checkpoint(tmp_path_factory.mktemp("serve-chat"), tokenizer_from=tinyllama_tokenizer_dir,
+                                  vocab_size=32000, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=WINDOW, seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    s = ServerProcess("--model", str(chat_model), "--served-model-name", NAME, "--api-key", API_KEY, env=ONE_THREAD)
     try:
         yield s.wait_ready()
     finally:
@@ -40,8 +51,8 @@ def server(tiny_chat_model):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_chat_model):
-    return engine.load_model(str(tiny_chat_model))
+def model(chat_model):
+    return engine.load_model(str(chat_model))
 
 
 @pytest.fixture
@@ -268,7 +279,7 @@ def test_16_concurrent_streaming_clients(server, model):
 KILLABLE_CLIENT = """
 import sys, openai
 client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0)
-stream = client.completions.create(model=sys.argv[3], prompt="Once upon a time", max_tokens=230, stream=True,
+stream = client.completions.create(model=sys.argv[3], prompt="Once upon a time", max_tokens=2000, stream=True,
                                    extra_body={"ignore_eos": True})
 for chunk in stream:
     print(repr(chunk.choices[0].text), flush=True)
@@ -300,19 +311,19 @@ def test_a_client_killed_mid_stream_frees_its_sequence(server, client, model):
     after = wait_for_idle(server.url)
     assert after.get(aborted, 0) == before.get(aborted, 0) + 1
     generated = after["tinyllama_generation_tokens_total"] - before["tinyllama_generation_tokens_total"]
-    assert 3 <= generated < 230  # cancelled, not run to the end
+    assert 3 <= generated < 2000  # cancelled, not run to the end
     test_chat_greedy_equals_model_complete(client, model)  # the next request works
 
 
 def test_a_non_streaming_client_that_gives_up_cancels_its_sequence(server):
     aborted = 'tinyllama_requests_finished_total{finish_reason="abort"}'
     before = metrics(server.url)
-    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 230, "ignore_eos": True}
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(60, read=0.3))
     after = wait_for_idle(server.url)
     assert after.get(aborted, 0) == before.get(aborted, 0) + 1
-    assert after["tinyllama_generation_tokens_total"] - before["tinyllama_generation_tokens_total"] < 230
+    assert after["tinyllama_generation_tokens_total"] - before["tinyllama_generation_tokens_total"] < 2000
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
@@ -330,7 +341,7 @@ BAD_INPUTS = [  # (path, body, status, param, code)
     (CHAT, {"messages": USER, "temperature": 3}, 400, "temperature", None),
     (CHAT, {"messages": USER, "top_p": 0}, 400, "top_p", None),
     (CHAT, {"messages": USER, "max_tokens": 0}, 400, "max_tokens", None),
-    (CHAT, {"messages": USER, "max_completion_tokens": 1000}, 400, "messages", "context_length_exceeded"),
+    (CHAT, {"messages": USER, "max_completion_tokens": 2040}, 400, "messages", "context_length_exceeded"),
     (CHAT, {"messages": USER, "presence_penalty": 2.5}, 400, "presence_penalty", None),
     (CHAT, {"messages": USER, "frequency_penalty": -3}, 400, "frequency_penalty", None),
     (CHAT, {"messages": USER, "top_k": -2}, 400, "top_k", None),
@@ -349,8 +360,8 @@ BAD_INPUTS = [  # (path, body, status, param, code)
     (COMPLETIONS, {"prompt": []}, 400, "prompt", None),
     (COMPLETIONS, {"prompt": [1, 99999]}, 400, "prompt", None),
     (COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt", None),
-    (COMPLETIONS, {"prompt": "word " * 300}, 400, "prompt", "context_length_exceeded"),
-    (COMPLETIONS, {"prompt": "a", "max_tokens": 300, "stream": True}, 400, "prompt", "context_length_exceeded"),
+    (COMPLETIONS, {"prompt": "word " * 2100}, 400, "prompt", "context_length_exceeded"),
+    (COMPLETIONS, {"prompt": "a", "max_tokens": 2048, "stream": True}, 400, "prompt", "context_length_exceeded"),
     (COMPLETIONS, {"prompt": "a", "echo": True}, 400, "echo", None),
     (COMPLETIONS, {"prompt": "a", "suffix": "b"}, 400, "suffix", None),
     (COMPLETIONS, {"prompt": "a", "best_of": 2}, 400, "best_of", None),
@@ -581,12 +592,12 @@ def medium_chat_model(tmp_path_factory, tinyllama_tokenizer_dir):
 
 def test_busy_server_answers_health_fast_refuses_past_its_queue_and_stops_on_ctrl_c(medium_chat_model):
     s = ServerProcess("--model", str(medium_chat_model), "--max-active", "2", "--max-queue", "1",
-                      "--shutdown-timeout", "1")
+                      "--shutdown-timeout", "0.5")
     try:
         s.wait_ready()
         rng = np.random.default_rng(0)
         got: dict = {}
-        threads = [stream_in_thread(s.url, {"prompt": [1] + rng.integers(100, 30000, 300).tolist(), "max_tokens": 1500,
+        threads = [stream_in_thread(s.url, {"prompt": [1] + rng.integers(100, 30000, 200).tolist(), "max_tokens": 1800,
                                             "stream": True, "ignore_eos": True}, got, f"r{i}") for i in range(3)]
 
         def two_running_one_waiting():
@@ -615,7 +626,7 @@ def test_busy_server_answers_health_fast_refuses_past_its_queue_and_stops_on_ctr
         print(f"/health under load: median {1e3 * latencies[20]:.1f} ms, max {1e3 * latencies[-1]:.1f} ms")
         assert latencies[int(0.9 * len(latencies))] < 0.1, latencies
 
-        # Ctrl-C: no new connections, the requests in flight get 1 s, then are cancelled; exit 0
+        # Ctrl-C: no new connections, the requests in flight get 0.5 s, then are cancelled; exit 0
         s.process.send_signal(signal.SIGINT)
         time.sleep(0.3)
         with pytest.raises(httpx.ConnectError):
