@@ -93,8 +93,10 @@ class Model:
     def complete(self, prompt, **options):
         """Generate after `prompt` -> GenerationResult (token_ids, text, stop_reason, timings).
 
-        Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (str or list),
-        ignore_eos, speculate (prompt-lookup draft length), truncate; defaults from generation_config.json.
+        Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty, seed, stop (str or list), ignore_eos, logprobs (N: each token's log-probability and the
+        top N in `result.logprobs`), speculate (prompt-lookup draft length), truncate; defaults from
+        generation_config.json.
         """
         return generate(self, self.prompt_ids(prompt), **options)
 

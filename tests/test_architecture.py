@@ -4,6 +4,8 @@
 - arrows point down: engine.runtime and engine.text import nothing above them, engine.generation never imports the
   model, the CLI or the server, engine.model never imports engine.inspect (which sits on top of it), and nothing but
   the CLI imports engine.cli;
+- HTTP (FastAPI, starlette, uvicorn, prometheus_client, ...) is imported only by the server (engine.serve) and its
+  command (engine.cli.serve): the engine below stays free of it;
 - every sub-package of engine says in its docstring what lives there.
 """
 from __future__ import annotations
@@ -28,10 +30,14 @@ ALLOWED = {
                        "engine.config", "engine.errors", "weights"),
     "weights": ("weights",),
     "kernels": ("kernels", "engine.runtime", "engine.config", "engine.errors", "weights"),
+    "engine.serve": ("engine.serve", "engine.generation", "engine.runtime", "engine.text", "engine.config",
+                     "engine.errors", "engine.model", "weights"),
     "engine.config": ("engine.config", "weights"),
     "engine.errors": ("engine.errors",),
 }
 NOT_FOR_ANYONE_BUT_CLI = "engine.cli"
+HTTP_PACKAGES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "httpx", "h11", "anyio", "openai")
+HTTP_ROOMS = ("engine.serve", "engine.cli.serve", "bench.serve")
 
 
 def module_name(path: Path) -> str:
@@ -76,6 +82,17 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 sub = f"{source}.{alias.name}"
                 add(sub if sub in modules else source)
     return targets
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """The top-level names of every module a file imports (anywhere in it), project or not."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -169,9 +186,46 @@ def test_the_rule_checker_flags_an_upward_arrow():
     assert flagged == set(graph)
 
 
+def http_imports_outside_the_server(modules: dict[str, Path]) -> list[str]:
+    bad = []
+    for name, path in sorted(modules.items()):
+        if any(name == room or name.startswith(room + ".") for room in HTTP_ROOMS):
+            continue
+        used = third_party_imports(path) & set(HTTP_PACKAGES)
+        bad += [f"{name} imports {pkg} (HTTP belongs to {', '.join(HTTP_ROOMS)})" for pkg in sorted(used)]
+    return bad
+
+
+def test_only_the_server_imports_http():
+    bad = http_imports_outside_the_server(project_modules())
+    assert not bad, "\n".join(bad)
+
+
+def test_the_http_checker_flags_a_planted_import(tmp_path):
+    planted = tmp_path / "scheduler.py"
+    planted.write_text("def f():\n    from fastapi import FastAPI\n")
+    assert http_imports_outside_the_server({"engine.generation.scheduler": planted}) == [
+        "engine.generation.scheduler imports fastapi (HTTP belongs to engine.serve, engine.cli.serve, bench.serve)"]
+    assert http_imports_outside_the_server({"engine.serve.app": planted}) == []
+
+
 @pytest.mark.parametrize("package", ["engine", "engine.runtime", "engine.text", "engine.generation", "engine.cli",
-                                     "engine.inspect", "weights", "kernels", "bench"])
+                                     "engine.inspect", "engine.serve", "weights", "kernels", "bench"])
 def test_every_package_says_what_lives_there(package):
     path = REPO / package.replace(".", "/") / "__init__.py"
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
     assert doc and len(doc) > 40, f"{path} needs a docstring saying what lives there and what it must not import"
+
+
+def test_every_package_is_installed_by_pyproject():
+    """`pip install .` ships every package folder: the packages setuptools finds with pyproject's include patterns
+    (as `pip install` does) are all the folders with an __init__.py, and the kernels' C sources go with them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from setuptools import find_packages
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = set(find_packages(where=str(REPO), include=config["packages"]["find"]["include"]))
+    found = {module_name(init) for package in PACKAGES for init in (REPO / package).rglob("__init__.py")}
+    assert found - shipped == set(), f"not shipped by pyproject's packages.find: {sorted(found - shipped)}"
+    data = config["package-data"]["engine.runtime.native"]
+    assert "*.c" in data and "*.h" in data  # the kernels are compiled from these on the user's machine

@@ -9,7 +9,7 @@ from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_optio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `tinyllama` argument parser with its check, generate, chat, inspect and bench subcommands."""
+    """The `tinyllama` argument parser with its check, generate, chat, inspect, serve and bench subcommands."""
     parser = argparse.ArgumentParser(prog="tinyllama", description="TinyLlama inference engine (NumPy / Triton).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.cli.inspect import add_inspect_parser
 
     add_inspect_parser(sub)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models, "
+                                     "health, metrics)")
+    from engine.cli.serve import add_serve_arguments
+
+    add_serve_arguments(p)
 
     p = sub.add_parser("bench", help="throughput benchmark against transformers (and llama.cpp)")
     try:
@@ -70,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             from engine.cli.inspect import run_inspect
 
             return run_inspect(args)
+        if args.command == "serve":
+            from engine.cli.serve import run_serve
+
+            return run_serve(args)
         if args.command == "bench":
             from bench.cli import run_bench
 

@@ -3,7 +3,8 @@
 Every processor is pure: it takes a (vocab,) float32 logits row and returns a new (vocab,)
 float32 row in which removed tokens are -inf. `process_logits` chains them in the order
 `transformers.GenerationMixin._get_logits_processor` uses when sampling:
-repetition penalty -> temperature -> top-k -> top-p -> min-p.
+repetition penalty -> temperature -> top-k -> top-p -> min-p, with OpenAI's presence / frequency
+penalties (which transformers lacks) between the repetition penalty and the temperature.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "SamplingError",
     "SamplingParams",
     "apply_repetition_penalty",
+    "apply_presence_frequency_penalty",
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
@@ -49,10 +51,12 @@ class SamplingParams:
     min_p: float = 0.0  # in [0, 1]; 0 => disabled
     repetition_penalty: float = 1.0  # > 0; 1 => disabled
     seed: int | None = None
+    presence_penalty: float = 0.0  # in [-2, 2] (OpenAI's range); 0 => disabled; counts generated tokens only
+    frequency_penalty: float = 0.0  # in [-2, 2]; 0 => disabled; counts generated tokens only
 
     def __post_init__(self) -> None:
         """Reject bad values with a one-line SamplingError naming the field and the value."""
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_real_number(value) or not math.isfinite(value):
                 raise SamplingError(f"{name} must be a finite number, got {value!r}")
@@ -69,6 +73,14 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
                                       or self.seed < 0):
             raise SamplingError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+
+    @property
+    def penalizes_presence(self) -> bool:
+        """True when a presence or frequency penalty is set (they need the generated token ids)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def greedy(self) -> bool:
@@ -106,6 +118,28 @@ def apply_repetition_penalty(logits, previous_ids: Iterable[int], penalty: float
     seen = row[ids]
     factor = np.float32(penalty)
     out[ids] = np.where(seen < 0, seen * factor, seen / factor)
+    return out
+
+
+def apply_presence_frequency_penalty(logits, generated_ids: Iterable[int], presence_penalty: float,
+                                     frequency_penalty: float) -> np.ndarray:
+    """logits: (vocab,) float32 -> (vocab,) float32 with OpenAI's penalties on the generated tokens.
+
+    logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0), where count[t] is how often t
+    occurs in `generated_ids`. Callers pass the tokens generated so far, not the prompt (vLLM's choice; OpenAI
+    does not say). Computed in float64, rounded once to float32. Ids outside [0, vocab) are ignored.
+    """
+    row = _as_logits(logits)
+    out = row.copy()
+    if presence_penalty == 0 and frequency_penalty == 0:
+        return out
+    ids = np.fromiter((int(i) for i in generated_ids), dtype=np.int64)
+    ids = ids[(ids >= 0) & (ids < row.shape[0])]
+    if ids.size == 0:
+        return out
+    seen, counts = np.unique(ids, return_counts=True)
+    penalty = float(frequency_penalty) * counts.astype(np.float64) + float(presence_penalty)
+    out[seen] = (row[seen].astype(np.float64) - penalty).astype(np.float32)
     return out
 
 
@@ -153,12 +187,15 @@ def apply_min_p(logits, min_p: float) -> np.ndarray:
     return np.where(remove, _REMOVED, row).astype(np.float32, copy=False)
 
 
-def process_logits(logits, params: SamplingParams, previous_ids: Iterable[int] = ()) -> np.ndarray:
+def process_logits(logits, params: SamplingParams, previous_ids: Iterable[int] = (),
+                   generated_ids: Iterable[int] = ()) -> np.ndarray:
     """logits: (vocab,) -> (vocab,) float32 after every enabled processor, in transformers' sampling order.
 
-    For greedy params only the repetition penalty applies (transformers applies warpers only when sampling).
+    previous_ids: the whole context (prompt + generated) for the repetition penalty; generated_ids: the generated
+    part alone, for the presence / frequency penalties. For greedy params only the penalties apply (transformers
+    applies warpers only when sampling).
     """
-    row = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    row = _penalized(logits, params, previous_ids, generated_ids)
     if params.greedy:
         return row
     if params.temperature != 1.0:
@@ -172,20 +209,33 @@ def process_logits(logits, params: SamplingParams, previous_ids: Iterable[int] =
     return row
 
 
-def probabilities(logits, params: SamplingParams, previous_ids: Iterable[int] = ()) -> np.ndarray:
+def _penalized(logits, params: SamplingParams, previous_ids, generated_ids) -> np.ndarray:
+    """The repetition penalty, then the presence / frequency penalties: (vocab,) -> (vocab,) float32."""
+    row = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    if params.penalizes_presence:
+        row = apply_presence_frequency_penalty(row, generated_ids, params.presence_penalty, params.frequency_penalty)
+    return row
+
+
+def probabilities(logits, params: SamplingParams, previous_ids: Iterable[int] = (),
+                  generated_ids: Iterable[int] = ()) -> np.ndarray:
     """logits: (vocab,) -> (vocab,) float64 distribution (sums to 1) after `process_logits`."""
-    processed = process_logits(logits, params, previous_ids).astype(np.float64)
+    processed = process_logits(logits, params, previous_ids, generated_ids).astype(np.float64)
     return _softmax(processed)
 
 
 def sample_token(
-    logits, params: SamplingParams, rng: np.random.Generator, previous_ids: Iterable[int] = ()
+    logits, params: SamplingParams, rng: np.random.Generator, previous_ids: Iterable[int] = (),
+    generated_ids: Iterable[int] = (),
 ) -> int:
-    """logits: (vocab,) -> token id; greedy: argmax after repetition penalty, else a draw from `probabilities`."""
+    """logits: (vocab,) -> token id; greedy: argmax after the penalties, else a draw from `probabilities`.
+
+    previous_ids: prompt + generated ids (repetition penalty); generated_ids: generated ids (presence / frequency).
+    """
     previous_ids = tuple(previous_ids)
     if params.greedy:
-        return int(np.argmax(apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)))
-    probs = probabilities(logits, params, previous_ids)
+        return int(np.argmax(_penalized(logits, params, previous_ids, generated_ids)))
+    probs = probabilities(logits, params, previous_ids, generated_ids)
     return int(rng.choice(probs.shape[0], p=probs))
 
 

@@ -70,6 +70,7 @@ class Request:
             prefill_tokens=self.prefill_tokens, prefill_seconds=max(0.0, self.t_first - self.t_start),
             time_to_first_token=max(0.0, self.t_first - self.t_submit), decode_seconds=max(0.0, self.t_last - self.t_first),
             draft_tokens=self.draft_tokens, accepted_draft_tokens=self.accepted_draft_tokens,
+            logprobs=None if s.logprobs is None else list(s.logprobs),
         )
 
 

@@ -30,19 +30,34 @@ class GenerationOptions:
     stop_strings: tuple[str, ...] = ()
     eos_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # record each token's log-probability and this many top alternatives; None: none
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise EngineError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or self.logprobs < 0):
+            raise EngineError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw logits (before any sampling processor), and the
+    `top` most likely tokens as (id, log-probability) pairs, most likely first (ties: lower id first)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class TokenEvent:
-    """One generated token and the text it made final (may be '' while a character or stop string is incomplete)."""
+    """One generated token and the text it made final (may be '' while a character or stop string is incomplete);
+    `logprob` only when the options asked for log-probabilities."""
 
     token_id: int
     text: str
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -59,6 +74,7 @@ class GenerationResult:
     decode_seconds: float = 0.0  # from the first new token to the last
     draft_tokens: int = 0  # speculative decoding: tokens proposed by prompt lookup
     accepted_draft_tokens: int = 0  # ... and how many of them the model confirmed
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the options asked for them
 
     @property
     def acceptance_rate(self) -> float:
@@ -80,7 +96,8 @@ class GenerationResult:
 def default_options(model, **overrides) -> GenerationOptions:
     """GenerationOptions from the model's generation_config.json defaults, with `overrides` (sampling fields too)."""
     gen = getattr(model, "generation_config", {}) or {}
-    sampling_fields = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"}
+    sampling_fields = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "presence_penalty",
+                       "frequency_penalty"}
     sampling = {}
     if gen.get("do_sample"):
         for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
@@ -121,6 +138,7 @@ class SequenceState:
         self.max_length = model.config.max_position_embeddings
         self.prompt_ids = list(prompt_ids)
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
         self.text_parts: list[str] = []
         self.stop_reason: str | None = None
         self.rng = make_rng(options.sampling.seed)
@@ -144,8 +162,13 @@ class SequenceState:
         context_length: tokens the logits were computed from (default: the cache's length; a verification step
         passes each row's own position).
         """
-        token = sample_token(logits, self.options.sampling, self.rng, self.prompt_ids + self.generated)
+        token = sample_token(logits, self.options.sampling, self.rng, self.prompt_ids + self.generated,
+                             generated_ids=self.generated)
         self.generated.append(token)
+        logprob = None
+        if self.logprobs is not None:
+            logprob = token_logprob(logits, token, self.options.logprobs)
+            self.logprobs.append(logprob)
         text = ""
         if token in self.eos:
             self.stop_reason = STOP_EOS
@@ -161,7 +184,7 @@ class SequenceState:
         if self.stop_reason in (STOP_MAX_TOKENS, STOP_CONTEXT_FULL, STOP_EOS) and self.decoder is not None:
             text += self.stops.push(self.decoder.flush())[0] + self.stops.flush()
         self.text_parts.append(text)
-        return TokenEvent(token, text)
+        return TokenEvent(token, text, logprob)
 
     def cancel(self) -> None:
         """Stop with reason 'cancelled', unless the sequence has already stopped."""
@@ -172,6 +195,21 @@ class SequenceState:
     def text(self) -> str:
         """All text streamed so far, joined."""
         return "".join(self.text_parts)
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The exact log-softmax (float64) of one raw logits row (vocab,) at `token`, and its `top` best entries."""
+    row = np.asarray(logits, dtype=np.float64)
+    peak = row.max()
+    logprobs = row - (peak + np.log(np.exp(row - peak).sum()))
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        k = min(top, row.shape[0])
+        candidates = np.argpartition(-logprobs, k - 1)[:k]
+        # the k largest, most likely first; among equal values the lower id first (a stable, documented order)
+        order = np.lexsort((candidates, -logprobs[candidates]))
+        best = tuple((int(candidates[i]), float(logprobs[candidates[i]])) for i in order)
+    return TokenLogprob(float(logprobs[token]), best)
 
 
 def _tokenizer_or_none(model):

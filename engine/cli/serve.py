@@ -1,0 +1,126 @@
+"""`tinyllama serve`: the OpenAI-compatible HTTP server (engine.serve) under uvicorn.
+
+The socket is bound first (a port in use is one error line, and --port 0 picks a free one), the model loads while
+the server already answers /health with 503, and Ctrl-C (SIGINT) or SIGTERM stops taking connections, gives the
+requests in flight --shutdown-timeout seconds to finish, cancels the rest, and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import signal
+import socket
+import sys
+
+from engine.cli.common import add_model_options, load
+from engine.errors import EngineError
+
+API_KEY_ENV = "TINYLLAMA_API_KEY"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The `serve` subcommand's options (the model options included)."""
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/*completions (default ${API_KEY_ENV})")
+    p.add_argument("--max-active", type=int, default=32, metavar="N",
+                   help="sequences decoded together in one batch (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests that may wait for a place in the batch; beyond, 503 (default %(default)s)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model's name in the API (default: the --model value)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser "
+                        "(CORS); may be repeated; none by default")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
+                   help="on Ctrl-C, seconds requests in flight get to finish before they are cancelled "
+                        "(default %(default)s)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log verbosity (default %(default)s; info logs one line per request)")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for host:port; EngineError with the reason when it cannot be had."""
+    if not 0 <= port <= 65535:
+        raise EngineError(f"--port must be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise EngineError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise EngineError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def log_config(level: str) -> dict:
+    """uvicorn's logging set-up, with the server's own logger ('tinyllama.serve') printing the same way."""
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["tinyllama.serve"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    config["loggers"]["tinyllama.serve.startup"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["loggers"]["engine"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def run_serve(args) -> int:
+    """The `serve` subcommand: listen, load the model, serve until Ctrl-C -> exit status (0, or 1 on a user error)."""
+    for option, value, low in (("--max-active", args.max_active, 1), ("--max-queue", args.max_queue, 0)):
+        if value < low:
+            raise EngineError(f"{option} must be >= {low}, got {value}")
+    if args.shutdown_timeout < 0:
+        raise EngineError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise EngineError("--api-key is empty")
+    sock = listening_socket(args.host, args.port)
+    import uvicorn
+
+    from engine.serve import create_app
+
+    name = args.served_model_name or args.model
+    failure: list[str] = []
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the app when shutdown begins so requests in flight can be drained."""
+
+        async def shutdown(self, sockets=None):
+            app.state.server.begin_shutdown(args.shutdown_timeout)
+            await super().shutdown(sockets=sockets)
+
+    def on_load_error(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
+                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin)
+    config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="on")
+    server = Server(config)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    # the progress lines show at every --log-level
+    print(f"INFO:     loading {args.model} ... (GET /health answers 503 until it is ready)", file=sys.stderr)
+    print(f"INFO:     listening on http://{shown}:{port} (OpenAI API at http://{shown}:{port}/v1; Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+    # uvicorn restores the signal handlers it found and then re-raises the signal that stopped it: with these,
+    # that re-raise is a no-op, so a Ctrl-C or SIGTERM that shut the server down cleanly exits 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    if failure:
+        raise EngineError(failure[0])
+    return 0

@@ -1,0 +1,213 @@
+"""A serving loop: one thread owns the model and a Scheduler and steps the batch; any thread may submit and cancel.
+
+The Scheduler is not thread-safe, so only the loop's own thread calls its submit / step / finish. Other threads
+(an HTTP server's event loop, say) hand requests and cancellations over through a locked inbox, and each request's
+events come back through the callback given with it, called on the serving thread: a `TokenEvent` per token, then
+the `GenerationResult` when the request ends (for any reason, cancellation included), or an `EngineError` instead
+when the scheduler refused it (a `StepFailedError` when a batched step raised). A callback must be quick and must
+not block: it hands the item to the submitter's own queue. Nothing here knows about HTTP.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engine.errors import EngineError
+from engine.generation.scheduler import Request, Scheduler
+from engine.generation.state import GenerationOptions
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[object], None]
+
+
+class QueueFullError(EngineError):
+    """max_active requests are running and max_queue more are waiting: try again later."""
+
+
+class ServingStoppedError(EngineError):
+    """The serving loop is stopping or stopped: it takes no more requests."""
+
+
+class StepFailedError(EngineError):
+    """A batched step raised (an engine bug, logged with its traceback): the requests in the batch were ended."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted request as its submitter sees it: the id to cancel it by, and (on the serving thread) its Request."""
+
+    id: int
+    prompt_ids: list[int]
+    options: GenerationOptions
+    on_event: EventCallback
+    request: Request | None = field(default=None, repr=False)
+    done: bool = False
+
+
+class ServingLoop:
+    """Runs a Scheduler on its own thread. `submit` / `cancel` / `cancel_all` / `stop` are safe from any thread.
+
+    max_active: sequences in the batch at once; max_queue: more requests that may wait for a place, beyond which
+    `submit` raises QueueFullError.
+    """
+
+    def __init__(self, model, max_active: int = 32, max_queue: int = 256, prefill_chunk: int = 256):
+        if max_queue < 0:
+            raise EngineError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model
+        self.scheduler = Scheduler(model, prefill_chunk=prefill_chunk, max_active=max_active)
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: deque[tuple[str, Ticket | None]] = deque()
+        self._ids = itertools.count()
+        self._in_flight = 0  # submitted and not yet ended (running + waiting)
+        self._stopping = False
+        self._tickets: dict[int, Ticket] = {}  # serving thread only: request id -> ticket
+        self._thread: threading.Thread | None = None
+        self.running = 0  # sequences in the batch, as of the last step (read from any thread)
+        self.waiting = 0  # requests submitted but not yet in the batch
+        self.steps = 0  # batched forwards run so far
+
+    # ---- any thread -------------------------------------------------------------------------------------------
+    def start(self) -> "ServingLoop":
+        """Start the serving thread (a daemon: it never keeps a process alive on its own)."""
+        self._thread = threading.Thread(target=self._run, name="tinyllama-serving", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], options: GenerationOptions, on_event: EventCallback) -> Ticket:
+        """Queue a request; on_event(item) is called on the serving thread for each of its events.
+
+        Raises QueueFullError when max_active + max_queue requests are already in flight, ServingStoppedError after
+        `stop`. Validate the prompt (check_prompt) and options before: errors found on the serving thread arrive as
+        an EngineError event.
+        """
+        with self._lock:
+            if self._stopping:
+                raise ServingStoppedError("the server is shutting down")
+            if self._in_flight >= self.max_active + self.max_queue:
+                raise QueueFullError(f"the server is busy: {self.max_active} requests running and {self.max_queue} "
+                                     "waiting; try again shortly")
+            self._in_flight += 1
+            ticket = Ticket(next(self._ids), list(prompt_ids), options, on_event)
+            self._inbox.append(("submit", ticket))
+            self.waiting += 1
+            self._wake.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """End a request now (stop reason 'cancelled'; its cache is freed); a no-op once it has ended."""
+        with self._lock:
+            self._inbox.append(("cancel", ticket))
+            self._wake.notify()
+
+    def cancel_all(self) -> None:
+        """Cancel every request in flight (a shutdown that will not wait for them)."""
+        with self._lock:
+            self._inbox.append(("cancel_all", None))
+            self._wake.notify()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Take no more requests, cancel those in flight (each gets its final result), and end the thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet ended."""
+        return self._in_flight
+
+    # ---- the serving thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._inbox and not self.scheduler.has_work and not self._stopping:
+                    self._wake.wait()
+                commands = list(self._inbox)
+                self._inbox.clear()
+                stopping = self._stopping
+            for kind, ticket in commands:
+                if kind == "submit":
+                    self._admit(ticket)
+                elif kind == "cancel":
+                    self._cancel(ticket)
+                else:
+                    for t in list(self._tickets.values()):
+                        self._cancel(t)
+            if stopping:
+                for t in list(self._tickets.values()):
+                    self._cancel(t)
+                self._count()
+                return
+            if self.scheduler.has_work:
+                try:
+                    stepped = self.scheduler.step()
+                except Exception as error:  # noqa: BLE001 - an engine bug: fail the batch, keep serving
+                    log.exception("a batched step failed; ending the requests in it")
+                    self._fail_all(error)
+                    stepped = []
+                self.steps += 1
+                for request in stepped:
+                    self._deliver(self._tickets.get(request.id))
+            self._count()
+
+    def _admit(self, ticket: Ticket) -> None:
+        try:
+            ticket.request = self.scheduler.submit(ticket.prompt_ids, ticket.options)
+        except EngineError as error:
+            self._end(ticket, error)
+            return
+        self._tickets[ticket.request.id] = ticket
+
+    def _cancel(self, ticket: Ticket) -> None:
+        if ticket.done or ticket.request is None:
+            return  # ended already, or refused at submit (then it has had its EngineError)
+        ticket.request.cancel()
+        self._deliver(ticket)
+
+    def _deliver(self, ticket: Ticket | None) -> None:
+        """Hand the request's queued TokenEvents to its callback, then its result if it has finished."""
+        if ticket is None or ticket.done:
+            return
+        request = ticket.request
+        while request.events:
+            self._call(ticket, request.events.popleft())
+        if request.finished:
+            self._tickets.pop(request.id, None)
+            self._end(ticket, request.result)
+
+    def _end(self, ticket: Ticket, item) -> None:
+        ticket.done = True
+        with self._lock:
+            self._in_flight -= 1
+        self._call(ticket, item)
+
+    def _fail_all(self, error: Exception) -> None:
+        failure = StepFailedError(f"internal error in the batched step: {type(error).__name__}")
+        for ticket in list(self._tickets.values()):
+            self.scheduler.finish(ticket.request, cancelled=True)
+            self._tickets.pop(ticket.request.id, None)
+            self._end(ticket, failure)
+
+    @staticmethod
+    def _call(ticket: Ticket, item) -> None:
+        try:
+            ticket.on_event(item)
+        except Exception:  # noqa: BLE001 - a broken callback must not take the batch down
+            log.exception("an event callback failed (request %d)", ticket.id)
+
+    def _count(self) -> None:
+        with self._lock:
+            pending = sum(1 for kind, _ in self._inbox if kind == "submit")
+            self.running = len(self.scheduler.active)
+            self.waiting = len(self.scheduler.waiting) + pending

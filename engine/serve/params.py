@@ -1,0 +1,180 @@
+"""An OpenAI request -> what the engine runs: the prompt's token ids and GenerationOptions, or a 400 naming the field.
+
+Defaults where a field is absent: max_tokens fills the rest of the context window (generation ends at EOS, a stop
+string or a full window); sampling follows the model's generation_config.json when it says do_sample, otherwise
+OpenAI's defaults (temperature 1, top_p 1). The presence / frequency penalties count generated tokens only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import ContextOverflowError, EngineError
+from engine.generation.state import GenerationOptions, check_prompt, default_options
+from engine.serve.errors import bad_request
+from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from engine.text.chat_template import ROLES, ChatTemplateError, NoChatTemplateError
+
+TEXT_PARTS = ("text", "input_text")
+
+
+@dataclass
+class Job:
+    """A validated request: prompt ids, options, and how to answer (stream, usage chunk, log-probabilities)."""
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
+    logprobs: int | None  # top alternatives per token (0: the chosen token only); None: no log-probabilities
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    """400 for a known field set to something this server cannot do (n > 1, tools, JSON mode, ...)."""
+    if body.n is not None and body.n != 1:
+        raise bad_request(f"n: only n=1 is supported, got {body.n}", "n")
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options: only allowed with stream=true", "stream_options")
+    if isinstance(body, ChatCompletionRequest):
+        if body.tools:
+            raise bad_request("tools: tool calling is not supported", "tools")
+        if body.functions:
+            raise bad_request("functions: function calling is not supported", "functions")
+        for name in ("tool_choice", "function_call"):
+            value = getattr(body, name)
+            if value not in (None, "none", "auto"):
+                raise bad_request(f"{name}: tool calling is not supported", name)
+        if body.response_format is not None and body.response_format.type != "text":
+            raise bad_request(f"response_format: only type 'text' is supported, got {body.response_format.type!r}",
+                              "response_format")
+        if body.audio is not None:
+            raise bad_request("audio: audio output is not supported", "audio")
+        if body.modalities and list(body.modalities) != ["text"]:
+            raise bad_request(f"modalities: only ['text'] is supported, got {body.modalities}", "modalities")
+        if body.web_search_options is not None:
+            raise bad_request("web_search_options: web search is not supported", "web_search_options")
+        if body.top_logprobs and not body.logprobs:
+            raise bad_request("top_logprobs: needs logprobs=true", "top_logprobs")
+    else:
+        if body.echo:
+            raise bad_request("echo: echoing the prompt is not supported", "echo")
+        if body.suffix:
+            raise bad_request("suffix: insertion (a suffix) is not supported", "suffix")
+        if body.best_of is not None and body.best_of != 1:
+            raise bad_request(f"best_of: only best_of=1 is supported, got {body.best_of}", "best_of")
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The request's messages as the chat template takes them: {role, content} with text content."""
+    if not body.messages:
+        raise bad_request("messages: give at least one message", "messages")
+    messages = []
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role in ("tool", "function"):
+            raise bad_request(f"messages[{i}].role: {role!r} messages are not supported (no tool calling)",
+                              f"messages[{i}].role")
+        if role not in ROLES:
+            raise bad_request(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {m.role!r}",
+                              f"messages[{i}].role")
+        if m.tool_calls:
+            raise bad_request(f"messages[{i}].tool_calls: tool calling is not supported", f"messages[{i}].tool_calls")
+        if m.content is None:
+            if role != "assistant":
+                raise bad_request(f"messages[{i}].content: required for a {role} message", f"messages[{i}].content")
+            content = ""
+        elif isinstance(m.content, str):
+            content = m.content
+        else:
+            for j, part in enumerate(m.content):
+                if part.type not in TEXT_PARTS or part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}]: only text content is supported, got type "
+                                      f"{part.type!r}", f"messages[{i}].content[{j}].type")
+            content = "\n".join(part.text for part in m.content)
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The messages rendered with the model's own chat template and tokenized (as `generate --chat` does)."""
+    messages = chat_messages(body)
+    try:
+        return tokenizer.encode_chat(messages)
+    except NoChatTemplateError:
+        raise bad_request("this model has no chat template: use /v1/completions", "messages") from None
+    except ChatTemplateError as e:
+        raise bad_request(f"messages: {e}", "messages") from None
+
+
+def completion_prompt_ids(tokenizer, body: CompletionRequest) -> list[int]:
+    """The prompt's token ids: text is tokenized (BOS added, as Model.complete does), ids are taken as given."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(f"prompt: one prompt per request, got {len(prompt)}", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if not prompt:
+        raise bad_request("prompt: the list of token ids is empty", "prompt")
+    return list(prompt)
+
+
+def generation_options(model, body: SamplingFields, max_tokens: int | None, prompt_len: int, param: str,
+                       logprobs: int | None) -> GenerationOptions:
+    """Validated GenerationOptions; 400 context_length_exceeded when prompt + max_tokens does not fit the window."""
+    window = model.config.max_position_embeddings
+    if max_tokens is None:
+        max_tokens = window - prompt_len
+    if max_tokens < 1 or prompt_len + max_tokens > window:
+        raise bad_request(
+            f"this model's context window is {window} tokens, but the request asks for {prompt_len + max_tokens} "
+            f"({prompt_len} in the {param}, {max_tokens} to generate): shorten the {param} or lower max_tokens",
+            param, code="context_length_exceeded")
+    temperature = body.temperature
+    if temperature is None and not (model.generation_config or {}).get("do_sample"):
+        temperature = 1.0  # OpenAI's default
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    sampling = dict(temperature=temperature, top_p=body.top_p, min_p=body.min_p,
+                    top_k=None if body.top_k is None else max(body.top_k, 0),
+                    repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty,
+                    seed=None if body.seed is None else body.seed % 2 ** 64)  # OpenAI's seeds may be negative
+    try:
+        return default_options(model, max_new_tokens=max_tokens, stop=stop, ignore_eos=bool(body.ignore_eos),
+                               logprobs=logprobs, **sampling)
+    except EngineError as e:
+        name = next((k for k in sampling if str(e).startswith(k)), None)
+        raise bad_request(str(e), name) from None
+
+
+def chat_job(model, body: ChatCompletionRequest) -> Job:
+    """Validate a chat request -> Job (400 APIError naming the field otherwise)."""
+    refuse_unsupported(body)
+    ids = chat_prompt_ids(model.tokenizer, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return _job(model, body, ids, max_tokens, "messages", logprobs)
+
+
+def completion_job(model, body: CompletionRequest) -> Job:
+    """Validate a completions request -> Job (400 APIError naming the field otherwise)."""
+    refuse_unsupported(body)
+    ids = completion_prompt_ids(model.tokenizer, body)
+    return _job(model, body, ids, body.max_tokens, "prompt", body.logprobs)
+
+
+def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, param: str,
+         logprobs: int | None) -> Job:
+    try:
+        check_prompt(model, ids)  # token ids inside the vocabulary
+    except ContextOverflowError:
+        pass  # reported below, with max_tokens, as context_length_exceeded
+    except EngineError as e:
+        raise bad_request(f"{param}: {e}", param) from None
+    options = generation_options(model, body, max_tokens, len(ids), param, logprobs)
+    stream_options = body.stream_options if body.stream else None
+    return Job(ids, options, bool(body.stream), bool(stream_options and stream_options.include_usage),
+               bool(stream_options and stream_options.continuous_usage_stats), logprobs)

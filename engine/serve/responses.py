@@ -1,0 +1,162 @@
+"""OpenAI's response bodies and stream chunks for one request, and the per-token strings of its log-probabilities.
+
+Chat: `chat.completion` / `chat.completion.chunk` (a first delta with the role, content deltas, a final chunk with
+the finish reason, the usage chunk with empty choices when asked). Completions: `text_completion` with OpenAI's
+legacy logprobs block (tokens, token_logprobs, top_logprobs, text_offset). Every generated token is counted in
+`completion_tokens` and has a log-probability entry, EOS included (its text is empty).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from engine.generation.state import (STOP_CANCELLED, STOP_CONTEXT_FULL, STOP_EOS, STOP_MAX_TOKENS, STOP_STRING,
+                                     GenerationResult, TokenEvent, TokenLogprob)
+
+FINISH_REASONS = {STOP_EOS: "stop", STOP_STRING: "stop", STOP_MAX_TOKENS: "length", STOP_CONTEXT_FULL: "length",
+                  STOP_CANCELLED: "abort"}  # "abort": cancelled by the server (shutdown), vLLM's word for it
+
+
+def finish_reason(result: GenerationResult) -> str:
+    """The engine's stop reason as OpenAI's finish_reason ("stop", "length"; "abort" when the server cancelled)."""
+    return FINISH_REASONS.get(result.stop_reason, "stop")
+
+
+def usage(result: GenerationResult) -> dict:
+    """{"prompt_tokens", "completion_tokens", "total_tokens"}: every token of the prompt and every generated one."""
+    return usage_of(len(result.prompt_token_ids), len(result.token_ids))
+
+
+def usage_of(prompt: int, completion: int) -> dict:
+    """OpenAI's usage object for these counts."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(payload) -> str:
+    """One server-sent event: 'data: <json>\\n\\n' (or the literal '[DONE]')."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class TokenStrings:
+    """Each token's own text as it reads inside a text (SentencePiece's leading space kept) and its UTF-8 bytes.
+
+    A byte-fallback token (`<0xE2>`) is its one raw byte, shown as 'bytes:\\xe2' as OpenAI shows partial bytes.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        anchor = tokenizer.encode("a", add_special_tokens=False)
+        self.anchor = anchor[-1:] if anchor else []
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        """token id -> (text, list of its bytes)."""
+        hit = self.cache.get(token_id)
+        if hit is None:
+            if token_id in self.tokenizer.byte_fallback_ids:
+                byte = int(self.tokenizer.id_to_token(token_id)[3:5], 16)
+                hit = (f"bytes:\\x{byte:02x}", [byte])
+            else:
+                text = self.tokenizer.decode(self.anchor + [token_id])[len(self.anchor_text):]
+                hit = (text, list(text.encode("utf-8")))
+            self.cache[token_id] = hit
+        return hit
+
+
+class Answer:
+    """The response of one request in OpenAI's shape: `kind` 'chat' or 'completion'."""
+
+    def __init__(self, kind: str, model_name: str, strings: TokenStrings, logprobs: int | None,
+                 include_usage: bool = False, continuous_usage: bool = False, prompt_tokens: int = 0):
+        self.kind = kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model_name
+        self.strings = strings
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.continuous_usage = continuous_usage
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0  # streamed so far
+        self.text_offset = 0  # completions' text_offset runs on across stream chunks
+
+    # ---- pieces -----------------------------------------------------------------------------------------------
+    def _top(self, logprob: TokenLogprob) -> list[dict]:
+        out = []
+        for token_id, value in logprob.top:
+            text, raw = self.strings(token_id)
+            out.append({"token": text, "logprob": value, "bytes": raw})
+        return out
+
+    def logprobs_block(self, events: list[TokenEvent]) -> dict | None:
+        """The logprobs of these tokens (None when the request did not ask for them)."""
+        if self.logprobs is None:
+            return None
+        if self.kind == "chat":
+            content = []
+            for e in events:
+                text, raw = self.strings(e.token_id)
+                content.append({"token": text, "logprob": e.logprob.logprob, "bytes": raw,
+                                "top_logprobs": self._top(e.logprob)})
+            return {"content": content, "refusal": None}
+        block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in events:
+            block["tokens"].append(self.strings(e.token_id)[0])
+            block["token_logprobs"].append(e.logprob.logprob)
+            block["top_logprobs"].append({t["token"]: t["logprob"] for t in self._top(e.logprob)})
+            block["text_offset"].append(self.text_offset)
+            self.text_offset += len(e.text)
+        return block
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+                 "created": self.created, "model": self.model, "system_fingerprint": None, "choices": choices}
+        if self.continuous_usage:
+            chunk["usage"] = usage_of(self.prompt_tokens, self.completion_tokens)
+        elif self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _choice(self, text: str | None, finish: str | None, logprobs, role: bool = False) -> dict:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+    # ---- streaming --------------------------------------------------------------------------------------------
+    def first_chunk(self) -> dict | None:
+        """Chat's opening chunk, whose delta carries the role; None for completions."""
+        return self._chunk([self._choice(None, None, None, role=True)]) if self.kind == "chat" else None
+
+    def delta_chunk(self, events: list[TokenEvent]) -> dict | None:
+        """A chunk with these tokens' text (and log-probabilities); None when it would carry nothing."""
+        text = "".join(e.text for e in events)
+        self.completion_tokens += len(events)
+        if not text and (self.logprobs is None or not events) and not (self.continuous_usage and events):
+            return None
+        return self._chunk([self._choice(text, None, self.logprobs_block(events))])
+
+    def final_chunk(self, result: GenerationResult) -> dict:
+        """The chunk with the finish reason and an empty delta."""
+        return self._chunk([self._choice(None, finish_reason(result), None)])
+
+    def usage_chunk(self, result: GenerationResult) -> dict:
+        """stream_options.include_usage: the last chunk, with empty choices and the usage."""
+        return dict(self._chunk([]), usage=usage(result))
+
+    # ---- whole ------------------------------------------------------------------------------------------------
+    def complete(self, events: list[TokenEvent], result: GenerationResult) -> dict:
+        """The non-streamed response body."""
+        logprobs = self.logprobs_block(events)
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                      "logprobs": logprobs, "finish_reason": finish_reason(result)}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": finish_reason(result)}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": [choice], "usage": usage(result)}

@@ -1,0 +1,40 @@
+"""`python -m bench.serve` (the server's load benchmark) end to end in quick mode on a tiny model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytest.importorskip("httpx")
+
+
+def bench_serve(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bench.serve", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_quick_run_reports_throughput_ttft_errors_and_rss(tiny_chat_model, tmp_path):
+    r = bench_serve("--quick", "--model", str(tiny_chat_model), "--clients", "3", "--duration", "1",
+                    "--warmup", "0.3", "--out", str(tmp_path), "--threads", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["in_process"]["tok_s"] > 0 and results["in_process"]["tokens"] > 0
+    assert len(results["rounds"]) == 3 and results["server_exit_status"] == 0
+    for round_ in results["rounds"]:
+        assert round_["errors"] == 0 and round_["completed"] >= 1 and round_["tok_s"] > 0
+        assert 0 < round_["ttft_p50_s"] <= round_["ttft_p95_s"] < 60
+        assert round_["rss_after_bytes"] > 20e6
+    assert results["rss_start_bytes"] > 20e6
+    summary = results["summary"]
+    assert summary["errors"] == 0 and summary["ratio"] > 0 and abs(summary["rss_growth"]) < 1
+    for text in ("in-process Scheduler (batch 3)", "TTFT p50", "server / in-process", "RSS"):
+        assert text in r.stdout
+
+
+def test_bad_arguments_exit_2():
+    r = bench_serve("--clients", "0", timeout=60)
+    assert r.returncode == 2 and "--clients" in r.stderr

@@ -1,0 +1,153 @@
+"""The serving loop (engine.generation.serving): one thread steps the Scheduler while other threads submit and cancel;
+results equal plain generation, cancellation frees the sequence, a full queue and a failing step are reported."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+import engine
+from engine.generation.serving import QueueFullError, ServingLoop, ServingStoppedError, StepFailedError
+from engine.generation.state import GenerationResult, TokenEvent, default_options
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from tests.conftest import make_random_checkpoint
+
+    folder = make_random_checkpoint(tmp_path_factory.mktemp("serving"), max_position_embeddings=128, seed=5)
+    return engine.load_model(str(folder))
+
+
+class Collector:
+    """A request's events as the serving thread delivers them; `wait()` -> (token events, final item)."""
+
+    def __init__(self):
+        self.items: queue.Queue = queue.Queue()
+        self.threads: set[str] = set()
+
+    def __call__(self, item):
+        self.threads.add(threading.current_thread().name)
+        self.items.put(item)
+
+    def wait(self, timeout: float = 60):
+        events = []
+        while True:
+            item = self.items.get(timeout=timeout)
+            if isinstance(item, TokenEvent):
+                events.append(item)
+            else:
+                return events, item
+
+
+@pytest.fixture
+def loop(model):
+    serving = ServingLoop(model, max_active=4, max_queue=2).start()
+    yield serving
+    serving.stop()
+
+
+def test_requests_from_many_threads_equal_plain_generation(model, loop):
+    prompts = [[1, 5, 9], [1, 7], list(range(3, 40)), [1, 2, 3, 4], [9, 9, 9]]
+    kwargs = [dict(), dict(temperature=0.9, seed=3), dict(), dict(temperature=1.1, top_k=40, seed=8), dict()]
+    collectors = [Collector() for _ in prompts]
+
+    def submit(i):
+        loop.submit(prompts[i], default_options(model, max_new_tokens=6 + i, ignore_eos=True, **kwargs[i]),
+                    collectors[i])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, c in enumerate(collectors):
+        events, result = c.wait()
+        assert isinstance(result, GenerationResult) and result.stop_reason == "max_new_tokens"
+        assert [e.token_id for e in events] == result.token_ids
+        assert result.token_ids == model.generate(prompts[i], max_new_tokens=6 + i, ignore_eos=True, **kwargs[i])
+        assert c.threads == {"tinyllama-serving"}  # callbacks run on the serving thread only
+    assert loop.in_flight == 0 and loop.running == 0 and loop.waiting == 0
+
+
+def test_cancel_frees_the_sequence_and_the_others_go_on(model, loop):
+    long, short = Collector(), Collector()
+    ticket = loop.submit([1, 2, 3], default_options(model, max_new_tokens=120, ignore_eos=True), long)
+    loop.submit([4, 5], default_options(model, max_new_tokens=10, ignore_eos=True), short)
+    first = long.items.get(timeout=30)
+    assert isinstance(first, TokenEvent)
+    loop.cancel(ticket)
+    events, result = long.wait()
+    assert result.stop_reason == "cancelled" and len(result.token_ids) < 120
+    assert ticket.request.cache is None  # its KV cache is dropped at once
+    _, other = short.wait()
+    assert other.token_ids == model.generate([4, 5], max_new_tokens=10, ignore_eos=True)
+    loop.cancel(ticket)  # cancelling an ended request is a no-op
+    assert loop.in_flight == 0
+
+
+def test_a_full_queue_refuses_and_recovers(model, loop):
+    collectors = [Collector() for _ in range(6)]  # max_active 4 + max_queue 2
+    tickets = [loop.submit([1, 2], default_options(model, max_new_tokens=100, ignore_eos=True), c)
+               for c in collectors]
+    with pytest.raises(QueueFullError, match="busy"):
+        loop.submit([1, 2], default_options(model, max_new_tokens=5), Collector())
+    for t in tickets:
+        loop.cancel(t)
+    for c in collectors:
+        assert c.wait()[1].stop_reason == "cancelled"
+    extra = Collector()
+    loop.submit([1, 2], default_options(model, max_new_tokens=3, ignore_eos=True), extra)
+    assert extra.wait()[1].stop_reason == "max_new_tokens"
+
+
+def test_a_request_the_scheduler_refuses_gets_its_error(model, loop):
+    c = Collector()
+    loop.submit([1, 10_000], default_options(model, max_new_tokens=3), c)  # outside the 256-token vocabulary
+    events, error = c.wait()
+    assert events == [] and "vocabulary" in str(error)
+    assert loop.in_flight == 0
+
+
+def test_a_failing_step_ends_its_batch_and_the_loop_serves_on(model, monkeypatch):
+    serving = ServingLoop(model).start()
+    try:
+        calls = []
+
+        def broken(steps):
+            calls.append(len(steps))
+            raise RuntimeError("planted")
+
+        monkeypatch.setattr(model, "forward", broken)
+        c = Collector()
+        serving.submit([1, 2, 3], default_options(model, max_new_tokens=4), c)
+        _, error = c.wait()
+        assert isinstance(error, StepFailedError) and calls
+        monkeypatch.undo()
+        ok = Collector()
+        serving.submit([1, 2, 3], default_options(model, max_new_tokens=4, ignore_eos=True), ok)
+        assert ok.wait()[1].token_ids == model.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+    finally:
+        serving.stop()
+
+
+def test_a_broken_callback_does_not_stop_the_loop(model, loop):
+    def explode(item):
+        raise ValueError("callback bug")
+
+    loop.submit([1, 2], default_options(model, max_new_tokens=3), explode)
+    c = Collector()
+    loop.submit([1, 2], default_options(model, max_new_tokens=3, ignore_eos=True), c)
+    assert c.wait()[1].stop_reason == "max_new_tokens"
+
+
+def test_stop_cancels_what_is_in_flight(model):
+    serving = ServingLoop(model).start()
+    c = Collector()
+    serving.submit([1, 2, 3], default_options(model, max_new_tokens=120, ignore_eos=True), c)
+    c.items.get(timeout=30)
+    serving.stop()
+    assert c.wait()[1].stop_reason == "cancelled"
+    with pytest.raises(ServingStoppedError):
+        serving.submit([1, 2], default_options(model, max_new_tokens=3), Collector())
