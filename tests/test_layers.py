@@ -70,3 +70,20 @@ def test_swiglu():
     with np.errstate(over="raise"):
         out = layers.swiglu(gate_up)
     assert np.allclose(out, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_large_scores_stays_finite():
+    """Scores in the thousands (a peaked head of a real model, or fp16-sized activations): the softmax subtracts the
+    row maximum, so nothing overflows and the result equals float64's."""
+    rng = np.random.default_rng(3)
+    q = (40 * rng.standard_normal((3, 2, 8))).astype(np.float32)
+    k = (40 * rng.standard_normal((1, 5, 8))).astype(np.float32)
+    v = rng.standard_normal((1, 5, 8)).astype(np.float32)
+    with np.errstate(over="raise", invalid="raise"):
+        out = layers.attention(q, k, v, start_pos=2)
+    for i in range(3):
+        for h in range(2):
+            s = f64(k[0, : 3 + i]) @ f64(q[i, h]) / np.sqrt(8)
+            assert np.abs(s).max() > 100  # premise: exp(s) alone would overflow float32
+            p = np.exp(s - s.max())
+            assert np.allclose(out[i, h * 8 : (h + 1) * 8], (p / p.sum()) @ f64(v[0, : 3 + i]), atol=1e-5)
