@@ -128,3 +128,13 @@ def test_readme_example_runs(stories260k):
     assert tests
     for test in tests:
         test()
+
+
+def test_check_of_a_folder_without_tokenizer_starts_from_bos(tmp_path, capsys):
+    from tests.conftest import make_random_checkpoint
+
+    folder = make_random_checkpoint(tmp_path / "ids-only", seed=5)
+    code = main(["check", "--model", str(folder), "--steps", "5", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["ok"] is True
+    assert data["prompts"][0]["prompt_ids"] == [1] and len(data["prompts"][0]["engine_tokens"]) == 5

@@ -190,11 +190,13 @@ def test_a_lone_prompt_is_prefilled_in_one_forward(random_model, monkeypatch):
 
 def test_prefill_budget_is_shared_without_empty_chunks(random_model):
     """Two long prompts join a decoding sequence: each step gives them prefill_chunk tokens in all, first come first
-    served (a request whose turn has no budget left waits), and every result equals its request run alone."""
+    served (a request whose turn has no budget left waits), and every result equals its request run alone. Their
+    lengths, 17 and 21, put chunk ends one token before a prompt's end (16 of 17): decoding starts after the last."""
     scheduler = Scheduler(random_model, prefill_chunk=8)
     first = scheduler.submit([1, 5, 9], max_new_tokens=20, ignore_eos=True)
     scheduler.step()
-    late = [scheduler.submit(list(range(10 + k, 30 + k)), max_new_tokens=6, ignore_eos=True) for k in (0, 40)]
+    late = [scheduler.submit(list(range(10 + k, 10 + k + n)), max_new_tokens=6, ignore_eos=True)
+            for k, n in ((0, 17), (40, 21))]
     scheduler.step()
     assert [r.prefilled for r in late] == [8, 0]
     list(scheduler.run())

@@ -238,8 +238,8 @@ EQUIVALENT = {  # mutant id -> why no test can tell it from the original (docume
     "L06": "cos/sin tables repeat their first half in the second (rope_tables concatenates freqs twice), so either "
            "half gives the same values",
     "L15": "which kernel multiplies 64 rows is a speed choice: the compiled kernel and OpenBLAS agree to fp32 rounding",
-    "K01": "growing to exactly the asked length gives the same cache contents; only the number of copies changes "
-           "(speed); the growth policy is not a documented behaviour beyond 'in blocks'",
+    "R09": "rotary embeddings are relative: shifting every position by one rotates queries and keys alike, so "
+           "q.k (and every logit) is unchanged up to float rounding of the tables",
     "P01": "a zero logit times or divided by the penalty is zero either way",
     "P03": "the penalised values are computed from the original row, so a repeated id writes the same value twice",
     "P11": "min_p <= 1 (validated), so the top token's probability is never below min_p times itself: the line only "
