@@ -4,7 +4,6 @@ decode alike. Skipped where llama-cpp-python is not installed (as in CI)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -27,14 +26,10 @@ def f32_gguf_checkpoint(tiny_chat_model, tmp_path_factory):
         script = llamacpp.converter()  # the llama-cpp-python source of the installed version, cached once
     except Exception as e:  # noqa: BLE001 - offline without a cached converter: nothing to convert with
         pytest.skip(f"llama.cpp's convert_hf_to_gguf.py is not available here: {e}")
-    env = {"TINYLLAMA_GGUF_CONVERTER": str(script), "TINYLLAMA_BENCH_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYLLAMA_GGUF_CONVERTER", str(script))
+        mp.setenv("TINYLLAMA_BENCH_CACHE", str(tmp_path_factory.mktemp("cache")))  # the GGUF goes there, not ~/.cache
         yield tiny_chat_model, llamacpp.gguf_for(tiny_chat_model, "f32")
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def greedy_run(runner, prompt):
