@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 
 import engine
 from engine.runtime import native
-from engine.runtime.blas import AVX512_FLAGS, cpu_flags
+from engine.runtime.blas import AVX512_FLAGS, blas_info, cpu_flags
 from tests.conftest import REPO
 
 
@@ -42,7 +43,7 @@ def clean_env(**overrides) -> dict:
     (dict(OMP_NUM_THREADS="5", OPENBLAS_NUM_THREADS="7"), 5),
     (dict(OPENBLAS_NUM_THREADS="7"), 7),
     (dict(TINYLLAMA_NUM_THREADS="0", OMP_NUM_THREADS="x", OPENBLAS_NUM_THREADS="6"), 6),  # unusable values skipped
-    ({}, len(os.sched_getaffinity(0))),
+    ({}, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
 ])
 def test_thread_count_precedence(monkeypatch, settings, expected):
     for var in ("TINYLLAMA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -62,6 +63,9 @@ def test_the_kernel_runs_on_the_thread_count_it_was_given(tmp_path):
 
 # ---- OpenBLAS's kernel: chosen before NumPy loads ------------------------------------------------------------------
 
+x86_openblas = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or blas_info().get("library") != "openblas",
+    reason="the kernel names (SkylakeX, Haswell) are OpenBLAS's x86 kernels")
 BLAS_PROBE = ("import json, os, engine; from engine.runtime.blas import blas_info; "
               "print(json.dumps([os.environ.get('OPENBLAS_CORETYPE'), blas_info()['kernel'], "
               "os.environ.get('OPENBLAS_THREAD_TIMEOUT')]))")
@@ -72,6 +76,7 @@ def blas_choice(code: str = BLAS_PROBE, **env) -> list:
     return json.loads(python(code, clean_env(**env)))
 
 
+@x86_openblas
 def test_auto_asks_for_skylakex_on_avx512_and_leaves_others_alone():
     coretype, kernel, timeout = blas_choice()
     if HAS_AVX512:
@@ -83,11 +88,13 @@ def test_auto_asks_for_skylakex_on_avx512_and_leaves_others_alone():
     assert blas_choice(OPENBLAS_THREAD_TIMEOUT="32")[2] == "32"  # ... unless the user set it
 
 
+@x86_openblas
 def test_a_named_kernel_is_used():
     assert blas_choice(TINYLLAMA_BLAS_KERNEL="Haswell")[:2] == ["Haswell", "Haswell"]
     assert blas_choice(TINYLLAMA_BLAS_KERNEL="Haswell", OPENBLAS_CORETYPE="SkylakeX")[:2] == ["Haswell", "Haswell"]
 
 
+@x86_openblas
 def test_keep_leaves_openblas_coretype_alone():
     assert blas_choice(TINYLLAMA_BLAS_KERNEL="keep", OPENBLAS_CORETYPE="Haswell")[:2] == ["Haswell", "Haswell"]
     coretype, kernel, _ = blas_choice(TINYLLAMA_BLAS_KERNEL="keep")
@@ -96,6 +103,7 @@ def test_keep_leaves_openblas_coretype_alone():
     assert coretype is None and kernel == baseline  # OpenBLAS's own detection
 
 
+@x86_openblas
 def test_too_late_once_numpy_is_loaded():
     """The choice is made when `engine` is imported before NumPy; after, OpenBLAS's kernel is already fixed."""
     late = BLAS_PROBE.replace("import json, os, engine;", "import json, os, numpy, engine;")
@@ -115,6 +123,7 @@ def verbose_kernel(stories260k, **env) -> str:
     return line[0].split("backend: ", 1)[1]
 
 
+@x86_openblas
 def test_generate_verbose_names_the_kernel(stories260k):
     assert verbose_kernel(stories260k, TINYLLAMA_NATIVE="0", TINYLLAMA_BLAS_KERNEL="Haswell") == "numpy (openblas Haswell)"
     if HAS_AVX512 and native.status().available:
@@ -183,6 +192,7 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "weight_bytes": int
 """
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS / VmHWM from /proc (Linux)")
 def test_load_peak_is_within_the_stated_ratio_of_the_weights(tmp_path):
     """RSS peak during load_model, less the RSS before it, against the weight bytes the model holds, in a fresh
     process. The peak is VmHWM, this process's own: getrusage's ru_maxrss also counts the resident set of the
