@@ -91,8 +91,9 @@ def test_rates_from_known_costs(monkeypatch, capsys, tmp_path):
     assert set(prefill) == {10, 40} and set(decode) == {1, 4}
     # prefill: tokens / seconds; three calls per length cost 0.5, 2, 1 ms (10 tokens) then 1, 4, 0.5 ms (40) a token
     p10, p40 = prefill[10], prefill[40]
-    assert (p10["prefill_tok_s"], p10["prefill_tok_s_min"], p10["prefill_tok_s_max"]) == pytest.approx((1000, 500, 2000))
-    assert (p40["prefill_tok_s"], p40["prefill_tok_s_min"], p40["prefill_tok_s_max"]) == pytest.approx((1000, 250, 2000))
+    spread = ("prefill_tok_s", "prefill_tok_s_min", "prefill_tok_s_max")
+    assert tuple(p10[k] for k in spread) == pytest.approx((1000, 500, 2000))
+    assert tuple(p40[k] for k in spread) == pytest.approx((1000, 250, 2000))
     assert (p10["ttft_s"], p10["ttft_s_min"], p10["ttft_s_max"]) == pytest.approx((0.01, 0.005, 0.02))
     # decode: batch x steps / seconds, aggregate over the batch; steps cost 20, 5, 80 ms in the three repeats
     for b, r in decode.items():
@@ -163,10 +164,11 @@ def test_model_summary_and_engine_runner_count_the_bytes_read_per_token(tmp_path
     assert s["fp32_decode_bytes"] == s["fp32_weight_bytes"] - embed and not s["tie_word_embeddings"]
     tied = model_summary(stories260k, settings)
     assert tied["fp32_decode_bytes"] == tied["fp32_weight_bytes"] == 4 * 260_032
-    for folder, expected in ((untied, s["fp32_decode_bytes"]), (stories260k, tied["fp32_decode_bytes"])):
+    for folder, expected, row in ((untied, s["fp32_decode_bytes"], 32 * 4),
+                                  (stories260k, tied["fp32_decode_bytes"], 0)):
         runner = systems.EngineRunner(str(folder), "numpy")
         runner.load()
-        assert runner.decode_bytes == expected
+        assert expected <= runner.decode_bytes <= expected + row  # the one embedding row gathered may be counted
 
 
 def test_busy_warning_names_the_cores_other_processes_took():
@@ -178,7 +180,8 @@ def test_busy_warning_names_the_cores_other_processes_took():
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="CPU busy time comes from /proc/stat (Linux)")
 def test_others_busy_counts_a_spinning_process():
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 1.5\nwhile time.time() < t: pass"])
+    spin = "import time\nt = time.time() + 1.5\nwhile time.time() < t: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.2)  # the interpreter is up and spinning
         assert others_busy_now(1.0) >= 0.6  # one spinning core (other load only adds)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -118,17 +119,17 @@ def verbose_kernel(stories260k, **env) -> str:
                            "--max-new-tokens", "3", "Once upon a time"], env=clean_env(**env), cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    line = [ln for ln in done.stderr.splitlines() if "backend:" in ln]
-    assert len(line) == 1, done.stderr
-    return line[0].split("backend: ", 1)[1]
+    found = re.findall(r"backend: (\w+ \([^)]*\))", done.stderr)
+    assert len(found) == 1, done.stderr
+    return found[0]
 
 
 @x86_openblas
 def test_generate_verbose_names_the_kernel(stories260k):
-    assert verbose_kernel(stories260k, TINYLLAMA_NATIVE="0", TINYLLAMA_BLAS_KERNEL="Haswell") == "numpy (openblas Haswell)"
-    if HAS_AVX512 and native.status().available:
-        assert verbose_kernel(stories260k, TINYLLAMA_CACHE=str(native.cache_dir())) == \
-            "numpy (native avx512 + openblas SkylakeX)"
+    without_native = verbose_kernel(stories260k, TINYLLAMA_NATIVE="0", TINYLLAMA_BLAS_KERNEL="Haswell")
+    assert without_native == "numpy (openblas Haswell)"
+    if HAS_AVX512 and native.status().available:  # the compiled kernels, by the instruction set they were built for
+        assert verbose_kernel(stories260k, TINYLLAMA_CACHE=str(native.cache_dir())).startswith("numpy (native avx512")
 
 
 # ---- a scheduler batch whose requests each have their own sampling -------------------------------------------------

@@ -38,6 +38,10 @@ class Mutant:
     old: str
     new: str
     what: str
+    alt: tuple = ()  # other (old, new) pairs for the same bug in another version of the code (tried in order)
+
+    def edits(self) -> list[tuple[str, str]]:
+        return [(self.old, self.new), *self.alt]
 
 
 # The tests that guard each file, fastest and sharpest first (-x stops at the first failure).
@@ -72,7 +76,8 @@ MUTANTS = [
     Mutant("L03", L, "return weight * (x * (", "return (x * (", "RMSNorm: weight left out"),
     Mutant("L04", L, "out[..., :half] = x1 * c - x2 * s", "out[..., :half] = x1 * c + x2 * s", "rotary: sign"),
     Mutant("L05", L, "out[..., half:] = x2 * c + x1 * s", "out[..., half:] = x2 * c - x1 * s", "rotary: sign"),
-    Mutant("L06", L, "c, s = cos[:, None, :half], sin[:, None, :half]", "c, s = cos[:, None, half:], sin[:, None, half:]",
+    Mutant("L06", L, "c, s = cos[:, None, :half], sin[:, None, :half]",
+           "c, s = cos[:, None, half:], sin[:, None, half:]",
            "rotary: the tables' second half"),
     Mutant("L07", L, "scores = scores - np.max(scores, axis=-1, keepdims=True)", "scores = scores + 0",
            "softmax: no max subtraction (overflows on large scores)"),
@@ -84,13 +89,15 @@ MUTANTS = [
            "attention: the causal mask ignores the cached prefix"),
     Mutant("L11", L, "    if t > 1:\n        # Query i", "    if t > 2:\n        # Query i",
            "attention: no causal mask for two-token steps"),
-    Mutant("L12", L, "return out.reshape(n_kv, group, t, head_dim).transpose(2, 0, 1, 3)",
-           "return out.reshape(n_kv, group, t, head_dim).transpose(2, 1, 0, 3)", "attention: heads out of order"),
+    Mutant("L12", L, "out.reshape(n_kv, group, t, head_dim).transpose(2, 0, 1, 3)",
+           "out.reshape(n_kv, group, t, head_dim).transpose(2, 1, 0, 3)", "attention: heads out of order"),
     Mutant("L13", L, "x / (np.float32(1.0) + np.exp(-x))", "x / (np.float32(1.0) + np.exp(x))", "SiLU: sign"),
     Mutant("L14", L, "return silu(gate_up[:, :inter]) * gate_up[:, inter:]",
            "return gate_up[:, :inter] * silu(gate_up[:, inter:])", "SwiGLU: gate and up swapped"),
     Mutant("L15", L, "if m <= NATIVE_MAX_ROWS and native.status().available:",
-           "if m < NATIVE_MAX_ROWS and native.status().available:", "linear: 64 rows leave the compiled kernel"),
+           "if m < NATIVE_MAX_ROWS and native.status().available:", "linear: 64 rows leave the compiled kernel",
+           alt=(("m < BLAS_FROM_ROWS and native.status().available", "m < BLAS_FROM_ROWS - 1 and native.status()"
+                 ".available"),)),
     Mutant("L16", L, "block = w[start : start + rows]", "block = w[start : start + rows - 1]",
            "linear (no compiled kernel): a weight row missed per block"),
     Mutant("R01", R, "np.arange(0, dim, 2, dtype=np.int64)", "np.arange(1, dim, 2, dtype=np.int64)",
@@ -101,7 +108,8 @@ MUTANTS = [
            "rope linear scaling: multiplied"),
     Mutant("R04", R, "np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)",
            "np.where(wavelen < low_freq_wavelen, inv_freq / factor, inv_freq)", "rope llama3: wrong band scaled"),
-    Mutant("R05", R, "((old_context / wavelen - low) / (high - low))", "((old_context / wavelen - high) / (high - low))",
+    Mutant("R05", R, "((old_context / wavelen - low) / (high - low))",
+           "((old_context / wavelen - high) / (high - low))",
            "rope llama3: smoothing offset"),
     Mutant("R06", R, "smoothed = (1 - smooth) * scaled / factor + smooth * scaled",
            "smoothed = smooth * scaled / factor + (1 - smooth) * scaled", "rope llama3: blend reversed"),
@@ -124,12 +132,15 @@ MUTANTS = [
            "forward: the first token's logits instead of the last"),
     Mutant("N06", N, "logits = linear(rms_norm(x[rows], self.weights.final_norm, self.eps), self.weights.lm_head)",
            "logits = linear(x[rows], self.weights.lm_head)", "forward: no final norm"),
-    Mutant("N07", N, "k = apply_rotary(qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim), cos, sin)",
+    Mutant("N07", N, "k = apply_rotary(qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim), cos, "
+                     "sin)",
            "k = qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim)", "forward: keys not rotated"),
     Mutant("N08", N, "h = rms_norm(x, layer.mlp_norm, self.eps)", "h = rms_norm(x, layer.attn_norm, self.eps)",
            "forward: the attention norm's weight before the MLP"),
     Mutant("N09", N, "s.cache.reserve(start + n)", "s.cache.reserve(start + n - 1)",
-           "forward: one position too few reserved"),
+           "forward: one position too few reserved",
+           alt=(("s.cache.reserve(s.cache.length + len(s.token_ids))",
+                 "s.cache.reserve(s.cache.length + len(s.token_ids) - 1)"),)),
     # ---- the KV cache ----
     Mutant("K01", K, "grown = max(new_length, self.capacity + self.capacity // 2)", "grown = new_length",
            "cache: grows by exactly what is asked (a copy per block)"),
@@ -137,7 +148,8 @@ MUTANTS = [
            "capacity = blocks * self.block_tokens", "cache: capacity past the window"),
     Mutant("K03", K, "new[:, :, : self.length] = old[:, :, : self.length]",
            "new[:, :, : self.length - 1] = old[:, :, : self.length - 1]", "cache: growing loses the last token"),
-    Mutant("K04", K, "if new_length <= self.capacity:\n            return", "if new_length < self.capacity:\n            return",
+    Mutant("K04", K, "if new_length <= self.capacity:\n            return",
+           "if new_length < self.capacity:\n            return",
            "cache: reallocates when exactly full"),
     Mutant("K05", K, "if new_length > self.max_length:", "if new_length >= self.max_length:",
            "cache: the last position of the window refused"),
@@ -152,48 +164,61 @@ MUTANTS = [
     Mutant("K10", K, "blocks = -(-grown // self.block_tokens)", "blocks = grown // self.block_tokens",
            "cache: capacity rounded down"),
     # ---- the sampler (and the context it is given) ----
-    Mutant("P01", P, "np.where(seen < 0, seen * factor, seen / factor)", "np.where(seen <= 0, seen * factor, seen / factor)",
+    Mutant("P01", P, "np.where(seen < 0, seen * factor, seen / factor)",
+           "np.where(seen <= 0, seen * factor, seen / factor)",
            "repetition penalty: zero logits multiplied"),
-    Mutant("P02", P, "np.where(seen < 0, seen * factor, seen / factor)", "np.where(seen < 0, seen / factor, seen * factor)",
+    Mutant("P02", P, "np.where(seen < 0, seen * factor, seen / factor)",
+           "np.where(seen < 0, seen / factor, seen * factor)",
            "repetition penalty: inverted"),
-    Mutant("P03", P, "ids = np.unique(ids[(ids >= 0) & (ids < row.shape[0])])", "ids = ids[(ids >= 0) & (ids < row.shape[0])]",
+    Mutant("P03", P, "ids = np.unique(ids[(ids >= 0) & (ids < row.shape[0])])",
+           "ids = ids[(ids >= 0) & (ids < row.shape[0])]",
            "repetition penalty: repeated ids not merged"),
     Mutant("P04", P, "ids = np.unique(ids[(ids >= 0) & (ids < row.shape[0])])", "ids = np.unique(ids[(ids >= 0)])",
            "repetition penalty: ids outside the vocabulary not ignored"),
-    Mutant("P05", P, "return _as_logits(logits) / np.float32(temperature)", "return _as_logits(logits) * np.float32(temperature)",
+    Mutant("P05", P, "return _as_logits(logits) / np.float32(temperature)",
+           "return _as_logits(logits) * np.float32(temperature)",
            "temperature multiplies"),
     Mutant("P06", P, "np.where(row < kth_largest, _REMOVED, row)", "np.where(row <= kth_largest, _REMOVED, row)",
            "top-k: the k-th token removed"),
-    Mutant("P07", P, "remove_sorted = cumulative <= np.float32(1 - float(top_p))", "remove_sorted = cumulative < np.float32(1 - float(top_p))",
+    Mutant("P07", P, "remove_sorted = cumulative <= np.float32(1 - float(top_p))",
+           "remove_sorted = cumulative < np.float32(1 - float(top_p))",
            "top-p: keeps the token at an exact tie"),
     Mutant("P08", P, "    remove_sorted[-1] = False  # min_tokens_to_keep = 1\n", "",
            "top-p: may remove every token"),
-    Mutant("P09", P, "order = np.lexsort((-np.arange(row.shape[0]), row))", "order = np.lexsort((np.arange(row.shape[0]), row))",
+    Mutant("P09", P, "order = np.lexsort((-np.arange(row.shape[0]), row))",
+           "order = np.lexsort((np.arange(row.shape[0]), row))",
            "top-p: ties keep the highest ids"),
-    Mutant("P10", P, "remove = probs < np.float32(min_p) * probs.max()", "remove = probs <= np.float32(min_p) * probs.max()",
+    Mutant("P10", P, "remove = probs < np.float32(min_p) * probs.max()",
+           "remove = probs <= np.float32(min_p) * probs.max()",
            "min-p: removes the token at an exact tie"),
     Mutant("P11", P, "    remove[np.argmax(probs)] = False\n", "", "min-p: the top token not protected"),
-    Mutant("P12", P, "    if params.top_k != 0:\n        row = apply_top_k(row, params.top_k)\n    if params.top_p < 1.0:\n"
+    Mutant("P12", P, "    if params.top_k != 0:\n        row = apply_top_k(row, params.top_k)\n"
+                     "    if params.top_p < 1.0:\n"
                      "        row = apply_top_p(row, params.top_p)\n",
            "    if params.top_p < 1.0:\n        row = apply_top_p(row, params.top_p)\n    if params.top_k != 0:\n"
            "        row = apply_top_k(row, params.top_k)\n", "processors: top-p before top-k"),
     Mutant("P13", P, "    if params.temperature != 1.0:\n", "    if params.temperature > 1.0:\n",
            "temperature below 1 ignored"),
     Mutant("P14", P, "return int(np.argmax(apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)))",
-           "return int(np.argmax(logits))", "greedy ignores the repetition penalty"),
+           "return int(np.argmax(logits))", "greedy ignores the repetition penalty",
+           alt=(("return int(np.argmax(_penalized(logits, params, previous_ids, generated_ids)))",
+                 "return int(np.argmax(logits))"),)),
     Mutant("P15", P, "return int(rng.choice(probs.shape[0], p=probs))", "return int(np.argmax(probs))",
            "sampling picks the most likely token"),
     Mutant("P16", P, "if not 0 < self.top_p <= 1:", "if not 0 <= self.top_p <= 1:", "validation: top_p = 0 accepted"),
     Mutant("P17", P, "processed = process_logits(logits, params, previous_ids).astype(np.float64)",
-           "processed = process_logits(logits, params, previous_ids)", "probabilities in float32"),
+           "processed = process_logits(logits, params, previous_ids)", "probabilities in float32",
+           alt=(("processed = process_logits(logits, params, previous_ids, generated_ids).astype(np.float64)",
+                 "processed = process_logits(logits, params, previous_ids, generated_ids)"),)),
     Mutant("P18", P, "    if params.min_p > 0.0:\n        row = apply_min_p(row, params.min_p)\n", "",
            "min-p never applied"),
-    Mutant("G01", G, "self.rng, self.prompt_ids + self.generated)", "self.rng, self.generated)",
+    Mutant("G01", G, "self.rng, self.prompt_ids + self.generated", "self.rng, self.generated",
            "the sampler sees only the generated ids (penalty ignores the prompt)"),
     # ---- stop strings ----
     Mutant("S01", S, "self.stop_strings = [s for s in stop_strings if s]", "self.stop_strings = list(stop_strings)",
            "an empty stop string kept (stops at once)"),
-    Mutant("S02", S, "out, self.pending = self.pending[: min(hits)], \"\"", "out, self.pending = self.pending[: max(hits)], \"\"",
+    Mutant("S02", S, "out, self.pending = self.pending[: min(hits)], \"\"",
+           "out, self.pending = self.pending[: max(hits)], \"\"",
            "the later of two stop strings wins"),
     Mutant("S03", S, "keep = self._held_suffix_length()", "keep = 0", "nothing held back: stop-string starts emitted"),
     Mutant("S04", S, "for k in range(min(len(s) - 1, len(self.pending)), best, -1):",
@@ -213,7 +238,8 @@ MUTANTS = [
            "a prefilling request given an empty chunk"),
     Mutant("C03", C, "while self.waiting and len(self.active) < self.max_active:",
            "while self.waiting and len(self.active) <= self.max_active:", "one request more than max_active"),
-    Mutant("C04", C, "r.draft_len = min(r.speculate, r.draft_len + 2)", "r.draft_len = min(r.speculate, r.draft_len + 1)",
+    Mutant("C04", C, "r.draft_len = min(r.speculate, r.draft_len + 2)",
+           "r.draft_len = min(r.speculate, r.draft_len + 1)",
            "draft length grows by 1"),
     Mutant("C05", C, "r.draft_len = max(1, r.draft_len - 1)", "r.draft_len = max(0, r.draft_len - 1)",
            "draft length may fall to 0 (speculation stops)"),
@@ -223,12 +249,14 @@ MUTANTS = [
            "the cache drops an accepted token"),
     Mutant("C08", C, "room = r.state.max_length - r.cache.length - 1", "room = r.state.max_length - r.cache.length",
            "drafts may run past the window"),
-    Mutant("C09", C, "        if not request.keep_cache:\n            request.cache = None\n", "        if False:\n            pass\n",
+    Mutant("C09", C, "        if not request.keep_cache:\n            request.cache = None\n",
+           "        if False:\n            pass\n",
            "a finished request keeps its cache"),
     Mutant("C10", C, "            r.accepted_draft_tokens += 1\n", "", "accepted drafts not counted"),
     Mutant("C11", C, "                while request.events:\n", "                if request.events:\n",
            "run() yields one event per request per step"),
-    Mutant("C12", C, "decode_seconds=max(0.0, self.t_last - self.t_first)", "decode_seconds=max(0.0, self.t_last - self.t_start)",
+    Mutant("C12", C, "decode_seconds=max(0.0, self.t_last - self.t_first)",
+           "decode_seconds=max(0.0, self.t_last - self.t_start)",
            "decode time includes the prefill"),
     Mutant("C13", C, "if r.prefilled < len(r.prompt_ids):\n                    continue",
            "if r.prefilled < len(r.prompt_ids) - 1:\n                    continue", "decoding starts a token early"),
@@ -266,12 +294,13 @@ def apply(root: Path, m: Mutant) -> str:
     """Apply mutant m in the copy at root; returns the original text (to restore). Fails loudly on a stale edit."""
     path = root / m.file
     text = path.read_text()
-    count = text.count(m.old)
-    if count != 1:
-        raise SystemExit(f"{m.id}: the text to replace occurs {count} times in {m.file} (expected once): update the "
-                         f"mutant list\n  {m.old!r}")
-    path.write_text(text.replace(m.old, m.new))
-    return text
+    for old, new in m.edits():
+        if text.count(old) == 1:
+            path.write_text(text.replace(old, new))
+            return text
+    counts = ", ".join(f"{text.count(old)} times" for old, _ in m.edits())
+    raise SystemExit(f"{m.id}: the text to replace occurs {counts} in {m.file} (expected once): update the mutant "
+                     f"list\n  {m.old!r}")
 
 
 def run_tests(root: Path, tests: list[str], env: dict, timeout: int) -> tuple[str, float, str]:
