@@ -124,3 +124,14 @@ def gguf_for(folder, outtype: str) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
         tmp.unlink(missing_ok=True)
     return out
+
+
+def gguf_tensor_bytes(path) -> dict[str, int]:
+    """name -> bytes of every tensor in the GGUF file at `path`, read with gguf-py (llama.cpp's own reader, from the
+    converter's source tree; the `gguf` package where that has none)."""
+    gguf_py = converter().parent / "gguf-py"
+    if gguf_py.is_dir() and str(gguf_py) not in sys.path:
+        sys.path.insert(0, str(gguf_py))
+    import gguf
+
+    return {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}

@@ -9,21 +9,38 @@ GB = 1e9
 
 
 def add_roofline(rows: list[dict], machine: dict, model: dict) -> None:
-    """Floors in `machine['roofline']` for the model, and on every measured row its own batch-1 decode floor (its
-    weight bytes / read bandwidth) with the percentage of it reached at batch 1."""
+    """Floors in `machine['roofline']` for the model, and on every measured row its own batch-1 decode floor (the
+    bytes it reads per decoded token / read bandwidth; see bench.roofline) with the percentage of it reached at
+    batch 1."""
     roof = machine.get("roofline")
     if not roof:
         return
     bw = roof["read_gbs"]
     roof["fp32_weight_bytes"] = model["fp32_weight_bytes"]
-    roof["decode_floor_fp32_tok_s"] = decode_floor(model["fp32_weight_bytes"], bw)
-    roof["decode_floor_bf16_tok_s"] = decode_floor(model["fp32_weight_bytes"] // 2, bw)
+    roof["fp32_decode_bytes"] = model["fp32_decode_bytes"]
+    roof["decode_floor_fp32_tok_s"] = decode_floor(model["fp32_decode_bytes"], bw)
+    roof["decode_floor_bf16_tok_s"] = decode_floor(model["fp32_decode_bytes"] // 2, bw)
     roof["prefill_ceiling_fp32_tok_s"] = roof["matmul_gflops"] * GB / (2 * model["weight_count"])
     for row in rows:
-        if row.get("weight_bytes"):
-            row["floor_tok_s"] = decode_floor(row["weight_bytes"], bw)
+        if row.get("decode_bytes"):
+            row["floor_tok_s"] = decode_floor(row["decode_bytes"], bw)
             if row.get("kind") == "decode" and row.get("batch") == 1 and row.get("decode_tok_s"):
                 row["pct_of_floor"] = 100 * row["decode_tok_s"] / row["floor_tok_s"]
+
+
+BUSY_CORES = 0.25  # other processes' average busy cores above which the figures are flagged
+
+
+def busy_warning(machine: dict) -> str | None:
+    """A warning line when other processes kept the CPUs busy before or during the run (from /proc/stat, which,
+    unlike the load average, does not count threads waiting on IO), else None."""
+    busy = machine.get("cpu_busy") or {}
+    before, during = busy.get("others_before") or 0.0, busy.get("others_during") or 0.0
+    if max(before, during) <= BUSY_CORES:
+        return None
+    return (f"warning: other processes kept {before:.2f} cores busy just before the run and {during:.2f} on average "
+            f"during it (of {machine.get('cores')}); they share the cores these figures need, so they are low and "
+            f"noisy")
 
 
 def _fmt(v, digits: int = 1) -> str:
@@ -64,12 +81,12 @@ def table(results: dict) -> str:
         if roof:
             out.append(f"roofline: memory read {roof['read_gbs']:.1f} GB/s (NumPy, best of 1 and {settings['threads']}"
                        f" threads; GEMV {roof['gemv_gbs']:.1f} GB/s), fp32 matmul {roof['matmul_gflops']:.0f} GFLOP/s "
-                       f"at M=128 -> batch-1 decode floor {roof['decode_floor_fp32_tok_s']:.2f} tok/s for fp32 "
-                       f"weights ({roof['decode_floor_bf16_tok_s']:.2f} for 16-bit)")
-    busy = (machine.get("load_average") or {}).get("start", [0])[0]
-    if busy > 0.5:
-        out.append(f"warning: the machine was busy when the run started (load average {busy:.2f}); other processes "
-                   f"share its cores, so these figures are low and noisy")
+                       f"at M=128 -> batch-1 decode floor {roof['decode_floor_fp32_tok_s']:.2f} tok/s for the "
+                       f"{roof['fp32_decode_bytes'] / GB:.2f} GB of fp32 weights read per token "
+                       f"({roof['decode_floor_bf16_tok_s']:.2f} for 16-bit)")
+    warning = busy_warning(machine)
+    if warning:
+        out.append(warning)
     out.append(f"{settings['repeats']} timed run(s) after a warm-up; median [min-max]; decode after a "
                f"{settings['prompt_lens'][0]}-token prompt, {settings['new_tokens']} new tokens, aggregate tok/s")
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -81,14 +98,14 @@ def table(results: dict) -> str:
         bad = [r for r in rows if r["label"] == label and r.get("status") != "ok"]
         notes += [f"{label}: {r['status']}: {r.get('note', '')}" for r in bad]
         if not mine:
-            body.append([label, bad[0].get("dtype", ""), bad[0]["status"], "-", "-", "-", "-"])
+            body.append([label, bad[0].get("dtype", ""), bad[0]["status"], "-", "-", "-", "-", "-"])
             continue
         r0 = mine[0]
         body.append([label, r0["dtype"], r0.get("blas_kernel") or "-", _fmt(r0.get("load_s"), 2),
-                     _fmt(r0.get("weight_bytes", 0) / GB, 2), _fmt(r0.get("peak_rss_bytes", 0) / GB, 2),
-                     _fmt(r0.get("floor_tok_s"), 2)])
-    out += ["", "Systems", _grid(["system", "dtype", "kernel", "load s", "weights GB", "peak RSS GB",
-                                  "B=1 floor tok/s"], body)]
+                     _fmt(r0.get("weight_bytes", 0) / GB, 2), _fmt(r0.get("decode_bytes", 0) / GB, 2),
+                     _fmt(r0.get("peak_rss_bytes", 0) / GB, 2), _fmt(r0.get("floor_tok_s"), 2)])
+    out += ["", "Systems", _grid(["system", "dtype", "kernel", "load s", "weights GB", "read/token GB",
+                                  "peak RSS GB", "B=1 floor tok/s"], body)]
     if notes:
         out += ["", "Notes"] + [f"- {n}" for n in notes]
 

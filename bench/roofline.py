@@ -1,7 +1,9 @@
 """This machine's ceilings as NumPy sees them: memory read bandwidth and fp32 matmul throughput.
 
 Run inside a worker that imported `engine` first (so NumPy's OpenBLAS has the engine's kernel). The batch-1 decode
-floor of a model is its weight bytes / read bandwidth: every weight is read once per generated token.
+floor of a model is the bytes it reads per generated token / read bandwidth: every weight matrix and the lm_head are
+read whole once per token; the embedding table is read whole only when it is the lm_head (tied embeddings): an
+untied model gathers one row of it per token (8 KB of TinyLlama's 262 MB fp32 table).
 """
 from __future__ import annotations
 
@@ -72,3 +74,9 @@ def measure(threads: int, quick: bool = False) -> dict:
 def decode_floor(weight_bytes: int, read_gbs: float) -> float:
     """Batch-1 decode tokens/s if every weight byte is read once per token at `read_gbs` and nothing else costs."""
     return read_gbs * 1e9 / weight_bytes if weight_bytes else 0.0
+
+
+def decode_bytes(weight_bytes: int, embed_bytes: int, tied: bool) -> int:
+    """Bytes read per decoded token of a model whose weights take `weight_bytes` (the tied table counted once) and
+    whose embedding table takes `embed_bytes`: everything, less the table when it is not also the lm_head."""
+    return int(weight_bytes) if tied else int(weight_bytes) - int(embed_bytes)

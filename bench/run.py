@@ -86,6 +86,7 @@ def resolve_checkpoint(model: str | None, revision: str | None, quick: bool, env
 
 def model_summary(folder: Path, settings: dict) -> dict:
     """Shape numbers from config.json (validated as the engine would), and a check that the runs fit its window."""
+    from bench.roofline import decode_bytes
     from engine.config import ModelConfig
     from weights.checkpoint import read_json
 
@@ -96,7 +97,10 @@ def model_summary(folder: Path, settings: dict) -> dict:
                           f"{settings.get('long_context', 0)}) + --new-tokens {settings['new_tokens']} "
                           f"exceed the model's context window of {config.max_position_embeddings}")
     count = config.weight_count()
+    embed = config.vocab_size * config.hidden_size
     return {"folder": str(folder), "weight_count": count, "fp32_weight_bytes": 4 * count,
+            "fp32_decode_bytes": decode_bytes(4 * count, 4 * embed, config.tie_word_embeddings),
+            "tie_word_embeddings": config.tie_word_embeddings,
             "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
             "vocab_size": config.vocab_size, "max_position_embeddings": config.max_position_embeddings}
 
@@ -121,8 +125,12 @@ def run(settings: dict, model: str | None, revision: str | None, out: str | None
                                                                                              "bfloat16"))
     summary = model_summary(folder, settings)
 
+    from bench.cpu_load import OthersBusy, others_busy_now
+
     machine: dict = {}
     load_start = os.getloadavg()
+    busy = {"others_before": others_busy_now()}
+    during = OthersBusy()
     rows: list[dict] = []  # as the workers sent them; roofline columns are added to copies when written
     failures: list[str] = []
     bar = tqdm(total=1, unit="step", desc="roofline", file=sys.stderr, disable=None, dynamic_ncols=True)
@@ -171,11 +179,13 @@ def run(settings: dict, model: str | None, revision: str | None, out: str | None
 
                         rows.append(dict(describe(system), label=system, status="error", note=note))
                     failures.append(f"{system}: {note} (log: {log})")
-                write_results(out_dir, summary, settings, machine, rows, load_start, complete=False)
+                busy["others_during"] = during.cores()
+                write_results(out_dir, summary, settings, machine, rows, load_start, busy, complete=False)
     finally:
         bar.close()
 
-    results = write_results(out_dir, summary, settings, machine, rows, load_start, complete=True)
+    busy["others_during"] = during.cores()
+    results = write_results(out_dir, summary, settings, machine, rows, load_start, busy, complete=True)
     plots = report.plot(results, out_dir)
     print(report.table(results))
     print(f"\nresults: {out_dir / 'results.json'}" + "".join(f"\nplot: {p}" for p in plots))
@@ -185,12 +195,13 @@ def run(settings: dict, model: str | None, revision: str | None, out: str | None
 
 
 def write_results(out_dir: Path, summary: dict, settings: dict, machine: dict, rows: list[dict], load_start,
-                  complete: bool) -> dict:
+                  busy: dict, complete: bool) -> dict:
     """results.json as it stands (written after every system too, with complete: false, so an interrupted run keeps
-    what it measured)."""
+    what it measured). busy: cores other processes kept busy (bench.cpu_load) before and during the run."""
     from bench import report
 
-    machine = dict(machine, load_average={"start": list(load_start), "end": list(os.getloadavg())})
+    machine = dict(machine, load_average={"start": list(load_start), "end": list(os.getloadavg())},
+                   cpu_busy=dict(busy))
     if machine.get("roofline"):
         machine["roofline"] = dict(machine["roofline"])
     rows = [dict(r) for r in rows]

@@ -2,8 +2,8 @@
 
 A runner: `prepare()` (untimed: format conversion); `load()`; `prefill(ids) -> first token` (a fresh sequence each
 call); `decode_setup(batch, ids)` prefills `batch` copies of the prompt; `decode_reset()` cuts every sequence back to
-the prompt; `decode_step()` adds one greedy token to every sequence in one batched forward. `weight_bytes` and
-`info()` describe it. Imports are lazy: a worker only loads the libraries of the one system it runs.
+the prompt; `decode_step()` adds one greedy token to every sequence in one batched forward. `weight_bytes` (all
+weights), `decode_bytes` (what a decode step reads: bench.roofline.decode_bytes) and `info()` describe it. Imports are lazy: a worker only loads the libraries of the one system it runs.
 """
 from __future__ import annotations
 
@@ -183,8 +183,13 @@ class TransformersRunner(Runner):
         self.torch = torch
         self.model = transformers.LlamaForCausalLM.from_pretrained(
             self.folder, dtype=getattr(torch, self.dtype_name), attn_implementation="sdpa").eval()
+        from bench.roofline import decode_bytes
+
         self.weight_bytes = int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
         self.weight_count = int(sum(p.numel() for p in self.model.parameters()))
+        embed = self.model.get_input_embeddings().weight
+        tied = self.model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
+        self.decode_bytes = decode_bytes(self.weight_bytes, embed.numel() * embed.element_size(), tied)
 
     def _forward(self, ids, cache=None):
         with self.torch.inference_mode():
@@ -244,8 +249,13 @@ class LlamaCppRunner(Runner):
             raise RuntimeError(f"llama.cpp could not load {self.gguf}")
         vocab_of = getattr(L, "llama_model_get_vocab", None)
         self.n_vocab = (L.llama_vocab_n_tokens(vocab_of(self.model)) if vocab_of else L.llama_n_vocab(self.model))
+        from bench.llamacpp import gguf_tensor_bytes
+        from bench.roofline import decode_bytes
+
         self.weight_bytes = int(L.llama_model_size(self.model))
         self.weight_count = int(L.llama_model_n_params(self.model))
+        tensors = gguf_tensor_bytes(self.gguf)  # tied embeddings: no output.weight, token_embd is the lm_head
+        self.decode_bytes = decode_bytes(self.weight_bytes, tensors["token_embd.weight"], "output.weight" not in tensors)
         self.ctx_batch = 0
 
     def _context(self, n_seq: int, n_ctx: int):

@@ -59,7 +59,8 @@ def run_system(spec: dict) -> int:
         load_s = time.perf_counter() - t0
         emit("progress", what=f"{name}: loaded in {load_s:.1f} s")
         info = runner.info()
-        base.update(load_s=load_s, weight_bytes=runner.weight_bytes, weight_count=runner.weight_count,
+        base.update(load_s=load_s, weight_bytes=runner.weight_bytes, decode_bytes=runner.decode_bytes,
+                    weight_count=runner.weight_count,
                     blas_kernel=info.pop("kernel"), info=info)
         if getattr(runner, "dtype", None):  # the engine holds what the checkpoint and its kernels allow
             base["dtype"] = runner.dtype

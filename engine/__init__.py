@@ -4,6 +4,7 @@ from engine.runtime.blas import choose_openblas_kernel
 choose_openblas_kernel()  # before anything imports NumPy
 
 # ruff: noqa: E402
+from engine.compare import ComparisonReport, compare_with_transformers
 from engine.config import ModelConfig
 from engine.errors import ContextOverflowError, EngineError
 from engine.generation.scheduler import Scheduler
@@ -12,4 +13,4 @@ from engine.model import Model, load_model
 from weights.errors import CheckpointError
 
 __all__ = ["load_model", "Model", "ModelConfig", "Scheduler", "GenerationResult", "TokenEvent", "CheckpointError",
-           "EngineError", "ContextOverflowError"]
+           "EngineError", "ContextOverflowError", "compare_with_transformers", "ComparisonReport"]

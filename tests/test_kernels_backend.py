@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import tests.kernel_support  # noqa: F401  (first: sets TRITON_INTERPRET; skips without torch, triton or a device)
+from tests.kernel_support import forward_tolerance, rounded_weights, torch  # first: sets TRITON_INTERPRET
 from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.weights import LayerWeights, ModelWeights
@@ -66,13 +66,17 @@ def test_triton_backend_matches_numpy_fp32(n_heads, n_kv_heads, tied):
         assert _rel(o, r) < 1e-4
 
 
-def test_triton_backend_bf16_close_to_numpy():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_triton_backend_16bit_close_to_numpy(dtype):
+    """Against the NumPy fp32 forward on the same rounded weights, within forward_tolerance (derived from the
+    format's rounding and the roundings on the way to a logit; see tests/kernel_support.py)."""
     c = _config(4, 2)
     w = _weights(c, seed=3)
-    ours = _run_script(TritonBackend(c, w, dtype="bfloat16"))
-    ref = _run_script(NumpyBackend(c, w))
+    ours = _run_script(TritonBackend(c, w, dtype=dtype))
+    ref = _run_script(NumpyBackend(c, rounded_weights(w, getattr(torch, dtype))))
+    tolerance = forward_tolerance(getattr(torch, dtype), c.num_hidden_layers)
     for o, r in zip(ours, ref):
-        assert _rel(o, r) < 5e-2
+        assert _rel(o, r) < tolerance
 
 
 def test_stories260k_prompt_logits_on_triton(stories260k):

@@ -45,14 +45,20 @@ def test_apply_rotary_rotates_pairs_half_apart():
             assert np.allclose(out[t, :, i + 4], b * c + a * s, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads, kv_heads, t, start", [(4, 4, 1, 6), (4, 2, 5, 0), (8, 2, 3, 4), (4, 1, 7, 2)])
-def test_attention_is_causal_gqa(heads, kv_heads, t, start):
+# Every attention implementation the runtime has (a compiled one may stand in front of the NumPy one: both held).
+ATTENTIONS = [getattr(layers, name) for name in ("attention", "attention_numpy") if hasattr(layers, name)]
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("heads, kv_heads, t, start", [(4, 4, 1, 6), (4, 2, 5, 0), (8, 2, 3, 4), (4, 1, 7, 2),
+                                                       (4, 2, 2, 3)])
+def test_attention_is_causal_gqa(heads, kv_heads, t, start, attention):
     rng = np.random.default_rng(heads * 10 + t)
     d = 8
     q = rng.standard_normal((t, heads, d)).astype(np.float32)
     k = rng.standard_normal((kv_heads, start + t, d)).astype(np.float32)
     v = rng.standard_normal((kv_heads, start + t, d)).astype(np.float32)
-    out = layers.attention(q, k, v, start)
+    out = attention(q, k, v, start)
     group = heads // kv_heads
     for i in range(t):
         for h in range(heads):
@@ -70,3 +76,21 @@ def test_swiglu():
     with np.errstate(over="raise"):
         out = layers.swiglu(gate_up)
     assert np.allclose(out, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS, ids=lambda f: f.__name__)
+def test_attention_with_large_scores_stays_finite(attention):
+    """Scores in the thousands (a peaked head of a real model, or fp16-sized activations): the softmax subtracts the
+    row maximum, so nothing overflows and the result equals float64's."""
+    rng = np.random.default_rng(3)
+    q = (40 * rng.standard_normal((3, 2, 8))).astype(np.float32)
+    k = (40 * rng.standard_normal((1, 5, 8))).astype(np.float32)
+    v = rng.standard_normal((1, 5, 8)).astype(np.float32)
+    with np.errstate(over="raise", invalid="raise"):
+        out = attention(q, k, v, start_pos=2)
+    for i in range(3):
+        for h in range(2):
+            s = f64(k[0, : 3 + i]) @ f64(q[i, h]) / np.sqrt(8)
+            assert np.abs(s).max() > 100  # premise: exp(s) alone would overflow float32
+            p = np.exp(s - s.max())
+            assert np.allclose(out[i, h * 8 : (h + 1) * 8], (p / p.sum()) @ f64(v[0, : 3 + i]), atol=1e-5)

@@ -174,3 +174,76 @@ def test_run_streams_every_token_of_every_request(random_model):
         streamed[request.id].append(event.token_id)
     for r in requests:
         assert streamed[r.id] == r.result.token_ids and len(r.result.token_ids) == r.state.options.max_new_tokens
+
+
+def test_a_lone_prompt_is_prefilled_in_one_forward(random_model, monkeypatch):
+    """prefill_chunk applies while others decode; a sequence alone prefills its whole prompt in one pass."""
+    calls = []
+    forward = random_model.forward
+    monkeypatch.setattr(random_model, "forward", lambda steps: calls.append([len(s.token_ids) for s in steps])
+                        or forward(steps))
+    scheduler = Scheduler(random_model, prefill_chunk=16)
+    r = scheduler.submit(list(range(3, 103)), max_new_tokens=3, ignore_eos=True)
+    list(scheduler.run())
+    assert calls == [[100], [1], [1]] and r.result.prefill_tokens == 100
+
+
+def test_prefill_budget_is_shared_without_empty_chunks(random_model):
+    """Two long prompts join a decoding sequence: each step gives them prefill_chunk tokens in all, first come first
+    served (a request whose turn has no budget left waits), and every result equals its request run alone. Their
+    lengths, 17 and 21, put chunk ends one token before a prompt's end (16 of 17): decoding starts after the last."""
+    scheduler = Scheduler(random_model, prefill_chunk=8)
+    first = scheduler.submit([1, 5, 9], max_new_tokens=20, ignore_eos=True)
+    scheduler.step()
+    late = [scheduler.submit(list(range(10 + k, 10 + k + n)), max_new_tokens=6, ignore_eos=True)
+            for k, n in ((0, 17), (40, 21))]
+    scheduler.step()
+    assert [r.prefilled for r in late] == [8, 0]
+    list(scheduler.run())
+    for r in [first] + late:
+        assert r.result.token_ids == random_model.generate(r.prompt_ids, max_new_tokens=r.state.options.max_new_tokens,
+                                                           ignore_eos=True)
+
+
+def test_max_active_holds_the_rest_back(random_model):
+    scheduler = Scheduler(random_model, max_active=2)
+    requests = [scheduler.submit([1, 2 + k, 3], max_new_tokens=4 + k, ignore_eos=True) for k in range(3)]
+    scheduler.step()
+    assert len(scheduler.active) == 2 and list(scheduler.waiting) == requests[2:]
+    while scheduler.has_work:
+        scheduler.step()
+        assert len(scheduler.active) <= 2
+    for k, r in enumerate(requests):
+        assert r.result.token_ids == random_model.generate([1, 2 + k, 3], max_new_tokens=4 + k, ignore_eos=True)
+
+
+def test_run_streams_every_accepted_draft_token(stories):
+    """With speculative decoding a step may produce several tokens per request; run() yields them all, in order."""
+    scheduler = Scheduler(stories)
+    prompt = stories.prompt_ids(PASSAGE + " Repeat the story: " + PASSAGE[:40])
+    r = scheduler.submit(prompt, max_new_tokens=40, speculate=6)
+    streamed = [event.token_id for request, event in scheduler.run()]
+    assert r.result.accepted_draft_tokens > 5  # several tokens per step happened
+    assert streamed == r.result.token_ids == stories.generate(prompt, max_new_tokens=40)
+
+
+def test_timings_measure_prefill_and_decode_apart(random_model, monkeypatch):
+    """On a clock that only the model's forward passes move (1 s each): 1 s of prefill, 4 s for tokens 2-5."""
+    from engine.generation import scheduler as scheduler_module
+
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(scheduler_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    forward = random_model.forward
+
+    def timed_forward(steps):
+        clock.now += 1.0
+        return forward(steps)
+
+    monkeypatch.setattr(random_model, "forward", timed_forward)
+    scheduler = Scheduler(random_model)
+    r = scheduler.submit(list(range(3, 13)), max_new_tokens=5, ignore_eos=True)
+    clock.now += 0.5  # queued for half a second before the first step
+    list(scheduler.run())
+    res = r.result
+    assert (res.time_to_first_token, res.prefill_seconds, res.decode_seconds) == (1.5, 1.0, 4.0)
+    assert (res.prompt_tokens_per_s, res.generated_tokens_per_s) == (10.0, 1.0)

@@ -24,6 +24,7 @@ DTYPES = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PAGE = mmap.PAGESIZE
+COPY_CHUNK_BYTES = 4 << 20  # file bytes copied between releases of the pages already read
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,9 @@ class SafetensorsFile:
         """Copy tensor `name` into `out` (same number of elements, C-contiguous).
 
         `out` is float32 (F16/BF16 widened exactly on the way), or the tensor's own 16-bit storage: float16 for F16,
-        uint16 (the raw bits) for BF16. The file's pages for this tensor are released from this process afterwards,
-        so loading a whole checkpoint never holds the file mapping and the copy resident at once.
+        uint16 (the raw bits) for BF16. The file's pages are released from this process as soon as they are copied
+        (every COPY_CHUNK_BYTES), so loading a whole checkpoint holds the copies and at most one chunk of the file
+        mapping resident: the load peak stays at the weights' bytes plus a few MB, whatever the largest tensor.
         """
         info = self.tensors[name]
         storage, _ = DTYPES[info.dtype]
@@ -129,18 +131,24 @@ class SafetensorsFile:
         mm = self._map()
         start = info.begin - info.begin % PAGE
         mm.madvise(mmap.MADV_WILLNEED, start, info.end - start)  # one large read-ahead, not a page fault per 4 KB
+        itemsize = DTYPES[info.dtype][1]
         src = np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.begin)
         flat = out.reshape(-1)
-        if out.dtype == storage:
-            np.copyto(flat, src)  # the checkpoint's own bytes
-        elif info.dtype == "BF16":
-            bits = flat.view(np.uint32)
-            np.copyto(bits, src)  # uint16 -> uint32
-            bits <<= 16  # bf16 is the top half of a float32
-        else:
-            np.copyto(flat, src, casting="same_kind")
+        step = max(1, COPY_CHUNK_BYTES // itemsize)
+        for i in range(0, info.numel, step):
+            piece = slice(i, min(i + step, info.numel))
+            if out.dtype == storage:
+                np.copyto(flat[piece], src[piece])  # the checkpoint's own bytes
+            elif info.dtype == "BF16":
+                bits = flat[piece].view(np.uint32)
+                np.copyto(bits, src[piece])  # uint16 -> uint32
+                bits <<= 16  # bf16 is the top half of a float32
+            else:
+                np.copyto(flat[piece], src[piece], casting="same_kind")
+            end = info.begin + piece.stop * itemsize
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)  # the pages copied so far (read again if touched)
+            start = end - end % PAGE
         del src
-        mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def read(self, name: str) -> np.ndarray:
         """Return tensor `name` as a new float32 array of its shape."""

@@ -15,8 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="compare this engine's logits and greedy tokens with transformers")
     add_model_options(p)
-    p.add_argument("--prompt", default="The capital of France is", help="prompt text (default: %(default)r)")
-    p.add_argument("--steps", type=int, default=16, help="greedy steps to compare (default 16)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="prompt text; may be repeated (default: 'The capital of France is')")
+    p.add_argument("--steps", type=int, default=16, help="greedy steps to compare per prompt (default 16)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
     add_model_options(p)

@@ -1,0 +1,204 @@
+"""The benchmark's arithmetic against systems whose costs are known: a fake runner driven through the real worker
+(bench.worker.run_system) and report (bench.report), so a wrong rate formula (batch factor, median/min/max, prefill
+tokens / time) or a wrong floor (bytes read per decoded token) fails here; and the /proc/stat busy measure."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import report, roofline, systems, worker
+from bench.cpu_load import OthersBusy, others_busy_now
+
+VOCAB = 64
+
+
+class FakeClock:
+    """A perf_counter that only the fake system advances: costs are exact."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class KnownCostRunner(systems.Runner):
+    """A system with known costs: prefill PREFILL_S[call] seconds per prompt token (one entry per timed call, after
+    a warm-up call), a decode step STEP_S[repeat] seconds whatever the batch (the warm-up steps: WARMUP_STEP_S)."""
+
+    PREFILL_S = [0.5e-3, 2e-3, 1e-3, 1e-3, 4e-3, 0.5e-3]  # per token: two prompt lengths x three repeats
+    WARMUP_PREFILL_S = 9.9
+    WARMUP_STEP_S = 0.3
+    STEP_S = [0.02, 0.005, 0.08]  # per step, repeat by repeat: median 0.02, fastest 0.005, slowest 0.08
+    weight_bytes, decode_bytes, weight_count = 8_000_000_000, 6_000_000_000, 2_000_000_000
+
+    def __init__(self, advance):
+        self.advance = advance  # advance(seconds): the clock the worker reads moves on
+        self.prefills = -1  # the first call is the warm-up
+        self.repeat = -1
+
+    def load(self):
+        self.advance(1.5)
+
+    def info(self):
+        return {"kernel": "known-cost"}
+
+    def prefill(self, ids) -> int:
+        self.advance(self.PREFILL_S[self.prefills] * len(ids) if self.prefills >= 0 else self.WARMUP_PREFILL_S)
+        self.prefills += 1
+        return 0
+
+    def decode_setup(self, batch, ids):
+        self.repeat = -1
+
+    def decode_reset(self):
+        self.repeat += 1
+
+    def decode_step(self):
+        self.advance(self.STEP_S[self.repeat] if self.repeat >= 0 else self.WARMUP_STEP_S)
+
+
+def run_worker(monkeypatch, capsys, tmp_path, runner_factory, **spec) -> list[dict]:
+    """bench.worker.run_system on `spec` with make_runner returning the fake -> the rows it emitted."""
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": VOCAB}))
+    monkeypatch.setattr(systems, "make_runner", lambda name, folder, threads: runner_factory())
+    full = dict(system="engine-numpy", folder=str(tmp_path), threads=1, speculate=0)
+    full.update(spec)
+    assert worker.run_system(full) == 0
+    events = [json.loads(line[len(worker.MARK):]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith(worker.MARK)]
+    rows = [row for e in events if e["event"] == "rows" for row in e["rows"]]
+    assert rows, events
+    return rows
+
+
+def test_rates_from_known_costs(monkeypatch, capsys, tmp_path):
+    clock = FakeClock()
+    monkeypatch.setattr(worker, "time", clock)
+
+    def advance(seconds):
+        clock.now += seconds
+
+    rows = run_worker(monkeypatch, capsys, tmp_path, lambda: KnownCostRunner(advance), prompt_lens=[10, 40],
+                      batches=[1, 4], new_tokens=5, repeats=3)
+    prefill = {r["prompt_tokens"]: r for r in rows if r["kind"] == "prefill"}
+    decode = {r["batch"]: r for r in rows if r["kind"] == "decode"}
+    assert set(prefill) == {10, 40} and set(decode) == {1, 4}
+    # prefill: tokens / seconds; three calls per length cost 0.5, 2, 1 ms (10 tokens) then 1, 4, 0.5 ms (40) a token
+    p10, p40 = prefill[10], prefill[40]
+    spread = ("prefill_tok_s", "prefill_tok_s_min", "prefill_tok_s_max")
+    assert tuple(p10[k] for k in spread) == pytest.approx((1000, 500, 2000))
+    assert tuple(p40[k] for k in spread) == pytest.approx((1000, 250, 2000))
+    assert (p10["ttft_s"], p10["ttft_s_min"], p10["ttft_s_max"]) == pytest.approx((0.01, 0.005, 0.02))
+    # decode: batch x steps / seconds, aggregate over the batch; steps cost 20, 5, 80 ms in the three repeats
+    for b, r in decode.items():
+        assert (r["decode_tok_s"], r["decode_tok_s_min"], r["decode_tok_s_max"]) == pytest.approx(
+            (b / 0.02, b / 0.08, b / 0.005))
+        assert r["new_tokens"] == 5 and r["prompt_tokens"] == 10
+    assert all(r["load_s"] == pytest.approx(1.5) and r["decode_bytes"] == 6_000_000_000 for r in rows)
+
+    # the report: each row's floor is its bytes read per decoded token over the read bandwidth
+    machine = {"roofline": {"read_gbs": 12.0, "gemv_gbs": 11.0, "matmul_gflops": 100.0}, "cores": 2}
+    model = {"fp32_weight_bytes": 8_000_000_000, "fp32_decode_bytes": 6_000_000_000, "weight_count": 2_000_000_000,
+             "folder": "fake"}
+    report.add_roofline(rows, machine, model)
+    floor = 12e9 / 6e9
+    assert machine["roofline"]["decode_floor_fp32_tok_s"] == pytest.approx(floor)
+    assert machine["roofline"]["decode_floor_bf16_tok_s"] == pytest.approx(2 * floor)
+    assert machine["roofline"]["prefill_ceiling_fp32_tok_s"] == pytest.approx(100e9 / 4e9)
+    assert decode[1]["floor_tok_s"] == pytest.approx(floor)
+    assert decode[1]["pct_of_floor"] == pytest.approx(100 * (1 / 0.02) / floor)
+    assert "pct_of_floor" not in decode[4]  # the floor is a batch-1 figure
+    text = report.table({"rows": rows, "machine": machine, "model": model, "settings": dict(
+        threads=1, repeats=3, prompt_lens=[10, 40], new_tokens=5)})
+    assert "2500%" in text  # 50 tok/s against a floor of 2 tok/s
+    assert "50.0 [12.5-200.0]" in text and "1,000 [250.0-2,000]" in text
+
+
+class SleepingRunner(KnownCostRunner):
+    """The same costs as real sleeps (a clock that misses sleeping, such as process time, would show)."""
+
+    STEP_S = [0.02, 0.01, 0.04]
+    PREFILL_S = [1e-3] * 6
+    WARMUP_PREFILL_S = WARMUP_STEP_S = 0.01
+
+    def __init__(self):
+        super().__init__(time.sleep)
+
+    def load(self):
+        pass
+
+
+def test_rates_from_real_sleeps(monkeypatch, capsys, tmp_path):
+    rows = run_worker(monkeypatch, capsys, tmp_path, SleepingRunner, prompt_lens=[8], batches=[1, 8], new_tokens=3,
+                      repeats=3)
+    for r in rows:
+        if r["kind"] == "decode":  # a sleep lasts at least as asked: rates at most the ideal, and not far below it
+            b = r["batch"]
+            assert b / 0.02 * 0.6 < r["decode_tok_s"] <= b / 0.02 * 1.01
+            assert b / 0.04 * 0.6 < r["decode_tok_s_min"] <= b / 0.04 * 1.01
+            assert b / 0.01 * 0.6 < r["decode_tok_s_max"] <= b / 0.01 * 1.01
+        else:
+            assert 1000 * 0.6 < r["prefill_tok_s"] <= 1000 * 1.01
+
+
+def test_decode_bytes_leave_out_an_untied_embedding_table():
+    assert roofline.decode_bytes(100, 30, tied=False) == 70
+    assert roofline.decode_bytes(100, 30, tied=True) == 100  # the table is the lm_head: read whole every token
+
+
+def test_model_summary_and_engine_runner_count_the_bytes_read_per_token(tmp_path, stories260k):
+    from bench.run import model_summary
+    from tests.conftest import make_random_checkpoint
+
+    settings = dict(prompt_lens=[4], new_tokens=4)
+    untied = make_random_checkpoint(tmp_path / "untied", vocab_size=300, hidden_size=32, intermediate_size=64,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    s = model_summary(untied, settings)
+    embed = 300 * 32 * 4
+    assert s["fp32_decode_bytes"] == s["fp32_weight_bytes"] - embed and not s["tie_word_embeddings"]
+    tied = model_summary(stories260k, settings)
+    assert tied["fp32_decode_bytes"] == tied["fp32_weight_bytes"] == 4 * 260_032
+    for folder, expected, row in ((untied, s["fp32_decode_bytes"], 32 * 4),
+                                  (stories260k, tied["fp32_decode_bytes"], 0)):
+        runner = systems.EngineRunner(str(folder), "numpy")
+        runner.load()
+        assert expected <= runner.decode_bytes <= expected + row  # the one embedding row gathered may be counted
+
+
+def test_busy_warning_names_the_cores_other_processes_took():
+    assert report.busy_warning({"cpu_busy": {"others_before": 0.1, "others_during": 0.2}, "cores": 2}) is None
+    line = report.busy_warning({"cpu_busy": {"others_before": 0.05, "others_during": 1.3}, "cores": 2})
+    assert line.startswith("warning:") and "1.30 on average during it (of 2)" in line
+    assert report.busy_warning({"cpu_busy": {"others_before": None, "others_during": None}}) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="CPU busy time comes from /proc/stat (Linux)")
+def test_others_busy_counts_a_spinning_process():
+    spin = "import time\nt = time.time() + 1.5\nwhile time.time() < t: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.2)  # the interpreter is up and spinning
+        assert others_busy_now(1.0) >= 0.6  # one spinning core (other load only adds)
+    finally:
+        spinner.wait()
+
+
+def test_others_busy_leaves_out_this_process_and_its_workers(monkeypatch):
+    """Cores busy over the window, less the CPU time of this process and its waited-for workers, per second."""
+    from bench import cpu_load
+
+    readings = {"busy": 100.0, "own": 10.0, "now": 50.0}
+    monkeypatch.setattr(cpu_load, "busy_cpu_seconds", lambda: readings["busy"])
+    monkeypatch.setattr(cpu_load, "own_cpu_seconds", lambda: readings["own"])
+    monkeypatch.setattr(cpu_load.time, "monotonic", lambda: readings["now"])
+    probe = OthersBusy()
+    readings.update(busy=100.0 + 7.0, own=10.0 + 4.0, now=50.0 + 4.0)  # 4 s: 7 CPU-s busy, 4 of them ours
+    assert probe.cores() == pytest.approx(0.75)
+    readings.update(busy=100.0 + 3.0)  # our own count can exceed the sample's granularity: never negative
+    assert probe.cores() == 0.0
