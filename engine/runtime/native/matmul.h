@@ -19,7 +19,16 @@
 #include <string.h>
 
 #ifndef PF_BYTES
-#define PF_BYTES 2048      /* prefetch each weight row this far ahead into L2 */
+#define PF_BYTES 512       /* prefetch each weight row this far ahead */
+#endif
+#ifndef PF_MAX_ROWS
+#define PF_MAX_ROWS 64     /* prefetch only below this many rows of x (above, the tiles are bound by arithmetic) */
+#endif
+#ifndef PF_NEXT_TILE
+#define PF_NEXT_TILE 0
+#endif
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 3 /* prefetcht0: into L1 (measured: 29.6 against 26.2 GB/s into L2 at 2 KB) */
 #endif
 #ifndef BLOCK_BYTES
 #define BLOCK_BYTES 262144 /* weight bytes per block */
@@ -35,8 +44,15 @@ TARGET INLINE void chunk_step(vf acc[TILE_MB][TILE_NR_MAX], const float *xp, ptr
 {
     vf wv[TILE_NR_MAX];
     const ptrdiff_t off = k * ELEM(wt);
+#if PF_NEXT_TILE
+    /* The same line of the next tile's rows: a whole tile ahead, so every row of the next tile is already streaming
+     * when it starts (rows follow each other in memory; a prefetch past the end never faults). */
     if (pf)
-        for (int j = 0; j < nr; j++) __builtin_prefetch(w + j * ldw_bytes + off + PF_BYTES, 0, 2);
+        for (int j = 0; j < nr; j++) __builtin_prefetch(w + (nr + j) * ldw_bytes + off, 0, PF_LOCALITY);
+#else
+    if (pf)
+        for (int j = 0; j < nr; j++) __builtin_prefetch(w + j * ldw_bytes + off + PF_BYTES, 0, PF_LOCALITY);
+#endif
     if (wt == W_BF16) {
 #pragma GCC unroll 8
         for (int j = 0; j < nr; j++) wv[j] = bf16_even((const uint16_t *)(w + j * ldw_bytes + off));
@@ -73,7 +89,7 @@ TARGET INLINE void chunk_step(vf acc[TILE_MB][TILE_NR_MAX], const float *xp, ptr
 
 /* One register tile: out[i, j] = x[i] . w[j] for i < mb, j < nr (constants after inlining); K > 0 columns. */
 TARGET INLINE void tile(const float *xp, ptrdiff_t ldxp, const char *w, ptrdiff_t ldw, float *out, ptrdiff_t ldo,
-                        ptrdiff_t K, const int mb, const int nr, const int wt)
+                        ptrdiff_t K, const int mb, const int nr, const int wt, const int pf)
 {
     vf acc[TILE_MB][TILE_NR_MAX];
 #pragma GCC unroll 4
@@ -82,7 +98,7 @@ TARGET INLINE void tile(const float *xp, ptrdiff_t ldxp, const char *w, ptrdiff_
         for (int j = 0; j < nr; j++) acc[i][j] = vf_zero();
     const ptrdiff_t ldw_bytes = ldw * ELEM(wt), full = K - K % CHUNK(wt);
     ptrdiff_t k = 0;
-    for (; k < full; k += CHUNK(wt)) chunk_step(acc, xp, ldxp, w, ldw_bytes, k, mb, nr, wt, 1);
+    for (; k < full; k += CHUNK(wt)) chunk_step(acc, xp, ldxp, w, ldw_bytes, k, mb, nr, wt, pf);
     if (k < K) { /* the last partial chunk: the weight rows' tails copied into zero padding (x is padded already) */
         float pad[TILE_NR_MAX][2 * VL];
         memset(pad, 0, sizeof pad);
@@ -96,12 +112,15 @@ TARGET INLINE void tile(const float *xp, ptrdiff_t ldxp, const char *w, ptrdiff_
 }
 
 #define TILE_CASE(mb, nr, wt) \
-    case ((mb) * 16 + (nr)) * 4 + (wt): tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt); break;
+    case ((mb) * 16 + (nr)) * 4 + (wt): \
+        if (pf) tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, 1); \
+        else tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, 0); \
+        break;
 #define TILE_CASES_W(mb, nr) TILE_CASE(mb, nr, W_F32) TILE_CASE(mb, nr, W_BF16) TILE_CASE(mb, nr, W_F16)
 
 /* A tile of any mb <= TILE_MB, nr <= TILE_NR_MAX and weight type, each shape compiled with its constants. */
 TARGET static void tile_any(const float *xp, ptrdiff_t ldxp, const char *w, ptrdiff_t ldw, float *out, ptrdiff_t ldo,
-                            ptrdiff_t K, int mb, int nr, int wt)
+                            ptrdiff_t K, int mb, int nr, int wt, int pf)
 {
     switch ((mb * 16 + nr) * 4 + wt) {
 #define NR_CASES(mb) TILE_CASES_W(mb, 1) TILE_CASES_W(mb, 2) TILE_CASES_W(mb, 3) TILE_CASES_W(mb, 4)
@@ -180,7 +199,7 @@ TARGET static void mm_block(void *arg, ptrdiff_t b)
         for (ptrdiff_t n0 = n_begin; n0 < n_end; n0 += step) {
             int nr = n_end - n0 < step ? (int)(n_end - n0) : step;
             tile_any(j->xp + m0 * j->ldxp, j->ldxp, W_ROW(j->w, j->wt, n0, j->ldw), j->ldw,
-                     j->out + m0 * j->ldo + n0, j->ldo, j->K, mb, nr, j->wt);
+                     j->out + m0 * j->ldo + n0, j->ldo, j->K, mb, nr, j->wt, j->M < PF_MAX_ROWS);
         }
     }
 }
