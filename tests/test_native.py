@@ -305,3 +305,41 @@ def test_portable_variant_on_arm_under_qemu(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "portable: 29 checks passed"  # the only variant an ARM CPU runs
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_widen_into_is_exact(isa, dtype):
+    """The kernels' widening (OpenBLAS's GEMM then multiplies long prompts on the widened blocks) gives exactly the
+    float32 values of the 16-bit weights, K not a multiple of any vector width."""
+    rng = np.random.default_rng(4)
+    w, w64 = stored(rng.standard_normal((37, 203)).astype(np.float32), dtype)
+    out = np.full(w.shape, np.nan, dtype=np.float32)
+    assert native.widen_into(w, out) is out and np.array_equal(out, w64.astype(np.float32))
+
+
+@needs_native
+def test_swiglu_matches_float64(isa):
+    """silu(gate) * up with the kernels' vectorised exp, over the whole range of the sigmoid (saturated ends too)."""
+    rng = np.random.default_rng(5)
+    gate_up = (6 * rng.standard_normal((9, 2 * 203))).astype(np.float32)
+    gate_up[0, :6] = [-200, -90, -87, 88, 100, 0]
+    g, u = gate_up[:, :203].astype(np.float64), gate_up[:, 203:].astype(np.float64)
+    ref = g / (1 + np.exp(-g)) * u
+    got = native.swiglu(gate_up)
+    assert got.shape == (9, 203) and np.abs(got - ref).max() <= 4 * 2.0 ** -24 * np.abs(ref).max()
+    assert np.abs(got - layers.swiglu(gate_up)).max() <= 4 * 2.0 ** -24 * np.abs(ref).max()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_long_prompt_rows_on_openblas_and_decode_rows_on_the_kernel(monkeypatch, dtype):
+    """`linear` hands the rows of long prompt chunks to OpenBLAS's GEMM on widened blocks (float64-close) and keeps
+    the other rows on the kernel, bit-identical to those rows alone."""
+    monkeypatch.setattr(layers, "WIDEN_BLOCK_BYTES", 64 << 10)  # many blocks even for this small weight
+    rng = np.random.default_rng(6)
+    w, w64 = stored(rng.standard_normal((300, 512)).astype(np.float32), dtype)
+    x = rng.standard_normal((3 + layers.WIDENED_BLAS_FROM_ROWS, 512)).astype(np.float32)
+    y = layers.linear(x, w, prompt_from=3)
+    assert_close(y, x.astype(np.float64) @ w64.T, 512)
+    assert np.array_equal(y[:3], native.matmul_xwt(x[:3], w))

@@ -148,3 +148,24 @@ def test_without_the_kernels_16bit_weights_are_widened_with_the_reason(checkpoin
     assert done.returncode == 0, done.stderr
     dtype, reason = done.stdout.strip().splitlines()
     assert dtype == "float32" and "compiled kernels are not available (off (TINYLLAMA_NATIVE=0))" in reason
+
+
+def test_a_decoding_sequence_keeps_its_bits_when_a_long_prompt_joins(loaded, isa, monkeypatch):
+    """A long prompt chunk's rows go to OpenBLAS on widened weights; the decoding rows beside it stay on the kernel,
+    so a decoding sequence's logits are the same bits with or without the prompt in its step, and the prompt's own
+    logits are those of the kernel path to float32 rounding."""
+    from engine.runtime import layers
+
+    model, _, _, _ = loaded
+    monkeypatch.setattr(layers, "WIDENED_BLAS_FROM_ROWS", 16)
+    rng = np.random.default_rng(8)
+    prompt, long_prompt = rng.integers(0, model.config.vocab_size, size=9), rng.integers(0, 256, size=30)
+    cache = model.new_cache()
+    model.forward([SequenceStep(cache, prompt)])
+    alone = model.forward([SequenceStep(cache, [7])])[0]
+    cache.truncate(len(prompt))
+    other = model.new_cache()
+    prompt_logits, mixed = model.forward([SequenceStep(other, long_prompt, all_logits=True), SequenceStep(cache, [7])])
+    assert np.array_equal(mixed, alone)
+    monkeypatch.setattr(layers, "WIDENED_BLAS_FROM_ROWS", 10**9)
+    assert relative_error(prompt_logits, model.logits(long_prompt)) < 1e-5

@@ -80,29 +80,46 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
-    """SwiGLU activation. gate_up: (N, 2 * intermediate), gate columns first -> (N, intermediate) float32."""
+    """SwiGLU activation. gate_up: (N, 2 * intermediate), gate columns first -> (N, intermediate) float32
+    (the compiled kernel where available: one pass, a vectorised exp; NumPy otherwise)."""
+    if native.status().available:
+        return native.swiglu(gate_up)
     inter = gate_up.shape[-1] // 2
     return silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
 BLAS_FROM_ROWS = 65  # float32 weights from this many rows of x go to OpenBLAS's GEMM (see `linear`)
+WIDENED_BLAS_FROM_ROWS = 256  # 16-bit weights from this many rows: OpenBLAS's GEMM on blocks widened by the kernels
+WIDEN_BLOCK_BYTES = 8 << 20  # float32 bytes of one widened block
 SMALL_M_ROWS = 12  # without the kernels, up to this many rows `linear` walks the weight in cached blocks (1.5-3x at 2-8 rows)
 BLOCK_BYTES = 4 << 20  # weight rows per block: a few MB, read from memory once, then re-used from cache M times
+_widened = np.empty(0, dtype=np.float32)  # the scratch block, kept between calls
 
 
-def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 | uint16 (bf16 bits) | float16 (HF layout) -> (M, out)
-    float32.
+    float32. prompt_from: rows from there on belong to long prompt chunks (the backend stacks those last).
 
-    16-bit weights always run on the compiled kernel of `engine.runtime.native`, which widens them exactly in
-    registers (the loader keeps them 16-bit only when it is available). Float32 weights run on it up to BLAS_FROM_ROWS
-    rows: OpenBLAS's GEMM at a handful of rows reads the weight far below memory bandwidth (on the 2-core EPYC here:
-    M=8 at ~6 GB/s against ~30 GB/s for M=1), while for prefill its GEMM is a well-tuned float32 path. Without the
-    kernels, 2 to SMALL_M_ROWS rows walk the weight in blocks that stay in cache while each row of x takes one GEMV
-    over the block.
+    16-bit weights run on the compiled kernel of `engine.runtime.native`, which widens them exactly in registers
+    (the loader keeps them 16-bit only when it is available). When the prompt rows number WIDENED_BLAS_FROM_ROWS or
+    more, the kernels widen the weight a block at a time into float32 and OpenBLAS's GEMM multiplies those rows,
+    which is faster there (the same products: widening is exact); the other rows (decoding sequences) stay on the
+    kernel, whose sums do not depend on the batch, so a decoding sequence's logits are the same bits whether or not a
+    prompt joined its step. Float32 weights run on the kernel up to BLAS_FROM_ROWS rows: OpenBLAS's
+    GEMM at a handful of rows reads the weight far below memory bandwidth, while for prefill its GEMM is a well-tuned
+    float32 path. Without the kernels, 2 to SMALL_M_ROWS rows walk the weight in blocks that stay in cache while each
+    row of x takes one GEMV over the block.
     """
     m = x.shape[0]
-    if w.dtype != np.float32 or (m < BLAS_FROM_ROWS and native.status().available):
+    if w.dtype != np.float32:
+        if m - prompt_from < WIDENED_BLAS_FROM_ROWS:
+            return native.matmul_xwt(np.ascontiguousarray(x), w)
+        out = np.empty((m, w.shape[0]), dtype=np.float32)
+        if prompt_from:
+            native.matmul_xwt(np.ascontiguousarray(x[:prompt_from]), w, out=out[:prompt_from])
+        widened_blas(x[prompt_from:], w, out=out[prompt_from:])
+        return out
+    if m < BLAS_FROM_ROWS and native.status().available:
         return native.matmul_xwt(np.ascontiguousarray(x), w)
     if m < 2 or m > SMALL_M_ROWS:
         return x @ w.T
@@ -112,4 +129,21 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         block = w[start : start + rows]
         for i in range(m):
             np.matmul(block, x[i], out=out[i, start : start + rows])
+    return out
+
+
+def widened_blas(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ w.T for a 16-bit w: blocks of w widened to float32 by the kernels, each multiplied by OpenBLAS's GEMM.
+    x: (M, in) float32, w: (out, in) uint16 (bf16 bits) | float16 -> (M, out) float32 (into `out` if given)."""
+    global _widened
+    m, k = x.shape
+    rows = max(1, WIDEN_BLOCK_BYTES // (4 * k))
+    if _widened.size < rows * k:
+        _widened = np.empty(rows * k, dtype=np.float32)
+    if out is None:
+        out = np.empty((m, w.shape[0]), dtype=np.float32)
+    for start in range(0, w.shape[0], rows):
+        block = w[start : start + rows]
+        wide = native.widen_into(block, _widened[: block.size].reshape(block.shape))
+        np.matmul(x, wide.T, out=out[:, start : start + rows])
     return out

@@ -6,6 +6,7 @@ import numpy as np
 from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.kv_cache import KVCache
+from engine.runtime import layers
 from engine.runtime.layers import apply_rotary, attention, linear, rms_norm, swiglu
 from engine.runtime.weights import ModelWeights, embed_rows
 from engine.runtime.rope import rope_tables
@@ -67,6 +68,13 @@ class NumpyBackend:
         """
         for s in steps:
             s.cache.reserve(s.cache.length + len(s.token_ids))  # raises before any cache is touched on overflow
+        long = [len(s.token_ids) >= layers.WIDENED_BLAS_FROM_ROWS for s in steps]
+        if long != sorted(long):  # long prompt chunks stacked last, so `linear` can give their rows to OpenBLAS
+            order = sorted(range(len(steps)), key=lambda j: long[j])  # stable: the others first, in order
+            out: list = [None] * len(steps)
+            for j, logits in zip(order, self.forward([steps[j] for j in order])):
+                out[j] = logits
+            return out
         if recorder is not None or sum(len(s.token_ids) for s in steps) <= PASS_ROWS:
             return self._forward_pass(steps, recorder)
         outputs: list[list[np.ndarray]] = [[] for _ in steps]
@@ -77,8 +85,9 @@ class NumpyBackend:
         return [np.concatenate(o) if len(o) > 1 else o[0] for o in outputs]
 
     def _forward_pass(self, steps: list[SequenceStep], recorder=None) -> list[np.ndarray]:
-        """One pass of `forward` over steps whose caches have room reserved."""
+        """One pass of `forward` over steps whose caches have room reserved (long prompt chunks last, see forward)."""
         c, w = self.config, self.weights
+        prompt_from = sum(n for n in (len(s.token_ids) for s in steps) if n < layers.WIDENED_BLAS_FROM_ROWS)
         if recorder is not None and len(steps) != 1:
             raise ValueError("a traced forward runs one sequence step")
         starts = [s.cache.length for s in steps]
@@ -93,7 +102,7 @@ class NumpyBackend:
         q_end, k_end = c.q_size, c.q_size + c.kv_size
         for i, layer in enumerate(w.layers):
             h = rms_norm(x, layer.attn_norm, self.eps)
-            qkv = linear(h, layer.wqkv)  # (N, Q + 2KV)
+            qkv = linear(h, layer.wqkv, prompt_from)  # (N, Q + 2KV)
             q = apply_rotary(qkv[:, :q_end].reshape(n_tok, c.num_attention_heads, c.head_dim), cos, sin)
             k = apply_rotary(qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim), cos, sin)
             v = qkv[:, k_end:].reshape(n_tok, c.num_key_value_heads, c.head_dim)
@@ -108,9 +117,9 @@ class NumpyBackend:
                 else:
                     attn[row : row + n] = attention(q[row : row + n], keys, values, start)
                 row += n
-            x = x + linear(attn, layer.wo)
+            x = x + linear(attn, layer.wo, prompt_from)
             h = rms_norm(x, layer.mlp_norm, self.eps)
-            x = x + linear(swiglu(linear(h, layer.w_gate_up)), layer.w_down)
+            x = x + linear(swiglu(linear(h, layer.w_gate_up, prompt_from)), layer.w_down, prompt_from)
             if recorder is not None and i + 1 < len(w.layers):
                 recorder.record_hidden(i + 1, x)
         for s, start, n in zip(steps, starts, counts):
@@ -125,6 +134,7 @@ class NumpyBackend:
         rows = np.concatenate([
             np.arange(end - n, end) if s.all_logits else np.array([end - 1]) for s, n, end in zip(steps, counts, ends)
         ])
-        logits = linear(rms_norm(x[rows], self.weights.final_norm, self.eps), self.weights.lm_head)
         sizes = [n if s.all_logits else 1 for s, n in zip(steps, counts)]
+        prompt_from = sum(size for size, n in zip(sizes, counts) if n < layers.WIDENED_BLAS_FROM_ROWS)
+        logits = linear(rms_norm(x[rows], self.weights.final_norm, self.eps), self.weights.lm_head, prompt_from)
         return np.split(logits, np.cumsum(sizes)[:-1])

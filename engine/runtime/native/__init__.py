@@ -114,6 +114,10 @@ class _Library:
         lib.tl_attention.argtypes = [i32, ptr, size, size, size, size, ptr, ptr, size, size, size, size,
                                      ctypes.c_float, ptr, size, ptr, i32]
         lib.tl_attention.restype = None
+        lib.tl_widen.argtypes = [i32, ptr, size, i32, ptr, size, size, size, i32]
+        lib.tl_widen.restype = None
+        lib.tl_swiglu.argtypes = [i32, ptr, size, ptr, size, size, size, i32]
+        lib.tl_swiglu.restype = None
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
 
@@ -220,6 +224,32 @@ def matmul_xwt(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> n
         raise ValueError(f"matmul_xwt's out must be float32 ({m}, {n}) with contiguous rows")
     lib.lib.tl_matmul(lib.isa, x.ctypes.data, x.strides[0] // 4, w.ctypes.data, w.strides[0] // w.itemsize, wtype,
                       out.ctypes.data, out.strides[0] // 4, m, n, k, lib.threads)
+    return out
+
+
+def widen_into(w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (N, K) float32 = w (N, K) uint16 (bf16 bits) or float16, widened exactly on the kernels' threads."""
+    lib = _require()
+    wtype = WEIGHT_TYPES.get(w.dtype)
+    if wtype not in (1, 2) or out.dtype != np.float32 or out.shape != w.shape or not _rows_contiguous(w) \
+            or not _rows_contiguous(out):
+        raise ValueError(f"widen_into needs a 16-bit w and a float32 out of its shape; got {w.dtype}{w.shape}, "
+                         f"{out.dtype}{out.shape}")
+    lib.lib.tl_widen(lib.isa, w.ctypes.data, w.strides[0] // w.itemsize, wtype, out.ctypes.data,
+                     out.strides[0] // 4, w.shape[0], w.shape[1], lib.threads)
+    return out
+
+
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """SwiGLU with the compiled kernel. gate_up: (N, 2 * I) float32, gate columns first -> (N, I) float32,
+    silu(gate) * up with silu(x) = x / (1 + e^-x) (a vectorised exp within 2 ulp of NumPy's)."""
+    lib = _require()
+    if gate_up.dtype != np.float32 or gate_up.ndim != 2 or gate_up.shape[1] % 2 or not _rows_contiguous(gate_up):
+        raise ValueError(f"swiglu needs a float32 (N, 2I) array with contiguous rows, got {gate_up.dtype}{gate_up.shape}")
+    m, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = np.empty((m, inter), dtype=np.float32)
+    lib.lib.tl_swiglu(lib.isa, gate_up.ctypes.data, gate_up.strides[0] // 4, out.ctypes.data, inter, m, inter,
+                      lib.threads)
     return out
 
 

@@ -25,6 +25,20 @@ static const tl_matmul_fn matmuls[ISA_COUNT] = {
     0, 0,
 #endif
     tl_matmul_portable};
+static const tl_widen_fn widens[ISA_COUNT] = {
+#if defined(__x86_64__) || defined(_M_X64)
+    tl_widen_avx512, tl_widen_avx2,
+#else
+    0, 0,
+#endif
+    tl_widen_portable};
+static const tl_swiglu_fn swiglus[ISA_COUNT] = {
+#if defined(__x86_64__) || defined(_M_X64)
+    tl_swiglu_avx512, tl_swiglu_avx2,
+#else
+    0, 0,
+#endif
+    tl_swiglu_portable};
 static const tl_attention_fn attentions[ISA_COUNT] = {
 #if defined(__x86_64__) || defined(_M_X64)
     tl_attention_avx512, tl_attention_avx2,
@@ -38,6 +52,20 @@ void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
                ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
 {
     matmuls[isa](x, ldx, w, ldw, wtype, out, ldo, M, N, K, threads);
+}
+
+/* out (N, K) float32 = w (N, K) bf16 / fp16 widened exactly (for OpenBLAS's GEMM on widened blocks). */
+void tl_widen(int isa, const void *w, ptrdiff_t ldw, int wtype, float *out, ptrdiff_t ldo, ptrdiff_t N, ptrdiff_t K,
+              int threads)
+{
+    widens[isa](w, ldw, wtype, out, ldo, N, K, threads);
+}
+
+/* out (M, I) = silu(gate) * up of gate_up (M, 2I) (gate columns first). */
+void tl_swiglu(int isa, const float *gate_up, ptrdiff_t ld, float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t inter,
+               int threads)
+{
+    swiglus[isa](gate_up, ld, out, ldo, M, inter, threads);
 }
 
 /* Causal GQA attention of T queries over one sequence's cache (see attention.h); probs may be NULL. */

@@ -25,6 +25,14 @@ void tl_matmul_avx2(const float *, ptrdiff_t, const void *, ptrdiff_t, int, floa
                     ptrdiff_t, int);
 void tl_matmul_portable(const float *, ptrdiff_t, const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t,
                         ptrdiff_t, ptrdiff_t, int);
+void tl_widen_avx512(const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+void tl_widen_avx2(const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+void tl_widen_portable(const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+void tl_swiglu_avx512(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+void tl_swiglu_avx2(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+void tl_swiglu_portable(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+typedef void (*tl_swiglu_fn)(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+typedef void (*tl_widen_fn)(const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
 void tl_attention_avx512(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const float *, const float *,
                          ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t, float *, int);
 void tl_attention_avx2(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const float *, const float *,

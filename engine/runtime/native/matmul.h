@@ -15,8 +15,39 @@
  * as its VL even then its VL odd columns (one 2*VL-element load of bf16 yields the even elements by a shift and the
  * odd ones by a mask, in place). The weight's rows are cut into blocks of ~256 KB that the threads take in turn; a
  * block stays in L2 while every TILE_MB rows of x run over its register tiles, so it is read from memory once. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Tile heights per number of rows of x: TILE_NR_1 at one row, TILE_NR_<mb> (default TILE_NR_N) above. */
+#ifndef TILE_NR_N
+#define TILE_NR_N TILE_NR_1
+#endif
+#ifndef TILE_NR_2
+#define TILE_NR_2 TILE_NR_N
+#endif
+#ifndef TILE_NR_3
+#define TILE_NR_3 TILE_NR_N
+#endif
+#ifndef TILE_NR_4
+#define TILE_NR_4 TILE_NR_N
+#endif
+#ifndef TILE_NR_5
+#define TILE_NR_5 TILE_NR_N
+#endif
+#ifndef TILE_NR_6
+#define TILE_NR_6 TILE_NR_N
+#endif
+#ifndef TILE_NR_7
+#define TILE_NR_7 TILE_NR_N
+#endif
+#ifndef TILE_NR_8
+#define TILE_NR_8 TILE_NR_N
+#endif
+#define TILE_NR_MAX_(a, b) ((a) > (b) ? (a) : (b))
+#define TILE_NR_MAX TILE_NR_MAX_(TILE_NR_MAX_(TILE_NR_MAX_(TILE_NR_1, TILE_NR_2), TILE_NR_MAX_(TILE_NR_3, TILE_NR_4)), \
+                                 TILE_NR_MAX_(TILE_NR_MAX_(TILE_NR_5, TILE_NR_6), TILE_NR_MAX_(TILE_NR_7, TILE_NR_8)))
+static const int tile_nr[9] = {0, TILE_NR_1, TILE_NR_2, TILE_NR_3, TILE_NR_4, TILE_NR_5, TILE_NR_6, TILE_NR_7, TILE_NR_8};
 
 #ifndef PF_BYTES
 #define PF_BYTES 512       /* prefetch each weight row this far ahead */
@@ -44,7 +75,7 @@ TARGET INLINE void chunk_step(vf acc[TILE_MB][TILE_NR_MAX], const float *xp, ptr
 {
     vf wv[TILE_NR_MAX];
     const ptrdiff_t off = k * ELEM(wt);
-#if PF_NEXT_TILE
+#if PF_NEXT_TILE == 1
     /* The same line of the next tile's rows: a whole tile ahead, so every row of the next tile is already streaming
      * when it starts (rows follow each other in memory; a prefetch past the end never faults). */
     if (pf)
@@ -52,6 +83,10 @@ TARGET INLINE void chunk_step(vf acc[TILE_MB][TILE_NR_MAX], const float *xp, ptr
 #else
     if (pf)
         for (int j = 0; j < nr; j++) __builtin_prefetch(w + j * ldw_bytes + off + PF_BYTES, 0, PF_LOCALITY);
+#if PF_NEXT_TILE == 2
+    if (pf && off < PF_BYTES) /* the start of the next tile's rows, while this tile starts */
+        for (int j = 0; j < nr; j++) __builtin_prefetch(w + (nr + j) * ldw_bytes + off, 0, 2);
+#endif
 #endif
     if (wt == W_BF16) {
 #pragma GCC unroll 8
@@ -112,46 +147,47 @@ TARGET INLINE void tile(const float *xp, ptrdiff_t ldxp, const char *w, ptrdiff_
 }
 
 #define TILE_CASE(mb, nr, wt) \
-    case ((mb) * 16 + (nr)) * 4 + (wt): \
+    case ((mb) * 32 + (nr)) * 4 + (wt): \
         if (pf) tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, 1); \
         else tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, 0); \
-        break;
+        return;
 #define TILE_CASES_W(mb, nr) TILE_CASE(mb, nr, W_F32) TILE_CASE(mb, nr, W_BF16) TILE_CASE(mb, nr, W_F16)
 
-/* A tile of any mb <= TILE_MB, nr <= TILE_NR_MAX and weight type, each shape compiled with its constants. */
+/* A full tile, mb <= TILE_MB rows of x by tile_nr[mb] weight rows, each shape compiled with its constants; any
+ * other shape (the last weight rows of a matrix) one output at a time, with the same order of sums. */
 TARGET static void tile_any(const float *xp, ptrdiff_t ldxp, const char *w, ptrdiff_t ldw, float *out, ptrdiff_t ldo,
                             ptrdiff_t K, int mb, int nr, int wt, int pf)
 {
-    switch ((mb * 16 + nr) * 4 + wt) {
-#define NR_CASES(mb) TILE_CASES_W(mb, 1) TILE_CASES_W(mb, 2) TILE_CASES_W(mb, 3) TILE_CASES_W(mb, 4)
-        NR_CASES(1)
+    switch ((mb * 32 + nr) * 4 + wt) {
+        TILE_CASES_W(1, TILE_NR_1)
+        TILE_CASES_W(1, 1)
 #if TILE_MB >= 2
-        NR_CASES(2)
+        TILE_CASES_W(2, TILE_NR_2)
 #endif
 #if TILE_MB >= 3
-        NR_CASES(3)
+        TILE_CASES_W(3, TILE_NR_3)
 #endif
 #if TILE_MB >= 4
-        NR_CASES(4)
+        TILE_CASES_W(4, TILE_NR_4)
 #endif
-#if TILE_NR_MAX >= 5
-        TILE_CASES_W(1, 5) TILE_CASES_W(1, 6) TILE_CASES_W(2, 5) TILE_CASES_W(2, 6)
-#if TILE_MB >= 3
-        TILE_CASES_W(3, 5) TILE_CASES_W(3, 6)
+#if TILE_MB >= 5
+        TILE_CASES_W(5, TILE_NR_5)
 #endif
-#if TILE_MB >= 4
-        TILE_CASES_W(4, 5) TILE_CASES_W(4, 6)
+#if TILE_MB >= 6
+        TILE_CASES_W(6, TILE_NR_6)
 #endif
+#if TILE_MB >= 7
+        TILE_CASES_W(7, TILE_NR_7)
 #endif
-#if TILE_NR_MAX >= 8
-        TILE_CASES_W(1, 7) TILE_CASES_W(1, 8)
-#endif
-#if TILE_NR_MAX >= 12
-        TILE_CASES_W(1, 9) TILE_CASES_W(1, 10) TILE_CASES_W(1, 11) TILE_CASES_W(1, 12)
+#if TILE_MB >= 8
+        TILE_CASES_W(8, TILE_NR_8)
 #endif
     default:
-        abort(); /* a shape the tables above never ask for */
+        break;
     }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nr; j++)
+            tile_any(xp + i * ldxp, ldxp, w + j * ldw * ELEM(wt), ldw, out + i * ldo + j, ldo, K, 1, 1, wt, pf);
 }
 
 /* Pack x (M, K) into xp (M, Kp): rows zero-padded to whole chunks, bf16 chunks reordered even/odd (see the top). */
@@ -233,4 +269,85 @@ void VARIANT(tl_matmul)(const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
     if ((N + rows - 1) / rows < 4 * threads) rows = whole_tiles(N / (4 * threads)); /* small weights: every thread works */
     mm_job job = {packed_x, ldxp, (const char *)w, ldw, wtype, out, ldo, M, N, K, rows};
     tl_parallel(mm_block, &job, (N + rows - 1) / rows, threads);
+}
+
+typedef struct {
+    const char *w;
+    ptrdiff_t ldw;
+    int wt;
+    float *out;
+    ptrdiff_t ldo, N, K, rows;
+} widen_job;
+
+/* Rows of block b of a 16-bit weight widened to float32, in order (exact). */
+TARGET static void widen_block(void *arg, ptrdiff_t b)
+{
+    const widen_job *j = (const widen_job *)arg;
+    ptrdiff_t n_end = (b + 1) * j->rows < j->N ? (b + 1) * j->rows : j->N;
+    for (ptrdiff_t n = b * j->rows; n < n_end; n++) {
+        const uint16_t *src = (const uint16_t *)W_ROW(j->w, j->wt, n, j->ldw);
+        float *dst = j->out + n * j->ldo;
+        if (j->wt == W_BF16) {
+            for (ptrdiff_t k = 0; k < j->K; k++) { /* the compiler vectorises this: zero-extend, shift */
+                uint32_t bits = (uint32_t)src[k] << 16;
+                memcpy(dst + k, &bits, 4);
+            }
+        } else {
+            ptrdiff_t k = 0;
+            for (; k + VL <= j->K; k += VL) vf_store(dst + k, f16_load(src + k));
+            if (k < j->K) {
+                uint16_t tail[VL];
+                float wide[VL];
+                memset(tail, 0, sizeof tail);
+                memcpy(tail, src + k, (size_t)(j->K - k) * 2);
+                vf_store(wide, f16_load(tail));
+                memcpy(dst + k, wide, (size_t)(j->K - k) * sizeof(float));
+            }
+        }
+    }
+}
+
+/* out (N, K) float32 = w (N, K) bf16 or fp16 widened exactly; strides in elements. */
+void VARIANT(tl_widen)(const void *w, ptrdiff_t ldw, int wtype, float *out, ptrdiff_t ldo, ptrdiff_t N, ptrdiff_t K,
+                       int threads)
+{
+    if (N <= 0 || K <= 0 || wtype == W_F32) return;
+    ptrdiff_t rows = (N + 8 * threads - 1) / (8 * threads);
+    widen_job job = {(const char *)w, ldw, wtype, out, ldo, N, K, rows};
+    tl_parallel(widen_block, &job, (N + rows - 1) / rows, threads);
+}
+
+typedef struct {
+    const float *gate_up;
+    ptrdiff_t ld, inter;
+    float *out;
+    ptrdiff_t ldo, rows;
+    ptrdiff_t M;
+} swiglu_job;
+
+TARGET static void swiglu_rows(void *arg, ptrdiff_t b)
+{
+    const swiglu_job *j = (const swiglu_job *)arg;
+    ptrdiff_t m_end = (b + 1) * j->rows < j->M ? (b + 1) * j->rows : j->M, I = j->inter, Iv = I - I % VL;
+    const vf one = vf_set1(1.0f);
+    for (ptrdiff_t m = b * j->rows; m < m_end; m++) {
+        const float *g = j->gate_up + m * j->ld, *u = g + I;
+        float *o = j->out + m * j->ldo;
+        for (ptrdiff_t i = 0; i < Iv; i += VL) {
+            vf x = vf_load(g + i);
+            vf e = vf_exp(vf_mul(x, vf_set1(-1.0f))); /* e^-x: 0 for x > 87.3 (silu(x) = x there) */
+            vf_store(o + i, vf_mul(vf_div(x, vf_add(one, e)), vf_load(u + i)));
+        }
+        for (ptrdiff_t i = Iv; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* out (M, I) = silu(gate) * up for gate_up (M, 2I), gate columns first; silu(x) = x / (1 + e^-x), float32. */
+void VARIANT(tl_swiglu)(const float *gate_up, ptrdiff_t ld, float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t inter,
+                        int threads)
+{
+    if (M <= 0 || inter <= 0) return;
+    ptrdiff_t rows = M < 4 * threads ? 1 : (M + 4 * threads - 1) / (4 * threads);
+    swiglu_job job = {gate_up, ld, inter, out, ldo, rows, M};
+    tl_parallel(swiglu_rows, &job, (M + rows - 1) / rows, threads);
 }

@@ -11,8 +11,9 @@ typedef __m256 vf;
 
 /* mb*nr accumulators + nr weight vectors + one x vector (+ the bf16 mask) within 16 registers. */
 #define TILE_MB 3
-#define TILE_NR_MAX 6
-static const int tile_nr[TILE_MB + 1] = {0, 6, 4, 3};
+#define TILE_NR_1 6
+#define TILE_NR_2 4
+#define TILE_NR_3 3
 #define BLOCK_ROWS_UNIT 12
 
 TARGET INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
@@ -22,6 +23,7 @@ TARGET INLINE void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
 TARGET INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 TARGET INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 TARGET INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+TARGET INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
 TARGET INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
 TARGET INLINE float vf_sum(vf v)
 {

@@ -10,15 +10,18 @@
 #define VL 16
 typedef __m512 vf;
 
-/* Register tiles of the matmul: up to TILE_MB rows of x by tile_nr[mb] rows of w, mb*nr accumulators plus nr
+/* Register tiles of the matmul: up to TILE_MB rows of x by TILE_NR_<mb> rows of w, mb*nr accumulators plus nr
  * widened weight vectors and one x vector within the 32 registers; 8 weight rows in flight at mb = 1 (a GEMV). */
+#ifndef TILE_MB
 #define TILE_MB 4
-#ifndef TILE_NR1
-#define TILE_NR1 8 /* weight rows per tile at one row of x */
 #endif
-#define TILE_NR_MAX (TILE_NR1 > 6 ? TILE_NR1 : 6)
-static const int tile_nr[TILE_MB + 1] = {0, TILE_NR1, 6, 6, 6};
-#define BLOCK_ROWS_UNIT 24 /* a multiple of every tile_nr */
+#ifndef TILE_NR_1
+#define TILE_NR_1 8
+#endif
+#ifndef TILE_NR_N
+#define TILE_NR_N 6 /* at 2 or more rows of x */
+#endif
+#define BLOCK_ROWS_UNIT 24 /* a multiple of every tile height */
 
 TARGET INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
 TARGET INLINE vf vf_set1(float a) { return _mm512_set1_ps(a); }
@@ -27,6 +30,7 @@ TARGET INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
 TARGET INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 TARGET INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 TARGET INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+TARGET INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
 TARGET INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 TARGET INLINE float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
 TARGET INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }

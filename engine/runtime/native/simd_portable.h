@@ -13,8 +13,8 @@ typedef uint32_t vu __attribute__((vector_size(16)));
 
 /* 2 rows of x by 4 of w: 8 accumulators + 4 weight vectors + 1 x vector fit 16 registers (SSE2) or 32 (NEON). */
 #define TILE_MB 2
-#define TILE_NR_MAX 4
-static const int tile_nr[TILE_MB + 1] = {0, 4, 4};
+#define TILE_NR_1 4
+#define TILE_NR_2 4
 #define BLOCK_ROWS_UNIT 4
 
 INLINE vf vf_zero(void) { return (vf){0.0f, 0.0f, 0.0f, 0.0f}; }
@@ -24,6 +24,7 @@ INLINE void vf_store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 INLINE vf vf_fmadd(vf a, vf b, vf c) { return a * b + c; }
 INLINE vf vf_mul(vf a, vf b) { return a * b; }
 INLINE vf vf_add(vf a, vf b) { return a + b; }
+INLINE vf vf_div(vf a, vf b) { return a / b; }
 INLINE vf vf_max(vf a, vf b) { return (vf)(((vi)(a > b) & (vi)a) | ((vi)(a <= b) & (vi)b)); }
 INLINE float vf_sum(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 INLINE float vf_hmax(vf v)
