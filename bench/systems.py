@@ -162,7 +162,7 @@ class EngineRunner(Runner):
         from engine.runtime.blas import blas_info
 
         if self.backend_name == "numpy":
-            return {"kernel": native.kernel_name(), "blas": blas_info(), "native_kernels": native.status().detail,
+            return {"kernel": native.kernel_name(self.model.weights_dtype), "blas": blas_info(), "native_kernels": native.status().detail,
                     "weights_dtype": self.model.weights_dtype, "weights_dtype_reason": self.model.weights_dtype_reason}
         import torch
 

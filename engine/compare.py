@@ -154,7 +154,7 @@ def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, back
             transformers_tokens=ref_tokens))
     from engine.runtime import native
 
-    kernel = native.kernel_name() if model.backend.name == "numpy" else model.backend.name
+    kernel = native.kernel_name(model.weights_dtype) if model.backend.name == "numpy" else model.backend.name
     return ComparisonReport(model=str(model.folder), backend=model.backend.name, steps=steps, tolerance=tolerance,
                             prompts=results, versions=versions(), weights_dtype=model.weights_dtype, kernel=kernel)
 

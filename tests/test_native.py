@@ -343,3 +343,30 @@ def test_long_prompt_rows_on_openblas_and_decode_rows_on_the_kernel(monkeypatch,
     y = layers.linear(x, w, prompt_from=3)
     assert_close(y, x.astype(np.float64) @ w64.T, 512)
     assert np.array_equal(y[:3], native.matmul_xwt(x[:3], w))
+
+
+@needs_native
+def test_fused_rms_norm_and_rotary_match_numpy(isa):
+    """The compiled residual-add + RMSNorm and in-place rotary embedding do NumPy's operations (float32 rounding)."""
+    from engine.runtime.rope import rope_tables
+    from engine.config import ModelConfig
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((7, 100)).astype(np.float32)
+    res = rng.standard_normal((7, 100)).astype(np.float32)
+    weight = (1 + 0.2 * rng.standard_normal(100)).astype(np.float32)
+    summed, h = native.rms_norm(x, weight, 1e-5, residual=res)
+    assert np.array_equal(summed, x + res)
+    ref = layers.rms_norm_numpy((x + res).astype(np.float64), weight.astype(np.float64), 1e-5)
+    assert np.abs(h - ref).max() < 1e-6 * np.abs(ref).max()
+    assert np.abs(native.rms_norm(x, weight, 1e-5) - layers.rms_norm_numpy(x, weight, np.float32(1e-5))).max() < 1e-6
+    config = ModelConfig(vocab_size=8, hidden_size=72, intermediate_size=8, num_hidden_layers=1, num_attention_heads=6,
+                         num_key_value_heads=3, head_dim=12, max_position_embeddings=50)
+    cos, sin = rope_tables(config)
+    qkv = rng.standard_normal((5, 12 * 12)).astype(np.float32)
+    positions = np.array([0, 3, 49, 7, 7])
+    expected = qkv.copy()
+    view = expected[:, : 9 * 12].reshape(5, 9, 12)
+    view[:] = layers.apply_rotary(view, cos[positions], sin[positions])
+    native.rotary_(qkv, positions, cos, sin, 9, 12)  # 6 query + 3 key heads; the value heads untouched
+    assert np.abs(qkv - expected).max() < 1e-6

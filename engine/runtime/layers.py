@@ -10,9 +10,26 @@ from engine.runtime import native
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
-    """RMSNorm. x: (N, hidden) float32, weight: (hidden,) float32 -> (N, hidden) float32 (HF LlamaRMSNorm)."""
+    """RMSNorm. x: (N, hidden) float32, weight: (hidden,) float32 -> (N, hidden) float32 (HF LlamaRMSNorm):
+    weight * (x * (1 / sqrt(mean(x^2) + eps))), on the compiled kernels where available (the same operations)."""
+    if native.status().available and x.ndim == 2 and x.strides[-1] == 4:
+        return native.rms_norm(x, weight, eps)
+    return rms_norm_numpy(x, weight, eps)
+
+
+def rms_norm_numpy(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    """RMSNorm in NumPy; arguments and result as in `rms_norm`."""
     variance = np.mean(np.square(x), axis=-1, keepdims=True)
     return weight * (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))))
+
+
+def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: np.float32):
+    """The residual add and the next RMSNorm: (x + residual, rms_norm(x + residual)), both (N, hidden) float32; one
+    pass on the compiled kernels."""
+    if native.status().available:
+        return native.rms_norm(x, weight, eps, residual=residual)
+    summed = x + residual
+    return summed, rms_norm_numpy(summed, weight, eps)
 
 
 def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -27,6 +44,18 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out[..., :half] = x1 * c - x2 * s
     out[..., half:] = x2 * c + x1 * s
     return out
+
+
+def rotate_heads(qkv: np.ndarray, positions: np.ndarray, cos_table: np.ndarray, sin_table: np.ndarray, heads: int,
+                 head_dim: int) -> None:
+    """The rotary embedding in place on the first `heads` heads of each row of qkv (N, >= heads * head_dim) float32,
+    row n at positions[n] (the query and key heads of a fused q/k/v projection); cos/sin_table: (P, head_dim)."""
+    if native.status().available:
+        native.rotary_(qkv, positions, cos_table, sin_table, heads, head_dim)
+        return
+    n = qkv.shape[0]
+    view = qkv[:, : heads * head_dim].reshape(n, heads, head_dim)
+    view[:] = apply_rotary(view, cos_table[positions], sin_table[positions])
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

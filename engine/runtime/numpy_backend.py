@@ -7,7 +7,7 @@ from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.kv_cache import KVCache
 from engine.runtime import layers
-from engine.runtime.layers import apply_rotary, attention, linear, rms_norm, swiglu
+from engine.runtime.layers import add_rms_norm, attention, linear, rms_norm, rotate_heads, swiglu
 from engine.runtime.weights import ModelWeights, embed_rows
 from engine.runtime.rope import rope_tables
 
@@ -94,17 +94,17 @@ class NumpyBackend:
         counts = [len(s.token_ids) for s in steps]
         token_ids = np.concatenate([s.token_ids for s in steps])
         positions = np.concatenate([np.arange(start, start + n) for start, n in zip(starts, counts)])
-        cos, sin = self.cos[positions], self.sin[positions]
-        x = embed_rows(w.embed, token_ids)  # (N, H) float32
+        x = embed_rows(w.embed, token_ids)  # (N, H) float32: the residual stream
         if recorder is not None:
             recorder.record_hidden(0, x)
         n_tok = len(token_ids)
         q_end, k_end = c.q_size, c.q_size + c.kv_size
+        h = rms_norm(x, w.layers[0].attn_norm, self.eps)  # each layer ends with the next one's input norm
         for i, layer in enumerate(w.layers):
-            h = rms_norm(x, layer.attn_norm, self.eps)
             qkv = linear(h, layer.wqkv, prompt_from)  # (N, Q + 2KV)
-            q = apply_rotary(qkv[:, :q_end].reshape(n_tok, c.num_attention_heads, c.head_dim), cos, sin)
-            k = apply_rotary(qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim), cos, sin)
+            rotate_heads(qkv, positions, self.cos, self.sin, c.num_attention_heads + c.num_key_value_heads, c.head_dim)
+            q = qkv[:, :q_end].reshape(n_tok, c.num_attention_heads, c.head_dim)
+            k = qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim)
             v = qkv[:, k_end:].reshape(n_tok, c.num_key_value_heads, c.head_dim)
             attn = np.empty((n_tok, c.q_size), dtype=np.float32)
             row = 0
@@ -117,24 +117,25 @@ class NumpyBackend:
                 else:
                     attn[row : row + n] = attention(q[row : row + n], keys, values, start)
                 row += n
-            x = x + linear(attn, layer.wo, prompt_from)
-            h = rms_norm(x, layer.mlp_norm, self.eps)
-            x = x + linear(swiglu(linear(h, layer.w_gate_up, prompt_from)), layer.w_down, prompt_from)
+            x, h = add_rms_norm(x, linear(attn, layer.wo, prompt_from), layer.mlp_norm, self.eps)
+            next_norm = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
+            x, h = add_rms_norm(x, linear(swiglu(linear(h, layer.w_gate_up, prompt_from)), layer.w_down, prompt_from),
+                                next_norm, self.eps)  # after the last layer h is the final norm's output
             if recorder is not None and i + 1 < len(w.layers):
                 recorder.record_hidden(i + 1, x)
         for s, start, n in zip(steps, starts, counts):
             s.cache.length = start + n
         if recorder is not None:
-            recorder.record_hidden(len(w.layers), rms_norm(x, w.final_norm, self.eps))
-        return self._logits(x, steps, counts)
+            recorder.record_hidden(len(w.layers), h)
+        return self._logits(h, steps, counts)
 
-    def _logits(self, x: np.ndarray, steps: list[SequenceStep], counts: list[int]) -> list[np.ndarray]:
-        """Final norm and lm_head on only the rows that need logits; split back per step."""
+    def _logits(self, h: np.ndarray, steps: list[SequenceStep], counts: list[int]) -> list[np.ndarray]:
+        """lm_head on only the (final-normed) rows that need logits; split back per step."""
         ends = np.cumsum(counts)
         rows = np.concatenate([
             np.arange(end - n, end) if s.all_logits else np.array([end - 1]) for s, n, end in zip(steps, counts, ends)
         ])
         sizes = [n if s.all_logits else 1 for s, n in zip(steps, counts)]
         prompt_from = sum(size for size, n in zip(sizes, counts) if n < layers.WIDENED_BLAS_FROM_ROWS)
-        logits = linear(rms_norm(x[rows], self.weights.final_norm, self.eps), self.weights.lm_head, prompt_from)
+        logits = linear(h[rows], self.weights.lm_head, prompt_from)
         return np.split(logits, np.cumsum(sizes)[:-1])

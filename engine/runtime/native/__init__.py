@@ -118,6 +118,10 @@ class _Library:
         lib.tl_widen.restype = None
         lib.tl_swiglu.argtypes = [i32, ptr, size, ptr, size, size, size, i32]
         lib.tl_swiglu.restype = None
+        lib.tl_rms_norm.argtypes = [i32, ptr, size, ptr, size, ptr, ctypes.c_float, ptr, ptr, size, size, size, i32]
+        lib.tl_rms_norm.restype = None
+        lib.tl_rotary.argtypes = [i32, ptr, size, ptr, ptr, ptr, size, size, size, i32]
+        lib.tl_rotary.restype = None
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
 
@@ -186,14 +190,21 @@ def set_isa(name: str) -> NativeStatus:
     return _status
 
 
-def kernel_name() -> str:
-    """What runs the NumPy backend's matmuls, for logs and benchmark tables: e.g. "native avx512" or "openblas Haswell"."""
-    if status().available:
-        return f"native {status().isa}"
+def kernel_name(weights_dtype: str | None = None) -> str:
+    """What runs the NumPy backend's matmuls, for logs and benchmark tables, e.g. "native avx512" (all of them),
+    "native avx512 + openblas SkylakeX ..." (the prompts OpenBLAS takes), or "openblas Haswell" without the kernels.
+    weights_dtype: the model's ("bfloat16", "float16", "float32"); None names the kernels alone."""
     from engine.runtime.blas import blas_info
 
     info = blas_info()
-    return f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()
+    blas = f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()
+    if not status().available:
+        return blas
+    if weights_dtype is None:
+        return f"native {status().isa}"
+    if weights_dtype == "float32":
+        return f"native {status().isa} + {blas} (float32 weights, 65+ rows)"
+    return f"native {status().isa} + {blas} (256+-token prompts, on widened blocks)"
 
 
 def _require() -> _Library:
@@ -251,6 +262,40 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
     lib.lib.tl_swiglu(lib.isa, gate_up.ctypes.data, gate_up.strides[0] // 4, out.ctypes.data, inter, m, inter,
                       lib.threads)
     return out
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, residual: np.ndarray | None = None):
+    """RMSNorm with the compiled kernel, the operations of engine.runtime.layers.rms_norm. x, residual: (N, H)
+    float32 with contiguous rows; weight: (H,) float32 -> h (N, H), or with `residual` (x + residual, h): the residual
+    add and the norm in one pass."""
+    lib = _require()
+    m, hidden = x.shape
+    if x.dtype != np.float32 or weight.dtype != np.float32 or weight.shape != (hidden,) or not _rows_contiguous(x) \
+            or (residual is not None and (residual.shape != x.shape or residual.dtype != np.float32
+                                          or not _rows_contiguous(residual))):
+        raise ValueError("rms_norm needs float32 x (N, H), weight (H,) and residual like x, with contiguous rows")
+    h = np.empty((m, hidden), dtype=np.float32)
+    summed = np.empty((m, hidden), dtype=np.float32) if residual is not None else None
+    lib.lib.tl_rms_norm(lib.isa, x.ctypes.data, x.strides[0] // 4, None if residual is None else residual.ctypes.data,
+                        0 if residual is None else residual.strides[0] // 4, np.ascontiguousarray(weight).ctypes.data,
+                        float(eps), None if summed is None else summed.ctypes.data, h.ctypes.data, hidden, m, hidden,
+                        lib.threads)
+    return h if residual is None else (summed, h)
+
+
+def rotary_(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, heads: int,
+            head_dim: int) -> None:
+    """The rotary embedding in place on the first `heads` heads of each row of x (N, >= heads * head_dim) float32
+    (rows contiguous), row n at positions[n]; cos, sin: (positions, head_dim) float32 tables (HF's halves)."""
+    lib = _require()
+    pos = np.ascontiguousarray(positions, dtype=np.int64)
+    if (x.dtype != np.float32 or not _rows_contiguous(x) or x.shape[1] < heads * head_dim or head_dim % 2
+            or cos.dtype != np.float32 or sin.dtype != np.float32 or not cos.flags.c_contiguous
+            or not sin.flags.c_contiguous or cos.shape[1] != head_dim or pos.shape != (x.shape[0],)
+            or (pos.size and (pos.min() < 0 or pos.max() >= cos.shape[0]))):
+        raise ValueError("rotary_ needs a float32 x with contiguous rows, positions inside the tables")
+    lib.lib.tl_rotary(lib.isa, x.ctypes.data, x.strides[0] // 4, pos.ctypes.data, cos.ctypes.data, sin.ctypes.data,
+                      x.shape[0], heads, head_dim, lib.threads)
 
 
 ATTENTION_MAX_HEAD_DIM = 512

@@ -39,6 +39,13 @@ static const tl_swiglu_fn swiglus[ISA_COUNT] = {
     0, 0,
 #endif
     tl_swiglu_portable};
+#if defined(__x86_64__) || defined(_M_X64)
+#define X86_PAIR(name) name##_avx512, name##_avx2,
+#else
+#define X86_PAIR(name) 0, 0,
+#endif
+static const tl_rms_norm_fn rms_norms[ISA_COUNT] = {X86_PAIR(tl_rms_norm) tl_rms_norm_portable};
+static const tl_rotary_fn rotaries[ISA_COUNT] = {X86_PAIR(tl_rotary) tl_rotary_portable};
 static const tl_attention_fn attentions[ISA_COUNT] = {
 #if defined(__x86_64__) || defined(_M_X64)
     tl_attention_avx512, tl_attention_avx2,
@@ -66,6 +73,20 @@ void tl_swiglu(int isa, const float *gate_up, ptrdiff_t ld, float *out, ptrdiff_
                int threads)
 {
     swiglus[isa](gate_up, ld, out, ldo, M, inter, threads);
+}
+
+/* out_h = rms_norm(x + res) (res may be NULL), out_x = x + res (may be NULL without res); see matmul.h. */
+void tl_rms_norm(int isa, const float *x, ptrdiff_t ldx, const float *res, ptrdiff_t ldr, const float *w, float eps,
+                 float *out_x, float *out_h, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t H, int threads)
+{
+    rms_norms[isa](x, ldx, res, ldr, w, eps, out_x, out_h, ldo, M, H, threads);
+}
+
+/* The rotary embedding in place on the first `heads` heads of each row (see matmul.h). */
+void tl_rotary(int isa, float *x, ptrdiff_t ldx, const long long *pos, const float *cos, const float *sin, ptrdiff_t M,
+               ptrdiff_t heads, ptrdiff_t head_dim, int threads)
+{
+    rotaries[isa](x, ldx, pos, cos, sin, M, heads, head_dim, threads);
 }
 
 /* Causal GQA attention of T queries over one sequence's cache (see attention.h); probs may be NULL. */

@@ -32,6 +32,17 @@ void tl_swiglu_avx512(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, p
 void tl_swiglu_avx2(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
 void tl_swiglu_portable(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
 typedef void (*tl_swiglu_fn)(const float *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
+#define RMS_ARGS const float *, ptrdiff_t, const float *, ptrdiff_t, const float *, float, float *, float *, ptrdiff_t, \
+    ptrdiff_t, ptrdiff_t, int
+#define ROT_ARGS float *, ptrdiff_t, const long long *, const float *, const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int
+void tl_rms_norm_avx512(RMS_ARGS);
+void tl_rms_norm_avx2(RMS_ARGS);
+void tl_rms_norm_portable(RMS_ARGS);
+typedef void (*tl_rms_norm_fn)(RMS_ARGS);
+void tl_rotary_avx512(ROT_ARGS);
+void tl_rotary_avx2(ROT_ARGS);
+void tl_rotary_portable(ROT_ARGS);
+typedef void (*tl_rotary_fn)(ROT_ARGS);
 typedef void (*tl_widen_fn)(const void *, ptrdiff_t, int, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int);
 void tl_attention_avx512(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const float *, const float *,
                          ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t, float *, int);

@@ -351,3 +351,88 @@ void VARIANT(tl_swiglu)(const float *gate_up, ptrdiff_t ld, float *out, ptrdiff_
     swiglu_job job = {gate_up, ld, inter, out, ldo, rows, M};
     tl_parallel(swiglu_rows, &job, (M + rows - 1) / rows, threads);
 }
+
+typedef struct {
+    const float *x, *res, *w, *cos, *sin;
+    const long long *pos;
+    ptrdiff_t ldx, ldr, ldo, H, rows, M, heads, head_dim;
+    float eps;
+    float *out_x, *out_h;
+} rows_job;
+
+/* Rows of rms_norm: v = x (+ res), out_x = v when asked, out_h = w * (v * (1 / sqrt(mean(v^2) + eps))): the
+ * operations and their order of NumPy's rms_norm (the mean summed in VL lanes, then across them). */
+TARGET static void rms_rows(void *arg, ptrdiff_t b)
+{
+    const rows_job *j = (const rows_job *)arg;
+    ptrdiff_t m_end = (b + 1) * j->rows < j->M ? (b + 1) * j->rows : j->M, H = j->H, Hv = H - H % VL;
+    for (ptrdiff_t m = b * j->rows; m < m_end; m++) {
+        const float *x = j->x + m * j->ldx, *r = j->res ? j->res + m * j->ldr : NULL;
+        float *v = j->out_x ? j->out_x + m * j->ldo : j->out_h + m * j->ldo, *h = j->out_h + m * j->ldo;
+        vf acc = vf_zero();
+        float tail = 0.0f;
+        for (ptrdiff_t i = 0; i < Hv; i += VL) {
+            vf xv = r ? vf_add(vf_load(x + i), vf_load(r + i)) : vf_load(x + i);
+            vf_store(v + i, xv);
+            acc = vf_fmadd(xv, xv, acc);
+        }
+        for (ptrdiff_t i = Hv; i < H; i++) {
+            v[i] = r ? x[i] + r[i] : x[i];
+            tail += v[i] * v[i];
+        }
+        const float inv = 1.0f / sqrtf((vf_sum(acc) + tail) / (float)H + j->eps);
+        const vf vinv = vf_set1(inv);
+        for (ptrdiff_t i = 0; i < Hv; i += VL)
+            vf_store(h + i, vf_mul(vf_load(j->w + i), vf_mul(vf_load(v + i), vinv)));
+        for (ptrdiff_t i = Hv; i < H; i++) h[i] = j->w[i] * (v[i] * inv);
+    }
+}
+
+/* out_h (M, H) = rms_norm(x (+ res)) with weight w (H,); out_x (M, H) = x + res when res is given (the residual
+ * stream after the add), else NULL. Rows of x, res, out_x, out_h at strides ldx, ldr, ldo, ldo. */
+void VARIANT(tl_rms_norm)(const float *x, ptrdiff_t ldx, const float *res, ptrdiff_t ldr, const float *w, float eps,
+                          float *out_x, float *out_h, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t H, int threads)
+{
+    if (M <= 0) return;
+    ptrdiff_t rows = M < 4 * threads ? 1 : (M + 4 * threads - 1) / (4 * threads);
+    rows_job job = {x, res, w, NULL, NULL, NULL, ldx, ldr, ldo, H, rows, M, 0, 0, eps, out_x, out_h};
+    tl_parallel(rms_rows, &job, (M + rows - 1) / rows, M * H > 65536 ? threads : 1);
+}
+
+/* Rows of the rotary embedding, in place: for each of the first `heads` heads of a row (head_dim d, half = d/2),
+ * x1 = x[:half], x2 = x[half:] -> x1 * c - x2 * s, x2 * c + x1 * s with c, s the first halves of the position's
+ * cos / sin rows (Hugging Face's rotate_half convention, the operations of NumPy's apply_rotary). */
+TARGET static void rotary_rows(void *arg, ptrdiff_t b)
+{
+    const rows_job *j = (const rows_job *)arg;
+    ptrdiff_t m_end = (b + 1) * j->rows < j->M ? (b + 1) * j->rows : j->M, half = j->head_dim / 2;
+    ptrdiff_t hv = half - half % VL;
+    for (ptrdiff_t m = b * j->rows; m < m_end; m++) {
+        const float *c = j->cos + j->pos[m] * j->head_dim, *s = j->sin + j->pos[m] * j->head_dim;
+        float *row = (float *)j->x + m * j->ldx;
+        for (ptrdiff_t hd = 0; hd < j->heads; hd++) {
+            float *x1 = row + hd * j->head_dim, *x2 = x1 + half;
+            for (ptrdiff_t i = 0; i < hv; i += VL) {
+                vf a = vf_load(x1 + i), bb = vf_load(x2 + i), cv = vf_load(c + i), sv = vf_load(s + i);
+                vf_store(x1 + i, vf_sub(vf_mul(a, cv), vf_mul(bb, sv)));
+                vf_store(x2 + i, vf_add(vf_mul(bb, cv), vf_mul(a, sv)));
+            }
+            for (ptrdiff_t i = hv; i < half; i++) {
+                float a = x1[i], bb = x2[i];
+                x1[i] = a * c[i] - bb * s[i];
+                x2[i] = bb * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+/* Rotary embedding in place on the first `heads` heads of each row of x (M rows at stride ldx), row m at position
+ * pos[m]; cos, sin: (positions, head_dim) tables. */
+void VARIANT(tl_rotary)(float *x, ptrdiff_t ldx, const long long *pos, const float *cos, const float *sin,
+                        ptrdiff_t M, ptrdiff_t heads, ptrdiff_t head_dim, int threads)
+{
+    if (M <= 0) return;
+    ptrdiff_t rows = M < 4 * threads ? 1 : (M + 4 * threads - 1) / (4 * threads);
+    rows_job job = {x, NULL, NULL, cos, sin, pos, ldx, 0, 0, 0, rows, M, heads, head_dim, 0.0f, NULL, NULL};
+    tl_parallel(rotary_rows, &job, (M + rows - 1) / rows, M * heads * head_dim > 65536 ? threads : 1);
+}

@@ -23,6 +23,7 @@ TARGET INLINE void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
 TARGET INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 TARGET INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 TARGET INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+TARGET INLINE vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 TARGET INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
 TARGET INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
 TARGET INLINE float vf_sum(vf v)

@@ -30,6 +30,7 @@ TARGET INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
 TARGET INLINE vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 TARGET INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 TARGET INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+TARGET INLINE vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 TARGET INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
 TARGET INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 TARGET INLINE float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }

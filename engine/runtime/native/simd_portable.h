@@ -24,6 +24,7 @@ INLINE void vf_store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 INLINE vf vf_fmadd(vf a, vf b, vf c) { return a * b + c; }
 INLINE vf vf_mul(vf a, vf b) { return a * b; }
 INLINE vf vf_add(vf a, vf b) { return a + b; }
+INLINE vf vf_sub(vf a, vf b) { return a - b; }
 INLINE vf vf_div(vf a, vf b) { return a / b; }
 INLINE vf vf_max(vf a, vf b) { return (vf)(((vi)(a > b) & (vi)a) | ((vi)(a <= b) & (vi)b)); }
 INLINE float vf_sum(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
