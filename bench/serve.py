@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- the model folder ---------------------------------------------------------------------------------------------
 def served_model(args) -> str:
-    """--model, or a random checkpoint of the benchmark's shape with TinyLlama's tokenizer beside it."""
+    """--model, or a random bf16 checkpoint of the benchmark's shape (the one `tinyllama bench` loads: TinyLlama ships
+    bf16) with TinyLlama's tokenizer beside it."""
     if args.model:
         return args.model
     from bench.checkpoints import QUICK_SHAPE, TINYLLAMA_SHAPE, random_checkpoint
@@ -82,7 +83,7 @@ def served_model(args) -> str:
     if tokenizer is None:
         raise SystemExit("bench.serve: the default model borrows TinyLlama's tokenizer from ../shared/models "
                          "(or $TINYLLAMA_SHARED_MODELS), which is absent; pass --model FOLDER with a tokenizer")
-    checkpoint = random_checkpoint(QUICK_SHAPE if args.quick else TINYLLAMA_SHAPE)
+    checkpoint = random_checkpoint(QUICK_SHAPE if args.quick else TINYLLAMA_SHAPE, dtype="bfloat16")
     folder = checkpoint.with_name(checkpoint.name + "-tokenizer")
     folder.mkdir(exist_ok=True)
     for f in list(checkpoint.iterdir()) + [tokenizer / name for name in TOKENIZER_FILES]:
