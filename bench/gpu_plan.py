@@ -1,7 +1,7 @@
 """What the Triton backend should reach on a GPU, worked out without one (`python -m bench.gpu_check --plan`).
 
-The launches of one decode step are recorded (kernels.launch.recording) from a TritonBackend on torch's meta device
-planned for the GPU (kernels.launch.H100 / A100: its SM count decides the split-K and attention splits), for
+The launches of one decode step are recorded (tinyllama_kernels.launch.recording) from a TritonBackend on torch's meta device
+planned for the GPU (tinyllama_kernels.launch.H100 / A100: its SM count decides the split-K and attention splits), for
 TinyLlama-1.1B in bf16 at batch 1 and 32. Each launch's bytes come from its arguments' shapes and dtypes: what the
 kernel must read and write at least once (a weight once per launch, however many programs share it; KV reads at
 the given context per sequence). The step's floor is those bytes over the GPU's HBM bandwidth; the batch-32 step
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class GPU:
-    """A GPU's datasheet figures and its kernels.launch.Target name."""
+    """A GPU's datasheet figures and its tinyllama_kernels.launch.Target name."""
 
     name: str
-    target: str  # "H100" | "A100": kernels.launch's Target of the same name
+    target: str  # "H100" | "A100": tinyllama_kernels.launch's Target of the same name
     hbm_tb_s: float  # HBM bandwidth, TB/s
     bf16_tflop_s: float  # dense bf16 tensor-core peak, TFLOP/s
 
@@ -87,9 +87,9 @@ def decode_step(config, gpu: GPU, batch: int, context: int) -> dict:
     import numpy as np
 
     from engine.runtime.batch import SequenceStep
-    from kernels import launch as launch_mod
-    from kernels.aot import placeholder_weights
-    from kernels.triton_backend import TritonBackend
+    from tinyllama_kernels import launch as launch_mod
+    from tinyllama_kernels.aot import placeholder_weights
+    from tinyllama_kernels.triton_backend import TritonBackend
 
     target = getattr(launch_mod, gpu.target)
     backend = TritonBackend(config, placeholder_weights(config, "bfloat16"), dtype="bfloat16", device="meta",

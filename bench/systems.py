@@ -99,9 +99,9 @@ class EngineRunner(Runner):
             except ImportError:
                 raise Unavailable("torch is not installed") from None
             try:
-                import kernels.triton_backend  # noqa: F401
+                import tinyllama_kernels.triton_backend  # noqa: F401
             except ImportError as e:
-                raise Unavailable(f"kernels.triton_backend does not import ({e})") from None
+                raise Unavailable(f"tinyllama_kernels.triton_backend does not import ({e})") from None
         self.Step = SequenceStep
         self.model = engine.load_model(self.folder, backend=self.backend_name, weights_dtype=self.weights_dtype)
         self.dtype = self.model.weights_dtype

@@ -130,7 +130,7 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
     if backend == "numpy":
         impl = NumpyBackend(config, weights, **backend_options)
     else:
-        from kernels.triton_backend import TritonBackend
+        from tinyllama_kernels.triton_backend import TritonBackend
 
         impl = TritonBackend(config, weights, **backend_options)
     return Model(config, impl, folder=folder, generation_config=generation_config,

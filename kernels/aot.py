@@ -1,12 +1,12 @@
 """Ahead-of-time compilation, for real GPUs and without one, of every kernel launch the Triton backend makes.
 
-    python -m kernels.aot [--targets sm_80 sm_90] [--models tinyllama mha mqa] [--dtypes bfloat16 float16 float32]
+    python -m tinyllama_kernels.aot [--targets sm_80 sm_90] [--models tinyllama mha mqa] [--dtypes bfloat16 float16 float32]
                           [--json PATH] [--quiet]
 
 1. record: a TritonBackend on torch's "meta" device (shapes, dtypes and strides, no storage), planned for a named
-   GPU (kernels.launch.A100 / H100: DOT_MODE native for bf16/fp16, that GPU's SM count), runs `script` (prefills of
+   GPU (tinyllama_kernels.launch.A100 / H100: DOT_MODE native for bf16/fp16, that GPU's SM count), runs `script` (prefills of
    several lengths, batched decode at every CUDA-graph bucket, speculative verification beside decoding sequences
-   and a prompt chunk, and the same without the slot pool) under kernels.launch.recording(): nothing runs, every
+   and a prompt chunk, and the same without the slot pool) under tinyllama_kernels.launch.recording(): nothing runs, every
    launch (kernel, grid, constexprs, num_warps, num_stages, arguments) is kept. The plans come from the wrappers'
    own plan_* functions, so a change to a block size or a heuristic changes what is compiled here.
 2. specialize: each launch's arguments go through Triton's own JIT binder for the CUDA backend, giving what the JIT
@@ -127,14 +127,14 @@ class Recorded:
     """A launch and where it came from: "<model> <dtype> <static|eager> <script label>"."""
 
     label: str
-    launch: object  # kernels.launch.Launch
+    launch: object  # tinyllama_kernels.launch.Launch
 
 
 def record(model: str, dtype: str, target) -> list[Recorded]:
     """Every launch `script` makes on a meta-device TritonBackend of MODELS[model] in `dtype`, planned for `target`
-    (a kernels.launch.Target), with the slot pool and CUDA-graph buckets (static) and without them (eager)."""
-    from kernels.launch import recording
-    from kernels.triton_backend import TritonBackend
+    (a tinyllama_kernels.launch.Target), with the slot pool and CUDA-graph buckets (static) and without them (eager)."""
+    from tinyllama_kernels.launch import recording
+    from tinyllama_kernels.triton_backend import TritonBackend
 
     config = MODELS[model]
     weights = placeholder_weights(config, dtype)
@@ -354,7 +354,7 @@ def sweep(targets=TARGETS, models=tuple(MODELS), dtypes=DTYPES, every: bool = Tr
     every=False compiles one specialization per representative_key (the first launched) instead of all. jobs > 1
     compiles in that many processes. Returns {"launches": count, "specializations": count, "results": [compile
     result + "labels" (where it was launched) + "same_code_as" (how many specializations it stands for)]}."""
-    from kernels.launch import A100, H100
+    from tinyllama_kernels.launch import A100, H100
 
     by_name = {"sm_80": A100, "sm_90": H100}
     specs: dict[Specialization, dict] = {}
@@ -420,7 +420,7 @@ def summary(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tinyllama_kernels.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
@@ -431,7 +431,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write every specialization's result here")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("kernels.aot: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled: run with "
+        print("tinyllama_kernels.aot: TRITON_INTERPRET is set; the interpreter's kernels cannot be compiled: run with "
               "TRITON_INTERPRET=0", file=sys.stderr)
         return 2
     os.environ["TRITON_INTERPRET"] = "0"  # before any kernel import (triton_backend would pick the interpreter)

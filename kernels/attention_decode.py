@@ -140,7 +140,7 @@ def plan_decode(B: int, n_heads: int, n_kv_heads: int, head_dim: int, max_length
     chunk = triton.cdiv(max(int(chunk), 1), block_n) * block_n
     n_splits = triton.cdiv(max_length, chunk)
     # fp32 tiles are multiplied on the FMA units with every operand in registers: 8 warps share them (with 4, ptxas
-    # spilled on sm_80 for head_dim 128, kernels.aot)
+    # spilled on sm_80 for head_dim 128, tinyllama_kernels.aot)
     partial = LaunchPlan(_decode_partial_kernel, (n_splits, n_kv_heads, B),
                          dict(BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
                               DOT_MODE=dot_mode(dtype, target.interpret), HAS_SLOTS=has_slots),

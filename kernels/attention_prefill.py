@@ -65,7 +65,7 @@ def plan_prefill(T: int, n_heads: int, head_dim: int, dtype: torch.dtype, target
     """The launch for T causal queries of n_heads heads in `dtype` on `target`: one program per (query block, head).
 
     fp32 tiles are multiplied without tensor cores (DOT_IEEE), every product in registers: key blocks of 32 and 8
-    warps for 32-64 query rows keep them there (64x64 tiles spilled 2-13 KB per thread on sm_80/sm_90, kernels.aot).
+    warps for 32-64 query rows keep them there (64x64 tiles spilled 2-13 KB per thread on sm_80/sm_90, tinyllama_kernels.aot).
     """
     block_d = max(16, next_pow2(head_dim))
     block_m = 64 if T > 32 else max(16, next_pow2(T))

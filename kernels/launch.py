@@ -5,7 +5,7 @@ which launches are collected instead of run.
 Each wrapper (matmul, decode_attention, ...) computes its LaunchPlan from shapes, dtypes and a Target, then calls
 `launch(plan, *args)`. On a GPU the Target is read from the device; a Target can also be named (A100, H100), so the
 launches the backend would make on a GPU can be recorded on a machine without one: tensors on torch's "meta" device
-(shapes, dtypes and strides without storage) under `recording()`. kernels.aot compiles what it records.
+(shapes, dtypes and strides without storage) under `recording()`. tinyllama_kernels.aot compiles what it records.
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def plan_gemv(M: int, N: int, K: int, split_k: int | None, target: Target) -> Ge
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     # 8 warps: 32-64 product elements per thread, 64-123 registers on sm_80/sm_90 (4 warps took 96-168 and spilled
-    # in fp32 on sm_80 with BLOCK_M=4, kernels.aot)
+    # in fp32 on sm_80 with BLOCK_M=4, tinyllama_kernels.aot)
     gemv = LaunchPlan(_gemv_kernel, (n_tiles, split_k), dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
                       num_warps=8)
     reduce = None

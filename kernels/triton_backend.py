@@ -34,16 +34,16 @@ from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.weights import ModelWeights
 from engine.runtime.rope import rope_tables
-from kernels._common import interpreting
-from kernels.attention_decode import decode_attention
-from kernels.attention_prefill import prefill_attention
-from kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache
-from kernels.kv_store import store_kv
-from kernels.launch import Target, target_of
-from kernels.matmul import matmul
-from kernels.norm import rms_norm
-from kernels.rotary import apply_rotary_qkv
-from kernels.swiglu import swiglu
+from tinyllama_kernels._common import interpreting
+from tinyllama_kernels.attention_decode import decode_attention
+from tinyllama_kernels.attention_prefill import prefill_attention
+from tinyllama_kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache
+from tinyllama_kernels.kv_store import store_kv
+from tinyllama_kernels.launch import Target, target_of
+from tinyllama_kernels.matmul import matmul
+from tinyllama_kernels.norm import rms_norm
+from tinyllama_kernels.rotary import apply_rotary_qkv
+from tinyllama_kernels.swiglu import swiglu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,9 +104,9 @@ class TritonBackend:
     graph_batch_sizes: the batch buckets of the static path (one graph each); larger batches run in pieces.
     pool_window: positions per pool slot (default min(model window, 4096)); a longer sequence moves to private
       storage and the eager path. Each slot reserves n_layers * 2 * n_kv_heads * pool_window * head_dim values.
-    target: the device facts every kernel launch is planned for (kernels.launch.Target); default: the device's
-      own. With device="meta" and a named target (kernels.launch.H100) under kernels.launch.recording(), forward
-      records the launches this backend would make on that GPU without running anything (kernels.aot).
+    target: the device facts every kernel launch is planned for (tinyllama_kernels.launch.Target); default: the device's
+      own. With device="meta" and a named target (tinyllama_kernels.launch.H100) under tinyllama_kernels.launch.recording(), forward
+      records the launches this backend would make on that GPU without running anything (tinyllama_kernels.aot).
     """
 
     name = "triton"

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch", reason="the Triton kernels need torch")
 pytest.importorskip("triton", reason="the Triton kernels need triton")
 
-from kernels._common import interpreting  # noqa: E402
+from tinyllama_kernels._common import interpreting  # noqa: E402
 
 if not interpreting() and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 and no CUDA device", allow_module_level=True)

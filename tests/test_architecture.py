@@ -1,6 +1,7 @@
 """The house rules of the package layout, read from the source with `ast` (no imports run):
 
-- no import circles among the modules of engine, weights, kernels and bench (an import inside a function counts);
+- no import circles among the modules of engine, weights, kernels (imported as tinyllama_kernels) and bench (an import
+  inside a function counts);
 - arrows point down: engine.runtime and engine.text import nothing above them, engine.generation never imports the
   model, the CLI or the server, engine.model never imports engine.inspect (which sits on top of it), and nothing but
   the CLI imports engine.cli;
@@ -17,7 +18,8 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = ("engine", "weights", "kernels", "bench")
+PACKAGES = ("engine", "weights", "kernels", "bench")  # the folders
+IMPORT_NAMES = {"kernels": "tinyllama_kernels"}  # folder -> import name where they differ (see kernels/README.md)
 # What each room may import from this project (prefixes); anything else of the project is an upward arrow.
 ALLOWED = {
     "engine.runtime": ("engine.runtime", "engine.config", "engine.errors", "weights"),
@@ -25,11 +27,11 @@ ALLOWED = {
     "engine.generation": ("engine.generation", "engine.runtime", "engine.text", "engine.config", "engine.errors",
                           "weights"),
     "engine.model": ("engine.model", "engine.generation", "engine.runtime", "engine.text", "engine.config",
-                     "engine.errors", "weights", "kernels"),
+                     "engine.errors", "weights", "tinyllama_kernels"),
     "engine.inspect": ("engine.inspect", "engine.model", "engine.generation", "engine.runtime", "engine.text",
                        "engine.config", "engine.errors", "weights"),
     "weights": ("weights",),
-    "kernels": ("kernels", "engine.runtime", "engine.config", "engine.errors", "weights"),
+    "tinyllama_kernels": ("tinyllama_kernels", "engine.runtime", "engine.config", "engine.errors", "weights"),
     "engine.serve": ("engine.serve", "engine.generation", "engine.runtime", "engine.text", "engine.config",
                      "engine.errors", "engine.model", "weights"),
     "engine.config": ("engine.config", "weights"),
@@ -42,6 +44,7 @@ HTTP_ROOMS = ("engine.serve", "engine.cli.serve", "bench.serve")
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
+    parts[0] = IMPORT_NAMES.get(parts[0], parts[0])
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -159,7 +162,7 @@ def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
 def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     graph = import_graph()
     assert "engine.runtime.native" in graph["engine.runtime.layers"]
-    assert "kernels._common" in graph["kernels.matmul"]  # `from ._common import ...`
+    assert "tinyllama_kernels._common" in graph["tinyllama_kernels.matmul"]  # `from ._common import ...`
     assert "engine.cli.check" in graph["engine.cli.main"]  # a lazy import inside main()
 
 
@@ -179,7 +182,7 @@ def test_arrows_point_down():
 
 
 def test_the_rule_checker_flags_an_upward_arrow():
-    graph = {"engine.runtime.layers": {"engine.generation.sampling"}, "kernels.matmul": {"engine.cli.common"},
+    graph = {"engine.runtime.layers": {"engine.generation.sampling"}, "tinyllama_kernels.matmul": {"engine.cli.common"},
              "engine.text.tokenizer": {"engine.runtime.layers"}, "engine.model": {"engine.inspect.lens"},
              "engine.inspect.plots": {"engine.cli.inspect"}}
     flagged = {line.split(" -> ")[0] for line in upward_arrows(graph)}
@@ -210,22 +213,48 @@ def test_the_http_checker_flags_a_planted_import(tmp_path):
 
 
 @pytest.mark.parametrize("package", ["engine", "engine.runtime", "engine.text", "engine.generation", "engine.cli",
-                                     "engine.inspect", "engine.serve", "weights", "kernels", "bench"])
+                                     "engine.inspect", "engine.serve", "weights", "bench"])
 def test_every_package_says_what_lives_there(package):
     path = REPO / package.replace(".", "/") / "__init__.py"
     doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
     assert doc and len(doc) > 40, f"{path} needs a docstring saying what lives there and what it must not import"
 
 
+def test_the_kernels_folder_says_what_lives_there_and_its_import_name():
+    """kernels/ has no __init__.py (see below); its README is the package's docstring."""
+    text = (REPO / "kernels" / "README.md").read_text(encoding="utf-8")
+    assert "import name is `tinyllama_kernels`" in text and "Must not import" in text
+
+
+def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels():
+    """transformers 5 imports Hugging Face's `kernels` library; a regular package named `kernels` in the repository
+    root (on sys.path first under `python -m`) would shadow it and break `import transformers` (it did)."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    code = ("import sys, importlib.util; spec = importlib.util.find_spec('kernels'); "
+            "print(spec is None or not spec.origin or not spec.origin.startswith(sys.argv[1]))")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", "`import kernels` from the repository root finds our folder"
+
+
+def test_tinyllama_kernels_is_this_checkout():
+    """The tests import the Triton kernels under test, not a stale install elsewhere."""
+    spec = __import__("importlib.util").util.find_spec("tinyllama_kernels")
+    assert spec is not None, "tinyllama_kernels is not importable: run `pip install -e .`"
+    assert str(REPO / "kernels") in list(spec.submodule_search_locations)
+
+
 def test_every_package_is_installed_by_pyproject():
-    """`pip install .` ships every package folder: the packages setuptools finds with pyproject's include patterns
-    (as `pip install` does) are all the folders with an __init__.py, and the kernels' C sources go with them."""
+    """`pip install .` ships every package: pyproject's package list holds every folder with an __init__.py (under its
+    import name) and the kernels folder as tinyllama_kernels; the kernels' C sources go with them."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    from setuptools import find_packages
 
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    shipped = set(find_packages(where=str(REPO), include=config["packages"]["find"]["include"]))
+    shipped = set(config["packages"])
     found = {module_name(init) for package in PACKAGES for init in (REPO / package).rglob("__init__.py")}
-    assert found - shipped == set(), f"not shipped by pyproject's packages.find: {sorted(found - shipped)}"
+    found.add("tinyllama_kernels")
+    assert found == shipped, f"pyproject's packages differ from the folders: {sorted(found ^ shipped)}"
+    assert config["package-dir"] == {"tinyllama_kernels": "kernels"}
     data = config["package-data"]["engine.runtime.native"]
     assert "*.c" in data and "*.h" in data  # the kernels are compiled from these on the user's machine

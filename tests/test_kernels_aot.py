@@ -3,7 +3,7 @@
 In this process (the interpreter's kernels): the launches recorded on torch's meta device for a named GPU target are
 the launches a real run makes, and for TinyLlama's shape they take the GPU-side choices (DOT_MODE native, the
 target's SM count, every CUDA-graph bucket, split-K, verification). In a subprocess with TRITON_INTERPRET=0:
-`python -m kernels.aot` compiles them all the way to cubin and checks shared memory and local memory, and its checks
+`python -m tinyllama_kernels.aot` compiles them all the way to cubin and checks shared memory and local memory, and its checks
 are shown to catch a kernel that spills and one that asks for too much shared memory.
 """
 import json
@@ -16,10 +16,10 @@ import pytest
 
 from tests.kernel_support import torch  # first: sets TRITON_INTERPRET
 from engine.runtime.batch import SequenceStep
-from kernels import aot
-from kernels._common import DOT_IEEE, DOT_NATIVE, DOT_UPCAST
-from kernels.launch import A100, H100, INTERPRETER, recording
-from kernels.triton_backend import GRAPH_BATCH_SIZES, TritonBackend
+from tinyllama_kernels import aot
+from tinyllama_kernels._common import DOT_IEEE, DOT_NATIVE, DOT_UPCAST
+from tinyllama_kernels.launch import A100, H100, INTERPRETER, recording
+from tinyllama_kernels.triton_backend import GRAPH_BATCH_SIZES, TritonBackend
 from tests.conftest import REPO
 from tests.test_kernels_backend import _config, _weights
 
@@ -129,7 +129,7 @@ def test_the_target_decides_dot_mode_and_grids(tinyllama_h100):
 
 def _aot(*args, timeout=900):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    return subprocess.run([sys.executable, "-m", "kernels.aot", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tinyllama_kernels.aot", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -178,14 +178,14 @@ def test_every_specialization_compiles_for_sm80_and_sm90(tmp_path):
 PLANTED = r"""
 import os, sys, json, torch
 os.environ["TRITON_INTERPRET"] = "0"
-from kernels import aot
-from kernels.attention_prefill import _prefill_attention_kernel
-from kernels.matmul import _gemm_kernel
-from kernels.launch import Launch, LaunchPlan
+from tinyllama_kernels import aot
+from tinyllama_kernels.attention_prefill import _prefill_attention_kernel
+from tinyllama_kernels.matmul import _gemm_kernel
+from tinyllama_kernels.launch import Launch, LaunchPlan
 out = {}
 q = torch.empty(300, 4, 128, dtype=torch.float32, device="meta"); k = torch.empty(4, 512, 128, device="meta")
 old = LaunchPlan(_prefill_attention_kernel, (5, 4), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, DOT_MODE=1),
-                 num_warps=4, num_stages=2)  # fp32 64x64 tiles: what the prefill plan chose before kernels.aot
+                 num_warps=4, num_stages=2)  # fp32 64x64 tiles: what the prefill plan chose before tinyllama_kernels.aot
 args = (q, k, k, q, 300, 0, 128, 1, 0.1, *q.stride()[:2], *k.stride()[:2], *k.stride()[:2], *q.stride()[:2])
 out["spill"] = aot.compile_one(*aot.specialize(Launch(old, args), 80))
 x = torch.empty(256, 2048, dtype=torch.bfloat16, device="meta")
@@ -226,6 +226,6 @@ def test_problems_names_each_failure():
 
 def test_aot_refuses_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-m", "kernels.aot"], cwd=REPO, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "tinyllama_kernels.aot"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "TRITON_INTERPRET" in done.stderr

@@ -1,4 +1,4 @@
-"""kernels.attention_prefill / attention_decode (causal GQA, split-KV decode) against NumPy float64.
+"""tinyllama_kernels.attention_prefill / attention_decode (causal GQA, split-KV decode) against NumPy float64.
 
 Tolerance, per output element of query t, head h (L keys, head_dim D, E = sum_j p_j |v_j| with p the exact softmax):
 a score q.k_j / sqrt(D) is an fp32 dot of D exact products (fp32 inputs: rounded products) and a scaling, so it is
@@ -17,9 +17,9 @@ import pytest
 
 from tests.kernel_support import (DEVICE, FP32_TRANSCENDENTAL, FP32_U, assert_within, f64, subnormal_spacing, torch,
                                   unit_roundoff)  # first: sets TRITON_INTERPRET
-from kernels._common import interpreting
-from kernels.attention_decode import decode_attention
-from kernels.attention_prefill import prefill_attention
+from tinyllama_kernels._common import interpreting
+from tinyllama_kernels.attention_decode import decode_attention
+from tinyllama_kernels.attention_prefill import prefill_attention
 
 
 HEADS = [(4, 4), (4, 2), (8, 2), (4, 1)]  # (n_heads, n_kv_heads): GQA ratios 1, 2, 4 and MQA

@@ -1,4 +1,4 @@
-"""kernels.triton_backend.TritonBackend against engine.runtime.numpy_backend.NumpyBackend (same weights, same steps)."""
+"""tinyllama_kernels.triton_backend.TritonBackend against engine.runtime.numpy_backend.NumpyBackend (same weights, same steps)."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.weights import LayerWeights, ModelWeights
 from engine.runtime.numpy_backend import NumpyBackend
-from kernels.triton_backend import TritonBackend
+from tinyllama_kernels.triton_backend import TritonBackend
 
 
 def _config(n_heads, n_kv_heads, tied=False):

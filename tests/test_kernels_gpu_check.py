@@ -35,7 +35,7 @@ def test_gpu_check_helpers_on_a_tiny_model(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
     pytest.importorskip("transformers")
-    from kernels._common import interpreting
+    from tinyllama_kernels._common import interpreting
 
     if not interpreting():
         pytest.skip("runs the helpers in the interpreter only")

@@ -1,4 +1,4 @@
-"""kernels.matmul against a NumPy float64 reference (Triton interpreter on CPU unless TRITON_INTERPRET=0 on a GPU).
+"""tinyllama_kernels.matmul against a NumPy float64 reference (Triton interpreter on CPU unless TRITON_INTERPRET=0 on a GPU).
 
 Tolerance: products of fp16/bf16 values are exact in fp32; the K-term sum in fp32 (any order: tiles, split-K
 partials) is within (K - 1) * 2^-24 * sum_k |x_k w_k| of the exact sum, fp32 inputs add one rounding per product;
@@ -12,8 +12,8 @@ import pytest
 
 from tests.kernel_support import (DEVICE, FP32_U, assert_within, f64, subnormal_spacing, torch,
                                   unit_roundoff)  # first: sets TRITON_INTERPRET
-from kernels._common import interpreting
-from kernels.matmul import DECODE_MAX_M, matmul
+from tinyllama_kernels._common import interpreting
+from tinyllama_kernels.matmul import DECODE_MAX_M, matmul
 
 
 def _rand(shape, dtype, seed):

@@ -1,4 +1,4 @@
-"""kernels.norm.rms_norm (with and without the residual fusion) against NumPy float64.
+"""tinyllama_kernels.norm.rms_norm (with and without the residual fusion) against NumPy float64.
 
 The rows are chosen so that every term of y = x / sqrt(mean(x^2) + eps) * w shows: mean squares comparable to eps
 (eps changes the result by ~30%), rows so tiny that eps dominates, rows so large that it vanishes, a lone large
@@ -12,8 +12,8 @@ import pytest
 
 from tests.kernel_support import (DEVICE, FP32_TRANSCENDENTAL, FP32_U, assert_within, f64, subnormal_spacing,
                                   torch, unit_roundoff)  # first: sets TRITON_INTERPRET
-from kernels.norm import rms_norm
-from kernels._common import interpreting
+from tinyllama_kernels.norm import rms_norm
+from tinyllama_kernels._common import interpreting
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -1,4 +1,4 @@
-"""kernels.rotary (Hugging Face rotate_half convention) against NumPy float64.
+"""tinyllama_kernels.rotary (Hugging Face rotate_half convention) against NumPy float64.
 
 Each output element is x_i cos - x_j sin (or x_j cos + x_i sin) computed in fp32 from fp32 tables (two products and
 a sum: within 3 * 2^-24 of the sum of the terms' magnitudes) and rounded once to the dtype (u):
@@ -10,7 +10,7 @@ import pytest
 
 from tests.kernel_support import (DEVICE, FP32_U, assert_within, f64, subnormal_spacing, torch,
                                   unit_roundoff)  # first: sets TRITON_INTERPRET
-from kernels.rotary import apply_rotary, apply_rotary_qkv
+from tinyllama_kernels.rotary import apply_rotary, apply_rotary_qkv
 
 
 def _tables(max_pos, head_dim, theta=10000.0):

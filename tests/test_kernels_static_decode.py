@@ -13,11 +13,11 @@ from tests.kernel_support import DEVICE, forward_tolerance, rounded_weights, tor
 from engine.runtime.batch import SequenceStep
 from engine.errors import ContextOverflowError
 from engine.runtime.numpy_backend import NumpyBackend
-from kernels._common import interpreting
-from kernels.attention_decode import decode_attention
-from kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache
-from kernels.kv_store import store_kv
-from kernels.triton_backend import TritonBackend, _to_host_f32
+from tinyllama_kernels._common import interpreting
+from tinyllama_kernels.attention_decode import decode_attention
+from tinyllama_kernels.device_cache import DeviceKVCache, KVSlotPool, PooledKVCache
+from tinyllama_kernels.kv_store import store_kv
+from tinyllama_kernels.triton_backend import TritonBackend, _to_host_f32
 from tests.test_kernels_backend import _config, _rel, _weights
 
 

@@ -1,4 +1,4 @@
-"""kernels.swiglu.swiglu against NumPy float64.
+"""tinyllama_kernels.swiglu.swiglu against NumPy float64.
 
 Gates span the whole sigmoid (large negative, near zero, large positive), so silu is not a plain ReLU or identity,
 and the up half varies in sign and magnitude, so swapping the halves shows. Tolerance: silu(gate) is computed in fp32
@@ -12,7 +12,7 @@ import pytest
 
 from tests.kernel_support import (DEVICE, FP32_TRANSCENDENTAL, FP32_U, assert_within, f64, subnormal_spacing, torch,
                                   unit_roundoff)  # first: sets TRITON_INTERPRET
-from kernels.swiglu import swiglu
+from tinyllama_kernels.swiglu import swiglu
 
 
 def _ref(gate_up):

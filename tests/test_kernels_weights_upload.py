@@ -14,9 +14,9 @@ from tests.kernel_support import torch  # first: sets TRITON_INTERPRET
 from engine.config import ModelConfig
 from engine.runtime.batch import SequenceStep
 from engine.runtime.weights import LayerWeights, ModelWeights
-from kernels import triton_backend
-from kernels.launch import H100
-from kernels.triton_backend import TritonBackend, host_tensor
+from tinyllama_kernels import triton_backend
+from tinyllama_kernels.launch import H100
+from tinyllama_kernels.triton_backend import TritonBackend, host_tensor
 from tests.conftest import load_reference, make_random_checkpoint, reference_logits
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
