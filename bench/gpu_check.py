@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench.gpu_plan import attention_flops, matmul_params, prefill_flops  # noqa: F401 (the counts results use)
+from engine.compare import transformers_step
 
 NO_GPU_MESSAGE = "gpu_check: no CUDA GPU available (torch.cuda.is_available() is False); run it on a machine with one"
 GiB = 1 << 30
@@ -182,11 +183,11 @@ def hf_greedy(model, ids, n: int) -> list[int]:
 
     out = []
     with torch.no_grad():
-        res = model(torch.tensor([list(ids)], device=DEVICE), use_cache=True)
+        res, cache = transformers_step(model, torch.tensor([list(ids)], device=DEVICE))
         for _ in range(n):
             tok = int(res.logits[0, -1].argmax())
             out.append(tok)
-            res = model(torch.tensor([[tok]], device=DEVICE), past_key_values=res.past_key_values, use_cache=True)
+            res, cache = transformers_step(model, torch.tensor([[tok]], device=DEVICE), cache)
     return out
 
 
@@ -196,13 +197,13 @@ def hf_decode_rate(model, prompt_len: int, steps: int, warmup: int = 4) -> dict:
 
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, prompt_len)
     with torch.no_grad():
-        res = model(torch.tensor([ids.tolist()], device=DEVICE), use_cache=True)
+        res, cache = transformers_step(model, torch.tensor([ids.tolist()], device=DEVICE))
         tok = int(res.logits[0, -1].argmax())
         for i in range(warmup + steps):
             if i == warmup:
                 _sync()
                 t0 = time.perf_counter()
-            res = model(torch.tensor([[tok]], device=DEVICE), past_key_values=res.past_key_values, use_cache=True)
+            res, cache = transformers_step(model, torch.tensor([[tok]], device=DEVICE), cache)
             tok = int(res.logits[0, -1].argmax())  # a host sync per token, as in our loop
         _sync()
     seconds = time.perf_counter() - t0

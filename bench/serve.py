@@ -1,13 +1,19 @@
 """Load benchmark of `tinyllama serve`: N concurrent streaming clients against a server on this machine, compared with
 the in-process Scheduler running the same workload at the same batch, in the same run.
 
-    python -m bench.serve [--model REF] [--clients 32] [--duration 60] [--rounds 3] [--prompt-len 128]
-                          [--max-tokens 64] [--threads 2] [--weights-dtype D] [--out DIR] [--quick]
+    python -m bench.serve [--model REF] [--clients 32] [--duration 120] [--rounds 3] [--prompt-len 128]
+                          [--max-tokens 64] [--range-ratio 0.5] [--warmup 90] [--threads 2] [--weights-dtype D]
+                          [--out DIR] [--quick]
 
-The workload (both sides): `clients` sequences at once, each a prompt of `prompt_len` random token ids (BOS first)
-and `max_tokens` greedy tokens past EOS; a sequence that ends is replaced at once (a closed loop). Tokens are counted
-as they are generated within the timed window of `duration` seconds (the server's streams carry vLLM's
-`continuous_usage_stats`, so partly streamed requests count exactly), after a warm-up.
+The workload (both sides): `clients` sequences at once, each a prompt of random token ids (BOS first) and greedy
+tokens past EOS, their lengths drawn uniformly within `range_ratio` of `prompt_len` and `max_tokens` (vLLM's
+`--random-range-ratio`; the same seeded stream of requests on both sides); a sequence that ends is replaced at once
+(a closed loop). Lengths vary so that the sequences do not stay in lockstep: with equal lengths every sequence ends
+in the same step and all start again together, so tokens/s over a window depends on where the window falls in that
+cycle (prefill of every prompt at once, then decoding only), not on the system measured. Tokens are counted as they
+are generated within the timed window of `duration` seconds (the server's streams carry vLLM's
+`continuous_usage_stats`, so partly streamed requests count exactly), after a warm-up that outlasts the first
+prefill of all `clients` prompts together.
 
 1. In-process: a worker process loads the model and runs the workload on `engine.Scheduler` (max_active = clients).
 2. Server: `python -m engine serve --max-active clients` in its own process; `rounds` rounds of `clients` asyncio
@@ -36,6 +42,7 @@ import time
 from pathlib import Path
 
 QUICK = dict(clients=4, duration=3.0, prompt_len=32, max_tokens=16, warmup=1.0)
+FULL = dict(clients=32, duration=120.0, prompt_len=128, max_tokens=64, warmup=90.0)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,11 +51,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="local folder or Hub repo id with a tokenizer (default: random weights of "
                                    "TinyLlama-1.1B's shape with TinyLlama's tokenizer)")
     p.add_argument("--clients", type=int, help="concurrent streaming clients = the batch (default 32; quick 4)")
-    p.add_argument("--duration", type=float, help="seconds per round (default 60; quick 3)")
+    p.add_argument("--duration", type=float, help="seconds per round (default 120; quick 3)")
     p.add_argument("--rounds", type=int, default=3, help="server rounds (default %(default)s)")
-    p.add_argument("--prompt-len", type=int, help="prompt tokens per request (default 128; quick 32)")
-    p.add_argument("--max-tokens", type=int, help="tokens generated per request (default 64; quick 16)")
-    p.add_argument("--warmup", type=float, help="seconds of the workload before each timed window (default 10; "
+    p.add_argument("--prompt-len", type=int, help="mean prompt tokens per request (default 128; quick 32)")
+    p.add_argument("--max-tokens", type=int, help="mean tokens generated per request (default 64; quick 16)")
+    p.add_argument("--range-ratio", type=float, default=0.5,
+                   help="lengths drawn uniformly in [L * (1 - r), L * (1 + r)] (vLLM's --random-range-ratio; "
+                        "default %(default)s; 0: every request the same)")
+    p.add_argument("--warmup", type=float, help="seconds of the workload before each timed window (default 90; "
                                                 "quick 1)")
     p.add_argument("--threads", type=int, default=2, help="threads of the server and the in-process worker "
                                                           "(OMP/OpenBLAS; default %(default)s)")
@@ -58,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small model, 4 clients, 3 s rounds (under a minute)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the in-process side, in its process
     args = p.parse_args(argv)
-    defaults = QUICK if args.quick else dict(clients=32, duration=60.0, prompt_len=128, max_tokens=64, warmup=10.0)
+    defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -67,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.duration <= 0 or args.warmup < 0:
         p.error("--duration must be > 0 and --warmup >= 0")
+    if not 0 <= args.range_ratio < 1:
+        p.error("--range-ratio must be in [0, 1)")
     return args
 
 
@@ -98,11 +110,20 @@ def thread_env(threads: int) -> dict:
             "MKL_NUM_THREADS": str(threads), "TINYLLAMA_NUM_THREADS": str(threads)}
 
 
-def prompts(prompt_len: int, vocab: int = 32000, seed: int = 0):
-    """An endless stream of prompts: BOS, then random token ids (the same stream on both sides)."""
+def length_range(mean: int, ratio: float) -> tuple[int, int]:
+    """The lengths drawn for a mean and a range ratio: [mean * (1 - ratio), mean * (1 + ratio)], at least 1."""
+    return max(1, round(mean * (1 - ratio))), max(1, round(mean * (1 + ratio)))
+
+
+def requests(prompt_len: int, max_tokens: int, ratio: float, vocab: int = 32000, seed: int = 0):
+    """An endless stream of (prompt, max_tokens): BOS then random token ids, lengths uniform over length_range (the
+    same stream on both sides)."""
     rng = random.Random(seed)
+    prompt_range, new_range = length_range(prompt_len, ratio), length_range(max_tokens, ratio)
     while True:
-        yield [1] + [rng.randrange(100, vocab) for _ in range(prompt_len - 1)]
+        n = rng.randint(*prompt_range)
+        prompt = [1] + [rng.randrange(100, vocab) for _ in range(n - 1)]
+        yield prompt, rng.randint(*new_range)
 
 
 # ---- in-process -----------------------------------------------------------------------------------------------------
@@ -113,10 +134,11 @@ def run_worker(args, model_ref: str) -> dict:
     options = {"weights_dtype": args.weights_dtype} if args.weights_dtype else {}
     model = engine.load_model(model_ref, **options)
     scheduler = engine.Scheduler(model, max_active=args.clients)
-    source = prompts(args.prompt_len, model.config.vocab_size)
+    source = requests(args.prompt_len, args.max_tokens, args.range_ratio, model.config.vocab_size)
 
     def submit():
-        scheduler.submit(next(source), max_new_tokens=args.max_tokens, ignore_eos=True, temperature=0.0)
+        prompt, max_tokens = next(source)
+        scheduler.submit(prompt, max_new_tokens=max_tokens, ignore_eos=True, temperature=0.0)
 
     for _ in range(args.clients):
         submit()
@@ -141,7 +163,7 @@ def in_process(args, model_ref: str) -> dict:
     """Run the worker in its own process (its own threads and memory) -> its JSON result."""
     cmd = [sys.executable, "-m", "bench.serve", "--worker", "--model", model_ref, "--clients", str(args.clients),
            "--duration", str(args.duration), "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len),
-           "--max-tokens", str(args.max_tokens)]
+           "--max-tokens", str(args.max_tokens), "--range-ratio", str(args.range_ratio)]
     if args.weights_dtype:
         cmd += ["--weights-dtype", args.weights_dtype]
     p = subprocess.run(cmd, cwd=REPO, env=thread_env(args.threads), capture_output=True, text=True)
@@ -210,9 +232,11 @@ class Server:
         return self.process.returncode
 
 
-async def one_request(client, url: str, prompt: list[int], max_tokens: int, window: list[float], stats: dict,
+async def one_request(client, url: str, request: tuple[list[int], int], window: list[float], stats: dict,
                       deadline: float) -> None:
-    """Stream one completion; add the tokens generated inside the window, the TTFT, or an error, to stats."""
+    """Stream one completion; add the tokens generated inside the window, the TTFT (where the first token came inside the
+    window, whether or not the request completes before it closes), or an error, to stats."""
+    prompt, max_tokens = request
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     sent = time.perf_counter()
@@ -234,6 +258,8 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int, wind
                 if tokens > seen:
                     if first is None:
                         first = now
+                        if window[0] <= now <= window[1]:  # a first token inside the window: its TTFT counts
+                            stats["ttft"].append(first - sent)
                     if window[0] <= now <= window[1]:
                         stats["tokens"] += tokens - seen
                     seen = tokens
@@ -245,8 +271,6 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int, wind
     if not done or seen != max_tokens:
         stats["errors"].append(f"stream ended after {seen}/{max_tokens} tokens without [DONE]")
         return
-    if window[0] <= sent:
-        stats["ttft"].append(first - sent)
     stats["completed"] += 1
 
 
@@ -261,7 +285,7 @@ async def drive(url: str, args, source, duration: float, warmup: float) -> dict:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as client:
         async def loop():
             while time.perf_counter() < window[1]:
-                await one_request(client, url, next(source), args.max_tokens, window, stats, window[1])
+                await one_request(client, url, next(source), window, stats, window[1])
 
         await asyncio.gather(*(loop() for _ in range(args.clients)))
     ttft = sorted(stats["ttft"])
@@ -293,11 +317,14 @@ def fmt(value, unit="", scale=1.0, digits=1) -> str:
 
 
 def report(results: dict) -> str:
-    base = results["in_process"]["tok_s"]
-    lines = [f"model: {results['model']}  clients: {results['settings']['clients']}  prompt: "
-             f"{results['settings']['prompt_len']}  new tokens: {results['settings']['max_tokens']}  "
-             f"threads: {results['settings']['threads']}",
-             f"in-process Scheduler (batch {results['settings']['clients']}): {base:.1f} tok/s",
+    base = results["summary"]["in_process_tok_s"]
+    cfg = results["settings"]
+    prompt_lens = "%d-%d" % length_range(cfg["prompt_len"], cfg["range_ratio"])
+    new_lens = "%d-%d" % length_range(cfg["max_tokens"], cfg["range_ratio"])
+    lines = [f"model: {results['model']}  clients: {cfg['clients']}  prompt: {prompt_lens}  new tokens: {new_lens}  "
+             f"threads: {cfg['threads']}  window: {cfg['warmup']:g} s warm-up + {cfg['duration']:g} s",
+             f"in-process Scheduler (batch {cfg['clients']}): {base:.1f} tok/s (the mean of "
+             f"{' before and '.join(format(r['tok_s'], '.1f') for r in results['in_process'])} after the server)",
              f"server RSS at start: {fmt(results['rss_start_bytes'], ' MB', 1e-6, 0)}",
              "round  tok/s   of in-process  TTFT p50  TTFT p95  completed  errors  RSS after"]
     for i, r in enumerate(results["rounds"], 1):
@@ -318,16 +345,23 @@ def main(argv=None) -> int:
     model_ref = served_model(args)
     out = Path(args.out or REPO / "bench" / "out" / time.strftime("serve-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("clients", "duration", "rounds", "prompt_len", "max_tokens", "warmup",
-                                              "threads", "weights_dtype", "quick")}
-    print(f"in-process Scheduler, {args.clients} sequences, {args.warmup:g} + {args.duration:g} s ...", flush=True)
-    base = in_process(args, model_ref)
-    print(f"  {base['tok_s']:.1f} tok/s", flush=True)
+    settings = {k: getattr(args, k) for k in ("clients", "duration", "rounds", "prompt_len", "max_tokens",
+                                              "range_ratio", "warmup", "threads", "weights_dtype", "quick")}
+
+    def baseline(when: str) -> dict:
+        print(f"in-process Scheduler ({when} the server), {args.clients} sequences, {args.warmup:g} + "
+              f"{args.duration:g} s ...", flush=True)
+        result = in_process(args, model_ref)
+        print(f"  {result['tok_s']:.1f} tok/s", flush=True)
+        return result
+
+    # The in-process figure is measured before and after the server's rounds and averaged: this machine's speed
+    # drifts by several percent over minutes, and a baseline on one side would count that drift as the server's.
+    results = {"model": model_ref, "settings": settings, "in_process": [baseline("before")], "rounds": []}
     server = Server(args, model_ref)
-    results = {"model": model_ref, "settings": settings, "in_process": base, "rounds": []}
     try:
         results["rss_start_bytes"] = rss_bytes(server.process.pid)
-        source = prompts(args.prompt_len)
+        source = requests(args.prompt_len, args.max_tokens, args.range_ratio)
         for i in range(args.rounds):
             print(f"server round {i + 1}/{args.rounds}: {args.clients} streaming clients, {args.warmup:g} + "
                   f"{args.duration:g} s ...", flush=True)
@@ -338,10 +372,13 @@ def main(argv=None) -> int:
             print(f"  {r['tok_s']:.1f} tok/s, {r['errors']} errors", flush=True)
     finally:
         results["server_exit_status"] = server.stop()
+    results["in_process"].append(baseline("after"))
+    base = statistics.mean(r["tok_s"] for r in results["in_process"])
     rounds = results["rounds"]
     rss = [r["rss_after_bytes"] for r in rounds]
     results["summary"] = {
-        "ratio": statistics.mean(r["tok_s"] for r in rounds) / base["tok_s"],
+        "in_process_tok_s": base,
+        "ratio": statistics.mean(r["tok_s"] for r in rounds) / base,
         "errors": sum(r["errors"] for r in rounds),
         "rss_growth": (rss[-1] / rss[0] - 1) if None not in rss else None,
     }

@@ -11,6 +11,8 @@ import importlib.util
 import os
 import time
 
+from engine.compare import transformers_step
+
 ENGINE_BACKENDS = ("numpy", "triton")
 ENGINE_ISAS = ("avx512", "avx2", "portable")
 TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -193,8 +195,8 @@ class TransformersRunner(Runner):
 
     def _forward(self, ids, cache=None):
         with self.torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, out.logits[:, -1].argmax(-1)
+            out, cache = transformers_step(self.model, ids, cache, logits_to_keep=1)
+        return cache, out.logits[:, -1].argmax(-1)
 
     def prefill(self, ids) -> int:
         _, tok = self._forward(self.torch.tensor([list(ids)]))

@@ -180,6 +180,21 @@ def _load_reference(folder: Path):
     return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def transformers_step(model, input_ids, cache=None, **kwargs):
+    """One forward of a transformers causal LM continuing `cache` (None: a new sequence) -> its output and its cache.
+
+    input_ids: (batch, T) torch int64. transformers 5.2x renamed `past_key_values` to `cache` (the argument and the
+    output field; the old name is deprecated); the name the model's forward takes is used, so 4.x and 5.x both work.
+    """
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    if cache is not None:
+        kwargs[name] = cache
+    out = model(input_ids, use_cache=True, **kwargs)
+    return out, getattr(out, name)
+
+
 def _transformers_run(reference, ids: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
     """transformers' greedy tokens after `ids` (with its KV cache), and its logits at every position of
     ids + tokens[:-1] from one full forward: ((len(ids) + steps - 1, vocab) float32, `steps` tokens)."""
@@ -187,11 +202,11 @@ def _transformers_run(reference, ids: list[int], steps: int) -> tuple[np.ndarray
 
     tokens: list[int] = []
     with torch.no_grad():
-        out = reference(torch.tensor([ids]), use_cache=True)
+        out, cache = transformers_step(reference, torch.tensor([ids]))
         for _ in range(steps):
             tokens.append(int(out.logits[0, -1].argmax()))
             if len(tokens) < steps:
-                out = reference(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                out, cache = transformers_step(reference, torch.tensor([[tokens[-1]]]), cache)
         logits = reference(torch.tensor([ids + tokens[:-1]])).logits[0].float().numpy()
     return logits, tokens
 

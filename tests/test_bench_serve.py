@@ -22,7 +22,8 @@ def test_quick_run_reports_throughput_ttft_errors_and_rss(tiny_chat_model, tmp_p
                     "--warmup", "0.3", "--out", str(tmp_path), "--threads", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["in_process"]["tok_s"] > 0 and results["in_process"]["tokens"] > 0
+    assert len(results["in_process"]) == 2  # before and after the server's rounds
+    assert all(r["tok_s"] > 0 and r["tokens"] > 0 for r in results["in_process"])
     assert len(results["rounds"]) == 3 and results["server_exit_status"] == 0
     for round_ in results["rounds"]:
         assert round_["errors"] == 0 and round_["completed"] >= 1 and round_["tok_s"] > 0
@@ -30,7 +31,12 @@ def test_quick_run_reports_throughput_ttft_errors_and_rss(tiny_chat_model, tmp_p
         assert round_["rss_after_bytes"] > 20e6
     assert results["rss_start_bytes"] > 20e6
     summary = results["summary"]
-    assert summary["errors"] == 0 and summary["ratio"] > 0 and abs(summary["rss_growth"]) < 1
+    assert summary["errors"] == 0 and abs(summary["rss_growth"]) < 1
+    base = (results["in_process"][0]["tok_s"] + results["in_process"][1]["tok_s"]) / 2
+    assert summary["in_process_tok_s"] == pytest.approx(base)
+    assert summary["ratio"] == pytest.approx(sum(r["tok_s"] for r in results["rounds"]) / 3 / base)
+    assert summary["rss_growth"] == pytest.approx(results["rounds"][2]["rss_after_bytes"]
+                                                  / results["rounds"][0]["rss_after_bytes"] - 1)
     for text in ("in-process Scheduler (batch 3)", "TTFT p50", "server / in-process", "RSS"):
         assert text in r.stdout
 

@@ -15,7 +15,6 @@ import sys
 
 from engine.cli.common import add_model_options, load
 from engine.errors import EngineError
-from engine.runtime.memory import return_large_frees_to_os
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
 
@@ -84,7 +83,6 @@ def run_serve(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
     sock = listening_socket(args.host, args.port)
-    return_large_frees_to_os()  # a server finishes sequences for hours: freed KV caches must not stay resident
     import uvicorn
 
     from engine.serve import create_app
