@@ -11,8 +11,9 @@ DEFAULT_REPEATS = 3
 DEFAULT_THREADS = 2
 DEFAULT_SPECULATE = 4
 DEFAULT_LONG_CONTEXT = 2000
+DEFAULT_ROUNDS = 1
 QUICK = dict(batch="1,4", prompt_len="32", new_tokens=8, repeats=1, systems="engine,transformers-fp32",
-             long_context=96)
+             long_context=96, rounds=1)
 SYSTEM_GROUPS = ("engine", "transformers-fp32", "transformers-bf16", "llama.cpp-f32", "llama.cpp-f16",
                  "llama.cpp-bf16", "llama.cpp-q8_0")
 ISA_CHOICES = ("auto", "avx512", "avx2", "portable")
@@ -49,6 +50,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"decode steps timed per run (default {DEFAULT_NEW_TOKENS})")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
                    help=f"timed runs after the warm-up; median with min/max (default {DEFAULT_REPEATS})")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="run the whole list of systems N times, round-robin, and report per figure the median over "
+                        "the rounds (min/max over every run): this machine's memory bandwidth drifts over minutes, "
+                        "and one system measured in a fast spell and another in a slow one compare the spells, not "
+                        f"the systems (default {DEFAULT_ROUNDS})")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
                    help="threads for every system (BLAS, torch, llama.cpp; default %(default)s)")
     p.add_argument("--systems", default=None, metavar="LIST",
@@ -110,9 +116,11 @@ def settings_from(args) -> dict:
     settings = dict(batches=int_list(pick("batch", DEFAULT_BATCHES), "--batch"),
                     prompt_lens=int_list(pick("prompt_len", DEFAULT_PROMPT_LENS), "--prompt-len"),
                     new_tokens=pick("new_tokens", DEFAULT_NEW_TOKENS), repeats=pick("repeats", DEFAULT_REPEATS),
+                    rounds=pick("rounds", DEFAULT_ROUNDS),
                     threads=args.threads, systems=systems, quick=bool(args.quick), speculate=args.speculate,
                     long_context=pick("long_context", DEFAULT_LONG_CONTEXT), checkpoint_dtype=args.checkpoint_dtype)
-    for key, option in (("new_tokens", "--new-tokens"), ("repeats", "--repeats"), ("threads", "--threads")):
+    for key, option in (("new_tokens", "--new-tokens"), ("repeats", "--repeats"), ("rounds", "--rounds"),
+                        ("threads", "--threads")):
         if settings[key] < 1:
             raise _error(f"{option} must be >= 1, got {settings[key]}")
     if settings["speculate"] < 0:

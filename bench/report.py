@@ -11,7 +11,7 @@ GB = 1e9
 def add_roofline(rows: list[dict], machine: dict, model: dict) -> None:
     """Floors in `machine['roofline']` for the model, and on every measured row its own batch-1 decode floor (the
     bytes it reads per decoded token / read bandwidth; see bench.roofline) with the percentage of it reached at
-    batch 1."""
+    batch 1, against the read bandwidth measured just before that row's decode (`read_gbs_now`) where there is one."""
     roof = machine.get("roofline")
     if not roof:
         return
@@ -25,7 +25,9 @@ def add_roofline(rows: list[dict], machine: dict, model: dict) -> None:
         if row.get("decode_bytes"):
             row["floor_tok_s"] = decode_floor(row["decode_bytes"], bw)
             if row.get("kind") == "decode" and row.get("batch") == 1 and row.get("decode_tok_s"):
-                row["pct_of_floor"] = 100 * row["decode_tok_s"] / row["floor_tok_s"]
+                # the floor at the moment the row was measured, where the worker read the bandwidth then
+                row["floor_now_tok_s"] = decode_floor(row["decode_bytes"], row.get("read_gbs_now") or bw)
+                row["pct_of_floor"] = 100 * row["decode_tok_s"] / row["floor_now_tok_s"]
 
 
 BUSY_CORES = 0.25  # other processes' average busy cores above which the figures are flagged
@@ -114,10 +116,11 @@ def table(results: dict) -> str:
     if body:
         out += ["", "Prefill (batch 1)", _grid(["system", "prompt tokens", "prefill tok/s", "TTFT s"], body)]
     body = [[r["label"], r["batch"], _spread(r, "decode_tok_s"),
-             f"{r['pct_of_floor']:.0f}%" if r.get("pct_of_floor") is not None else ""]
+             f"{r['pct_of_floor']:.0f}%" if r.get("pct_of_floor") is not None else "",
+             _fmt(r.get("read_gbs_now"))]
             for r in ok if r.get("kind") == "decode"]
     if body:
-        out += ["", "Decode", _grid(["system", "batch", "decode tok/s", "% of B=1 floor"], body)]
+        out += ["", "Decode", _grid(["system", "batch", "decode tok/s", "% of B=1 floor", "read GB/s then"], body)]
     body = []
     for r in (r for r in ok if r.get("kind") == "long_context"):
         short = next((d for d in ok if d["label"] == r["label"] and d.get("kind") == "decode" and d["batch"] == 1), None)

@@ -133,7 +133,8 @@ def run(settings: dict, model: str | None, revision: str | None, out: str | None
     during = OthersBusy()
     rows: list[dict] = []  # as the workers sent them; roofline columns are added to copies when written
     failures: list[str] = []
-    bar = tqdm(total=1, unit="step", desc="roofline", file=sys.stderr, disable=None, dynamic_ncols=True)
+    bar = tqdm(total=settings.get("rounds", 1), unit="step", desc="roofline", file=sys.stderr, disable=None,
+               dynamic_ncols=True)
 
     def on_event(event: dict, system: str | None = None):
         kind = event["event"]
@@ -156,42 +157,115 @@ def run(settings: dict, model: str | None, revision: str | None, out: str | None
             rows.extend(event["rows"])
             rows.append(event["row"])
 
+    rounds = settings.get("rounds", 1)
+    per_round: list[list[dict]] = []
+    rooflines: list[dict] = []
     try:
-        log = logs / "roofline.log"
-        rc = run_worker(["roofline", str(settings["threads"])] + (["--quick"] if settings["quick"] else []), env, log,
-                        on_event)
-        bar.update(1)
-        if rc != 0 or not machine:
-            failures.append(f"roofline: {last_line(log) or f'exit {rc}'}")
         with tempfile.TemporaryDirectory(prefix="tinyllama-bench-") as tmp:
-            for system in settings["systems"]:
-                spec = dict(settings, system=system, folder=str(folder))
-                spec_path = Path(tmp) / f"{system}.json"
-                spec_path.write_text(json.dumps(spec))
-                log = logs / f"{system}.log"
-                before = len(rows)
-                rc = run_worker(["run", str(spec_path)], env, log, lambda e, s=system: on_event(e, s))
-                if rc != 0:
-                    note = next((r.get("note") for r in rows[before:] if r.get("status") == "error"), None)
-                    note = note or last_line(log) or f"exit status {rc}"
-                    if not any(r.get("status") == "error" for r in rows[before:]):
-                        from bench.systems import describe
+            for round_ in range(rounds):  # round-robin: every system once per round (bandwidth drifts)
+                suffix = f"-round{round_ + 1}" if rounds > 1 else ""
+                machine.clear()
+                log = logs / f"roofline{suffix}.log"
+                rc = run_worker(["roofline", str(settings["threads"])] + (["--quick"] if settings["quick"] else []),
+                                env, log, on_event)
+                bar.update(1)
+                if rc != 0 or not machine:
+                    failures.append(f"roofline: {last_line(log) or f'exit {rc}'}")
+                rooflines.append(dict(machine))
+                rows.clear()
+                for system in settings["systems"]:
+                    spec = dict(settings, system=system, folder=str(folder))
+                    spec_path = Path(tmp) / f"{system}.json"
+                    spec_path.write_text(json.dumps(spec))
+                    log = logs / f"{system}{suffix}.log"
+                    before = len(rows)
+                    rc = run_worker(["run", str(spec_path)], env, log, lambda e, s=system: on_event(e, s))
+                    if rc != 0:
+                        note = next((r.get("note") for r in rows[before:] if r.get("status") == "error"), None)
+                        note = note or last_line(log) or f"exit status {rc}"
+                        if not any(r.get("status") == "error" for r in rows[before:]):
+                            from bench.systems import describe
 
-                        rows.append(dict(describe(system), label=system, status="error", note=note))
-                    failures.append(f"{system}: {note} (log: {log})")
-                busy["others_during"] = during.cores()
-                write_results(out_dir, summary, settings, machine, rows, load_start, busy, complete=False)
+                            rows.append(dict(describe(system), label=system, status="error", note=note))
+                        failures.append(f"{system}{suffix}: {note} (log: {log})")
+                    busy["others_during"] = during.cores()
+                    write_results(out_dir, summary, settings, merge_machines(rooflines), merge_rounds(
+                        per_round + [rows]), load_start, busy, complete=False)
+                per_round.append(list(rows))
     finally:
         bar.close()
 
     busy["others_during"] = during.cores()
-    results = write_results(out_dir, summary, settings, machine, rows, load_start, busy, complete=True)
+    results = write_results(out_dir, summary, settings, merge_machines(rooflines), merge_rounds(per_round),
+                            load_start, busy, complete=True)
     plots = report.plot(results, out_dir)
     print(report.table(results))
     print(f"\nresults: {out_dir / 'results.json'}" + "".join(f"\nplot: {p}" for p in plots))
     for f in failures:
         print(f"tinyllama: bench: {f}", file=sys.stderr)
     return 1 if failures else 0
+
+
+MEDIAN_FIELDS = ("prefill_tok_s", "ttft_s", "decode_tok_s", "load_s", "read_gbs_now", "plain_decode_tok_s",
+                 "acceptance_rate", "step_s", "verify_step_s")
+MAX_FIELDS = ("peak_rss_bytes", "prefill_added_bytes")
+
+
+def row_key(row: dict) -> tuple:
+    """What a row measures: the same figure in every round."""
+    return (row.get("label"), row.get("kind"), row.get("batch"), row.get("prompt_tokens"), row.get("status"))
+
+
+def merge_rounds(per_round: list[list[dict]]) -> list[dict]:
+    """One row per figure from the rows of every round: the median over the rounds of each round's figure (the
+    median of its repeats), the min and max over every run of every round, the largest peak RSS; the per-round
+    figures kept in `rounds`. A single round is returned as it is."""
+    import statistics
+
+    if len(per_round) <= 1:
+        return [dict(r) for r in (per_round[0] if per_round else [])]
+    merged: dict[tuple, list[dict]] = {}
+    for rows in per_round:
+        for row in rows:
+            merged.setdefault(row_key(row), []).append(row)
+    out = []
+    for same in merged.values():
+        row = dict(same[0])
+        for field in MEDIAN_FIELDS:
+            values = [r[field] for r in same if r.get(field) is not None]
+            if values:
+                row[field] = statistics.median(values)
+                if field in ("prefill_tok_s", "ttft_s", "decode_tok_s"):
+                    row["rounds"] = {**row.get("rounds", {}), field: values}
+            for bound, pick in (("_min", min), ("_max", max)):
+                bounds = [r[field + bound] for r in same if r.get(field + bound) is not None]
+                if bounds:
+                    row[field + bound] = pick(bounds)
+        for field in MAX_FIELDS:
+            values = [r[field] for r in same if r.get(field) is not None]
+            if values:
+                row[field] = max(values)
+        if row.get("speedup") is not None:  # the ratio of the merged figures, as one round's is of its own
+            row["speedup"] = row["decode_tok_s"] / row["plain_decode_tok_s"]
+        out.append(row)
+    return out
+
+
+def merge_machines(rooflines: list[dict]) -> dict:
+    """The machine facts of the first round with each roofline figure the median over the rounds (each round's
+    kept in `roofline_rounds`)."""
+    import statistics
+
+    found = [m for m in rooflines if m.get("roofline")]
+    if not found:
+        return dict(rooflines[0]) if rooflines else {}
+    machine = dict(found[0])
+    if len(found) > 1:
+        roofs = [m["roofline"] for m in found]
+        machine["roofline"] = {k: (statistics.median(r[k] for r in roofs) if isinstance(v, (int, float)) else v)
+                               for k, v in roofs[0].items()}
+        machine["roofline_rounds"] = roofs
+    return machine
 
 
 def write_results(out_dir: Path, summary: dict, settings: dict, machine: dict, rows: list[dict], load_start,

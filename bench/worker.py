@@ -90,6 +90,7 @@ def run_system(spec: dict) -> int:
             for _ in range(WARMUP_DECODE_STEPS):
                 runner.decode_step()
             emit("progress", what=f"{name}: batch {b} prefilled")
+            now = {} if b != 1 else {"read_gbs_now": read_bandwidth_now(spec["threads"], spec.get("quick", False))}
             rates = []
             for _ in range(repeats):
                 runner.decode_reset()
@@ -102,7 +103,7 @@ def run_system(spec: dict) -> int:
             rows.append(dict(base, kind="decode", batch=b, prompt_tokens=p, new_tokens=new_tokens,
                              prefill_tok_s=None, prefill_tok_s_min=None, prefill_tok_s_max=None,
                              ttft_s=None, ttft_s_min=None, ttft_s_max=None,
-                             decode_tok_s=r_med, decode_tok_s_min=r_min, decode_tok_s_max=r_max))
+                             decode_tok_s=r_med, decode_tok_s_min=r_min, decode_tok_s_max=r_max, **now))
         if long_context:
             rows.append(dict(base, **long_context_row(runner, ids, long_context, new_tokens, repeats)))
             emit("progress", what=f"{name}: context {long_context}")
@@ -133,6 +134,14 @@ def run_system(spec: dict) -> int:
         row["peak_rss_bytes"] = peak_rss_bytes()
     emit("rows", rows=rows)
     return 0
+
+
+def read_bandwidth_now(threads: int, quick: bool) -> float:
+    """The memory read rate (GB/s, bench.roofline.read_bandwidth) just before a batch-1 decode is timed: its floor is
+    taken from this, since this machine's bandwidth drifts by tens of percent over minutes (33-60 GB/s seen)."""
+    from bench.roofline import read_bandwidth
+
+    return read_bandwidth((128 if quick else 512) << 20, threads, trials=3)["read_gbs"]
 
 
 def current_rss_bytes() -> int:

@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("bench") / "out"
-    r = bench("--quick", "--out", str(out))
+    r = bench("--quick", "--rounds", "2", "--out", str(out))  # two rounds: the merge runs end to end
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r, json.loads((out / "results.json").read_text())
 
@@ -76,7 +76,20 @@ def test_quick_machine_block(quick_run):
     if Path("/proc/stat").exists():
         assert busy["others_before"] >= 0 and busy["others_during"] >= 0
     b1 = [r for r in results["rows"] if r.get("kind") == "decode" and r["batch"] == 1]
-    assert b1 and all(r["pct_of_floor"] > 0 for r in b1)
+    assert b1 and all(r["pct_of_floor"] > 0 and r["read_gbs_now"] > 0.5 for r in b1)
+    assert len(machine["roofline_rounds"]) == 2  # a roofline per round
+
+
+def test_quick_rounds_are_merged(quick_run):
+    """--rounds 2: each figure is the median over both rounds' (two values: their mean), bounds over every run."""
+    _, _, results = quick_run
+    for r in (r for r in results["rows"] if r["kind"] in ("prefill", "decode")):
+        key = "prefill_tok_s" if r["kind"] == "prefill" else "decode_tok_s"
+        per_round = r["rounds"][key]
+        assert len(per_round) == 2 and r[key] == pytest.approx(sum(per_round) / 2)
+        assert r[f"{key}_min"] <= min(per_round) and r[f"{key}_max"] >= max(per_round)
+    labels = [(r["label"], r["kind"], r["batch"], r["prompt_tokens"]) for r in results["rows"]]
+    assert len(labels) == len(set(labels))  # one row per figure, not one per round
 
 
 def test_quick_plots_and_table(quick_run):

@@ -84,6 +84,7 @@ def test_rates_from_known_costs(monkeypatch, capsys, tmp_path):
     def advance(seconds):
         clock.now += seconds
 
+    monkeypatch.setattr(worker, "read_bandwidth_now", lambda threads, quick: 18.0)  # the read rate at decode time
     rows = run_worker(monkeypatch, capsys, tmp_path, lambda: KnownCostRunner(advance), prompt_lens=[10, 40],
                       batches=[1, 4], new_tokens=5, repeats=3)
     prefill = {r["prompt_tokens"]: r for r in rows if r["kind"] == "prefill"}
@@ -112,11 +113,14 @@ def test_rates_from_known_costs(monkeypatch, capsys, tmp_path):
     assert machine["roofline"]["decode_floor_bf16_tok_s"] == pytest.approx(2 * floor)
     assert machine["roofline"]["prefill_ceiling_fp32_tok_s"] == pytest.approx(100e9 / 4e9)
     assert decode[1]["floor_tok_s"] == pytest.approx(floor)
-    assert decode[1]["pct_of_floor"] == pytest.approx(100 * (1 / 0.02) / floor)
+    # % of floor against the bandwidth read just before that decode (18 GB/s), not the roofline's at the start
+    assert decode[1]["read_gbs_now"] == 18.0 and "read_gbs_now" not in decode[4]
+    assert decode[1]["floor_now_tok_s"] == pytest.approx(18e9 / 6e9)
+    assert decode[1]["pct_of_floor"] == pytest.approx(100 * (1 / 0.02) / 3)
     assert "pct_of_floor" not in decode[4]  # the floor is a batch-1 figure
     text = report.table({"rows": rows, "machine": machine, "model": model, "settings": dict(
         threads=1, repeats=3, prompt_lens=[10, 40], new_tokens=5)})
-    assert "2500%" in text  # 50 tok/s against a floor of 2 tok/s
+    assert "1667%" in text  # 50 tok/s against a floor of 3 tok/s then
     assert "50.0 [12.5-200.0]" in text and "1,000 [250.0-2,000]" in text
 
 
@@ -202,3 +206,20 @@ def test_others_busy_leaves_out_this_process_and_its_workers(monkeypatch):
     assert probe.cores() == pytest.approx(0.75)
     readings.update(busy=100.0 + 3.0)  # our own count can exceed the sample's granularity: never negative
     assert probe.cores() == 0.0
+
+
+def test_rounds_merge_to_the_median_of_each_rounds_figure():
+    from bench.run import merge_machines, merge_rounds
+
+    def decode(rate, lo, hi, rss, read):
+        return dict(label="engine-numpy", kind="decode", batch=1, prompt_tokens=128, status="ok", decode_tok_s=rate,
+                    decode_tok_s_min=lo, decode_tok_s_max=hi, peak_rss_bytes=rss, read_gbs_now=read)
+
+    rounds = [[decode(10.0, 9.0, 11.0, 5, 30.0)], [decode(14.0, 13.0, 15.0, 7, 40.0)], [decode(11.0, 8.0, 12.0, 6, 35.0)]]
+    (row,) = merge_rounds(rounds)
+    assert row["decode_tok_s"] == 11.0 and row["rounds"]["decode_tok_s"] == [10.0, 14.0, 11.0]
+    assert (row["decode_tok_s_min"], row["decode_tok_s_max"]) == (8.0, 15.0)
+    assert row["peak_rss_bytes"] == 7 and row["read_gbs_now"] == 35.0
+    assert merge_rounds(rounds[:1]) == rounds[0]  # one round: as it is
+    machine = merge_machines([{"cores": 2, "roofline": {"read_gbs": r, "blas": "x"}} for r in (30.0, 50.0, 40.0)])
+    assert machine["roofline"] == {"read_gbs": 40.0, "blas": "x"} and len(machine["roofline_rounds"]) == 3
