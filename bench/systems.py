@@ -162,9 +162,11 @@ class EngineRunner(Runner):
     def info(self) -> dict:
         from engine.runtime import native
         from engine.runtime.blas import blas_info
+        from engine.runtime.layers import matmul_kernel_name
 
         if self.backend_name == "numpy":
-            return {"kernel": native.kernel_name(self.model.weights_dtype), "blas": blas_info(), "native_kernels": native.status().detail,
+            return {"kernel": matmul_kernel_name(self.model.weights_dtype), "blas": blas_info(),
+                    "native_kernels": native.status().detail,
                     "weights_dtype": self.model.weights_dtype, "weights_dtype_reason": self.model.weights_dtype_reason}
         import torch
 

@@ -152,9 +152,9 @@ def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, back
             max_logit_difference=float(np.max(np.abs(ours - ref_logits))),
             logit_scale=float(np.max(np.abs(ref_logits))), engine_tokens=engine_tokens,
             transformers_tokens=ref_tokens))
-    from engine.runtime import native
+    from engine.runtime import layers
 
-    kernel = native.kernel_name(model.weights_dtype) if model.backend.name == "numpy" else model.backend.name
+    kernel = layers.matmul_kernel_name(model.weights_dtype) if model.backend.name == "numpy" else model.backend.name
     return ComparisonReport(model=str(model.folder), backend=model.backend.name, steps=steps, tolerance=tolerance,
                             prompts=results, versions=versions(), weights_dtype=model.weights_dtype, kernel=kernel)
 

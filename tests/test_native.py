@@ -337,9 +337,10 @@ def test_long_prompt_rows_on_openblas_and_decode_rows_on_the_kernel(monkeypatch,
     """`linear` hands the rows of long prompt chunks to OpenBLAS's GEMM on widened blocks (float64-close) and keeps
     the other rows on the kernel, bit-identical to those rows alone."""
     monkeypatch.setattr(layers, "WIDEN_BLOCK_BYTES", 64 << 10)  # many blocks even for this small weight
+    monkeypatch.setitem(layers.WIDENED_BLAS_FROM_ROWS, native.status().isa, 256)  # (avx512 keeps every row)
     rng = np.random.default_rng(6)
     w, w64 = stored(rng.standard_normal((300, 512)).astype(np.float32), dtype)
-    x = rng.standard_normal((3 + layers.WIDENED_BLAS_FROM_ROWS, 512)).astype(np.float32)
+    x = rng.standard_normal((3 + layers.widened_blas_from_rows(), 512)).astype(np.float32)
     y = layers.linear(x, w, prompt_from=3)
     assert_close(y, x.astype(np.float64) @ w64.T, 512)
     assert np.array_equal(y[:3], native.matmul_xwt(x[:3], w))

@@ -150,14 +150,42 @@ def test_without_the_kernels_16bit_weights_are_widened_with_the_reason(checkpoin
     assert dtype == "float32" and "compiled kernels are not available (off (TINYLLAMA_NATIVE=0))" in reason
 
 
+def test_on_avx512_a_long_prompt_runs_on_the_kernel_with_the_same_bits_in_any_batch(loaded, monkeypatch):
+    """The avx512 variant takes every row, prompts of any length included (faster than OpenBLAS there), so a prompt's
+    logits are the same bits alone as beside a decoding sequence, and the decoding row's the same as alone."""
+    from engine.runtime import layers
+
+    if "avx512" not in native.usable_isas():
+        pytest.skip("this CPU has no AVX-512")
+    model, _, _, _ = loaded
+    default = native.status().isa
+    native.set_isa("avx512")
+    try:
+        assert layers.widened_blas_from_rows() == layers.NEVER and layers.BLAS_FROM_ROWS["avx512"] is None
+        blas_calls = []
+        monkeypatch.setattr(layers, "widened_blas", lambda *a, **k: blas_calls.append(1))
+        rng = np.random.default_rng(9)
+        prompt, long_prompt = rng.integers(0, model.config.vocab_size, size=9), rng.integers(0, 256, size=50)
+        cache = model.new_cache()
+        model.forward([SequenceStep(cache, prompt)])
+        alone = model.forward([SequenceStep(cache, [7])])[0]
+        cache.truncate(len(prompt))
+        long_alone = model.forward([SequenceStep(model.new_cache(), long_prompt, all_logits=True)])[0]
+        long_mixed, mixed = model.forward([SequenceStep(model.new_cache(), long_prompt, all_logits=True),
+                                           SequenceStep(cache, [7])])
+        assert np.array_equal(mixed, alone) and np.array_equal(long_mixed, long_alone) and not blas_calls
+    finally:
+        native.set_isa(default)
+
+
 def test_a_decoding_sequence_keeps_its_bits_when_a_long_prompt_joins(loaded, isa, monkeypatch):
-    """A long prompt chunk's rows go to OpenBLAS on widened weights; the decoding rows beside it stay on the kernel,
-    so a decoding sequence's logits are the same bits with or without the prompt in its step, and the prompt's own
-    logits are those of the kernel path to float32 rounding."""
+    """Where a variant hands long prompt chunks to OpenBLAS on widened weights (here made to from 16 rows), the
+    decoding rows beside them stay on the kernel, so a decoding sequence's logits are the same bits with or without
+    the prompt in its step, and the prompt's own logits are those of the kernel path to float32 rounding."""
     from engine.runtime import layers
 
     model, _, _, _ = loaded
-    monkeypatch.setattr(layers, "WIDENED_BLAS_FROM_ROWS", 16)
+    monkeypatch.setitem(layers.WIDENED_BLAS_FROM_ROWS, isa, 16)
     rng = np.random.default_rng(8)
     prompt, long_prompt = rng.integers(0, model.config.vocab_size, size=9), rng.integers(0, 256, size=30)
     cache = model.new_cache()
@@ -167,5 +195,5 @@ def test_a_decoding_sequence_keeps_its_bits_when_a_long_prompt_joins(loaded, isa
     other = model.new_cache()
     prompt_logits, mixed = model.forward([SequenceStep(other, long_prompt, all_logits=True), SequenceStep(cache, [7])])
     assert np.array_equal(mixed, alone)
-    monkeypatch.setattr(layers, "WIDENED_BLAS_FROM_ROWS", 10**9)
+    monkeypatch.setitem(layers.WIDENED_BLAS_FROM_ROWS, isa, None)  # every row on the kernel
     assert relative_error(prompt_logits, model.logits(long_prompt)) < 1e-5

@@ -43,9 +43,9 @@ def run_generate(args) -> int:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
-        from engine.runtime.native import kernel_name
+        from engine.runtime.layers import matmul_kernel_name
 
-        kernel = kernel_name(model.weights_dtype) if args.backend == "numpy" else args.backend
+        kernel = matmul_kernel_name(model.weights_dtype) if args.backend == "numpy" else args.backend
         print(f"prompt tokens: {len(r.prompt_token_ids)}  prefill: {r.prompt_tokens_per_s:.1f} tok/s  "
               f"time to first token: {r.time_to_first_token:.3f} s  generated: {len(r.token_ids)} tokens at "
               f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})  "

@@ -117,38 +117,72 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
     return silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
-BLAS_FROM_ROWS = 65  # float32 weights from this many rows of x go to OpenBLAS's GEMM (see `linear`)
-WIDENED_BLAS_FROM_ROWS = 256  # 16-bit weights from this many rows: OpenBLAS's GEMM on blocks widened by the kernels
-WIDEN_BLOCK_BYTES = 8 << 20  # float32 bytes of one widened block
+# From how many rows of x a matmul leaves our kernel for OpenBLAS, per kernel variant (None: never), for float32
+# weights (OpenBLAS's GEMM) and 16-bit ones (OpenBLAS's GEMM on blocks the kernels widen to float32). Measured on the
+# development machine (Zen 4) in one process, TinyLlama's shape: the avx512 kernel prefilled 128 and 512 tokens at
+# 95-104 tok/s where OpenBLAS (SkylakeX) gave 74-90, for bf16 and float32 weights alike, so it takes every row; the
+# avx2 kernel was level with OpenBLAS on bf16 and slower on float32 (69 against 72-88 tok/s), the portable one
+# 2-3x slower, so long prompts still go to OpenBLAS there.
+BLAS_FROM_ROWS = {"avx512": None, "avx2": 65, "portable": 65}
+WIDENED_BLAS_FROM_ROWS = {"avx512": None, "avx2": 256, "portable": 256}
+NEVER = 1 << 62  # a row count no step reaches
 SMALL_M_ROWS = 12  # without the kernels, up to this many rows `linear` walks the weight in cached blocks (1.5-3x at 2-8 rows)
 BLOCK_BYTES = 4 << 20  # weight rows per block: a few MB, read from memory once, then re-used from cache M times
+WIDEN_BLOCK_BYTES = 8 << 20  # float32 bytes of one widened block
 _widened = np.empty(0, dtype=np.float32)  # the scratch block, kept between calls
+
+
+def matmul_kernel_name(weights_dtype: str | None = None) -> str:
+    """What runs the NumPy backend's matmuls, for logs and benchmark tables: "native avx512" (every row),
+    "native avx2 + openblas Haswell (float32 weights, 65+ rows)" (the prompts OpenBLAS takes), or "openblas
+    SkylakeX" without the kernels. weights_dtype: the model's ("bfloat16", "float16", "float32"); None names the
+    kernels alone."""
+    from engine.runtime.blas import blas_info
+
+    info = blas_info()
+    blas = f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()
+    status = native.status()
+    if not status.available:
+        return blas
+    if weights_dtype is None:
+        return f"native {status.isa}"
+    if weights_dtype == "float32":
+        rows = BLAS_FROM_ROWS.get(status.isa)
+        return f"native {status.isa}" + (f" + {blas} (float32 weights, {rows}+ rows)" if rows else "")
+    rows = WIDENED_BLAS_FROM_ROWS.get(status.isa)
+    return f"native {status.isa}" + (f" + {blas} ({rows}+-token prompts, on widened blocks)" if rows else "")
+
+
+def widened_blas_from_rows() -> int:
+    """Prompt rows from which matmuls with 16-bit weights go to OpenBLAS on widened blocks, for the kernel variant in
+    use (NEVER where the kernel takes every row). The backend stacks chunks this long after the others."""
+    return WIDENED_BLAS_FROM_ROWS.get(native.status().isa) or NEVER
 
 
 def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 | uint16 (bf16 bits) | float16 (HF layout) -> (M, out)
     float32. prompt_from: rows from there on belong to long prompt chunks (the backend stacks those last).
 
-    16-bit weights run on the compiled kernel of `engine.runtime.native`, which widens them exactly in registers
-    (the loader keeps them 16-bit only when it is available). When the prompt rows number WIDENED_BLAS_FROM_ROWS or
-    more, the kernels widen the weight a block at a time into float32 and OpenBLAS's GEMM multiplies those rows,
-    which is faster there (the same products: widening is exact); the other rows (decoding sequences) stay on the
-    kernel, whose sums do not depend on the batch, so a decoding sequence's logits are the same bits whether or not a
-    prompt joined its step. Float32 weights run on the kernel up to BLAS_FROM_ROWS rows: OpenBLAS's
-    GEMM at a handful of rows reads the weight far below memory bandwidth, while for prefill its GEMM is a well-tuned
-    float32 path. Without the kernels, 2 to SMALL_M_ROWS rows walk the weight in blocks that stay in cache while each
-    row of x takes one GEMV over the block.
+    With the compiled kernels (engine.runtime.native), which widen 16-bit weights exactly in registers, every row
+    runs on the kernel, whose sums do not depend on the batch, except where the variant in use hands long prompts to
+    OpenBLAS (BLAS_FROM_ROWS, WIDENED_BLAS_FROM_ROWS): float32 weights from that many rows go to OpenBLAS's GEMM;
+    16-bit weights, when the prompt rows number that many, are widened a block at a time into float32 for OpenBLAS's
+    GEMM on those rows (the same products: widening is exact) while the other rows (decoding sequences) stay on the
+    kernel, so a decoding sequence's logits are the same bits whether or not a prompt joined its step. Without the
+    kernels (16-bit weights are then widened at load), OpenBLAS multiplies, and 2 to SMALL_M_ROWS rows walk the
+    weight in blocks that stay in cache while each row of x takes one GEMV over the block (OpenBLAS's GEMM at a
+    handful of rows reads the weight far below memory bandwidth).
     """
     m = x.shape[0]
     if w.dtype != np.float32:
-        if m - prompt_from < WIDENED_BLAS_FROM_ROWS:
+        if m - prompt_from < widened_blas_from_rows():
             return native.matmul_xwt(np.ascontiguousarray(x), w)
         out = np.empty((m, w.shape[0]), dtype=np.float32)
         if prompt_from:
             native.matmul_xwt(np.ascontiguousarray(x[:prompt_from]), w, out=out[:prompt_from])
         widened_blas(x[prompt_from:], w, out=out[prompt_from:])
         return out
-    if m < BLAS_FROM_ROWS and native.status().available:
+    if native.status().available and m < (BLAS_FROM_ROWS.get(native.status().isa) or NEVER):
         return native.matmul_xwt(np.ascontiguousarray(x), w)
     if m < 2 or m > SMALL_M_ROWS:
         return x @ w.T

@@ -68,7 +68,8 @@ class NumpyBackend:
         """
         for s in steps:
             s.cache.reserve(s.cache.length + len(s.token_ids))  # raises before any cache is touched on overflow
-        long = [len(s.token_ids) >= layers.WIDENED_BLAS_FROM_ROWS for s in steps]
+        blas_from = layers.widened_blas_from_rows()
+        long = [len(s.token_ids) >= blas_from for s in steps]
         if long != sorted(long):  # long prompt chunks stacked last, so `linear` can give their rows to OpenBLAS
             order = sorted(range(len(steps)), key=lambda j: long[j])  # stable: the others first, in order
             out: list = [None] * len(steps)
@@ -87,7 +88,8 @@ class NumpyBackend:
     def _forward_pass(self, steps: list[SequenceStep], recorder=None) -> list[np.ndarray]:
         """One pass of `forward` over steps whose caches have room reserved (long prompt chunks last, see forward)."""
         c, w = self.config, self.weights
-        prompt_from = sum(n for n in (len(s.token_ids) for s in steps) if n < layers.WIDENED_BLAS_FROM_ROWS)
+        blas_from = layers.widened_blas_from_rows()
+        prompt_from = sum(n for n in (len(s.token_ids) for s in steps) if n < blas_from)
         if recorder is not None and len(steps) != 1:
             raise ValueError("a traced forward runs one sequence step")
         starts = [s.cache.length for s in steps]
@@ -136,6 +138,7 @@ class NumpyBackend:
             np.arange(end - n, end) if s.all_logits else np.array([end - 1]) for s, n, end in zip(steps, counts, ends)
         ])
         sizes = [n if s.all_logits else 1 for s, n in zip(steps, counts)]
-        prompt_from = sum(size for size, n in zip(sizes, counts) if n < layers.WIDENED_BLAS_FROM_ROWS)
+        blas_from = layers.widened_blas_from_rows()
+        prompt_from = sum(size for size, n in zip(sizes, counts) if n < blas_from)
         logits = linear(h[rows], self.weights.lm_head, prompt_from)
         return np.split(logits, np.cumsum(sizes)[:-1])

@@ -190,23 +190,6 @@ def set_isa(name: str) -> NativeStatus:
     return _status
 
 
-def kernel_name(weights_dtype: str | None = None) -> str:
-    """What runs the NumPy backend's matmuls, for logs and benchmark tables, e.g. "native avx512" (all of them),
-    "native avx512 + openblas SkylakeX ..." (the prompts OpenBLAS takes), or "openblas Haswell" without the kernels.
-    weights_dtype: the model's ("bfloat16", "float16", "float32"); None names the kernels alone."""
-    from engine.runtime.blas import blas_info
-
-    info = blas_info()
-    blas = f"{info.get('library') or 'BLAS'} {info.get('kernel') or ''}".strip()
-    if not status().available:
-        return blas
-    if weights_dtype is None:
-        return f"native {status().isa}"
-    if weights_dtype == "float32":
-        return f"native {status().isa} + {blas} (float32 weights, 65+ rows)"
-    return f"native {status().isa} + {blas} (256+-token prompts, on widened blocks)"
-
-
 def _require() -> _Library:
     if not status().available:
         raise RuntimeError(f"native kernels unavailable: {status().detail}")
