@@ -185,6 +185,55 @@ def test_attention_matches_float64(isa, t, heads, kv_heads, head_dim, start):
 
 
 @needs_native
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 4, 64), (6, 3, 24), (4, 1, 36)])
+def test_step_attention_stores_the_new_keys_and_equals_a_call_per_sequence(isa, heads, kv_heads, head_dim):
+    """StepAttention (one call per layer for every sequence of a step: three decoding rows at different depths, a
+    3-token verification and a 70-token prompt chunk, caches of different capacities) stores each sequence's new
+    keys and values where KVCache.write puts them and gives each sequence's output the same bits as its own call."""
+    from engine.runtime.kv_cache import KVCache
+
+    rng = np.random.default_rng(heads + head_dim)
+    layers_n, layer = 3, 1
+    starts, counts = [5, 200, 0, 64, 17], [1, 1, 70, 3, 1]
+    caches = [KVCache(layers_n, kv_heads, head_dim, 4096, block_tokens=32 * (j + 1)) for j in range(len(starts))]
+    copies = [KVCache(layers_n, kv_heads, head_dim, 4096, block_tokens=32 * (j + 1)) for j in range(len(starts))]
+    for c, d, s, n in zip(caches, copies, starts, counts):
+        c.reserve(s + n)
+        d.reserve(s + n)
+        c.k[:] = d.k[:] = rng.standard_normal(c.k.shape).astype(np.float32)
+        c.v[:] = d.v[:] = rng.standard_normal(c.v.shape).astype(np.float32)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = (2 * rng.standard_normal((sum(counts), width))).astype(np.float32)
+    got = native.StepAttention(caches, starts, counts, heads, head_dim)(qkv, layer)
+    q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+    row = 0
+    for c, d, s, n in zip(caches, copies, starts, counts):
+        part = qkv[row : row + n]
+        d.write(layer, s, part[:, q_end:k_end].reshape(n, kv_heads, head_dim),
+                part[:, k_end:].reshape(n, kv_heads, head_dim))
+        assert np.array_equal(c.k, d.k) and np.array_equal(c.v, d.v)  # only the new positions of `layer` changed
+        keys, values = d.layer(layer, s + n)
+        alone = native.attention(np.ascontiguousarray(part[:, :q_end]).reshape(n, heads, head_dim), keys, values, s)
+        assert np.array_equal(got[row : row + n], alone)
+        row += n
+
+
+@needs_native
+def test_step_attention_rejects_what_it_cannot_run():
+    from engine.runtime.kv_cache import KVCache
+
+    cache = KVCache(2, 2, 8, 64)
+    cache.reserve(4)
+    with pytest.raises(ValueError):
+        native.StepAttention([cache], [cache.capacity], [1], 4, 8)  # no room reserved for the new token
+    step = native.StepAttention([cache], [0], [2], 4, 8)
+    with pytest.raises(ValueError):
+        step(np.ones((3, 64), np.float32), 0)  # 3 rows for a step of 2
+    with pytest.raises(ValueError):
+        native.StepAttention([cache], [0], [1], 3, 8)  # 3 query heads on 2 kv heads
+
+
+@needs_native
 def test_attention_rejects_what_it_cannot_run():
     q = np.ones((2, 4, 8), np.float32)
     k = np.ones((2, 5, 8), np.float32)

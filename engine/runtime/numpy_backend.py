@@ -6,7 +6,7 @@ import numpy as np
 from engine.runtime.batch import SequenceStep
 from engine.config import ModelConfig
 from engine.runtime.kv_cache import KVCache
-from engine.runtime import layers
+from engine.runtime import layers, native
 from engine.runtime.layers import add_rms_norm, attention, linear, rms_norm, rotate_heads, swiglu
 from engine.runtime.weights import ModelWeights, embed_rows
 from engine.runtime.rope import rope_tables
@@ -99,26 +99,21 @@ class NumpyBackend:
         x = embed_rows(w.embed, token_ids)  # (N, H) float32: the residual stream
         if recorder is not None:
             recorder.record_hidden(0, x)
-        n_tok = len(token_ids)
-        q_end, k_end = c.q_size, c.q_size + c.kv_size
         h = rms_norm(x, w.layers[0].attn_norm, self.eps)  # each layer ends with the next one's input norm
+        # With the compiled kernels every sequence's cache write and attention is one call per layer.
+        step_attention = (native.StepAttention([s.cache for s in steps], starts, counts, c.num_attention_heads,
+                                               c.head_dim) if native.status().available else None)
+        if recorder is not None:  # a trace asks for probabilities: a call per sequence (the same output bits)
+            step_attention = None
         for i, layer in enumerate(w.layers):
             qkv = linear(h, layer.wqkv, prompt_from)  # (N, Q + 2KV)
             rotate_heads(qkv, positions, self.cos, self.sin, c.num_attention_heads + c.num_key_value_heads, c.head_dim)
-            q = qkv[:, :q_end].reshape(n_tok, c.num_attention_heads, c.head_dim)
-            k = qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim)
-            v = qkv[:, k_end:].reshape(n_tok, c.num_key_value_heads, c.head_dim)
-            attn = np.empty((n_tok, c.q_size), dtype=np.float32)
-            row = 0
-            for s, start, n in zip(steps, starts, counts):
-                s.cache.write(i, start, k[row : row + n], v[row : row + n])
-                keys, values = s.cache.layer(i, start + n)
-                if recorder is not None and recorder.wants_attention(i):
-                    attn[row : row + n], probs = attention(q[row : row + n], keys, values, start, return_probs=True)
-                    recorder.record_attention(i, probs)
-                else:
-                    attn[row : row + n] = attention(q[row : row + n], keys, values, start)
-                row += n
+            if step_attention is not None:
+                attn = step_attention(qkv, i)  # (N, Q)
+            elif recorder is not None:
+                attn = self._attention_per_sequence(qkv, steps, starts, counts, i, recorder)
+            else:
+                attn = self._attention_per_sequence(qkv, steps, starts, counts, i)
             x, h = add_rms_norm(x, linear(attn, layer.wo, prompt_from), layer.mlp_norm, self.eps)
             next_norm = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
             x, h = add_rms_norm(x, linear(swiglu(linear(h, layer.w_gate_up, prompt_from)), layer.w_down, prompt_from),
@@ -130,6 +125,28 @@ class NumpyBackend:
         if recorder is not None:
             recorder.record_hidden(len(w.layers), h)
         return self._logits(h, steps, counts)
+
+    def _attention_per_sequence(self, qkv: np.ndarray, steps: list[SequenceStep], starts: list[int],
+                                counts: list[int], i: int, recorder=None) -> np.ndarray:
+        """Layer i's attention, a call per sequence: qkv (N, Q + 2KV) rotated -> (N, Q) float32, each sequence's new
+        keys and values stored in its cache first; the recorder (a trace) gets the probabilities it asks for."""
+        c = self.config
+        n_tok, q_end, k_end = qkv.shape[0], c.q_size, c.q_size + c.kv_size
+        q = qkv[:, :q_end].reshape(n_tok, c.num_attention_heads, c.head_dim)
+        k = qkv[:, q_end:k_end].reshape(n_tok, c.num_key_value_heads, c.head_dim)
+        v = qkv[:, k_end:].reshape(n_tok, c.num_key_value_heads, c.head_dim)
+        attn = np.empty((n_tok, c.q_size), dtype=np.float32)
+        row = 0
+        for s, start, n in zip(steps, starts, counts):
+            s.cache.write(i, start, k[row : row + n], v[row : row + n])
+            keys, values = s.cache.layer(i, start + n)
+            if recorder is not None and recorder.wants_attention(i):
+                attn[row : row + n], probs = attention(q[row : row + n], keys, values, start, return_probs=True)
+                recorder.record_attention(i, probs)
+            else:
+                attn[row : row + n] = attention(q[row : row + n], keys, values, start)
+            row += n
+        return attn
 
     def _logits(self, h: np.ndarray, steps: list[SequenceStep], counts: list[int]) -> list[np.ndarray]:
         """lm_head on only the (final-normed) rows that need logits; split back per step."""

@@ -41,7 +41,7 @@ HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "simd_avx512.h", "s
 # and activations would become 0), and it may reorder the sums that make results reproducible.
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread"]
 LIBS = ["-lm"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
 WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
 
@@ -122,6 +122,9 @@ class _Library:
         lib.tl_rms_norm.restype = None
         lib.tl_rotary.argtypes = [i32, ptr, size, ptr, ptr, ptr, size, size, size, i32]
         lib.tl_rotary.restype = None
+        lib.tl_attention_seqs.argtypes = [i32, ptr, size, size, size, size, size, ptr, ptr, ptr, ptr, ptr, ptr, size,
+                                          ctypes.c_float, ptr, size, i32]
+        lib.tl_attention_seqs.restype = None
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
 
@@ -311,3 +314,47 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, out: 
                          float(1.0 / np.sqrt(head_dim)), out.ctypes.data, out.strides[0] // 4,
                          None if probs is None else probs.ctypes.data, lib.threads)
     return (out, probs) if return_probs else out
+
+
+class StepAttention:
+    """The attention of one forward pass's sequences, one kernel call per layer for all of them (rather than a call
+    per sequence): each sequence's new keys and values are stored in its cache and its queries attend over it.
+
+    caches: per sequence its KVCache-like storage k, v: (layers, n_kv_heads, capacity, head_dim) float32, C-contiguous
+    (room reserved for the new tokens); starts: positions of each sequence's first new token; counts: its new tokens,
+    stacked in that order in the pass's rows. The arrays the kernel reads are built once here, for every layer."""
+
+    def __init__(self, caches, starts: list[int], counts: list[int], n_heads: int, head_dim: int):
+        self.lib = _require()
+        ks, vs = [c.k for c in caches], [c.v for c in caches]
+        for k, v in zip(ks, vs):
+            if (k.dtype != np.float32 or v.shape != k.shape or k.ndim != 4 or k.shape[3] != head_dim
+                    or not k.flags.c_contiguous or not v.flags.c_contiguous or n_heads % k.shape[1]
+                    or head_dim > ATTENTION_MAX_HEAD_DIM):
+                raise ValueError(f"StepAttention: a cache of {k.dtype}{k.shape} does not fit {n_heads} heads of "
+                                 f"{head_dim}")
+        self.n_heads, self.head_dim, self.n_kv = n_heads, head_dim, ks[0].shape[1]
+        self.rows = np.cumsum([0] + list(counts[:-1]), dtype=np.int64)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.starts = np.asarray(starts, dtype=np.int64)
+        if np.any(self.starts + self.counts > [k.shape[2] for k in ks]):
+            raise ValueError("StepAttention: a cache has no room reserved for its new tokens")
+        self.capacity = np.asarray([k.shape[2] for k in ks], dtype=np.int64)
+        self.k_ptrs = (ctypes.c_void_p * len(ks))(*[k.ctypes.data for k in ks])
+        self.v_ptrs = (ctypes.c_void_p * len(vs))(*[v.ctypes.data for v in vs])
+        self._keep = (ks, vs)  # the storage the pointers point into stays alive with this object
+        self.total = int(self.counts.sum())
+        self.scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+
+    def __call__(self, qkv: np.ndarray, layer: int) -> np.ndarray:
+        """qkv: (rows, (n_heads + 2 n_kv) * head_dim) float32, rotated, contiguous rows -> (rows, n_heads * head_dim)
+        float32, after storing the rows' keys and values at `layer`."""
+        width = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        if qkv.dtype != np.float32 or qkv.shape != (self.total, width) or not _rows_contiguous(qkv):
+            raise ValueError(f"StepAttention: qkv {qkv.dtype}{qkv.shape}, expected ({self.total}, {width}) float32")
+        out = np.empty((self.total, self.n_heads * self.head_dim), dtype=np.float32)
+        self.lib.lib.tl_attention_seqs(self.lib.isa, qkv.ctypes.data, qkv.strides[0] // 4, self.n_heads, self.n_kv,
+                                       self.head_dim, len(self.counts), self.rows.ctypes.data, self.counts.ctypes.data,
+                                       self.starts.ctypes.data, self.k_ptrs, self.v_ptrs, self.capacity.ctypes.data,
+                                       layer, self.scale, out.ctypes.data, out.strides[0] // 4, self.lib.threads)
+        return out

@@ -2,7 +2,7 @@
  * kernels of a chosen variant. Compiled for the baseline of the platform: nothing here needs a particular ISA. */
 #include "kernels.h"
 
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 
 int tl_abi_version(void) { return ABI_VERSION; }
 
@@ -96,4 +96,16 @@ void tl_attention(int isa, const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t
 {
     attentions[isa](q, ldq, T, n_heads, head_dim, k, v, ldh, ldp, n_kv_heads, start, scale, out, ldo, probs,
                     threads);
+}
+
+static const tl_attention_seqs_fn attention_seqs[ISA_COUNT] = {X86_PAIR(tl_attention_seqs) tl_attention_seqs_portable};
+
+/* The attention of every sequence of a step at one layer, their new keys and values stored first (see attention.h). */
+void tl_attention_seqs(int isa, const float *qkv, ptrdiff_t ld_qkv, ptrdiff_t n_heads, ptrdiff_t n_kv_heads,
+                       ptrdiff_t head_dim, ptrdiff_t n_seq, const long long *row, const long long *count,
+                       const long long *start, float *const *k_cache, float *const *v_cache, const long long *capacity,
+                       ptrdiff_t layer, float scale, float *out, ptrdiff_t ldo, int threads)
+{
+    attention_seqs[isa](qkv, ld_qkv, n_heads, n_kv_heads, head_dim, n_seq, row, count, start, k_cache, v_cache,
+                        capacity, layer, scale, out, ldo, threads);
 }

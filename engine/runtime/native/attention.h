@@ -15,6 +15,8 @@
  * zeros above the diagonal. A second pass over the keys recomputes each score and divides its exp by the row's final
  * sum; the output is computed exactly as without it, so a traced forward gives the same bits as an untraced one. */
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define ATT_BK 64       /* keys per block */
 #define ATT_RB 8        /* query rows sharing each key/value load */
@@ -198,4 +200,63 @@ void VARIANT(tl_attention)(const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t
     att_job a = {q, ldq, T, n_heads, head_dim, k, v, ldh, ldp, n_kv_heads, start, scale, out, ldo, per_item,
                  (T + per_item - 1) / per_item, probs};
     tl_parallel(att_item, &a, n_kv_heads * a.query_blocks, threads);
+}
+
+/* Many sequences of one step in one call (a batched decode, a prompt chunk beside decoding rows). Each sequence s has
+ * count[s] new rows at row[s] of qkv, each row [q: n_heads x D | k: n_kv x D | v: n_kv x D] (already rotated), at
+ * positions start[s]..; its cache holds every layer, k_cache[s] / v_cache[s]: (layers, n_kv, capacity[s], D). The
+ * new keys and values are stored in the caches at `layer`, then every (sequence, kv head, block of queries) is a work
+ * item of att_item, so one pool job runs the whole step's attention with the arithmetic of tl_attention: each
+ * sequence's output is the same bits as from its own call. out: (rows, n_heads x D) at stride ldo. */
+typedef struct {
+    att_job *jobs;
+    ptrdiff_t *first_item; /* n_seq + 1 prefix sums of the items of each sequence */
+    ptrdiff_t n_seq;
+} att_seqs_job;
+
+TARGET static void att_seqs_item(void *arg, ptrdiff_t i)
+{
+    const att_seqs_job *a = (const att_seqs_job *)arg;
+    ptrdiff_t lo = 0, hi = a->n_seq - 1; /* the sequence whose items hold i */
+    while (lo < hi) {
+        ptrdiff_t mid = (lo + hi + 1) / 2;
+        if (a->first_item[mid] <= i) lo = mid;
+        else hi = mid - 1;
+    }
+    att_item(&a->jobs[lo], i - a->first_item[lo]);
+}
+
+void VARIANT(tl_attention_seqs)(const float *qkv, ptrdiff_t ld_qkv, ptrdiff_t n_heads, ptrdiff_t n_kv_heads,
+                                ptrdiff_t head_dim, ptrdiff_t n_seq, const long long *row, const long long *count,
+                                const long long *start, float *const *k_cache, float *const *v_cache,
+                                const long long *capacity, ptrdiff_t layer, float scale, float *out, ptrdiff_t ldo,
+                                int threads)
+{
+    if (n_seq <= 0) return;
+    if (head_dim > ATT_DMAX || n_kv_heads <= 0 || n_heads % n_kv_heads) abort(); /* the caller checks these */
+    const ptrdiff_t D = head_dim, group = n_heads / n_kv_heads, q_size = n_heads * D, kv_size = n_kv_heads * D;
+    const ptrdiff_t per_item = ATT_ITEM_ROWS / group > 0 ? ATT_ITEM_ROWS / group : 1;
+    att_job *jobs = (att_job *)malloc((size_t)n_seq * sizeof(att_job));
+    ptrdiff_t *first_item = (ptrdiff_t *)malloc((size_t)(n_seq + 1) * sizeof(ptrdiff_t));
+    if (!jobs || !first_item) abort();
+    first_item[0] = 0;
+    for (ptrdiff_t s = 0; s < n_seq; s++) {
+        const ptrdiff_t ldh = (ptrdiff_t)capacity[s] * D, T = count[s];
+        float *k = k_cache[s] + layer * n_kv_heads * ldh, *v = v_cache[s] + layer * n_kv_heads * ldh;
+        const float *src = qkv + (ptrdiff_t)row[s] * ld_qkv;
+        for (ptrdiff_t t = 0; t < T; t++) /* store the new keys and values: (T, n_kv, D) -> (n_kv, positions, D) */
+            for (ptrdiff_t h = 0; h < n_kv_heads; h++) {
+                memcpy(k + h * ldh + (start[s] + t) * D, src + t * ld_qkv + q_size + h * D, (size_t)D * sizeof(float));
+                memcpy(v + h * ldh + (start[s] + t) * D, src + t * ld_qkv + q_size + kv_size + h * D,
+                       (size_t)D * sizeof(float));
+            }
+        att_job j = {src, ld_qkv, T, n_heads, head_dim, k, v, ldh, D, n_kv_heads, start[s], scale,
+                     out + (ptrdiff_t)row[s] * ldo, ldo, per_item, (T + per_item - 1) / per_item, NULL};
+        jobs[s] = j;
+        first_item[s + 1] = first_item[s] + n_kv_heads * j.query_blocks;
+    }
+    att_seqs_job a = {jobs, first_item, n_seq};
+    tl_parallel(att_seqs_item, &a, first_item[n_seq], threads);
+    free(jobs);
+    free(first_item);
 }

@@ -51,4 +51,12 @@ void tl_attention_avx2(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t
 void tl_attention_portable(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const float *, const float *,
                            ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t, float *, int);
 
+#define SEQS_ARGS const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, const long long *, \
+    const long long *, const long long *, float *const *, float *const *, const long long *, ptrdiff_t, float, float *, \
+    ptrdiff_t, int
+void tl_attention_seqs_avx512(SEQS_ARGS);
+void tl_attention_seqs_avx2(SEQS_ARGS);
+void tl_attention_seqs_portable(SEQS_ARGS);
+typedef void (*tl_attention_seqs_fn)(SEQS_ARGS);
+
 #endif
