@@ -15,6 +15,7 @@ typedef __m256 vf;
 #define TILE_NR_2 4
 #define TILE_NR_3 3
 #define BLOCK_ROWS_UNIT 12
+#define PF_NEXT_TILE_BELOW 5 /* next-tile prefetch up to 4 rows of x (see matmul.h) */
 
 TARGET INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
 TARGET INLINE vf vf_set1(float a) { return _mm256_set1_ps(a); }
