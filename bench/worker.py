@@ -16,6 +16,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -138,10 +139,13 @@ def run_system(spec: dict) -> int:
 
 def read_bandwidth_now(threads: int, quick: bool) -> float:
     """The memory read rate (GB/s, bench.roofline.read_bandwidth) just before a batch-1 decode is timed: its floor is
-    taken from this, since this machine's bandwidth drifts by tens of percent over minutes (33-60 GB/s seen)."""
-    from bench.roofline import read_bandwidth
-
-    return read_bandwidth((128 if quick else 512) << 20, threads, trials=3)["read_gbs"]
+    taken from this, since this machine's bandwidth drifts by tens of percent over minutes (33-60 GB/s seen). Read
+    in a child process, so its array (512 MB) does not count in this system's peak RSS."""
+    code = ("import sys; from bench.roofline import read_bandwidth; "
+            "print(read_bandwidth(int(sys.argv[1]), int(sys.argv[2]), trials=3)['read_gbs'])")
+    done = subprocess.run([sys.executable, "-c", code, str((128 if quick else 512) << 20), str(threads)],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def current_rss_bytes() -> int:

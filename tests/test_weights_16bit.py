@@ -150,6 +150,20 @@ def test_without_the_kernels_16bit_weights_are_widened_with_the_reason(checkpoin
     assert dtype == "float32" and "compiled kernels are not available (off (TINYLLAMA_NATIVE=0))" in reason
 
 
+def decoding_beside_a_prompt(model, seed: int, prompt_len: int):
+    """A sequence 9 tokens in decodes one token alone, then again in a step beside a new prompt of prompt_len tokens
+    -> (that prompt, the decoding row's logits alone, the prompt's logits in the shared step, the row's there)."""
+    rng = np.random.default_rng(seed)
+    prompt, long_prompt = rng.integers(0, model.config.vocab_size, size=9), rng.integers(0, 256, size=prompt_len)
+    cache = model.new_cache()
+    model.forward([SequenceStep(cache, prompt)])
+    alone = model.forward([SequenceStep(cache, [7])])[0]
+    cache.truncate(len(prompt))
+    prompt_logits, mixed = model.forward([SequenceStep(model.new_cache(), long_prompt, all_logits=True),
+                                          SequenceStep(cache, [7])])
+    return long_prompt, alone, prompt_logits, mixed
+
+
 def test_on_avx512_a_long_prompt_runs_on_the_kernel_with_the_same_bits_in_any_batch(loaded, monkeypatch):
     """The avx512 variant takes every row, prompts of any length included (faster than OpenBLAS there), so a prompt's
     logits are the same bits alone as beside a decoding sequence, and the decoding row's the same as alone."""
@@ -164,15 +178,8 @@ def test_on_avx512_a_long_prompt_runs_on_the_kernel_with_the_same_bits_in_any_ba
         assert layers.widened_blas_from_rows() == layers.NEVER and layers.BLAS_FROM_ROWS["avx512"] is None
         blas_calls = []
         monkeypatch.setattr(layers, "widened_blas", lambda *a, **k: blas_calls.append(1))
-        rng = np.random.default_rng(9)
-        prompt, long_prompt = rng.integers(0, model.config.vocab_size, size=9), rng.integers(0, 256, size=50)
-        cache = model.new_cache()
-        model.forward([SequenceStep(cache, prompt)])
-        alone = model.forward([SequenceStep(cache, [7])])[0]
-        cache.truncate(len(prompt))
+        long_prompt, alone, long_mixed, mixed = decoding_beside_a_prompt(model, seed=9, prompt_len=50)
         long_alone = model.forward([SequenceStep(model.new_cache(), long_prompt, all_logits=True)])[0]
-        long_mixed, mixed = model.forward([SequenceStep(model.new_cache(), long_prompt, all_logits=True),
-                                           SequenceStep(cache, [7])])
         assert np.array_equal(mixed, alone) and np.array_equal(long_mixed, long_alone) and not blas_calls
     finally:
         native.set_isa(default)
@@ -186,14 +193,7 @@ def test_a_decoding_sequence_keeps_its_bits_when_a_long_prompt_joins(loaded, isa
 
     model, _, _, _ = loaded
     monkeypatch.setitem(layers.WIDENED_BLAS_FROM_ROWS, isa, 16)
-    rng = np.random.default_rng(8)
-    prompt, long_prompt = rng.integers(0, model.config.vocab_size, size=9), rng.integers(0, 256, size=30)
-    cache = model.new_cache()
-    model.forward([SequenceStep(cache, prompt)])
-    alone = model.forward([SequenceStep(cache, [7])])[0]
-    cache.truncate(len(prompt))
-    other = model.new_cache()
-    prompt_logits, mixed = model.forward([SequenceStep(other, long_prompt, all_logits=True), SequenceStep(cache, [7])])
+    long_prompt, alone, prompt_logits, mixed = decoding_beside_a_prompt(model, seed=8, prompt_len=30)
     assert np.array_equal(mixed, alone)
     monkeypatch.setitem(layers.WIDENED_BLAS_FROM_ROWS, isa, None)  # every row on the kernel
     assert relative_error(prompt_logits, model.logits(long_prompt)) < 1e-5

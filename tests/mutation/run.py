@@ -54,6 +54,11 @@ TESTS = {
     "engine/generation/sampling.py": ["tests/test_sampling.py", "tests/test_sampling_generation.py"],
     "engine/generation/state.py": ["tests/test_sampling_generation.py", "tests/test_generate.py"],
     "engine/text/stopping.py": ["tests/test_stopping.py", "tests/test_generate.py"],
+    "engine/runtime/native/matmul.h": ["tests/test_native.py", "tests/test_weights_16bit.py",
+                                       "tests/test_forward_reference.py"],
+    "engine/runtime/native/attention.h": ["tests/test_native.py", "tests/test_forward_reference.py",
+                                          "tests/test_inspect_trace.py", "tests/test_scheduler.py"],
+    "engine/runtime/native/simd_avx512.h": ["tests/test_native.py", "tests/test_forward_reference.py"],
     "engine/generation/scheduler.py": ["tests/test_scheduler.py", "tests/test_generate.py",
                                        "tests/test_sampling_generation.py", "tests/test_chat.py",
                                        "tests/test_readme_claims.py::"
@@ -62,10 +67,13 @@ TESTS = {
 MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py",
            "numpy_backend": "engine/runtime/numpy_backend.py", "kv_cache": "engine/runtime/kv_cache.py",
            "sampling": "engine/generation/sampling.py", "state": "engine/generation/state.py",
-           "stopping": "engine/text/stopping.py", "scheduler": "engine/generation/scheduler.py"}
+           "stopping": "engine/text/stopping.py", "scheduler": "engine/generation/scheduler.py",
+           "matmul_c": "engine/runtime/native/matmul.h", "attention_c": "engine/runtime/native/attention.h",
+           "simd_c": "engine/runtime/native/simd_avx512.h"}
 
 L, R, N, K = MODULES["layers"], MODULES["rope"], MODULES["numpy_backend"], MODULES["kv_cache"]
 P, G, S, C = MODULES["sampling"], MODULES["state"], MODULES["stopping"], MODULES["scheduler"]
+XM, XA, XV = MODULES["matmul_c"], MODULES["attention_c"], MODULES["simd_c"]
 
 MUTANTS = [
     # ---- the model math ----
@@ -229,6 +237,58 @@ MUTANTS = [
            "no shortcut without stop strings"),
     Mutant("S08", S, "                    best = k\n                    break\n", "                    best = k\n",
            "held suffix: the shortest match instead of the longest"),
+    # ---- the compiled kernels (C): the model math as it runs by default ----
+    Mutant("X01", XM, "dst[c + l] = src[c + 2 * l];", "dst[c + l] = src[c + 2 * l + 1];",
+           "matmul: bf16 packing puts odd columns in the even lanes"),
+    Mutant("X02", XM, "memcpy(pad[j], w + j * ldw_bytes + k * ELEM(wt), (size_t)(K - k) * ELEM(wt));",
+           "memcpy(pad[j], w + j * ldw_bytes + k * ELEM(wt), (size_t)(K - k - 1) * ELEM(wt));",
+           "matmul: the last partial chunk drops a weight column"),
+    Mutant("X03", XM, "dst[full + (r % 2) * VL + r / 2] = src[k];", "dst[full + r] = src[k];",
+           "matmul: the tail of x not reordered even/odd for bf16"),
+    Mutant("X04", XM, "tile_any(xp + i * ldxp, ldxp, w + j * ldw * ELEM(wt), ldw",
+           "tile_any(xp + i * ldxp, ldxp, w + j * ldw, ldw", "matmul: edge rows stepped in elements, not bytes"),
+    Mutant("X05", XM, "uint32_t bits = (uint32_t)src[k] << 16;", "uint32_t bits = (uint32_t)src[k] << 15;",
+           "widen: bf16 bits shifted one place short"),
+    Mutant("X06", XM, "vf e = vf_exp(vf_mul(x, vf_set1(-1.0f)));", "vf e = vf_exp(x);", "SwiGLU: sigmoid's sign"),
+    Mutant("X07", XM, "o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];", "o[i] = g[i] * u[i];",
+           "SwiGLU: the tail columns without the sigmoid"),
+    Mutant("X08", XM, "const float inv = 1.0f / sqrtf((vf_sum(acc) + tail) / (float)H + j->eps);",
+           "const float inv = 1.0f / (sqrtf((vf_sum(acc) + tail) / (float)H) + j->eps);",
+           "RMSNorm: eps outside the square root"),
+    Mutant("X09", XM, "tail += v[i] * v[i];", "tail += v[i];", "RMSNorm: the tail columns not squared"),
+    Mutant("X10", XM, "vf xv = r ? vf_add(vf_load(x + i), vf_load(r + i)) : vf_load(x + i);",
+           "vf xv = vf_load(x + i);", "RMSNorm: the residual not added"),
+    Mutant("X11", XM, "vf_store(x1 + i, vf_sub(vf_mul(a, cv), vf_mul(bb, sv)));",
+           "vf_store(x1 + i, vf_add(vf_mul(a, cv), vf_mul(bb, sv)));", "rotary: sign"),
+    Mutant("X12", XM, "const float *c = j->cos + j->pos[m] * j->head_dim, *s = j->sin + j->pos[m] * j->head_dim;",
+           "const float *c = j->cos + m * j->head_dim, *s = j->sin + m * j->head_dim;",
+           "rotary: row index instead of position"),
+    Mutant("X13", XM, "x2[i] = bb * c[i] + a * s[i];", "x2[i] = bb * c[i] - a * s[i];",
+           "rotary: sign in the tail of a half head"),
+    Mutant("X14", XA, "s[r][j] = j0 + j <= pos[r] ? sum * a->scale : -INFINITY;",
+           "s[r][j] = j0 + j < pos[r] ? sum * a->scale : -INFINITY;", "attention: a query cannot see itself"),
+    Mutant("X15", XA, "if (alpha != 1.0f) {", "if (0) {", "attention: the running output not rescaled"),
+    Mutant("X16", XA, "l[r] = l[r] * alpha + vf_sum(total);", "l[r] = l[r] + vf_sum(total);",
+           "attention: the running sum not rescaled"),
+    Mutant("X17", XA, "head[rb] = kv * group + g;", "head[rb] = g * a->n_kv + kv;",
+           "attention: query heads grouped by stride, not in blocks (GQA order)"),
+    Mutant("X18", XA, "for (ptrdiff_t d = Dv; d < D; d++) sum += q[r][d] * kr[d];", "",
+           "attention: the tail of head_dim left out of the scores"),
+    Mutant("X19", XA, "row[j0 + j] = buf[j] * inv;", "row[j0 + j] = buf[j];",
+           "attention probabilities (trace): not normalised"),
+    Mutant("X20", XA, "buf[j] = sum * a->scale;", "buf[j] = sum;", "attention probabilities (trace): unscaled"),
+    Mutant("X21", XA, "memcpy(v + h * ldh + (start[s] + t) * D, src + t * ld_qkv + q_size + kv_size + h * D,",
+           "memcpy(v + h * ldh + (start[s] + t) * D, src + t * ld_qkv + q_size + h * D,",
+           "step attention: the keys stored as values"),
+    Mutant("X22", XA, "float *k = k_cache[s] + layer * n_kv_heads * ldh, *v = v_cache[s] + layer * n_kv_heads * ldh;",
+           "float *k = k_cache[s] + layer * ldh, *v = v_cache[s] + layer * ldh;",
+           "step attention: a layer's cache at the wrong offset"),
+    Mutant("X23", XA, "if (a->first_item[mid] <= i) lo = mid;", "if (a->first_item[mid] < i) lo = mid;",
+           "step attention: an item given to the previous sequence"),
+    Mutant("X24", XV, "_mm512_slli_epi32(_mm512_loadu_si512((const void *)p), 16)",
+           "_mm512_srli_epi32(_mm512_loadu_si512((const void *)p), 16)", "avx512: bf16 even lanes shifted right"),
+    Mutant("X25", XV, "p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));",
+           "p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0001e-1f));", "avx512 exp: a polynomial coefficient off"),
     # ---- the scheduler ----
     Mutant("C01", C, "budget = self.prefill_chunk if decoding else None", "budget = self.prefill_chunk",
            "a lone prompt prefilled in chunks too"),
@@ -333,7 +393,9 @@ def main(argv=None) -> int:
         "TINYLLAMA_SHARED_MODELS", str(REPO.parent / "shared" / "models")), PYTHONDONTWRITEBYTECODE="1")
     results = []
     with tempfile.TemporaryDirectory(prefix="tinyllama-mutants-") as tmp:
-        root = Path(tmp)
+        root = Path(tmp) / "repo"
+        root.mkdir()
+        env["TINYLLAMA_CACHE"] = str(Path(tmp) / "kernels")  # each C mutant builds its own library, not in ~/.cache
         copy_repo(root)
         for m in chosen:  # every edit applies before anything runs: a stale list fails at once
             (root / m.file).write_text(apply(root, m))
