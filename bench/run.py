@@ -91,11 +91,17 @@ def model_summary(folder: Path, settings: dict) -> dict:
     from weights.checkpoint import read_json
 
     config = ModelConfig.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
-    need = max(max(settings["prompt_lens"]), settings.get("long_context", 0)) + settings["new_tokens"] + WARMUP_ROOM
+    # a prompt run holds its prompt and the timed and warm-up decode steps; the long-context run holds exactly
+    # --long-context tokens in all (its prompt is shortened by the decode steps)
+    long_context, new_tokens = settings.get("long_context", 0), settings["new_tokens"]
+    need = max(max(settings["prompt_lens"]) + new_tokens + WARMUP_ROOM, long_context)
     if need > config.max_position_embeddings:
-        raise EngineError(f"--prompt-len {max(settings['prompt_lens'])} (or --long-context "
-                          f"{settings.get('long_context', 0)}) + --new-tokens {settings['new_tokens']} "
-                          f"exceed the model's context window of {config.max_position_embeddings}")
+        raise EngineError(f"--prompt-len {max(settings['prompt_lens'])} + --new-tokens {new_tokens} (+{WARMUP_ROOM} "
+                          f"warm-up), or --long-context {long_context}, exceed the model's context window of "
+                          f"{config.max_position_embeddings}")
+    if long_context and long_context < new_tokens + WARMUP_ROOM + 1:
+        raise EngineError(f"--long-context {long_context} leaves no prompt: it must exceed --new-tokens {new_tokens} "
+                          f"+ {WARMUP_ROOM} warm-up steps (or be 0 to skip the run)")
     count = config.weight_count()
     embed = config.vocab_size * config.hidden_size
     return {"folder": str(folder), "weight_count": count, "fp32_weight_bytes": 4 * count,

@@ -52,7 +52,10 @@ def run_system(spec: dict) -> int:
         import numpy as np
 
         runner = make_runner(name, folder, spec["threads"])
-        runner.room = max(max(prompt_lens), long_context) + new_tokens + WARMUP_DECODE_STEPS + 8
+        config = json.load(open(os.path.join(folder, "config.json")))
+        # the long-context run holds exactly `long_context` tokens (see long_context_row); a little slack, within the window
+        runner.room = min(max(max(prompt_lens) + new_tokens + WARMUP_DECODE_STEPS, long_context) + 8,
+                          config.get("max_position_embeddings", 2048))
         emit("status", what=f"{name}: preparing")
         runner.prepare()
         t0 = time.perf_counter()
@@ -67,7 +70,7 @@ def run_system(spec: dict) -> int:
             base["dtype"] = runner.dtype
         if getattr(runner, "decode_bytes", None):
             base["decode_bytes"] = runner.decode_bytes
-        vocab = json.load(open(os.path.join(folder, "config.json")))["vocab_size"]
+        vocab = config["vocab_size"]
         ids = [int(t) for t in np.random.default_rng(0).integers(3, vocab, size=max(max(prompt_lens), long_context))]
 
         runner.prefill(ids[: prompt_lens[0]])  # warm-up

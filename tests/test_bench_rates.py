@@ -175,6 +175,26 @@ def test_model_summary_and_engine_runner_count_the_bytes_read_per_token(tmp_path
         assert expected <= runner.decode_bytes <= expected + row  # the one embedding row gathered may be counted
 
 
+def test_the_default_runs_fit_tinyllamas_window_and_longer_ones_are_refused(tinyllama_tokenizer_dir):
+    """TinyLlama's real config (2048 positions): the default prompts, decode steps and 2000-token context fit (the
+    long-context run holds exactly its context); one token past the window is a clear error, not a failed run."""
+    from bench import cli
+    from bench.run import WARMUP_ROOM, model_summary
+    from engine.errors import EngineError
+
+    defaults = dict(prompt_lens=[int(p) for p in cli.DEFAULT_PROMPT_LENS.split(",")], new_tokens=cli.DEFAULT_NEW_TOKENS,
+                    long_context=cli.DEFAULT_LONG_CONTEXT)
+    assert model_summary(tinyllama_tokenizer_dir, defaults)["max_position_embeddings"] == 2048
+    assert model_summary(tinyllama_tokenizer_dir, dict(defaults, long_context=2048))
+    with pytest.raises(EngineError, match="--long-context 2049.*context window of 2048"):
+        model_summary(tinyllama_tokenizer_dir, dict(defaults, long_context=2049))
+    with pytest.raises(EngineError, match="--prompt-len 2000 \\+ --new-tokens 64.*context window of 2048"):
+        model_summary(tinyllama_tokenizer_dir, dict(defaults, prompt_lens=[2000]))
+    assert model_summary(tinyllama_tokenizer_dir, dict(defaults, prompt_lens=[2048 - 64 - WARMUP_ROOM]))
+    with pytest.raises(EngineError, match="leaves no prompt"):
+        model_summary(tinyllama_tokenizer_dir, dict(defaults, long_context=64 + WARMUP_ROOM))
+
+
 def test_busy_warning_names_the_cores_other_processes_took():
     assert report.busy_warning({"cpu_busy": {"others_before": 0.1, "others_during": 0.2}, "cores": 2}) is None
     line = report.busy_warning({"cpu_busy": {"others_before": 0.05, "others_during": 1.3}, "cores": 2})
