@@ -69,7 +69,15 @@ def test_attention_is_causal_gqa(heads, kv_heads, t, start, attention):
             assert np.allclose(out[i, h * d : (h + 1) * d], expected, atol=1e-5)
 
 
-def test_swiglu():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_swiglu(compiled, monkeypatch):
+    """silu(gate) * up, gate columns first, on the compiled kernel and on the NumPy path used without it."""
+    from engine.runtime import native
+
+    if not compiled:
+        monkeypatch.setattr(native, "status", lambda: native.NativeStatus(False, "off for this test"))
+    elif not native.status().available:
+        pytest.skip(f"no compiled kernels here: {native.status().detail}")
     rng = np.random.default_rng(2)
     gate_up = (rng.standard_normal((3, 20)) * 30).astype(np.float32)  # large |x|: no overflow warnings
     g, u = f64(gate_up[:, :10]), f64(gate_up[:, 10:])
