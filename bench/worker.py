@@ -53,7 +53,7 @@ def run_system(spec: dict) -> int:
 
         runner = make_runner(name, folder, spec["threads"])
         config = json.load(open(os.path.join(folder, "config.json")))
-        # the long-context run holds exactly `long_context` tokens (see long_context_row); a little slack, within the window
+        # the long-context run holds exactly `long_context` tokens (long_context_row); some slack, within the window
         runner.room = min(max(max(prompt_lens) + new_tokens + WARMUP_DECODE_STEPS, long_context) + 8,
                           config.get("max_position_embeddings", 2048))
         emit("status", what=f"{name}: preparing")
