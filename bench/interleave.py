@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from engine.errors import EngineError
 
@@ -39,19 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def checkpoint(model: str | None) -> str:
-    """The checkpoint folder: --model, or bench's cached random bf16 checkpoint of TinyLlama's shape (made once)."""
-    if model is not None:
-        from weights.hub import resolve_model_folder
+    """The checkpoint folder, as `tinyllama bench` resolves it: --model, or the cached random bf16 checkpoint of
+    TinyLlama's shape (made once, in a worker process)."""
+    from bench.run import resolve_checkpoint
 
-        return str(resolve_model_folder(model, None))
-    from bench.checkpoints import TINYLLAMA_SHAPE, random_checkpoint
-
-    return str(random_checkpoint(TINYLLAMA_SHAPE, "bfloat16"))
+    with tempfile.TemporaryDirectory() as logs:
+        return str(resolve_checkpoint(model, None, False, dict(os.environ), Path(logs)))
 
 
 def check_systems(names: list[str]) -> None:
     """One engine kernel variant per process, known system names, no repeats."""
-    from bench.systems import ENGINE_BACKENDS, engine_parts, make_runner  # noqa: F401
+    from bench.systems import ENGINE_BACKENDS, engine_parts
 
     if len(set(names)) != len(names) or not names:
         raise EngineError(f"--systems needs distinct names, got {','.join(names) or 'none'}")
@@ -108,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from bench.systems import Unavailable, make_runner
+    from weights.checkpoint import read_json
 
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     try:
         check_systems(names)
         folder = checkpoint(args.model)
-        vocab = json.load(open(f"{folder}/config.json"))["vocab_size"]
+        vocab = read_json(Path(folder) / "config.json")["vocab_size"]
         ids = [int(t) for t in np.random.default_rng(0).integers(3, vocab, size=args.prompt_len)]
         runners, decode_bytes = {}, {}
         for n in names:

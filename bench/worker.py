@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 MARK = "@@bench "
 WARMUP_DECODE_STEPS = 2
@@ -51,8 +52,10 @@ def run_system(spec: dict) -> int:
     try:
         import numpy as np
 
+        from weights.checkpoint import read_json
+
         runner = make_runner(name, folder, spec["threads"])
-        config = json.load(open(os.path.join(folder, "config.json")))
+        config = read_json(Path(folder) / "config.json")
         # the long-context run holds exactly `long_context` tokens (long_context_row); some slack, within the window
         runner.room = min(max(max(prompt_lens) + new_tokens + WARMUP_DECODE_STEPS, long_context) + 8,
                           config.get("max_position_embeddings", 2048))

@@ -146,7 +146,7 @@ TARGET INLINE void tile(const float *xp, ptrdiff_t ldxp, const char *w, ptrdiff_
     case ((mb) * 32 + (nr)) * 4 + (wt): \
         if (pf == PF_NEXT_TILE) tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, PF_NEXT_TILE); \
         else if (pf == PF_AHEAD) tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, PF_AHEAD); \
-        else tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, 0); \
+        else tile(xp, ldxp, w, ldw, out, ldo, K, mb, nr, wt, PF_NONE); \
         return;
 #define TILE_CASES_W(mb, nr) TILE_CASE(mb, nr, W_F32) TILE_CASE(mb, nr, W_BF16) TILE_CASE(mb, nr, W_F16)
 
