@@ -66,8 +66,17 @@ static const int tile_nr[9] = {0, TILE_NR_1, TILE_NR_2, TILE_NR_3, TILE_NR_4, TI
 #define PF_NEXT_TILE_BELOW PF_MAX_ROWS
 #endif
 enum { PF_NONE = 0, PF_AHEAD = 1, PF_NEXT_TILE = 2 };
+/* Weight bytes per block: a block stays in L2 (1 MB per core here) while every TILE_MB rows of x run over its tiles.
+ * Where x is at most one tile high (decode, small batches) nothing is re-used and longer blocks keep each thread on
+ * one run of rows longer, fewer restarts of the hardware prefetchers' streams. Measured A/B in one process over
+ * TinyLlama's bf16 matrices (2 threads, Zen 4): at batch 1 in a fast-memory spell 256 KB blocks read 35-39 GB/s,
+ * 1 MB 41-45, 4 MB 41-45, a plain read of the same bytes 46-48 (+3-6% in slower spells); above one tile, 512 KB
+ * against 256 KB gave +6% at 8 rows, +3% at 16, +1.5% at 32, nothing at 128-512. */
 #ifndef BLOCK_BYTES
-#define BLOCK_BYTES 262144 /* weight bytes per block */
+#define BLOCK_BYTES 524288
+#endif
+#ifndef BLOCK_BYTES_ONE_PASS
+#define BLOCK_BYTES_ONE_PASS 1048576
 #endif
 
 #define CHUNK(wt) ((wt) == W_BF16 ? 2 * VL : VL)
@@ -263,7 +272,7 @@ void VARIANT(tl_matmul)(const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
         if (!packed_x) abort();
     }
     pack_x(x, ldx, M, K, wtype, packed_x, ldxp);
-    ptrdiff_t rows = whole_tiles(BLOCK_BYTES / (K * ELEM(wtype)));
+    ptrdiff_t rows = whole_tiles((M <= TILE_MB ? BLOCK_BYTES_ONE_PASS : BLOCK_BYTES) / (K * ELEM(wtype)));
     if ((N + rows - 1) / rows < 4 * threads) rows = whole_tiles(N / (4 * threads)); /* small weights: every thread works */
     mm_job job = {packed_x, ldxp, (const char *)w, ldw, wtype, out, ldo, M, N, K, rows};
     tl_parallel(mm_block, &job, (N + rows - 1) / rows, threads);
