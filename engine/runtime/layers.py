@@ -159,6 +159,16 @@ def widened_blas_from_rows() -> int:
     return WIDENED_BLAS_FROM_ROWS.get(native.status().isa) or NEVER
 
 
+def runs_on_kernels(rows: int, prompt_from: int, weight_dtype) -> bool:
+    """Whether `linear` gives every one of `rows` rows (those from `prompt_from` on: long prompt chunks) to the
+    compiled kernels for a weight of `weight_dtype`, rather than some or all of them to OpenBLAS."""
+    if not native.status().available:
+        return False
+    if weight_dtype != np.float32:
+        return rows - prompt_from < widened_blas_from_rows()
+    return rows < (BLAS_FROM_ROWS.get(native.status().isa) or NEVER)
+
+
 def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 | uint16 (bf16 bits) | float16 (HF layout) -> (M, out)
     float32. prompt_from: rows from there on belong to long prompt chunks (the backend stacks those last).
@@ -174,16 +184,14 @@ def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     handful of rows reads the weight far below memory bandwidth).
     """
     m = x.shape[0]
+    if runs_on_kernels(m, prompt_from, w.dtype):
+        return native.matmul_xwt(np.ascontiguousarray(x), w)
     if w.dtype != np.float32:
-        if m - prompt_from < widened_blas_from_rows():
-            return native.matmul_xwt(np.ascontiguousarray(x), w)
         out = np.empty((m, w.shape[0]), dtype=np.float32)
         if prompt_from:
             native.matmul_xwt(np.ascontiguousarray(x[:prompt_from]), w, out=out[:prompt_from])
         widened_blas(x[prompt_from:], w, out=out[prompt_from:])
         return out
-    if native.status().available and m < (BLAS_FROM_ROWS.get(native.status().isa) or NEVER):
-        return native.matmul_xwt(np.ascontiguousarray(x), w)
     if m < 2 or m > SMALL_M_ROWS:
         return x @ w.T
     out = np.empty((m, w.shape[0]), dtype=np.float32)

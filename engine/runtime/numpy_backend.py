@@ -38,12 +38,18 @@ class NumpyBackend:
     weights are float32 or the checkpoint's 16-bit dtype (widened exactly inside the kernels)."""
 
     name = "numpy"
+    # Run a pass's layers in one kernel call (native.DecoderLayers: the same kernels in the same order as the loop in
+    # _forward_pass, so the same bits) where every matmul of the pass runs on the kernels and nothing is traced.
+    # False: always the loop (tests compare the two).
+    fuse_layers = True
 
     def __init__(self, config: ModelConfig, weights: ModelWeights):
         self.config = config
         self.weights = weights
         self.eps = np.float32(config.rms_norm_eps)
         self.cos, self.sin = rope_tables(config)  # (max_pos, head_dim) each
+        self._fused: native.DecoderLayers | None = None
+        self._fused_key: list[int] = []
 
     @property
     def weights_dtype(self) -> str:
@@ -105,26 +111,51 @@ class NumpyBackend:
                                                c.head_dim) if native.status().available else None)
         if recorder is not None:  # a trace asks for probabilities: a call per sequence (the same output bits)
             step_attention = None
-        for i, layer in enumerate(w.layers):
-            qkv = linear(h, layer.wqkv, prompt_from)  # (N, Q + 2KV)
-            rotate_heads(qkv, positions, self.cos, self.sin, c.num_attention_heads + c.num_key_value_heads, c.head_dim)
-            if step_attention is not None:
-                attn = step_attention(qkv, i)  # (N, Q)
-            elif recorder is not None:
-                attn = self._attention_per_sequence(qkv, steps, starts, counts, i, recorder)
-            else:
-                attn = self._attention_per_sequence(qkv, steps, starts, counts, i)
-            x, h = add_rms_norm(x, linear(attn, layer.wo, prompt_from), layer.mlp_norm, self.eps)
-            next_norm = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
-            x, h = add_rms_norm(x, linear(swiglu(linear(h, layer.w_gate_up, prompt_from)), layer.w_down, prompt_from),
-                                next_norm, self.eps)  # after the last layer h is the final norm's output
-            if recorder is not None and i + 1 < len(w.layers):
-                recorder.record_hidden(i + 1, x)
+        fused = self._fused_layers(len(token_ids), prompt_from) if step_attention is not None else None
+        if fused is not None:
+            x, h = np.ascontiguousarray(x), np.ascontiguousarray(h)
+            fused(x, h, positions, step_attention)  # every layer; h is then the final norm's output
+        else:
+            for i, layer in enumerate(w.layers):
+                qkv = linear(h, layer.wqkv, prompt_from)  # (N, Q + 2KV)
+                rotate_heads(qkv, positions, self.cos, self.sin, c.num_attention_heads + c.num_key_value_heads,
+                             c.head_dim)
+                if step_attention is not None:
+                    attn = step_attention(qkv, i)  # (N, Q)
+                elif recorder is not None:
+                    attn = self._attention_per_sequence(qkv, steps, starts, counts, i, recorder)
+                else:
+                    attn = self._attention_per_sequence(qkv, steps, starts, counts, i)
+                x, h = add_rms_norm(x, linear(attn, layer.wo, prompt_from), layer.mlp_norm, self.eps)
+                next_norm = w.layers[i + 1].attn_norm if i + 1 < len(w.layers) else w.final_norm
+                mlp = linear(swiglu(linear(h, layer.w_gate_up, prompt_from)), layer.w_down, prompt_from)
+                x, h = add_rms_norm(x, mlp, next_norm, self.eps)  # after the last layer h is the final norm's output
+                if recorder is not None and i + 1 < len(w.layers):
+                    recorder.record_hidden(i + 1, x)
         for s, start, n in zip(steps, starts, counts):
             s.cache.length = start + n
         if recorder is not None:
             recorder.record_hidden(len(w.layers), h)
         return self._logits(h, steps, counts)
+
+    def _fused_layers(self, rows: int, prompt_from: int) -> native.DecoderLayers | None:
+        """The layers as one kernel call for a pass of `rows` rows, or None where the loop must run them (fusing off,
+        some rows for OpenBLAS). Built once, and again whenever a weight array has been replaced."""
+        w = self.weights
+        if not self.fuse_layers or not layers.runs_on_kernels(rows, prompt_from, w.layers[0].wqkv.dtype):
+            return None
+        norms = [layer.attn_norm for layer in w.layers[1:]] + [w.final_norm]
+        arrays = [(l.wqkv, l.wo, l.w_gate_up, l.w_down, l.mlp_norm, n) for l, n in zip(w.layers, norms)]
+        key = [id(a) for group in arrays for a in group]  # the stack keeps its arrays alive: ids are not re-used
+        if key != self._fused_key:
+            c = self.config
+            try:
+                self._fused = native.DecoderLayers(arrays, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                                   c.num_key_value_heads, c.head_dim, self.eps, self.cos, self.sin)
+            except ValueError:  # weights the kernels cannot take in one call (e.g. mixed dtypes): the loop
+                self._fused = None
+            self._fused_key = key
+        return self._fused
 
     def _attention_per_sequence(self, qkv: np.ndarray, steps: list[SequenceStep], starts: list[int],
                                 counts: list[int], i: int, recorder=None) -> np.ndarray:

@@ -48,7 +48,9 @@ class Mutant:
 TESTS = {
     "engine/runtime/layers.py": ["tests/test_layers.py", "tests/test_native.py", "tests/test_forward_reference.py"],
     "engine/runtime/rope.py": ["tests/test_forward_reference.py"],
-    "engine/runtime/numpy_backend.py": ["tests/test_forward_reference.py", "tests/test_scheduler.py"],
+    "engine/runtime/numpy_backend.py": ["tests/test_fused_layers.py", "tests/test_forward_reference.py",
+                                        "tests/test_scheduler.py"],
+    "engine/runtime/native/api.c": ["tests/test_fused_layers.py", "tests/test_forward_reference.py"],
     "engine/runtime/kv_cache.py": ["tests/test_kv_cache.py", "tests/test_forward_reference.py",
                                    "tests/test_scheduler.py", "tests/test_generate.py", "tests/test_chat.py"],
     "engine/generation/sampling.py": ["tests/test_sampling.py", "tests/test_sampling_generation.py"],
@@ -69,11 +71,11 @@ MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py
            "sampling": "engine/generation/sampling.py", "state": "engine/generation/state.py",
            "stopping": "engine/text/stopping.py", "scheduler": "engine/generation/scheduler.py",
            "matmul_c": "engine/runtime/native/matmul.h", "attention_c": "engine/runtime/native/attention.h",
-           "simd_c": "engine/runtime/native/simd_avx512.h"}
+           "simd_c": "engine/runtime/native/simd_avx512.h", "api_c": "engine/runtime/native/api.c"}
 
 L, R, N, K = MODULES["layers"], MODULES["rope"], MODULES["numpy_backend"], MODULES["kv_cache"]
 P, G, S, C = MODULES["sampling"], MODULES["state"], MODULES["stopping"], MODULES["scheduler"]
-XM, XA, XV = MODULES["matmul_c"], MODULES["attention_c"], MODULES["simd_c"]
+XM, XA, XV, XL = MODULES["matmul_c"], MODULES["attention_c"], MODULES["simd_c"], MODULES["api_c"]
 
 MUTANTS = [
     # ---- the model math ----
@@ -140,8 +142,8 @@ MUTANTS = [
            "forward: the first token's logits instead of the last"),
     Mutant("N06", N, "if i + 1 < len(w.layers) else w.final_norm", "if i + 1 < len(w.layers) else layer.mlp_norm",
            "forward: the last layer's MLP norm weight instead of the final norm's"),
-    Mutant("N07", N, "c.num_attention_heads + c.num_key_value_heads, c.head_dim)",
-           "c.num_attention_heads, c.head_dim)", "forward: keys not rotated (only the query heads)"),
+    Mutant("N07", N, "self.cos, self.sin, c.num_attention_heads + c.num_key_value_heads,",
+           "self.cos, self.sin, c.num_attention_heads,", "forward: keys not rotated (only the query heads)"),
     Mutant("N08", N, "layer.wo, prompt_from), layer.mlp_norm, self.eps)",
            "layer.wo, prompt_from), layer.attn_norm, self.eps)",
            "forward: the attention norm's weight before the MLP"),
@@ -291,6 +293,18 @@ MUTANTS = [
            "_mm512_srli_epi32(_mm512_loadu_si512((const void *)p), 16)", "avx512: bf16 even lanes shifted right"),
     Mutant("X25", XV, "p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));",
            "p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0001e-1f));", "avx512 exp: a polynomial coefficient off"),
+    # ---- the decoder layers in one call (api.c) ----
+    Mutant("X26", XL, "rms_norms[isa](x, H, proj, H, l->next_norm, c->eps, x, h, H, N, H, threads);",
+           "rms_norms[isa](x, H, proj, H, l->mlp_norm, c->eps, x, h, H, N, H, threads);",
+           "one-call layers: the MLP norm's weight where the next layer's input norm belongs"),
+    Mutant("X27", XL, "rotaries[isa](qkv, W, pos, c->cos, c->sin, N, c->n_heads + c->n_kv_heads, D, threads);",
+           "rotaries[isa](qkv, W, pos, c->cos, c->sin, N, c->n_heads, D, threads);",
+           "one-call layers: keys not rotated"),
+    Mutant("X28", XL, "rms_norms[isa](x, H, proj, H, l->mlp_norm, c->eps, x, h, H, N, H, threads);",
+           "rms_norms[isa](x, H, proj, H, l->mlp_norm, c->eps, NULL, h, H, N, H, threads);",
+           "one-call layers: the residual stream not updated after attention"),
+    Mutant("X29", XL, "float *qkv = scratch, *attn = qkv + N * W,", "float *qkv = scratch, *attn = qkv + W,",
+           "one-call layers: scratch buffers overlap at more than one row"),
     # ---- the scheduler ----
     Mutant("C01", C, "budget = self.prefill_chunk if decoding else None", "budget = self.prefill_chunk",
            "a lone prompt prefilled in chunks too"),

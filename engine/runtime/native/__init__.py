@@ -41,7 +41,7 @@ HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "simd_avx512.h", "s
 # and activations would become 0), and it may reorder the sums that make results reproducible.
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread"]
 LIBS = ["-lm"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
 WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
 
@@ -125,6 +125,9 @@ class _Library:
         lib.tl_attention_seqs.argtypes = [i32, ptr, size, size, size, size, size, ptr, ptr, ptr, ptr, ptr, ptr, size,
                                           ctypes.c_float, ptr, size, i32]
         lib.tl_attention_seqs.restype = None
+        lib.tl_decoder_layers.argtypes = [i32, ptr, ptr, size, ptr, ptr, size, ptr, size, ptr, ptr, ptr, ptr, ptr,
+                                          ptr, ptr, i32]
+        lib.tl_decoder_layers.restype = None
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
 
@@ -358,3 +361,63 @@ class StepAttention:
                                        self.starts.ctypes.data, self.k_ptrs, self.v_ptrs, self.capacity.ctypes.data,
                                        layer, self.scale, out.ctypes.data, out.strides[0] // 4, self.lib.threads)
         return out
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("wqkv", ctypes.c_void_p), ("wo", ctypes.c_void_p), ("w_gate_up", ctypes.c_void_p),
+                ("w_down", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("next_norm", ctypes.c_void_p)]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_longlong), ("inter", ctypes.c_longlong), ("n_heads", ctypes.c_longlong),
+                ("n_kv_heads", ctypes.c_longlong), ("head_dim", ctypes.c_longlong), ("wtype", ctypes.c_longlong),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+
+
+class DecoderLayers:
+    """Every decoder layer of a forward pass in ONE kernel call (tl_decoder_layers in api.c): the same kernels in the
+    same order as the NumPy backend's layer loop, so the same bits, without ~9 Python calls per layer (about 2-3 ms
+    of a TinyLlama batch-1 step). For passes whose every matmul runs on the kernels.
+
+    layers: per layer (wqkv, wo, w_gate_up, w_down, mlp_norm, next_norm): matrices (out, in) with contiguous rows in
+    one dtype (float32, uint16 bf16 bits or float16), norms (H,) float32, next_norm the next layer's input norm (the
+    final norm after the last); cos, sin: (positions, head_dim) float32 tables."""
+
+    def __init__(self, layers: list[tuple], hidden: int, inter: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 eps: float, cos: np.ndarray, sin: np.ndarray):
+        self.lib = _require()
+        wtype = WEIGHT_TYPES.get(layers[0][0].dtype)
+        q, kv = n_heads * head_dim, n_kv_heads * head_dim
+        shapes = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+        for layer in layers:
+            for a, shape in zip(layer, shapes):
+                dtype = np.float32 if len(shape) == 1 else layer[0].dtype
+                if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous:
+                    raise ValueError(f"DecoderLayers: a weight of {getattr(a, 'dtype', type(a))}"
+                                     f"{getattr(a, 'shape', '')} does not fit {shape}")
+        if wtype is None or cos.dtype != np.float32 or sin.dtype != np.float32 or not cos.flags.c_contiguous \
+                or not sin.flags.c_contiguous or cos.shape[1] != head_dim or head_dim > ATTENTION_MAX_HEAD_DIM:
+            raise ValueError("DecoderLayers: unsupported weight dtype or rotary tables")
+        self.layers = (_Layer * len(layers))(*[_Layer(*[a.ctypes.data for a in layer]) for layer in layers])
+        self.stack = _Stack(hidden, inter, n_heads, n_kv_heads, head_dim, wtype, float(eps),
+                            float(np.float32(1.0 / np.sqrt(head_dim))), cos.ctypes.data, sin.ctypes.data)
+        self._keep = (layers, cos, sin)  # the arrays the pointers point into stay alive with this object
+        self.width = q + 2 * kv + q + hidden + 3 * inter  # scratch floats per row
+        self.positions = cos.shape[0]
+
+    def __call__(self, x: np.ndarray, h: np.ndarray, positions: np.ndarray, attention: StepAttention) -> None:
+        """Run every layer on x, h: (N, H) float32 C-contiguous (the residual stream and its input-normed copy),
+        updated in place; positions (N,) of the rows; attention: the pass's StepAttention (its caches get the keys
+        and values). After the call h holds the final norm's output, as after the NumPy loop."""
+        n, hidden = x.shape
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+        if (x.dtype != np.float32 or h.dtype != np.float32 or h.shape != x.shape or not x.flags.c_contiguous
+                or not h.flags.c_contiguous or hidden != self.stack.hidden or attention.total != n
+                or pos.shape != (n,) or (n and (pos.min() < 0 or pos.max() >= self.positions))):
+            raise ValueError("DecoderLayers: x, h, positions or the attention's rows do not fit")
+        scratch = np.empty(n * self.width, dtype=np.float32)
+        a = attention
+        self.lib.lib.tl_decoder_layers(self.lib.isa, ctypes.byref(self.stack), self.layers, len(self.layers),
+                                       x.ctypes.data, h.ctypes.data, n, pos.ctypes.data, len(a.counts),
+                                       a.rows.ctypes.data, a.counts.ctypes.data, a.starts.ctypes.data, a.k_ptrs,
+                                       a.v_ptrs, a.capacity.ctypes.data, scratch.ctypes.data, self.lib.threads)

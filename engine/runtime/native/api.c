@@ -2,7 +2,7 @@
  * kernels of a chosen variant. Compiled for the baseline of the platform: nothing here needs a particular ISA. */
 #include "kernels.h"
 
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 int tl_abi_version(void) { return ABI_VERSION; }
 
@@ -108,4 +108,34 @@ void tl_attention_seqs(int isa, const float *qkv, ptrdiff_t ld_qkv, ptrdiff_t n_
 {
     attention_seqs[isa](qkv, ld_qkv, n_heads, n_kv_heads, head_dim, n_seq, row, count, start, k_cache, v_cache,
                         capacity, layer, scale, out, ldo, threads);
+}
+
+/* The decoder layers of one forward pass in one call, the kernels above in the order of the NumPy backend's layer
+ * loop (engine/runtime/numpy_backend.py), so the same bits: per layer qkv = h @ wqkv.T, the rotary embedding on the
+ * query and key heads, every sequence's keys/values stored and its attention (tl_attention_seqs), then
+ * x, h = x + attn @ wo.T and its RMSNorm, x, h = x + silu/up(h @ w_gate_up.T) @ w_down.T and the next norm.
+ * x, h: (N, H) float32, the residual stream and its normed copy, updated in place; pos: (N,) positions; the
+ * sequences' arguments as in tl_attention_seqs; scratch: N * (Q + 2 KV + Q + H + 2 I + I) floats. */
+void tl_decoder_layers(int isa, const tl_stack *c, const tl_layer *layers, ptrdiff_t n_layers, float *x, float *h,
+                       ptrdiff_t N, const long long *pos, ptrdiff_t n_seq, const long long *row, const long long *count,
+                       const long long *start, float *const *k_cache, float *const *v_cache, const long long *capacity,
+                       float *scratch, int threads)
+{
+    const ptrdiff_t H = c->hidden, I = c->inter, D = c->head_dim, Q = c->n_heads * D, KV = c->n_kv_heads * D;
+    const ptrdiff_t W = Q + 2 * KV;
+    const int wt = (int)c->wtype;
+    float *qkv = scratch, *attn = qkv + N * W, *proj = attn + N * Q, *gate_up = proj + N * H, *act = gate_up + N * 2 * I;
+    for (ptrdiff_t i = 0; i < n_layers; i++) {
+        const tl_layer *l = &layers[i];
+        matmuls[isa](h, H, l->wqkv, H, wt, qkv, W, N, W, H, threads);
+        rotaries[isa](qkv, W, pos, c->cos, c->sin, N, c->n_heads + c->n_kv_heads, D, threads);
+        attention_seqs[isa](qkv, W, c->n_heads, c->n_kv_heads, D, n_seq, row, count, start, k_cache, v_cache, capacity,
+                            i, c->scale, attn, Q, threads);
+        matmuls[isa](attn, Q, l->wo, Q, wt, proj, H, N, H, Q, threads);
+        rms_norms[isa](x, H, proj, H, l->mlp_norm, c->eps, x, h, H, N, H, threads);
+        matmuls[isa](h, H, l->w_gate_up, H, wt, gate_up, 2 * I, N, 2 * I, H, threads);
+        swiglus[isa](gate_up, 2 * I, act, I, N, I, threads);
+        matmuls[isa](act, I, l->w_down, I, wt, proj, H, N, H, I, threads);
+        rms_norms[isa](x, H, proj, H, l->next_norm, c->eps, x, h, H, N, H, threads);
+    }
 }

@@ -59,4 +59,22 @@ void tl_attention_seqs_avx2(SEQS_ARGS);
 void tl_attention_seqs_portable(SEQS_ARGS);
 typedef void (*tl_attention_seqs_fn)(SEQS_ARGS);
 
+/* One decoder layer's weights for tl_decoder_layers: matrices in Hugging Face's layout with contiguous rows, in the
+ * stack's weight type; the norm that follows the MLP is the next layer's input norm (the final norm after the last). */
+typedef struct {
+    const void *wqkv;      /* (Q + 2 KV, H) */
+    const void *wo;        /* (H, Q) */
+    const void *w_gate_up; /* (2 I, H) */
+    const void *w_down;    /* (H, I) */
+    const float *mlp_norm; /* (H,) */
+    const float *next_norm; /* (H,) */
+} tl_layer;
+
+/* The shapes and constants shared by every layer of a stack. */
+typedef struct {
+    long long hidden, inter, n_heads, n_kv_heads, head_dim, wtype;
+    float eps, scale;
+    const float *cos, *sin; /* (positions, head_dim) rotary tables */
+} tl_stack;
+
 #endif
