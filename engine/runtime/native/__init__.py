@@ -7,6 +7,7 @@ Two kernels, every one in three instruction-set variants chosen at run time by t
   backend: decode (1 row), batches and speculative verification (a few rows), prefill (hundreds).
 - `attention(q, k, v, start)`: causal grouped-query attention of new queries over one sequence's float32 KV cache,
   one pass over the keys with an online softmax (attention.h), memory O(rows x block).
+`DecoderLayers` runs every decoder layer of a pass in one call of these kernels (api.c), in the NumPy backend's order.
 Variants: avx512 (x86-64 with AVX-512), avx2 (AVX2 + FMA + F16C: most x86 laptops and desktops), portable (C vector
 extensions the compiler maps to NEON on ARM, SSE2 on x86). Threads come from our own pthread pool (pool.c), not
 OpenMP, so it builds with Apple's clang too.
