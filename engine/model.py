@@ -1,6 +1,7 @@
 """Model: a loaded checkpoint on a backend, with the public API (`load_model`, `logits`, `generate`)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,8 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
     with checkpoint:
         config = ModelConfig.from_dict(raw_config, source=str(folder / "config.json"))
         kernels = native.status() if backend == "numpy" else native.NativeStatus(True, backend)
+        if backend == "numpy" and (notice := native.fallback_notice()):
+            print(notice, file=sys.stderr)  # once per process: why the kernels are missing and what that costs
         dtype, reason = choose_weights_dtype(weights_dtype, stored_dtype(checkpoint, config), kernels.available,
                                              kernels.detail)
         weights = load_model_weights(checkpoint, config, dtype)

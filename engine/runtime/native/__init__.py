@@ -27,8 +27,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shlex
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +42,15 @@ SOURCES = ["api.c", "pool.c", "variant_avx512.c", "variant_avx2.c", "variant_por
 HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "simd_avx512.h", "simd_avx2.h", "simd_portable.h"]
 # Never -ffast-math / -Ofast: GCC then links code that sets flush-to-zero for the whole process (subnormal weights
 # and activations would become 0), and it may reorder the sums that make results reproducible.
-CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread"]
+CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread"]
+LDFLAGS = ["-shared", "-pthread"]
 LIBS = ["-lm"]
 ABI_VERSION = 4
 ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
+VARIANT_SOURCES = {isa: f"variant_{isa}.c" for isa in ISAS}
 WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
+# What the NumPy fallback costs, said once when a model loads without the kernels (measured: bench/README figures).
+FALLBACK_COST = "using NumPy, fp32 weights, ~2x slower decode, 2x memory"
 
 
 @dataclass(frozen=True)
@@ -64,40 +70,96 @@ def cache_dir() -> Path:
     return Path(base) / "tinyllama-engine"
 
 
+def _performance_cores() -> int | None:
+    """The performance cores of an Apple Silicon Mac (sysctl hw.perflevel0.physicalcpu), None elsewhere: a split
+    matmul waits for its slowest thread, so efficiency cores would set the pace."""
+    if sys.platform != "darwin":
+        return None
+    try:
+        done = subprocess.run(["sysctl", "-n", "hw.perflevel0.physicalcpu"], capture_output=True, text=True, timeout=5)
+        value = done.stdout.strip()
+        return int(value) if done.returncode == 0 and value.isdigit() and int(value) > 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def thread_count() -> int:
-    """Threads the kernels run on: TINYLLAMA_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, else usable CPUs."""
+    """Threads the kernels run on: TINYLLAMA_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, else the performance
+    cores on Apple Silicon, else the CPUs this process may run on."""
     for var in ("TINYLLAMA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(usable, _performance_cores() or usable)
+
+
+def library_path(folder: Path = HERE) -> Path:
+    """Where build() puts (or finds) the library for the sources in `folder`, the compiler ($CC) and its flags."""
+    compiler = shlex.split(os.environ.get("CC", "cc"))
+    digest = hashlib.sha256(repr((compiler, CFLAGS, LDFLAGS, LIBS, platform.machine(), sys.platform)).encode())
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    suffix = ".dll" if sys.platform in ("win32", "cygwin") else ".so"
+    return cache_dir() / f"tinyllama-kernels-{digest.hexdigest()[:16]}{suffix}"
+
+
+def left_out(library: Path) -> dict[str, str]:
+    """The variants build() left out of `library` because they did not compile -> {variant: compiler message}."""
+    notes = library.with_suffix(".left-out")
+    if not notes.exists():
+        return {}
+    lines = notes.read_text(encoding="utf-8").splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
 
 
 def build(folder: Path = HERE) -> Path:
     """Compile the kernels in `folder` into the cache (once per source text, compiler and flags) -> the library path.
 
-    Raises RuntimeError with the compiler's message when it fails."""
+    Each source is its own object, compiled in parallel: a variant this compiler cannot build (an old compiler without
+    a builtin or an instruction set) is left out, noted beside the library (left_out()), and the others stay.
+    Raises RuntimeError with the compiler's message when no variant or a shared source fails."""
     compiler = shlex.split(os.environ.get("CC", "cc"))
-    digest = hashlib.sha256(repr((compiler, CFLAGS, LIBS, os.uname().machine)).encode())
-    for name in SOURCES + HEADERS:
-        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
-    target = cache_dir() / f"tinyllama-kernels-{digest.hexdigest()[:16]}.so"
+    target = library_path(folder)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(compiler + CFLAGS + ["-o", tmp] + [str(folder / s) for s in SOURCES] + LIBS,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(compiler)} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
-    except FileNotFoundError as e:
-        raise RuntimeError(f"no C compiler ({e.filename})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
+        def compile_(source: str, defines=()):
+            obj = os.path.join(work, source.replace(".c", ".o"))
+            return obj, subprocess.Popen(compiler + CFLAGS + list(defines) + ["-c", str(folder / source), "-o", obj],
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def finish(job, what: str) -> str | None:
+            out, _ = job.communicate()
+            return None if job.returncode == 0 else f"{' '.join(compiler)} failed on {what}: {out.strip()[-500:]}"
+
+        try:
+            jobs = {name: compile_(name) for name in ["pool.c"] + list(VARIANT_SOURCES.values())}
+            errors = {name: finish(job, name) for name, (_, job) in jobs.items()}
+            if errors["pool.c"]:
+                raise RuntimeError(errors["pool.c"])
+            skipped = {isa: errors[src] for isa, src in VARIANT_SOURCES.items() if errors[src]}
+            if len(skipped) == len(ISAS):
+                raise RuntimeError(skipped["portable"])
+            api = compile_("api.c", [f"-DTL_WITHOUT_{isa.upper()}" for isa in skipped])
+            if error := finish(api[1], "api.c"):
+                raise RuntimeError(error)
+            objects = [api[0]] + [obj for name, (obj, _) in jobs.items()
+                                  if name == "pool.c" or name not in [VARIANT_SOURCES[i] for i in skipped]]
+            tmp = os.path.join(work, "lib" + target.suffix)
+            if error := finish(subprocess.Popen(compiler + LDFLAGS + ["-o", tmp] + objects + LIBS,
+                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), "linking"):
+                raise RuntimeError(error)
+        except FileNotFoundError as e:
+            raise RuntimeError(f"no C compiler ({e.filename})") from None
+        if skipped:  # before the library appears: whoever loads it finds the notes
+            notes = target.with_suffix(".left-out")
+            tmp_notes = os.path.join(work, "notes")
+            Path(tmp_notes).write_text("".join(f"{isa}: {' '.join(msg.split())}\n" for isa, msg in skipped.items()),
+                                       encoding="utf-8")
+            os.replace(tmp_notes, notes)
+        os.replace(tmp, target)  # atomic: concurrent builders each write their own temp folder
     return target
 
 
@@ -129,8 +191,11 @@ class _Library:
         lib.tl_decoder_layers.argtypes = [i32, ptr, ptr, size, ptr, ptr, size, ptr, size, ptr, ptr, ptr, ptr, ptr,
                                           ptr, ptr, i32]
         lib.tl_decoder_layers.restype = None
+        lib.tl_isa_compiled.argtypes = [i32]
+        lib.tl_isa_compiled.restype = i32
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
+        self.left_out = left_out(path)
 
     def usable(self) -> list[str]:
         """The variants this CPU can run, most preferred first."""
@@ -143,24 +208,43 @@ _status: NativeStatus | None = None
 
 def _describe(lib: _Library) -> NativeStatus:
     name = ISAS[lib.isa]
-    return NativeStatus(True, f"{name}, {lib.threads} threads, {lib.path}", name)
+    notes = "".join(f"; {isa} left out: {why[:200]}" for isa, why in lib.left_out.items())
+    return NativeStatus(True, f"{name}, {lib.threads} threads, {lib.path}{notes}", name)
+
+
+def _platform_problem() -> str | None:
+    """Why this platform cannot build or load the kernels at all, None where it may."""
+    if sys.platform in ("emscripten", "wasi"):
+        return f"no C compiler can run on this platform ({sys.platform})"
+    return None
 
 
 def _load() -> None:
-    """Build and load the kernels once per process, recording why not where they cannot be used."""
+    """Build and load the kernels once per process, recording why not where they cannot be used: every failure (no
+    compiler, a compile error, an unknown platform, a CPU without the features, a library that does not load) ends
+    in a status with the reason, never an exception."""
     global _library, _status
     if os.environ.get("TINYLLAMA_NATIVE", "1") == "0":
         _status = NativeStatus(False, "off (TINYLLAMA_NATIVE=0)")
         return
+    if problem := _platform_problem():
+        _status = NativeStatus(False, problem)
+        return
     try:
-        lib = _Library(build(), thread_count())
-    except (RuntimeError, OSError) as e:
+        path = build()
+    except Exception as e:  # noqa: BLE001 -- RuntimeError from the compiler, OSError from the cache, anything else
         _status = NativeStatus(False, f"not built: {e}")
         return
-    if lib.lib.tl_abi_version() != ABI_VERSION:
-        _status = NativeStatus(False, f"{lib.path}: ABI {lib.lib.tl_abi_version()}, expected {ABI_VERSION}")
+    try:
+        lib = _Library(path, thread_count())
+        version = lib.lib.tl_abi_version()
+        usable = lib.usable()
+    except Exception as e:  # noqa: BLE001 -- OSError (not a library for this machine), AttributeError (a symbol)
+        _status = NativeStatus(False, f"not loaded: {path}: {e}")
         return
-    usable = lib.usable()
+    if version != ABI_VERSION:
+        _status = NativeStatus(False, f"{lib.path}: ABI {version}, expected {ABI_VERSION}")
+        return
     wish = os.environ.get("TINYLLAMA_NATIVE_ISA", "").strip().lower()
     if wish and wish not in ISAS:
         _status = NativeStatus(False, f"TINYLLAMA_NATIVE_ISA={wish!r} is not one of {', '.join(ISAS)}")
@@ -169,8 +253,29 @@ def _load() -> None:
         _status = NativeStatus(False, f"TINYLLAMA_NATIVE_ISA={wish}: this CPU cannot run it "
                                       f"(usable: {', '.join(usable) or 'none'})")
         return
+    if not usable:
+        compiled = [isa for i, isa in enumerate(ISAS) if lib.lib.tl_isa_compiled(i)]
+        _status = NativeStatus(False, f"this CPU runs none of the compiled variants ({', '.join(compiled) or 'none'})"
+                                      + "".join(f"; {isa} left out: {why[:200]}" for isa, why in lib.left_out.items()))
+        return
     lib.isa = ISAS.index(wish or usable[0])
     _library, _status = lib, _describe(lib)
+
+
+_noticed = False
+
+
+def fallback_notice() -> str | None:
+    """The one line a model load prints on stderr when the kernels are unavailable, the first time only (None after,
+    when they are available, or when TINYLLAMA_NATIVE=0 turned them off on purpose): why, and what it costs."""
+    global _noticed
+    s = status()
+    if s.available or _noticed or os.environ.get("TINYLLAMA_NATIVE", "1") == "0":
+        return None
+    _noticed = True
+    reason = " ".join(s.detail.split())
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    return f"tinyllama: compiled kernels unavailable ({reason}): {FALLBACK_COST}"
 
 
 def status() -> NativeStatus:

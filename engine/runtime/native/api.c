@@ -6,53 +6,74 @@
 
 int tl_abi_version(void) { return ABI_VERSION; }
 
+/* A variant is compiled in unless the build left it out (-DTL_WITHOUT_AVX512, -DTL_WITHOUT_AVX2, -DTL_WITHOUT_PORTABLE:
+ * its source did not compile with this compiler, see build() in __init__.py); the x86 ones only on x86-64. */
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(TL_WITHOUT_AVX512)
+#define HAVE_AVX512 1
+#define AVX512_FN(name) name##_avx512,
+#else
+#define HAVE_AVX512 0
+#define AVX512_FN(name) 0,
+#endif
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(TL_WITHOUT_AVX2)
+#define HAVE_AVX2 1
+#define AVX2_FN(name) name##_avx2,
+#else
+#define HAVE_AVX2 0
+#define AVX2_FN(name) 0,
+#endif
+#ifndef TL_WITHOUT_PORTABLE
+#define HAVE_PORTABLE 1
+#define PORTABLE_FN(name) name##_portable
+#else
+#define HAVE_PORTABLE 0
+#define PORTABLE_FN(name) 0
+#endif
+/* A table of one kernel's variants, in the enum order of kernels.h. */
+#define X86_PAIR(name) AVX512_FN(name) AVX2_FN(name)
+#define VARIANTS(name) {X86_PAIR(name) PORTABLE_FN(name)}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+/* Whether this CPU and OS run the AVX2 (avx512 = 0) or AVX-512 (avx512 = 1) variant: straight from cpuid, which every
+ * GCC and Clang accepts (__builtin_cpu_supports("f16c") is an error before Clang 18). Leaf 1 ECX: FMA bit 12, OSXSAVE
+ * 27, AVX 28, F16C 29; leaf 7 EBX: AVX2 bit 5, AVX-512F bit 16; XCR0 (xgetbv): the OS saves the YMM state (bits 1-2)
+ * and for AVX-512 the opmask and ZMM state (bits 5-7). */
+static int x86_runs(int avx512)
+{
+    unsigned a, b, c, d;
+    const unsigned leaf1 = (1u << 12) | (1u << 27) | (1u << 28) | (1u << 29);
+    if (__get_cpuid_max(0, 0) < 7 || !__get_cpuid(1, &a, &b, &c, &d) || (c & leaf1) != leaf1) return 0;
+    unsigned xcr0, xcr0_hi;
+    __asm__ __volatile__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!avx512) return (xcr0 & 0x6u) == 0x6u && ((b >> 5) & 1u);
+    return (xcr0 & 0xE6u) == 0xE6u && ((b >> 16) & 1u);
+}
+#endif
+
 /* 1 if `isa` is compiled into this library and this CPU (and OS) can run it. */
 int tl_isa_usable(int isa)
 {
 #if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-    if (isa == ISA_AVX2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (isa == ISA_AVX512) return HAVE_AVX512 && x86_runs(1);
+    if (isa == ISA_AVX2) return HAVE_AVX2 && x86_runs(0);
 #endif
-    return isa == ISA_PORTABLE;
+    return isa == ISA_PORTABLE && HAVE_PORTABLE;
 }
 
-static const tl_matmul_fn matmuls[ISA_COUNT] = {
-#if defined(__x86_64__) || defined(_M_X64)
-    tl_matmul_avx512, tl_matmul_avx2,
-#else
-    0, 0,
-#endif
-    tl_matmul_portable};
-static const tl_widen_fn widens[ISA_COUNT] = {
-#if defined(__x86_64__) || defined(_M_X64)
-    tl_widen_avx512, tl_widen_avx2,
-#else
-    0, 0,
-#endif
-    tl_widen_portable};
-static const tl_swiglu_fn swiglus[ISA_COUNT] = {
-#if defined(__x86_64__) || defined(_M_X64)
-    tl_swiglu_avx512, tl_swiglu_avx2,
-#else
-    0, 0,
-#endif
-    tl_swiglu_portable};
-#if defined(__x86_64__) || defined(_M_X64)
-#define X86_PAIR(name) name##_avx512, name##_avx2,
-#else
-#define X86_PAIR(name) 0, 0,
-#endif
-static const tl_rms_norm_fn rms_norms[ISA_COUNT] = {X86_PAIR(tl_rms_norm) tl_rms_norm_portable};
-static const tl_rotary_fn rotaries[ISA_COUNT] = {X86_PAIR(tl_rotary) tl_rotary_portable};
-static const tl_attention_fn attentions[ISA_COUNT] = {
-#if defined(__x86_64__) || defined(_M_X64)
-    tl_attention_avx512, tl_attention_avx2,
-#else
-    0, 0,
-#endif
-    tl_attention_portable};
+/* 1 if `isa` is compiled into this library (whatever this CPU runs). */
+int tl_isa_compiled(int isa)
+{
+    return isa == ISA_AVX512 ? HAVE_AVX512 : isa == ISA_AVX2 ? HAVE_AVX2 : isa == ISA_PORTABLE && HAVE_PORTABLE;
+}
+
+static const tl_matmul_fn matmuls[ISA_COUNT] = VARIANTS(tl_matmul);
+static const tl_widen_fn widens[ISA_COUNT] = VARIANTS(tl_widen);
+static const tl_swiglu_fn swiglus[ISA_COUNT] = VARIANTS(tl_swiglu);
+static const tl_rms_norm_fn rms_norms[ISA_COUNT] = VARIANTS(tl_rms_norm);
+static const tl_rotary_fn rotaries[ISA_COUNT] = VARIANTS(tl_rotary);
+static const tl_attention_fn attentions[ISA_COUNT] = VARIANTS(tl_attention);
 
 /* y (M, N) = x (M, K) @ w (N, K).T with w stored as wtype (W_F32, W_BF16, W_F16); strides in elements. */
 void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t ldw, int wtype, float *out,
@@ -98,7 +119,7 @@ void tl_attention(int isa, const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t
                     threads);
 }
 
-static const tl_attention_seqs_fn attention_seqs[ISA_COUNT] = {X86_PAIR(tl_attention_seqs) tl_attention_seqs_portable};
+static const tl_attention_seqs_fn attention_seqs[ISA_COUNT] = VARIANTS(tl_attention_seqs);
 
 /* The attention of every sequence of a step at one layer, their new keys and values stored first (see attention.h). */
 void tl_attention_seqs(int isa, const float *qkv, ptrdiff_t ld_qkv, ptrdiff_t n_heads, ptrdiff_t n_kv_heads,

@@ -3,6 +3,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <time.h>
 
 #define MAX_THREADS 256
@@ -32,11 +33,11 @@ static struct {
     ptrdiff_t n_items;
 } pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
-static long now_ns(void)
+static int64_t now_ns(void) /* 64 bits where `long` has 32 (Windows) */
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static void take_items(void)
@@ -49,7 +50,7 @@ static void *worker(void *arg)
 {
     long seen = (long)(ptrdiff_t)arg; /* the generation before the job it was started for */
     for (;;) {
-        long t0 = now_ns();
+        int64_t t0 = now_ns();
         int spins = 0;
         while (atomic_load(&pool.generation) == seen) {
             CPU_RELAX();

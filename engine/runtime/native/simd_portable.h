@@ -35,6 +35,14 @@ INLINE float vf_hmax(vf v)
 }
 #define KEEP(v) ((void)0)
 
+/* float lanes -> int32 lanes (truncating): __builtin_convertvector where the compiler has it (Clang, GCC 9+), else
+ * lane by lane (GCC 8 and older: RHEL 8, Amazon Linux 2). TL_NO_CONVERTVECTOR forces the fallback (for the tests). */
+#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)) && !defined(TL_NO_CONVERTVECTOR)
+#define vf_to_vi(v) __builtin_convertvector((v), vi)
+#else
+INLINE vi vf_to_vi(vf v) { return (vi){(int32_t)v[0], (int32_t)v[1], (int32_t)v[2], (int32_t)v[3]}; }
+#endif
+
 INLINE vu vu_load(const uint16_t *p) { vu v; memcpy(&v, p, sizeof v); return v; } /* 2*VL bf16 as VL uint32 */
 INLINE vf bf16_even(const uint16_t *p) { return (vf)(vu_load(p) << 16); }
 INLINE vf bf16_odd(const uint16_t *p) { return (vf)(vu_load(p) & 0xFFFF0000u); }
@@ -73,7 +81,7 @@ INLINE vf vf_exp(vf x)
     p = p * r + vf_set1(1.6666665459e-1f);
     p = p * r + vf_set1(5.0000001201e-1f);
     vf y = p * r * r + (r + vf_set1(1.0f));
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vi e = (vf_to_vi(n) + 127) << 23;
     y = y * (vf)e;
     return (vf)((vi)y & ~under);
 }
