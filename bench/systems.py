@@ -166,7 +166,8 @@ class EngineRunner(Runner):
 
         if self.backend_name == "numpy":
             return {"kernel": matmul_kernel_name(self.model.weights_dtype), "blas": blas_info(),
-                    "native_kernels": native.status().detail,
+                    "native_kernels": native.status().detail, "native_variant": native.status().isa,
+                    "native_reason": native.summary()["reason"],
                     "weights_dtype": self.model.weights_dtype, "weights_dtype_reason": self.model.weights_dtype_reason}
         import torch
 

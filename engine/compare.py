@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.errors import EngineError
 from engine.model import Model, load_model
+from engine.runtime import native
 from engine.runtime.batch import SequenceStep
 
 TOLERANCE = 1e-3  # relative to the logit scale; the test suite holds the NumPy backend to 1e-4
@@ -67,6 +68,7 @@ class ComparisonReport:
     versions: dict = field(default_factory=dict)  # tinyllama-engine, transformers, torch, numpy
     weights_dtype: str = "float32"  # how this engine held the weights (transformers always runs float32)
     kernel: str = ""  # what ran this engine's matmuls (e.g. "native avx512")
+    native_kernels: dict = field(default_factory=dict)  # the NumPy backend's compiled kernels: variant or reason
 
     @property
     def max_relative_difference(self) -> float:
@@ -91,6 +93,8 @@ class ComparisonReport:
         """The human-readable report `tinyllama check` prints, ending in OK or MISMATCH."""
         v = self.versions
         lines = [f"model: {self.model}  backend: {self.backend} ({self.kernel})  weights: {self.weights_dtype}",
+                 *([f"compiled kernels unavailable: {self.native_kernels['reason']}"]
+                   if self.native_kernels.get("reason") else []),
                  f"tinyllama-engine {v.get('tinyllama-engine')}, transformers {v.get('transformers')}, "
                  f"torch {v.get('torch')}, numpy {v.get('numpy')}"]
         for i, p in enumerate(self.prompts, 1):
@@ -154,9 +158,11 @@ def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, back
             transformers_tokens=ref_tokens))
     from engine.runtime import layers
 
-    kernel = layers.matmul_kernel_name(model.weights_dtype) if model.backend.name == "numpy" else model.backend.name
+    numpy = model.backend.name == "numpy"
+    kernel = layers.matmul_kernel_name(model.weights_dtype) if numpy else model.backend.name
     return ComparisonReport(model=str(model.folder), backend=model.backend.name, steps=steps, tolerance=tolerance,
-                            prompts=results, versions=versions(), weights_dtype=model.weights_dtype, kernel=kernel)
+                            prompts=results, versions=versions(), weights_dtype=model.weights_dtype, kernel=kernel,
+                            native_kernels=native.summary() if numpy else {})
 
 
 def versions() -> dict:

@@ -113,52 +113,66 @@ def left_out(library: Path) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines if ": " in line)
 
 
+def _run(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(job: subprocess.Popen, compiler: list[str], what: str) -> str | None:
+    """Wait for a compiler run -> None, or its failure with the end of its messages."""
+    out, _ = job.communicate()
+    if job.returncode == 0:
+        return None
+    message = out.strip()[-500:]
+    return f"{' '.join(compiler)} failed on {what} (exit status {job.returncode}){': ' + message if message else ''}"
+
+
+def compile_objects(compiler: list[str], folder: Path, work: str, flags: list[str] = ()) -> tuple[list[str], dict]:
+    """Compile the library's sources in `folder` to objects in `work` (in parallel, `flags` added to CFLAGS) ->
+    (object paths, {variant left out: compiler message}). A variant that does not compile is left out (api.c is told
+    with -DTL_WITHOUT_<VARIANT>); RuntimeError when a shared source fails or no variant compiles, FileNotFoundError
+    when there is no compiler."""
+    def start(source: str, defines=()):
+        obj = os.path.join(work, source.replace(".c", ".o"))
+        return obj, _run(compiler + CFLAGS + list(flags) + list(defines) + ["-c", str(folder / source), "-o", obj])
+
+    jobs = {name: start(name) for name in ["pool.c"] + list(VARIANT_SOURCES.values())}
+    errors = {name: _finish(job, compiler, name) for name, (_, job) in jobs.items()}
+    if errors["pool.c"]:
+        raise RuntimeError(errors["pool.c"])
+    skipped = {isa: errors[src] for isa, src in VARIANT_SOURCES.items() if errors[src]}
+    if len(skipped) == len(ISAS):
+        raise RuntimeError(skipped["portable"])
+    api, job = start("api.c", [f"-DTL_WITHOUT_{isa.upper()}" for isa in skipped])
+    if error := _finish(job, compiler, "api.c"):
+        raise RuntimeError(error)
+    left_out_sources = {VARIANT_SOURCES[isa] for isa in skipped}
+    return [api] + [obj for name, (obj, _) in jobs.items() if name not in left_out_sources], skipped
+
+
 def build(folder: Path = HERE) -> Path:
     """Compile the kernels in `folder` into the cache (once per source text, compiler and flags) -> the library path.
 
-    Each source is its own object, compiled in parallel: a variant this compiler cannot build (an old compiler without
-    a builtin or an instruction set) is left out, noted beside the library (left_out()), and the others stay.
-    Raises RuntimeError with the compiler's message when no variant or a shared source fails."""
+    Each source is its own object (compile_objects): a variant this compiler cannot build (an old compiler without a
+    builtin or an instruction set) is left out, noted beside the library (left_out()), and the others stay.
+    Raises RuntimeError with the compiler's message when nothing usable can be built."""
     compiler = shlex.split(os.environ.get("CC", "cc"))
     target = library_path(folder)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
-        def compile_(source: str, defines=()):
-            obj = os.path.join(work, source.replace(".c", ".o"))
-            return obj, subprocess.Popen(compiler + CFLAGS + list(defines) + ["-c", str(folder / source), "-o", obj],
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-        def finish(job, what: str) -> str | None:
-            out, _ = job.communicate()
-            return None if job.returncode == 0 else f"{' '.join(compiler)} failed on {what}: {out.strip()[-500:]}"
-
         try:
-            jobs = {name: compile_(name) for name in ["pool.c"] + list(VARIANT_SOURCES.values())}
-            errors = {name: finish(job, name) for name, (_, job) in jobs.items()}
-            if errors["pool.c"]:
-                raise RuntimeError(errors["pool.c"])
-            skipped = {isa: errors[src] for isa, src in VARIANT_SOURCES.items() if errors[src]}
-            if len(skipped) == len(ISAS):
-                raise RuntimeError(skipped["portable"])
-            api = compile_("api.c", [f"-DTL_WITHOUT_{isa.upper()}" for isa in skipped])
-            if error := finish(api[1], "api.c"):
-                raise RuntimeError(error)
-            objects = [api[0]] + [obj for name, (obj, _) in jobs.items()
-                                  if name == "pool.c" or name not in [VARIANT_SOURCES[i] for i in skipped]]
+            objects, skipped = compile_objects(compiler, folder, work)
             tmp = os.path.join(work, "lib" + target.suffix)
-            if error := finish(subprocess.Popen(compiler + LDFLAGS + ["-o", tmp] + objects + LIBS,
-                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), "linking"):
+            if error := _finish(_run(compiler + LDFLAGS + ["-o", tmp] + objects + LIBS), compiler, "linking"):
                 raise RuntimeError(error)
         except FileNotFoundError as e:
             raise RuntimeError(f"no C compiler ({e.filename})") from None
         if skipped:  # before the library appears: whoever loads it finds the notes
-            notes = target.with_suffix(".left-out")
             tmp_notes = os.path.join(work, "notes")
             Path(tmp_notes).write_text("".join(f"{isa}: {' '.join(msg.split())}\n" for isa, msg in skipped.items()),
                                        encoding="utf-8")
-            os.replace(tmp_notes, notes)
+            os.replace(tmp_notes, target.with_suffix(".left-out"))
         os.replace(tmp, target)  # atomic: concurrent builders each write their own temp folder
     return target
 
@@ -283,6 +297,14 @@ def status() -> NativeStatus:
     if _status is None:
         _load()
     return _status
+
+
+def summary() -> dict:
+    """The kernels' state as JSON-ready data for reports (`tinyllama check --json`, bench): available, the variant
+    (None without), the reason they are not used ("" when they are), the detail line and the threads."""
+    s = status()
+    return {"available": s.available, "variant": s.isa, "reason": "" if s.available else s.detail,
+            "detail": s.detail, "threads": thread_count()}
 
 
 def usable_isas() -> list[str]:

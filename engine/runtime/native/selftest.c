@@ -1,9 +1,16 @@
-/* A standalone check of the kernels against double-precision references, for platforms where the Python tests
- * cannot run (an aarch64 build under qemu-user, cross-compiled on x86-64): every variant this CPU runs, every weight
- * type, tile shapes and remainders, batch invariance, and attention. Prints one line per variant; exit status 1 on
- * any failure.
+/* A standalone check of every kernel the library exports (api.c) against double-precision references, for any
+ * target, including those where the Python tests cannot run (an aarch64 build under qemu-user, cross-compiled on
+ * x86-64): matmul (every weight type, tile shapes and remainders, batch invariance), widening (exact, special values),
+ * SwiGLU, RMSNorm (with and without the residual add), the rotary embedding, attention (one sequence, with the
+ * probabilities a trace records), the attention of many sequences (their keys and values stored), and the one-call
+ * decoder layers (a two-layer stack against a float64 forward). Every variant this CPU runs; one line per variant;
+ * exit status 1 on any failure.
  *
- *     cc -O2 -pthread -o selftest selftest.c api.c pool.c variant_*.c -lm && ./selftest */
+ *     python -m engine.runtime.native.selftest [--cc CC] [--target TRIPLE] [--run 'qemu-aarch64 -L /usr/aarch64-linux-gnu']
+ *
+ * builds it as the engine builds the library (a variant that does not compile is left out) and runs it; by hand:
+ *
+ *     cc -O2 -std=gnu11 -pthread -o selftest selftest.c api.c pool.c variant_*.c -lm && ./selftest */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -12,13 +19,33 @@
 
 #include "kernels.h"
 
+/* The entry points of api.c. */
+int tl_abi_version(void);
 int tl_isa_usable(int isa);
+int tl_isa_compiled(int isa);
 void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t ldw, int wtype, float *out,
                ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads);
 void tl_attention(int isa, const float *q, ptrdiff_t ldq, ptrdiff_t T, ptrdiff_t n_heads, ptrdiff_t head_dim,
                   const float *k, const float *v, ptrdiff_t ldh, ptrdiff_t ldp, ptrdiff_t n_kv_heads, ptrdiff_t start,
                   float scale, float *out, ptrdiff_t ldo, float *probs, int threads);
+void tl_widen(int isa, const void *w, ptrdiff_t ldw, int wtype, float *out, ptrdiff_t ldo, ptrdiff_t N, ptrdiff_t K,
+              int threads);
+void tl_swiglu(int isa, const float *gate_up, ptrdiff_t ld, float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t inter,
+               int threads);
+void tl_rms_norm(int isa, const float *x, ptrdiff_t ldx, const float *res, ptrdiff_t ldr, const float *w, float eps,
+                 float *out_x, float *out_h, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t H, int threads);
+void tl_rotary(int isa, float *x, ptrdiff_t ldx, const long long *pos, const float *cos, const float *sin, ptrdiff_t M,
+               ptrdiff_t heads, ptrdiff_t head_dim, int threads);
+void tl_attention_seqs(int isa, const float *qkv, ptrdiff_t ld_qkv, ptrdiff_t n_heads, ptrdiff_t n_kv_heads,
+                       ptrdiff_t head_dim, ptrdiff_t n_seq, const long long *row, const long long *count,
+                       const long long *start, float *const *k_cache, float *const *v_cache, const long long *capacity,
+                       ptrdiff_t layer, float scale, float *out, ptrdiff_t ldo, int threads);
+void tl_decoder_layers(int isa, const tl_stack *c, const tl_layer *layers, ptrdiff_t n_layers, float *x, float *h,
+                       ptrdiff_t N, const long long *pos, ptrdiff_t n_seq, const long long *row, const long long *count,
+                       const long long *start, float *const *k_cache, float *const *v_cache, const long long *capacity,
+                       float *scratch, int threads);
 
+#define ULP 5.960464477539063e-08 /* 2^-24: float32's unit roundoff */
 static const char *names[ISA_COUNT] = {"avx512", "avx2", "portable"};
 static uint64_t state = 88172645463325252ull;
 
@@ -60,7 +87,7 @@ static uint16_t to_f16(float f) /* round to nearest, for normal and subnormal fp
 static double f16_value(uint16_t h) /* the definition: sign, 5-bit exponent, 10-bit mantissa */
 {
     int e = (h >> 10) & 31, m = h & 1023;
-    double v = e == 0 ? ldexp(m, -24) : ldexp(1024 + m, e - 25);
+    double v = e == 0 ? ldexp(m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexp(1024 + m, e - 25);
     return h & 0x8000 ? -v : v;
 }
 
@@ -94,6 +121,26 @@ static int check_matmul(int isa, int wtype, ptrdiff_t M, ptrdiff_t N, ptrdiff_t 
     return ok;
 }
 
+/* Causal attention in double of one query row q (D) over keys/values 0..n_keys-1 (rows at stride ldp) -> out (D);
+ * s (n_keys) receives the probabilities. */
+static void attention_ref(const float *q, const float *kh, const float *vh, ptrdiff_t ldp, ptrdiff_t n_keys,
+                          ptrdiff_t D, double *s, double *out)
+{
+    double mx = -INFINITY, sum = 0;
+    for (ptrdiff_t j = 0; j < n_keys; j++) {
+        s[j] = 0;
+        for (ptrdiff_t d = 0; d < D; d++) s[j] += (double)q[d] * kh[j * ldp + d];
+        s[j] /= sqrt((double)D);
+        mx = s[j] > mx ? s[j] : mx;
+    }
+    for (ptrdiff_t j = 0; j < n_keys; j++) sum += (s[j] = exp(s[j] - mx));
+    for (ptrdiff_t j = 0; j < n_keys; j++) s[j] /= sum;
+    for (ptrdiff_t d = 0; d < D; d++) {
+        out[d] = 0;
+        for (ptrdiff_t j = 0; j < n_keys; j++) out[d] += s[j] * vh[j * ldp + d];
+    }
+}
+
 static int check_attention(int isa, ptrdiff_t T, ptrdiff_t H, ptrdiff_t Hkv, ptrdiff_t D, ptrdiff_t start)
 {
     ptrdiff_t L = start + T, cap = L + 3;
@@ -104,33 +151,381 @@ static int check_attention(int isa, ptrdiff_t T, ptrdiff_t H, ptrdiff_t Hkv, ptr
     float *probs = malloc(sizeof(float) * H * T * L);
     tl_attention(isa, q, H * D, T, H, D, k, v, cap * D, D, Hkv, start, (float)(1.0 / sqrt((double)D)), out, H * D,
                  probs, 2);
-    double worst = 0, *s = malloc(sizeof(double) * L);
+    double worst = 0, *s = malloc(sizeof(double) * L), *ref = malloc(sizeof(double) * D);
     for (ptrdiff_t t = 0; t < T; t++)
         for (ptrdiff_t h = 0; h < H; h++) {
             const float *kh = k + (h / (H / Hkv)) * cap * D, *vh = v + (h / (H / Hkv)) * cap * D;
-            double mx = -INFINITY, sum = 0;
-            for (ptrdiff_t j = 0; j <= start + t; j++) {
-                s[j] = 0;
-                for (ptrdiff_t d = 0; d < D; d++) s[j] += (double)q[(t * H + h) * D + d] * kh[j * D + d];
-                s[j] /= sqrt((double)D);
-                mx = s[j] > mx ? s[j] : mx;
-            }
-            for (ptrdiff_t j = 0; j <= start + t; j++) sum += (s[j] = exp(s[j] - mx));
+            attention_ref(q + (t * H + h) * D, kh, vh, D, start + t + 1, D, s, ref);
             for (ptrdiff_t j = 0; j < L; j++) { /* the probabilities a trace records, zeros above the diagonal */
-                double ref = j <= start + t ? s[j] / sum : 0.0, got = probs[(h * T + t) * L + j];
-                if (j > start + t ? got != 0.0f : fabs(got - ref) > 1e-6) worst = 1.0;
+                double got = probs[(h * T + t) * L + j];
+                if (j > start + t ? got != 0.0f : fabs(got - s[j]) > 1e-6) worst = 1.0;
             }
             for (ptrdiff_t d = 0; d < D; d++) {
-                double ref = 0;
-                for (ptrdiff_t j = 0; j <= start + t; j++) ref += s[j] / sum * vh[j * D + d];
-                double err = fabs(out[(t * H + h) * D + d] - ref);
+                double err = fabs(out[(t * H + h) * D + d] - ref[d]);
                 worst = err > worst ? err : worst;
             }
         }
-    int ok = worst <= 8 * sqrt((double)L) * 5.96e-8;
+    int ok = worst <= 8 * sqrt((double)L) * ULP;
     if (!ok) printf("  FAIL attention %s T=%td H=%td Hkv=%td D=%td start=%td: error %.2e\n", names[isa], T, H, Hkv,
                     D, start, worst);
-    free(q); free(out); free(k); free(v); free(s); free(probs);
+    free(q); free(out); free(k); free(v); free(s); free(ref); free(probs);
+    return ok;
+}
+
+/* Widening is exact: every bf16 / fp16 value (subnormals, signed zero, inf, NaN, the largest) becomes the same float32;
+ * rows at strides wider than K, nothing written beyond them. */
+static int check_widen(int isa, int wtype, ptrdiff_t N, ptrdiff_t K)
+{
+    static const uint16_t bf16_special[] = {0x0001, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F7F, 0x007F, 0x3F80};
+    static const uint16_t f16_special[] = {0x0001, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7BFF, 0x03FF, 0x3C00};
+    const uint16_t *special = wtype == W_BF16 ? bf16_special : f16_special;
+    ptrdiff_t ldw = K + 3, ldo = K + 5;
+    uint16_t *w = malloc(sizeof(uint16_t) * N * ldw);
+    float *out = malloc(sizeof(float) * N * ldo);
+    for (ptrdiff_t i = 0; i < N * ldw; i++) {
+        float f = (float)(4 * uniform());
+        w[i] = wtype == W_BF16 ? to_bf16(f) : to_f16(f);
+    }
+    for (ptrdiff_t i = 0; i < 8 && i < N * K; i++) w[(i / K) * ldw + i % K] = special[i];
+    for (ptrdiff_t i = 0; i < N * ldo; i++) out[i] = 12345.0f;
+    tl_widen(isa, w, ldw, wtype, out, ldo, N, K, 2);
+    int ok = 1;
+    for (ptrdiff_t n = 0; n < N; n++)
+        for (ptrdiff_t k = 0; k < ldo; k++) {
+            float got = out[n * ldo + k];
+            if (k >= K) { ok &= got == 12345.0f; continue; }
+            double want = wtype == W_BF16 ? bf16_value(w[n * ldw + k]) : f16_value(w[n * ldw + k]);
+            int good = isnan(want) ? isnan(got) : (got == (float)want && !signbit(got) == !signbit(want));
+            ok &= good;
+        }
+    if (!ok) printf("  FAIL widen %s wtype %d N=%td K=%td\n", names[isa], wtype, N, K);
+    free(w); free(out);
+    return ok;
+}
+
+/* silu(gate) * up against exp in double, over the sigmoid's whole range (its saturated ends too). */
+static int check_swiglu(int isa, ptrdiff_t M, ptrdiff_t I)
+{
+    static const float ends[] = {-200, -90, -87, 88, 100, 0};
+    ptrdiff_t ld = 2 * I + 1, ldo = I + 2;
+    float *gu = malloc(sizeof(float) * M * ld), *out = malloc(sizeof(float) * M * ldo);
+    for (ptrdiff_t i = 0; i < M * ld; i++) gu[i] = (float)(6 * uniform());
+    for (ptrdiff_t i = 0; i < 6 && i < I; i++) gu[i] = ends[i];
+    tl_swiglu(isa, gu, ld, out, ldo, M, I, 2);
+    double worst = 0, scale = 0;
+    for (ptrdiff_t m = 0; m < M; m++)
+        for (ptrdiff_t i = 0; i < I; i++) {
+            double g = gu[m * ld + i], ref = g / (1 + exp(-g)) * gu[m * ld + I + i];
+            double err = fabs(out[m * ldo + i] - ref);
+            worst = err > worst ? err : worst;
+            scale = fabs(ref) > scale ? fabs(ref) : scale;
+        }
+    int ok = worst <= 4 * ULP * scale + 1e-37; /* (+ what float32 cannot hold: silu(-200) underflows) */
+    if (!ok) printf("  FAIL swiglu %s M=%td I=%td: error %.2e of %.2e\n", names[isa], M, I, worst, scale);
+    free(gu); free(out);
+    return ok;
+}
+
+/* h = w * v / sqrt(mean(v^2) + eps) of v = x (+ res) against double; v itself (the residual stream) exactly x + res. */
+static int check_rms_norm(int isa, ptrdiff_t M, ptrdiff_t H, int with_res)
+{
+    ptrdiff_t ldx = H + 1, ldr = H + 2, ldo = H + 3;
+    float *x = malloc(sizeof(float) * M * ldx), *r = malloc(sizeof(float) * M * ldr), *w = malloc(sizeof(float) * H);
+    float *out_x = malloc(sizeof(float) * M * ldo), *out_h = malloc(sizeof(float) * M * ldo);
+    for (ptrdiff_t i = 0; i < M * ldx; i++) x[i] = (float)(2 * uniform());
+    for (ptrdiff_t i = 0; i < M * ldr; i++) r[i] = (float)uniform();
+    for (ptrdiff_t i = 0; i < H; i++) w[i] = (float)(1 + 0.2 * uniform());
+    tl_rms_norm(isa, x, ldx, with_res ? r : NULL, ldr, w, 1e-5f, with_res ? out_x : NULL, out_h, ldo, M, H, 2);
+    double worst = 0, scale = 0;
+    int exact = 1;
+    for (ptrdiff_t m = 0; m < M; m++) {
+        double ms = 0;
+        for (ptrdiff_t i = 0; i < H; i++) {
+            float v = with_res ? x[m * ldx + i] + r[m * ldr + i] : x[m * ldx + i];
+            if (with_res) exact &= out_x[m * ldo + i] == v;
+            ms += (double)v * v;
+        }
+        double inv = 1 / sqrt(ms / H + (double)1e-5f);
+        for (ptrdiff_t i = 0; i < H; i++) {
+            double v = with_res ? (double)(x[m * ldx + i] + r[m * ldr + i]) : x[m * ldx + i];
+            double ref = w[i] * v * inv, err = fabs(out_h[m * ldo + i] - ref);
+            worst = err > worst ? err : worst;
+            scale = fabs(ref) > scale ? fabs(ref) : scale;
+        }
+    }
+    int ok = exact && worst <= 2e-6 * scale;
+    if (!ok) printf("  FAIL rms_norm %s M=%td H=%td residual %d: error %.2e of %.2e, sum exact %d\n", names[isa], M, H,
+                    with_res, worst, scale, exact);
+    free(x); free(r); free(w); free(out_x); free(out_h);
+    return ok;
+}
+
+/* Rotary tables as Hugging Face builds them: (P, D), angle p * base^(-2i/D) for i < D/2, the halves equal. */
+static void rope_tables(ptrdiff_t P, ptrdiff_t D, float *cos_t, float *sin_t)
+{
+    for (ptrdiff_t p = 0; p < P; p++)
+        for (ptrdiff_t i = 0; i < D; i++) {
+            double angle = (double)p * pow(10000.0, -2.0 * (double)(i % (D / 2)) / (double)D);
+            cos_t[p * D + i] = (float)cos(angle);
+            sin_t[p * D + i] = (float)sin(angle);
+        }
+}
+
+/* x1 c - x2 s, x2 c + x1 s on the first `heads` heads of each row at its position; the other heads untouched. */
+static int check_rotary(int isa, ptrdiff_t M, ptrdiff_t heads, ptrdiff_t extra, ptrdiff_t D, ptrdiff_t P)
+{
+    ptrdiff_t ldx = (heads + extra) * D + 1, half = D / 2;
+    float *x = malloc(sizeof(float) * M * ldx), *x0 = malloc(sizeof(float) * M * ldx);
+    float *cos_t = malloc(sizeof(float) * P * D), *sin_t = malloc(sizeof(float) * P * D);
+    long long *pos = malloc(sizeof(long long) * M);
+    rope_tables(P, D, cos_t, sin_t);
+    for (ptrdiff_t i = 0; i < M * ldx; i++) x0[i] = x[i] = (float)uniform();
+    for (ptrdiff_t m = 0; m < M; m++) pos[m] = m == 0 ? P - 1 : (long long)((uniform() + 1) / 2 * (double)(P - 1));
+    tl_rotary(isa, x, ldx, pos, cos_t, sin_t, M, heads, D, 2);
+    double worst = 0;
+    int untouched = 1;
+    for (ptrdiff_t m = 0; m < M; m++) {
+        const float *c = cos_t + pos[m] * D, *s = sin_t + pos[m] * D;
+        for (ptrdiff_t h = 0; h < heads; h++)
+            for (ptrdiff_t i = 0; i < half; i++) {
+                const float *a = x0 + m * ldx + h * D;
+                double r1 = (double)a[i] * c[i] - (double)a[half + i] * s[i];
+                double r2 = (double)a[half + i] * c[i] + (double)a[i] * s[i];
+                double e1 = fabs(x[m * ldx + h * D + i] - r1), e2 = fabs(x[m * ldx + h * D + half + i] - r2);
+                worst = e1 > worst ? e1 : worst;
+                worst = e2 > worst ? e2 : worst;
+            }
+        for (ptrdiff_t i = heads * D; i < ldx; i++) untouched &= x[m * ldx + i] == x0[m * ldx + i];
+    }
+    int ok = untouched && worst <= 8 * ULP;
+    if (!ok) printf("  FAIL rotary %s M=%td heads=%td D=%td: error %.2e, others untouched %d\n", names[isa], M, heads,
+                    D, worst, untouched);
+    free(x); free(x0); free(cos_t); free(sin_t); free(pos);
+    return ok;
+}
+
+/* Sequences of one step, as the engine builds them: decoding rows at different depths, a prompt chunk, a verification. */
+#define N_SEQ 4
+static const long long seq_start[N_SEQ] = {5, 0, 40, 17}, seq_count[N_SEQ] = {1, 30, 3, 1};
+static const long long seq_spare[N_SEQ] = {2, 7, 0, 33}; /* capacity beyond start + count */
+
+/* tl_attention_seqs stores each sequence's new keys and values at `layer` of its cache (nothing else changes), and
+ * each sequence's output is the same bits as its own tl_attention call and within float32 rounding of double. */
+static int check_attention_seqs(int isa, ptrdiff_t H, ptrdiff_t Hkv, ptrdiff_t D)
+{
+    const ptrdiff_t n_layers = 2, layer = 1, Q = H * D, KV = Hkv * D, ld = Q + 2 * KV + 3, ldo = Q + 1;
+    long long row[N_SEQ], cap[N_SEQ], rows = 0;
+    float *kc[N_SEQ], *vc[N_SEQ], *k0[N_SEQ], *v0[N_SEQ];
+    for (int s = 0; s < N_SEQ; s++) {
+        row[s] = rows;
+        rows += seq_count[s];
+        cap[s] = seq_start[s] + seq_count[s] + seq_spare[s];
+        size_t n = (size_t)(n_layers * KV * cap[s]);
+        kc[s] = malloc(sizeof(float) * n); vc[s] = malloc(sizeof(float) * n);
+        k0[s] = malloc(sizeof(float) * n); v0[s] = malloc(sizeof(float) * n);
+        for (size_t i = 0; i < n; i++) { k0[s][i] = kc[s][i] = (float)uniform(); v0[s][i] = vc[s][i] = (float)uniform(); }
+    }
+    float *qkv = malloc(sizeof(float) * rows * ld), *out = malloc(sizeof(float) * rows * ldo);
+    float *alone = malloc(sizeof(float) * rows * ldo);
+    for (ptrdiff_t i = 0; i < rows * ld; i++) qkv[i] = (float)(2 * uniform());
+    const float scale = (float)(1.0 / sqrt((double)D));
+    tl_attention_seqs(isa, qkv, ld, H, Hkv, D, N_SEQ, row, seq_count, seq_start, kc, vc, cap, layer, scale, out, ldo, 2);
+    int stored = 1, same = 1;
+    double worst = 0, tol = 0, *sc = malloc(sizeof(double) * 200), *ref = malloc(sizeof(double) * D);
+    for (int s = 0; s < N_SEQ; s++) {
+        const ptrdiff_t ldh = cap[s] * D, base = layer * Hkv * ldh;
+        for (ptrdiff_t l = 0; l < n_layers; l++) /* the cache after: the new rows at `layer`, the old values elsewhere */
+            for (ptrdiff_t h = 0; h < Hkv; h++)
+                for (ptrdiff_t p = 0; p < cap[s]; p++)
+                    for (ptrdiff_t d = 0; d < D; d++) {
+                        ptrdiff_t i = (l * Hkv + h) * ldh + p * D + d, t = p - seq_start[s];
+                        int fresh = l == layer && t >= 0 && t < seq_count[s];
+                        const float *src = qkv + (row[s] + t) * ld + Q + h * D + d;
+                        stored &= kc[s][i] == (fresh ? src[0] : k0[s][i]) && vc[s][i] == (fresh ? src[KV] : v0[s][i]);
+                    }
+        tl_attention(isa, qkv + row[s] * ld, ld, seq_count[s], H, D, kc[s] + base, vc[s] + base, ldh, D, Hkv,
+                     seq_start[s], scale, alone + row[s] * ldo, ldo, NULL, 2);
+        for (ptrdiff_t t = 0; t < seq_count[s]; t++) {
+            same &= memcmp(out + (row[s] + t) * ldo, alone + (row[s] + t) * ldo, sizeof(float) * Q) == 0;
+            const ptrdiff_t L = seq_start[s] + t + 1;
+            tol = 8 * sqrt((double)L) * ULP > tol ? 8 * sqrt((double)L) * ULP : tol;
+            for (ptrdiff_t h = 0; h < H; h++) {
+                const ptrdiff_t g = h / (H / Hkv);
+                attention_ref(qkv + (row[s] + t) * ld + h * D, kc[s] + base + g * ldh, vc[s] + base + g * ldh, D, L,
+                              D, sc, ref);
+                for (ptrdiff_t d = 0; d < D; d++) {
+                    double err = fabs(out[(row[s] + t) * ldo + h * D + d] - ref[d]);
+                    worst = err > worst ? err : worst;
+                }
+            }
+        }
+    }
+    int ok = stored && same && worst <= tol;
+    if (!ok) printf("  FAIL attention_seqs %s H=%td Hkv=%td D=%td: stored %d, same bits as alone %d, error %.2e\n",
+                    names[isa], H, Hkv, D, stored, same, worst);
+    for (int s = 0; s < N_SEQ; s++) { free(kc[s]); free(vc[s]); free(k0[s]); free(v0[s]); }
+    free(qkv); free(out); free(alone); free(sc); free(ref);
+    return ok;
+}
+
+/* out (N, O) = a (N, I) @ w (O, I).T in double. */
+static void matmul_ref(const double *a, const double *w, ptrdiff_t N, ptrdiff_t O, ptrdiff_t I, double *out)
+{
+    for (ptrdiff_t n = 0; n < N; n++)
+        for (ptrdiff_t o = 0; o < O; o++) {
+            double acc = 0;
+            for (ptrdiff_t i = 0; i < I; i++) acc += a[n * I + i] * w[o * I + i];
+            out[n * O + o] = acc;
+        }
+}
+
+/* h (N, H) = rms_norm(x) * w in double. */
+static void rms_ref(const double *x, const float *w, ptrdiff_t N, ptrdiff_t H, double eps, double *h)
+{
+    for (ptrdiff_t n = 0; n < N; n++) {
+        double ms = 0;
+        for (ptrdiff_t i = 0; i < H; i++) ms += x[n * H + i] * x[n * H + i];
+        double inv = 1 / sqrt(ms / H + eps);
+        for (ptrdiff_t i = 0; i < H; i++) h[n * H + i] = w[i] * x[n * H + i] * inv;
+    }
+}
+
+/* A weight (O, I) of random values scaled by 1/sqrt(I), stored as wtype; its exact values in `exact`. */
+static void *weight(int wtype, ptrdiff_t O, ptrdiff_t I, double *exact)
+{
+    void *w = malloc((size_t)(O * I * (wtype == W_F32 ? 4 : 2)));
+    for (ptrdiff_t i = 0; i < O * I; i++) {
+        float f = (float)(1.5 * uniform() / sqrt((double)I));
+        if (wtype == W_F32) { ((float *)w)[i] = f; exact[i] = f; }
+        if (wtype == W_BF16) { ((uint16_t *)w)[i] = to_bf16(f); exact[i] = bf16_value(((uint16_t *)w)[i]); }
+        if (wtype == W_F16) { ((uint16_t *)w)[i] = to_f16(f); exact[i] = f16_value(((uint16_t *)w)[i]); }
+    }
+    return w;
+}
+
+/* tl_decoder_layers: two layers over the step's sequences against a float64 forward of the same weights (Hugging
+ * Face's Llama decoder layer), the residual stream, its final norm and the keys and values left in the caches. */
+static int check_decoder_layers(int isa, int wtype)
+{
+    enum { LAYERS = 2, H = 48, I = 40, NH = 4, NKV = 2, D = 12, Q = NH * D, KV = NKV * D, W = Q + 2 * KV, P = 64 };
+    const double eps = (double)1e-5f;
+    long long row[N_SEQ], cap[N_SEQ], N = 0;
+    for (int s = 0; s < N_SEQ; s++) { row[s] = N; N += seq_count[s]; cap[s] = seq_start[s] + seq_count[s] + seq_spare[s]; }
+    tl_layer layers[LAYERS];
+    double *wd[LAYERS][4];
+    float *norms = malloc(sizeof(float) * LAYERS * 2 * H);
+    const ptrdiff_t shape[4][2] = {{W, H}, {H, Q}, {2 * I, H}, {H, I}};
+    void *wmem[LAYERS][4];
+    for (int l = 0; l < LAYERS; l++) {
+        for (int m = 0; m < 4; m++) {
+            wd[l][m] = malloc(sizeof(double) * shape[m][0] * shape[m][1]);
+            wmem[l][m] = weight(wtype, shape[m][0], shape[m][1], wd[l][m]);
+        }
+        for (int i = 0; i < 2 * H; i++) norms[(l * 2) * H + i] = (float)(1 + 0.2 * uniform());
+        tl_layer one = {wmem[l][0], wmem[l][1], wmem[l][2], wmem[l][3], norms + 2 * l * H, norms + (2 * l + 1) * H};
+        layers[l] = one;
+    }
+    float *cos_t = malloc(sizeof(float) * P * D), *sin_t = malloc(sizeof(float) * P * D);
+    rope_tables(P, D, cos_t, sin_t);
+    tl_stack stack = {H, I, NH, NKV, D, wtype, 1e-5f, (float)(1.0 / sqrt((double)D)), cos_t, sin_t};
+    float *kc[N_SEQ], *vc[N_SEQ];
+    double *kr[N_SEQ], *vr[N_SEQ];
+    long long *pos = malloc(sizeof(long long) * N);
+    for (int s = 0; s < N_SEQ; s++) {
+        size_t n = (size_t)(LAYERS * KV * cap[s]);
+        kc[s] = malloc(sizeof(float) * n); vc[s] = malloc(sizeof(float) * n);
+        kr[s] = malloc(sizeof(double) * n); vr[s] = malloc(sizeof(double) * n);
+        for (size_t i = 0; i < n; i++) { kr[s][i] = kc[s][i] = (float)uniform(); vr[s][i] = vc[s][i] = (float)uniform(); }
+        for (long long t = 0; t < seq_count[s]; t++) pos[row[s] + t] = seq_start[s] + t;
+    }
+    float *x = malloc(sizeof(float) * N * H), *h = malloc(sizeof(float) * N * H);
+    double *xr = malloc(sizeof(double) * N * H), *hr = malloc(sizeof(double) * N * H);
+    for (ptrdiff_t i = 0; i < N * H; i++) { xr[i] = x[i] = (float)uniform(); hr[i] = h[i] = (float)(2 * uniform()); }
+    float *scratch = malloc(sizeof(float) * N * (Q + 2 * KV + Q + H + 3 * I));
+    tl_decoder_layers(isa, &stack, layers, LAYERS, x, h, N, pos, N_SEQ, row, seq_count, seq_start, kc, vc, cap,
+                      scratch, 2);
+
+    double *qkv = malloc(sizeof(double) * N * W), *attn = malloc(sizeof(double) * N * Q);
+    double *proj = malloc(sizeof(double) * N * H), *gu = malloc(sizeof(double) * N * 2 * I);
+    double *act = malloc(sizeof(double) * N * I);
+    for (int l = 0; l < LAYERS; l++) {
+        matmul_ref(hr, wd[l][0], N, W, H, qkv);
+        for (ptrdiff_t n = 0; n < N; n++) /* rotary on the query and key heads */
+            for (ptrdiff_t hd = 0; hd < NH + NKV; hd++)
+                for (ptrdiff_t i = 0; i < D / 2; i++) {
+                    double *a = qkv + n * W + hd * D, c = cos_t[pos[n] * D + i], s = sin_t[pos[n] * D + i];
+                    double a1 = a[i], a2 = a[D / 2 + i];
+                    a[i] = a1 * c - a2 * s;
+                    a[D / 2 + i] = a2 * c + a1 * s;
+                }
+        for (int s = 0; s < N_SEQ; s++) {
+            const ptrdiff_t ldh = cap[s] * D, base = l * NKV * ldh;
+            for (long long t = 0; t < seq_count[s]; t++)
+                for (ptrdiff_t g = 0; g < NKV; g++)
+                    for (ptrdiff_t d = 0; d < D; d++) {
+                        kr[s][base + g * ldh + (seq_start[s] + t) * D + d] = qkv[(row[s] + t) * W + Q + g * D + d];
+                        vr[s][base + g * ldh + (seq_start[s] + t) * D + d] = qkv[(row[s] + t) * W + Q + KV + g * D + d];
+                    }
+            for (long long t = 0; t < seq_count[s]; t++) {
+                const ptrdiff_t L = seq_start[s] + t + 1;
+                for (ptrdiff_t hd = 0; hd < NH; hd++) { /* the definition, on the double values */
+                    const ptrdiff_t g = hd / (NH / NKV);
+                    double exact_scores[P], o[D];
+                    for (ptrdiff_t j = 0; j < L; j++) {
+                        exact_scores[j] = 0;
+                        for (ptrdiff_t d = 0; d < D; d++)
+                            exact_scores[j] += qkv[(row[s] + t) * W + hd * D + d] * kr[s][base + g * ldh + j * D + d];
+                        exact_scores[j] /= sqrt((double)D);
+                    }
+                    double mx = -INFINITY, sum = 0;
+                    for (ptrdiff_t j = 0; j < L; j++) mx = exact_scores[j] > mx ? exact_scores[j] : mx;
+                    for (ptrdiff_t j = 0; j < L; j++) sum += (exact_scores[j] = exp(exact_scores[j] - mx));
+                    for (ptrdiff_t d = 0; d < D; d++) {
+                        o[d] = 0;
+                        for (ptrdiff_t j = 0; j < L; j++) o[d] += exact_scores[j] / sum * vr[s][base + g * ldh + j * D + d];
+                        attn[(row[s] + t) * Q + hd * D + d] = o[d];
+                    }
+                }
+            }
+        }
+        matmul_ref(attn, wd[l][1], N, H, Q, proj);
+        for (ptrdiff_t i = 0; i < N * H; i++) xr[i] += proj[i];
+        rms_ref(xr, layers[l].mlp_norm, N, H, eps, hr);
+        matmul_ref(hr, wd[l][2], N, 2 * I, H, gu);
+        for (ptrdiff_t n = 0; n < N; n++)
+            for (ptrdiff_t i = 0; i < I; i++) {
+                double g = gu[n * 2 * I + i];
+                act[n * I + i] = g / (1 + exp(-g)) * gu[n * 2 * I + I + i];
+            }
+        matmul_ref(act, wd[l][3], N, H, I, proj);
+        for (ptrdiff_t i = 0; i < N * H; i++) xr[i] += proj[i];
+        rms_ref(xr, layers[l].next_norm, N, H, eps, hr);
+    }
+    /* Two layers of float32 rounding (sums of <= 48 terms, exp, sqrt), relative to the values' scale. */
+    double worst = 0, scale = 1;
+    for (ptrdiff_t i = 0; i < N * H; i++) {
+        double ex = fabs(x[i] - xr[i]), eh = fabs(h[i] - hr[i]);
+        worst = ex > worst ? ex : worst;
+        worst = eh > worst ? eh : worst;
+        scale = fabs(hr[i]) > scale ? fabs(hr[i]) : scale;
+    }
+    for (int s = 0; s < N_SEQ; s++)
+        for (ptrdiff_t i = 0; i < LAYERS * KV * cap[s]; i++) {
+            double ek = fabs(kc[s][i] - kr[s][i]), ev = fabs(vc[s][i] - vr[s][i]);
+            worst = ek > worst ? ek : worst;
+            worst = ev > worst ? ev : worst;
+        }
+    int ok = worst <= 32 * ULP * scale;
+#ifdef SHOW_ERRORS
+    printf("    decoder_layers %s wtype %d: error %.2e (%.1f ulp of the scale %.2f)\n", names[isa], wtype, worst,
+           worst / ULP / scale, scale);
+#endif
+    if (!ok) printf("  FAIL decoder_layers %s wtype %d: error %.2e of %.2e\n", names[isa], wtype, worst, scale);
+    for (int l = 0; l < LAYERS; l++)
+        for (int m = 0; m < 4; m++) { free(wd[l][m]); free(wmem[l][m]); }
+    for (int s = 0; s < N_SEQ; s++) { free(kc[s]); free(vc[s]); free(kr[s]); free(vr[s]); }
+    free(norms); free(cos_t); free(sin_t); free(pos); free(x); free(h); free(xr); free(hr); free(scratch);
+    free(qkv); free(attn); free(proj); free(gu); free(act);
     return ok;
 }
 
@@ -140,15 +535,42 @@ int main(void)
                                           {1, 61, 700}, {17, 64, 256}, {70, 33, 65}};
     static const ptrdiff_t att[][5] = {{1, 8, 2, 64, 0}, {1, 8, 2, 64, 300}, {3, 4, 4, 16, 10}, {40, 6, 3, 24, 17},
                                        {70, 4, 1, 36, 0}};
+    static const ptrdiff_t widen_shapes[][2] = {{1, 8}, {3, 7}, {5, 33}, {37, 203}};
+    static const ptrdiff_t swiglu_shapes[][2] = {{1, 1}, {3, 7}, {9, 203}, {70, 1000}};
+    static const ptrdiff_t rms_shapes[][3] = {{1, 7, 0}, {3, 100, 1}, {7, 100, 0}, {40, 2048, 1}};
+    static const ptrdiff_t rot_shapes[][5] = {{1, 2, 1, 8, 10}, {5, 9, 3, 12, 50}, {7, 4, 2, 64, 100},
+                                              {40, 40, 8, 64, 64}};
+    static const ptrdiff_t seqs_shapes[][3] = {{4, 2, 16}, {6, 3, 24}, {8, 1, 64}};
+    if (tl_abi_version() <= 0) return 1;
     int failed = 0, ran = 0;
     for (int isa = 0; isa < ISA_COUNT; isa++) {
-        if (!tl_isa_usable(isa)) continue;
+        if (!tl_isa_usable(isa)) {
+#if defined(__x86_64__) || defined(_M_X64)
+            if (!tl_isa_compiled(isa)) printf("%s: not compiled in\n", names[isa]); /* (elsewhere only portable is) */
+#else
+            if (isa == ISA_PORTABLE) printf("%s: not compiled in\n", names[isa]);
+#endif
+            continue;
+        }
         int ok = 1, n = 0;
         for (int wtype = W_F32; wtype <= W_F16; wtype++)
             for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++, n++)
                 ok &= check_matmul(isa, wtype, shapes[s][0], shapes[s][1], shapes[s][2]);
         for (size_t s = 0; s < sizeof att / sizeof att[0]; s++, n++)
             ok &= check_attention(isa, att[s][0], att[s][1], att[s][2], att[s][3], att[s][4]);
+        for (int wtype = W_BF16; wtype <= W_F16; wtype++)
+            for (size_t s = 0; s < sizeof widen_shapes / sizeof widen_shapes[0]; s++, n++)
+                ok &= check_widen(isa, wtype, widen_shapes[s][0], widen_shapes[s][1]);
+        for (size_t s = 0; s < sizeof swiglu_shapes / sizeof swiglu_shapes[0]; s++, n++)
+            ok &= check_swiglu(isa, swiglu_shapes[s][0], swiglu_shapes[s][1]);
+        for (size_t s = 0; s < sizeof rms_shapes / sizeof rms_shapes[0]; s++, n++)
+            ok &= check_rms_norm(isa, rms_shapes[s][0], rms_shapes[s][1], (int)rms_shapes[s][2]);
+        for (size_t s = 0; s < sizeof rot_shapes / sizeof rot_shapes[0]; s++, n++)
+            ok &= check_rotary(isa, rot_shapes[s][0], rot_shapes[s][1], rot_shapes[s][2], rot_shapes[s][3],
+                               rot_shapes[s][4]);
+        for (size_t s = 0; s < sizeof seqs_shapes / sizeof seqs_shapes[0]; s++, n++)
+            ok &= check_attention_seqs(isa, seqs_shapes[s][0], seqs_shapes[s][1], seqs_shapes[s][2]);
+        for (int wtype = W_F32; wtype <= W_F16; wtype++, n++) ok &= check_decoder_layers(isa, wtype);
         printf("%s: %d checks %s\n", names[isa], n, ok ? "passed" : "FAILED");
         failed |= !ok;
         ran++;
