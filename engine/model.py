@@ -124,10 +124,10 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
     with checkpoint:
         config = ModelConfig.from_dict(raw_config, source=str(folder / "config.json"))
         kernels = native.status() if backend == "numpy" else native.NativeStatus(True, backend)
-        if backend == "numpy" and (notice := native.fallback_notice()):
+        stored = stored_dtype(checkpoint, config)
+        if backend == "numpy" and (notice := native.fallback_notice(stored)):
             print(notice, file=sys.stderr)  # once per process: why the kernels are missing and what that costs
-        dtype, reason = choose_weights_dtype(weights_dtype, stored_dtype(checkpoint, config), kernels.available,
-                                             kernels.detail)
+        dtype, reason = choose_weights_dtype(weights_dtype, stored, kernels.available, kernels.detail)
         weights = load_model_weights(checkpoint, config, dtype)
     generation_config = _generation_config(folder)
     if backend == "numpy":

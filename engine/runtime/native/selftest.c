@@ -6,7 +6,7 @@
  * decoder layers (a two-layer stack against a float64 forward). Every variant this CPU runs; one line per variant;
  * exit status 1 on any failure.
  *
- *     python -m engine.runtime.native.selftest [--cc CC] [--target TRIPLE] [--run 'qemu-aarch64 -L /usr/aarch64-linux-gnu']
+ *     python -m engine.runtime.native.selftest [--cc CC] [--target TRIPLE] [--run 'qemu-aarch64 -L SYSROOT']
  *
  * builds it as the engine builds the library (a variant that does not compile is left out) and runs it; by hand:
  *
@@ -304,7 +304,7 @@ static int check_rotary(int isa, ptrdiff_t M, ptrdiff_t heads, ptrdiff_t extra, 
     return ok;
 }
 
-/* Sequences of one step, as the engine builds them: decoding rows at different depths, a prompt chunk, a verification. */
+/* Sequences of one step as the engine builds them: decoding rows at several depths, a prompt chunk, a verification */
 #define N_SEQ 4
 static const long long seq_start[N_SEQ] = {5, 0, 40, 17}, seq_count[N_SEQ] = {1, 30, 3, 1};
 static const long long seq_spare[N_SEQ] = {2, 7, 0, 33}; /* capacity beyond start + count */
@@ -323,18 +323,23 @@ static int check_attention_seqs(int isa, ptrdiff_t H, ptrdiff_t Hkv, ptrdiff_t D
         size_t n = (size_t)(n_layers * KV * cap[s]);
         kc[s] = malloc(sizeof(float) * n); vc[s] = malloc(sizeof(float) * n);
         k0[s] = malloc(sizeof(float) * n); v0[s] = malloc(sizeof(float) * n);
-        for (size_t i = 0; i < n; i++) { k0[s][i] = kc[s][i] = (float)uniform(); v0[s][i] = vc[s][i] = (float)uniform(); }
+        for (size_t i = 0; i < n; i++) {
+            k0[s][i] = kc[s][i] = (float)uniform();
+            v0[s][i] = vc[s][i] = (float)uniform();
+        }
     }
     float *qkv = malloc(sizeof(float) * rows * ld), *out = malloc(sizeof(float) * rows * ldo);
     float *alone = malloc(sizeof(float) * rows * ldo);
     for (ptrdiff_t i = 0; i < rows * ld; i++) qkv[i] = (float)(2 * uniform());
     const float scale = (float)(1.0 / sqrt((double)D));
-    tl_attention_seqs(isa, qkv, ld, H, Hkv, D, N_SEQ, row, seq_count, seq_start, kc, vc, cap, layer, scale, out, ldo, 2);
+    tl_attention_seqs(isa, qkv, ld, H, Hkv, D, N_SEQ, row, seq_count, seq_start, kc, vc, cap, layer, scale, out, ldo,
+                      2);
     int stored = 1, same = 1;
     double worst = 0, tol = 0, *sc = malloc(sizeof(double) * 200), *ref = malloc(sizeof(double) * D);
     for (int s = 0; s < N_SEQ; s++) {
         const ptrdiff_t ldh = cap[s] * D, base = layer * Hkv * ldh;
-        for (ptrdiff_t l = 0; l < n_layers; l++) /* the cache after: the new rows at `layer`, the old values elsewhere */
+        /* the cache after: the new rows at `layer`, the old values elsewhere */
+        for (ptrdiff_t l = 0; l < n_layers; l++)
             for (ptrdiff_t h = 0; h < Hkv; h++)
                 for (ptrdiff_t p = 0; p < cap[s]; p++)
                     for (ptrdiff_t d = 0; d < D; d++) {
@@ -410,7 +415,11 @@ static int check_decoder_layers(int isa, int wtype)
     enum { LAYERS = 2, H = 48, I = 40, NH = 4, NKV = 2, D = 12, Q = NH * D, KV = NKV * D, W = Q + 2 * KV, P = 64 };
     const double eps = (double)1e-5f;
     long long row[N_SEQ], cap[N_SEQ], N = 0;
-    for (int s = 0; s < N_SEQ; s++) { row[s] = N; N += seq_count[s]; cap[s] = seq_start[s] + seq_count[s] + seq_spare[s]; }
+    for (int s = 0; s < N_SEQ; s++) {
+        row[s] = N;
+        N += seq_count[s];
+        cap[s] = seq_start[s] + seq_count[s] + seq_spare[s];
+    }
     tl_layer layers[LAYERS];
     double *wd[LAYERS][4];
     float *norms = malloc(sizeof(float) * LAYERS * 2 * H);
@@ -435,7 +444,10 @@ static int check_decoder_layers(int isa, int wtype)
         size_t n = (size_t)(LAYERS * KV * cap[s]);
         kc[s] = malloc(sizeof(float) * n); vc[s] = malloc(sizeof(float) * n);
         kr[s] = malloc(sizeof(double) * n); vr[s] = malloc(sizeof(double) * n);
-        for (size_t i = 0; i < n; i++) { kr[s][i] = kc[s][i] = (float)uniform(); vr[s][i] = vc[s][i] = (float)uniform(); }
+        for (size_t i = 0; i < n; i++) {
+            kr[s][i] = kc[s][i] = (float)uniform();
+            vr[s][i] = vc[s][i] = (float)uniform();
+        }
         for (long long t = 0; t < seq_count[s]; t++) pos[row[s] + t] = seq_start[s] + t;
     }
     float *x = malloc(sizeof(float) * N * H), *h = malloc(sizeof(float) * N * H);
@@ -482,7 +494,8 @@ static int check_decoder_layers(int isa, int wtype)
                     for (ptrdiff_t j = 0; j < L; j++) sum += (exact_scores[j] = exp(exact_scores[j] - mx));
                     for (ptrdiff_t d = 0; d < D; d++) {
                         o[d] = 0;
-                        for (ptrdiff_t j = 0; j < L; j++) o[d] += exact_scores[j] / sum * vr[s][base + g * ldh + j * D + d];
+                        for (ptrdiff_t j = 0; j < L; j++)
+                            o[d] += exact_scores[j] / sum * vr[s][base + g * ldh + j * D + d];
                         attn[(row[s] + t) * Q + hd * D + d] = o[d];
                     }
                 }
