@@ -93,6 +93,35 @@ def test_clang_aarch64_build_under_qemu(tmp_path):
     assert run_selftest(tmp_path / "selftest-arm", QEMU_ARM) == [f"portable: {SELFTEST_CHECKS} checks passed"]
 
 
+MINGW = shutil.which("x86_64-w64-mingw32-gcc-posix") or shutil.which("x86_64-w64-mingw32-gcc")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(MINGW is None, reason="no MinGW-w64 cross compiler (Debian: gcc-mingw-w64-x86-64-posix)")
+def test_windows_dll_cross_built_with_mingw(tmp_path):
+    """The Windows build with MinGW-w64 GCC: every variant compiles warning-free, the DLL links with the loader's
+    Windows flags and imports only Windows' own DLLs (a libwinpthread-1.dll beside the compiler would not be found
+    when Python loads it), and selftest.exe links. Built, not run (no Windows here)."""
+    from engine.runtime.native.selftest import STRICT_FLAGS
+
+    objects, skipped = native.compile_objects([MINGW], native.HERE, str(tmp_path), STRICT_FLAGS)
+    assert not skipped
+    dll = tmp_path / "tinyllama-kernels.dll"
+    done = subprocess.run([MINGW, "-shared", "-pthread"] + native.LDFLAGS_WINDOWS + ["-o", str(dll)] + objects
+                          + native.LIBS, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    objdump = shutil.which("x86_64-w64-mingw32-objdump")
+    if objdump:
+        table = subprocess.run([objdump, "-p", str(dll)], capture_output=True, text=True).stdout
+        imports = {line.split(":", 1)[1].strip().lower() for line in table.splitlines() if "DLL Name:" in line}
+        assert imports <= {"kernel32.dll", "msvcrt.dll"}, imports
+    main = tmp_path / "selftest.o"
+    for command in ([MINGW] + native.CFLAGS + STRICT_FLAGS + ["-c", str(native.HERE / "selftest.c"), "-o", str(main)],
+                    [MINGW, "-pthread", "-o", str(tmp_path / "selftest.exe"), str(main)] + objects + native.LIBS):
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
 def test_a_variant_that_does_not_compile_is_left_out_and_the_others_stay(tmp_path):
     """A compiler that fails on some variants (one without AVX-512 or AVX2 support, or GCC < 9 on a builtin): the
     library is built without them, status() names each with the compiler's message, and the one left runs."""

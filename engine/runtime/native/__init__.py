@@ -13,14 +13,18 @@ extensions the compiler maps to NEON on ARM, SSE2 on x86). Threads come from our
 OpenMP, so it builds with Apple's clang too.
 
 Built like Triton builds its kernels: compiled once into a cache folder keyed by the sources' hash, the compiler and
-its flags, then loaded with ctypes (which releases the GIL during each call). Where it cannot be used (no compiler,
-TINYLLAMA_NATIVE=0) `status()` says why; the loader then widens 16-bit weights to float32 and the backend uses
-NumPy's BLAS and NumPy attention, so results never depend on it being there.
+its flags, then loaded with ctypes (which releases the GIL during each call). Each source is its own object, so a
+variant the compiler cannot build is left out (named in `status()`) and the others run. Where the kernels cannot be
+used at all (no compiler, a compile error, a library that does not load, a CPU that runs no compiled variant,
+TINYLLAMA_NATIVE=0) `status()` says why, `fallback_notice()` gives the one stderr line a model load prints, the loader
+widens 16-bit weights to float32 and the backend uses NumPy's BLAS and NumPy attention, so results never depend on
+it being there. `python -m engine.runtime.native.selftest` builds and runs selftest.c for any target (selftest.py).
 
 Environment: TINYLLAMA_NATIVE=0 turns it off; TINYLLAMA_NATIVE_ISA=avx512|avx2|portable forces a variant (an error in
-`status()` if this CPU cannot run it); CC picks the compiler (default `cc`); TINYLLAMA_CACHE the cache folder (default
-$XDG_CACHE_HOME/tinyllama-engine or ~/.cache/tinyllama-engine); TINYLLAMA_NUM_THREADS (else OMP_NUM_THREADS, else
-OPENBLAS_NUM_THREADS, else the CPUs this process may run on) the kernels' threads.
+`status()` if this CPU cannot run it); CC picks the compiler (default `cc`, `gcc` on Windows); TINYLLAMA_CACHE the
+cache folder (default $XDG_CACHE_HOME/tinyllama-engine or ~/.cache/tinyllama-engine); TINYLLAMA_NUM_THREADS (else
+OMP_NUM_THREADS, else OPENBLAS_NUM_THREADS, else the CPUs this process may run on, on Apple Silicon its performance
+cores) the kernels' threads.
 """
 from __future__ import annotations
 
@@ -43,7 +47,10 @@ HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "simd_avx512.h", "s
 # Never -ffast-math / -Ofast: GCC then links code that sets flush-to-zero for the whole process (subnormal weights
 # and activations would become 0), and it may reorder the sums that make results reproducible.
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread"]
-LDFLAGS = ["-shared", "-pthread"]
+# On Windows (MinGW-w64) the DLL takes winpthreads and libgcc in statically: Python does not search PATH for a DLL's
+# own dependencies, so a libwinpthread-1.dll beside the compiler would not be found when it loads.
+LDFLAGS_WINDOWS = ["-static"]
+LDFLAGS = ["-shared", "-pthread"] + (LDFLAGS_WINDOWS if sys.platform == "win32" else [])
 LIBS = ["-lm"]
 ABI_VERSION = 4
 ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
@@ -96,10 +103,15 @@ def thread_count() -> int:
     return min(usable, _performance_cores() or usable)
 
 
+def compiler() -> list[str]:
+    """The C compiler command: $CC, else `cc` (`gcc` on Windows, where MinGW-w64 has no `cc`)."""
+    return shlex.split(os.environ.get("CC") or ("gcc" if sys.platform == "win32" else "cc"))
+
+
 def library_path(folder: Path = HERE) -> Path:
     """Where build() puts (or finds) the library for the sources in `folder`, the compiler ($CC) and its flags."""
-    compiler = shlex.split(os.environ.get("CC", "cc"))
-    digest = hashlib.sha256(repr((compiler, CFLAGS, LDFLAGS, LIBS, platform.machine(), sys.platform)).encode())
+    compiler_ = compiler()
+    digest = hashlib.sha256(repr((compiler_, CFLAGS, LDFLAGS, LIBS, platform.machine(), sys.platform)).encode())
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
     suffix = ".dll" if sys.platform in ("win32", "cygwin") else ".so"
@@ -157,16 +169,16 @@ def build(folder: Path = HERE) -> Path:
     Each source is its own object (compile_objects): a variant this compiler cannot build (an old compiler without a
     builtin or an instruction set) is left out, noted beside the library (left_out()), and the others stay.
     Raises RuntimeError with the compiler's message when nothing usable can be built."""
-    compiler = shlex.split(os.environ.get("CC", "cc"))
+    cc = compiler()
     target = library_path(folder)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
         try:
-            objects, skipped = compile_objects(compiler, folder, work)
+            objects, skipped = compile_objects(cc, folder, work)
             tmp = os.path.join(work, "lib" + target.suffix)
-            if error := _finish(_run(compiler + LDFLAGS + ["-o", tmp] + objects + LIBS), compiler, "linking"):
+            if error := _finish(_run(cc + LDFLAGS + ["-o", tmp] + objects + LIBS), cc, "linking"):
                 raise RuntimeError(error)
         except FileNotFoundError as e:
             raise RuntimeError(f"no C compiler ({e.filename})") from None

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.runtime.native import CFLAGS, HERE, LIBS, compile_objects
+from engine.runtime.native import CFLAGS, HERE, LIBS, compile_objects, compiler
 
 STRICT_FLAGS = ["-Wall", "-Wextra", "-Werror"]
 
@@ -52,7 +52,7 @@ def build_selftest(compiler: list[str], output: Path | None, target: str | None 
 def main(argv: list[str] | None = None) -> int:
     """The command line: build, then run (unless --compile-only) -> exit status."""
     p = argparse.ArgumentParser(prog="python -m engine.runtime.native.selftest", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cc", default=os.environ.get("CC", "cc"), help="the C compiler (default $CC, else cc)")
+    p.add_argument("--cc", default=" ".join(compiler()), help="the C compiler (default $CC, else cc)")
     p.add_argument("--target", help="a target triple for clang, e.g. aarch64-linux-gnu, arm64-apple-macos11")
     p.add_argument("--cflags", default="", help="more compiler flags, e.g. '-isystem DIR' for stand-in headers")
     p.add_argument("--run", default="", help="a command to run the binary with, e.g. 'qemu-aarch64 -L SYSROOT'")
