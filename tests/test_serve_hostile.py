@@ -301,8 +301,9 @@ def test_integers_as_numbers_and_huge_integers_are_fine(server):
 
 # ---- 11: completions' logprobs tokens are the text -----------------------------------------------------------------
 def test_completion_logprob_tokens_join_to_the_text(server):
-    r = post(server, COMPLETIONS, {"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "logprobs": 1,
-                                   "ignore_eos": True}).json()
+    # this seed samples byte-fallback tokens: <0x50> ('P', a whole character) and a stray <0xBF>
+    r = post(server, COMPLETIONS, {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 1.0, "seed": 0,
+                                   "logprobs": 1, "ignore_eos": True}).json()
     text, lp = r["choices"][0]["text"], r["choices"][0]["logprobs"]
     assert "".join(t for t in lp["tokens"] if not t.startswith("bytes:")) == text
     for offset, token in zip(lp["text_offset"], lp["tokens"]):
@@ -421,3 +422,44 @@ def test_sigterm_drains_and_answers_a_stalled_upload(chat_model):
         assert "Traceback" not in s.log and "CancelledError" not in s.log, s.log
     finally:
         s.stop()
+
+
+# ---- the length bound that refuses a prompt before tokenizing it ---------------------------------------------------
+def test_the_length_bound_never_exceeds_the_real_token_count(chat_model):
+    import math
+
+    import engine
+
+    tokenizer = engine.load_model(str(chat_model)).tokenizer
+    per_token = tokenizer.max_chars_per_token()
+    pieces = sorted((tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)), key=len)
+    assert per_token == len(pieces[-1]) == 16  # TinyLlama's longest piece
+    tightest = "".join(p.replace("\u2581", " ") for p in pieces[-300:])  # the longest pieces back to back
+    rng = __import__("random").Random(0)
+    texts = [tightest, " " * 5000, "a" * 5000, "😀" * 300, "\n" * 300, "</s>" * 50,
+             "".join(chr(rng.randrange(32, 0x3000)) for _ in range(3000))]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert len(ids) >= math.ceil(len(text) / per_token), text[:40]
+        assert tokenizer.encode(text, threaded=True) == ids  # the GIL-releasing path gives the same ids
+
+
+def test_no_length_bound_where_a_normalizer_can_merge_characters():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from engine.text.tokenizer import Tokenizer
+
+    for normalizer, pre_tokenizer in [(normalizers.NFKC(), None),
+                                      (normalizers.Sequence([normalizers.Prepend("_"), normalizers.NFC()]), None),
+                                      (normalizers.Replace("ab", "c"), None),
+                                      (None, pre_tokenizers.WhitespaceSplit())]:
+        hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+        if normalizer is not None:
+            hf.normalizer = normalizer
+        if pre_tokenizer is not None:
+            hf.pre_tokenizer = pre_tokenizer
+        assert Tokenizer(hf).max_chars_per_token() is None
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("_"), normalizers.Replace(" ", "_")])
+    assert Tokenizer(hf).max_chars_per_token() == 2
