@@ -20,10 +20,13 @@ URL_LINE = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 class ServerProcess:
     """`python -m engine serve --port 0 ...` with its output in a file (a pipe nobody reads could fill and block it)."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, preamble: str = ""):
+        """`preamble`: Python run in the server's process before it starts (a test plants a fault with it)."""
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="tinyllama-serve-", suffix=".log", delete=False)
+        command = ["-m", "engine"] if not preamble else [
+            "-c", preamble + "\nimport runpy\nrunpy.run_module('engine', run_name='__main__', alter_sys=True)"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, *command, "serve", "--host", "127.0.0.1", "--port", "0", *args],
             cwd=REPO, stdout=self.log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self.url = ""
 

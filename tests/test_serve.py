@@ -626,12 +626,16 @@ def test_busy_server_answers_health_fast_refuses_past_its_queue_and_stops_on_ctr
         print(f"/health under load: median {1e3 * latencies[20]:.1f} ms, max {1e3 * latencies[-1]:.1f} ms")
         assert latencies[int(0.9 * len(latencies))] < 0.1, latencies
 
-        # Ctrl-C: no new connections, the requests in flight get 0.5 s, then are cancelled; exit 0
+        # Ctrl-C: draining (the listener open, /health and new requests 503), the requests in flight get 0.5 s,
+        # then are cancelled; exit 0, and then nothing listens
         s.process.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        time.sleep(0.2)
+        r = httpx.get(s.url + "/health", timeout=5)
+        assert r.status_code == 503 and r.json() == {"status": "shutting down"}
+        assert httpx.post(s.url + COMPLETIONS, json={"prompt": PROMPT, "max_tokens": 2}, timeout=5).status_code == 503
+        assert s.process.wait(60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(s.url + "/health", timeout=5)
-        assert s.process.wait(60) == 0
         for t in threads:
             t.join(30)
         for name in ("r0", "r1", "r2"):  # the one that waited for a place ends with no tokens, "abort" too

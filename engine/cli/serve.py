@@ -1,12 +1,14 @@
 """`tinyllama serve`: the OpenAI-compatible HTTP server (engine.serve) under uvicorn.
 
 The socket is bound first (a port in use is one error line, and --port 0 picks a free one), the model loads while
-the server already answers /health with 503, and Ctrl-C (SIGINT) or SIGTERM stops taking connections, gives the
-requests in flight --shutdown-timeout seconds to finish, cancels the rest, and exits 0.
+the server already answers /health with 503, and Ctrl-C (SIGINT) or SIGTERM drains: /health and new requests answer
+503 (the listener stays open, so a load balancer sees the 503) while the requests in flight get --shutdown-timeout
+seconds to finish; then the rest are cancelled, the listener closes, and the process exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import os
 import signal
@@ -17,6 +19,7 @@ from engine.cli.common import add_model_options, load
 from engine.errors import EngineError
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
+CANCEL_MARGIN = 2.0  # seconds after the grace period for cancelled requests to send their last chunk
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,8 +39,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser "
                         "(CORS); may be repeated; none by default")
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
-                   help="on Ctrl-C, seconds requests in flight get to finish before they are cancelled "
-                        "(default %(default)s)")
+                   help="on Ctrl-C or SIGTERM, seconds requests in flight get to finish before they are cancelled; "
+                        "meanwhile /health and new requests answer 503 (default %(default)s)")
+    p.add_argument("--max-request-mb", type=float, default=8.0, metavar="MB",
+                   help="largest request body accepted, in MiB; larger is 413 (default %(default)g)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client gets to send a request's headers (from connecting, or from its previous "
+                        "response), and then its body (408); beyond, the connection is closed (default %(default)g)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default %(default)s; info logs one line per request)")
 
@@ -80,21 +88,30 @@ def run_serve(args) -> int:
             raise EngineError(f"{option} must be >= {low}, got {value}")
     if args.shutdown_timeout < 0:
         raise EngineError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    for option, value in (("--max-request-mb", args.max_request_mb), ("--read-timeout", args.read_timeout)):
+        if not value > 0:
+            raise EngineError(f"{option} must be > 0, got {value}")
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
     sock = listening_socket(args.host, args.port)
     import uvicorn
 
     from engine.serve import create_app
+    from engine.serve.connection import TimedH11Protocol
 
     name = args.served_model_name or args.model
     failure: list[str] = []
 
     class Server(uvicorn.Server):
-        """uvicorn's server, telling the app when shutdown begins so requests in flight can be drained."""
+        """uvicorn's server, draining before it closes the listener: the app answers 503 to /health and to new
+        requests while those in flight finish (or, past --shutdown-timeout, are cancelled and end)."""
 
         async def shutdown(self, sockets=None):
             app.state.server.begin_shutdown(args.shutdown_timeout)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + args.shutdown_timeout + CANCEL_MARGIN
+            while self.server_state.tasks and not self.force_exit and loop.time() < deadline:
+                await asyncio.sleep(0.05)
             await super().shutdown(sockets=sockets)
 
     def on_load_error(message: str) -> None:
@@ -102,9 +119,11 @@ def run_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
-                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin)
+                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
+                     max_request_bytes=int(args.max_request_mb * 2 ** 20), read_timeout=args.read_timeout)
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="on")
+                            http=TimedH11Protocol.with_head_timeout(args.read_timeout),
+                            timeout_graceful_shutdown=CANCEL_MARGIN, lifespan="on")
     server = Server(config)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -4,11 +4,15 @@ The model loads on a thread of its own when the app starts (/health answers 503 
 ServingLoop's thread steps the batch. Each request submits its prompt and options to the loop and receives its
 events through an asyncio queue fed with `loop.call_soon_threadsafe`, so the event loop never waits on the model.
 A client that goes away (mid-stream or while waiting for a whole response) has its sequence cancelled at once.
+
+A request body is read with a size cap (413 past it) and a deadline (408), then parsed, validated and tokenized on a
+worker thread (the tokenizer releases the GIL there), so a huge or slow request never stalls the event loop. An
+exception no handler takes is a 500 in OpenAI's shape that leaves the keep-alive connection usable. On shutdown the
+server drains: /health and new requests answer 503 while the requests in flight get the grace period.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import threading
@@ -21,14 +25,16 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from engine.errors import EngineError
 from engine.generation.serving import QueueFullError, ServingLoop, ServingStoppedError, StepFailedError, Ticket
 from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
-from engine.serve.errors import SERVER_ERROR, APIError, bad_request, install_error_handlers, validation_error
+from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
+                                 validation_error)
 from engine.serve.metrics import ServerMetrics
 from engine.serve.params import Job, chat_job, completion_job
-from engine.serve.protocol import ChatCompletionRequest, CompletionRequest
+from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse
 from weights.errors import CheckpointError
 
@@ -38,6 +44,9 @@ startup_log = logging.getLogger("tinyllama.serve.startup")  # the ready line: sh
 OWNER = "tinyllama-engine"
 RETRY_AFTER_BUSY = "1"
 RETRY_AFTER_LOADING = "5"
+MAX_REQUEST_BYTES = 8 * 2 ** 20  # the default body cap (--max-request-mb 8)
+READ_TIMEOUT = 30.0  # the default seconds a request's body may take to arrive (--read-timeout)
+DISCARD_BYTES = 64 * 2 ** 20  # past the cap, read and dropped so the client can read its 413 before the close
 
 
 @dataclass
@@ -50,11 +59,14 @@ class ServerState:
     max_active: int
     max_queue: int
     on_load_error: Callable[[str], None] | None = None
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    read_timeout: float = READ_TIMEOUT
     model: object = None
     serving: ServingLoop | None = None
     strings: TokenStrings | None = None
     load_error: str | None = None
     draining: bool = False
+    grace_over: asyncio.Event = field(default_factory=asyncio.Event)  # set when the shutdown grace period ends
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: ServerMetrics = field(init=False)
 
@@ -92,8 +104,13 @@ class ServerState:
         Call from the event loop (the server's shutdown hook).
         """
         self.draining = True
-        if self.serving is not None:
-            asyncio.get_running_loop().call_later(max(0.0, grace), self.serving.cancel_all)
+
+        def over() -> None:
+            self.grace_over.set()  # requests still uploading their body are answered 503 and closed
+            if self.serving is not None:
+                self.serving.cancel_all()
+
+        asyncio.get_running_loop().call_later(max(0.0, grace), over)
 
     def check_ready(self) -> None:
         """503 (with Retry-After) while loading or shutting down."""
@@ -121,11 +138,15 @@ class ServerState:
 
 def create_app(load: Callable[[], object], served_model_name: str, api_key: str | None = None,
                max_active: int = 32, max_queue: int = 256,
-               on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = ()) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
+               max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
-    may call the API (CORS; none by default). `app.state.server` is the ServerState."""
-    state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error)
+    may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
+    `read_timeout` seconds after its headers 408. With an api_key the docs (/docs, /redoc, /openapi.json) are off.
+    `app.state.server` is the ServerState."""
+    state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error, max_request_bytes,
+                        read_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -134,12 +155,13 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
         if state.serving is not None:
             state.serving.stop()
 
-    app = FastAPI(title="tinyllama serve", lifespan=lifespan)
+    docs = {} if api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tinyllama serve", lifespan=lifespan, **docs)
     app.state.server = state
+    install_error_handlers(app, on_error=lambda status: state.metrics.errors.labels(str(status)).inc())
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    install_error_handlers(app, on_error=lambda status: state.metrics.errors.labels(str(status)).inc())
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -169,16 +191,14 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _prepare(request, state, ChatCompletionRequest)
-        job = chat_job(state.model, body)
+        job = await _prepare(request, state, ChatCompletionRequest, chat_job)
         return await _answer(request, state, job, Answer("chat", state.served_model_name, state.strings,
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _prepare(request, state, CompletionRequest)
-        job = completion_job(state.model, body)
+        job = await _prepare(request, state, CompletionRequest, completion_job)
         return await _answer(request, state, job, Answer("completion", state.served_model_name, state.strings,
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids)))
@@ -186,23 +206,77 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     return app
 
 
-async def _prepare(request: Request, state: ServerState, model_class):
-    """Authorize, parse and validate the JSON body (400 naming the field), check the model name and readiness."""
+async def _prepare(request: Request, state: ServerState, model_class, make_job: Callable) -> Job:
+    """Authorize, read the body (413 / 408 / 503 when draining), then on a worker thread parse and validate it (400
+    naming the field), check the model name and readiness, and build the Job (tokenizing the prompt)."""
     state.authorize(request)
-    raw = await request.body()
+    raw = await _read_body(request, state)
+
+    def job() -> Job:
+        try:
+            body = model_class.model_validate(parse_body(raw))
+        except ValidationError as e:
+            raise validation_error(e.errors()) from None
+        state.check_model(body.model)
+        state.check_ready()
+        return make_job(state.model, body)
+
+    return await asyncio.to_thread(job)
+
+
+async def _read_body(request: Request, state: ServerState) -> bytes:
+    """The request body, read as it arrives: 413 past state.max_request_bytes, 408 when it is not complete
+    state.read_timeout seconds after the headers, 503 (closing the connection) when the shutdown grace ends first;
+    ClientGone (one log line, counted) when the client disconnects meanwhile."""
+    limit = state.max_request_bytes
+    declared = request.headers.get("content-length", "")
+    size = 0
+    chunks: list[bytes] = []
+
+    async def read() -> bool:  # -> whether the whole body was read (past the cap it is dropped up to DISCARD_BYTES)
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit + DISCARD_BYTES:
+                return False
+            if size <= limit:
+                chunks.append(chunk)
+        return True
+
+    if declared.isdigit() and int(declared) > limit + DISCARD_BYTES:
+        raise _too_large(limit, close=True)
+    reading = asyncio.ensure_future(read())
+    grace = asyncio.ensure_future(state.grace_over.wait())
     try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
+        done, _ = await asyncio.wait({reading, grace}, timeout=state.read_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        grace.cancel()
+        if not reading.done():
+            reading.cancel()
+    if reading not in done:
+        close = {"Connection": "close"}
+        if grace in done:
+            raise APIError(503, "the server is shutting down", SERVER_ERROR, headers=close)
+        raise APIError(408, f"the request body did not arrive within {state.read_timeout:g} s", headers=close)
     try:
-        body = model_class.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
-    state.check_model(body.model)
-    state.check_ready()
-    return body
+        complete = reading.result()
+    except ClientDisconnect:
+        state.metrics.clients_gone.labels("upload").inc()
+        log.info("client %s went away while sending its request (%d bytes received)", _client(request), size)
+        raise ClientGone from None
+    if size > limit:
+        raise _too_large(limit, close=not complete)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, close: bool) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit / 2 ** 20:g} MB "
+                         f"(--max-request-mb)", headers={"Connection": "close"} if close else None)
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "-"
 
 
 @dataclass
@@ -251,7 +325,10 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
         raise APIError(503, str(e), SERVER_ERROR) from None
 
     def client_gone() -> None:
+        if ticket.done:
+            return
         timing.client_gone = True
+        metrics.clients_gone.labels("streaming" if handed_over else "waiting").inc()
         state.serving.cancel(ticket)
 
     watcher = asyncio.create_task(_watch_disconnect(request, client_gone))
@@ -270,6 +347,8 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
             item = await queue.get()
         _raise_if_error(item)
         if item.stop_reason == STOP_CANCELLED:
+            if timing.client_gone:
+                raise ClientGone  # nobody to answer; counted and logged as a client gone, not as an error
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
         return JSONResponse(answer.complete(events, item))
     finally:

@@ -1,5 +1,6 @@
 """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, and the handlers that make every
-failure one (bad JSON, FastAPI's validation errors as 400, unknown routes, and, for bugs, a 500 without a traceback)."""
+failure one (bad JSON, FastAPI's validation errors as 400, unknown routes, and, for bugs, a 500 without a traceback
+in the response, logged once, that leaves the keep-alive connection usable)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("tinyllama.serve")
@@ -33,6 +34,11 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         """This error as a JSONResponse with its status and headers."""
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer: nothing to send, and not an error of the server (already counted
+    and logged where it was noticed)."""
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -78,6 +84,12 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     async def api_error(request: Request, error: APIError):
         return respond(error)
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    app.add_middleware(AnswerBugs, on_error=on_error)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
         return respond(validation_error(list(error.errors())))
@@ -97,3 +109,34 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     async def internal(request: Request, error: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         return respond(APIError(500, "internal server error (see the server's log)", SERVER_ERROR))
+
+
+class AnswerBugs:
+    """ASGI middleware: an exception no handler took becomes a 500 in OpenAI's shape, logged once, and goes no
+    further. (Starlette's outermost middleware answers it too but then re-raises, and uvicorn, seeing an exception
+    after the response, closes the connection without `Connection: close`: the client's next request on it is lost.)
+    An exception after the response started still propagates: that connection cannot be saved."""
+
+    def __init__(self, app, on_error=None):
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            if started:
+                raise
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if self.on_error is not None:
+                self.on_error(500)
+            await APIError(500, "internal server error (see the server's log)", SERVER_ERROR).response()(
+                scope, receive, send)

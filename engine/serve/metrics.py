@@ -29,6 +29,9 @@ class ServerMetrics:
                                 "by the client going away or the server stopping)", ["finish_reason"], registry=r)
         self.errors = Counter("tinyllama_request_errors", "Error responses, by HTTP status",
                                 ["status"], registry=r)
+        self.clients_gone = Counter("tinyllama_clients_gone", "Clients that disconnected before their answer was "
+                                    "complete, by stage (upload: while sending the request; waiting: before a whole "
+                                    "response; streaming: mid-stream)", ["stage"], registry=r)
         self.time_to_first_token = Histogram("tinyllama_time_to_first_token_seconds", "From the request's arrival "
                                              "to its first token", buckets=TTFT_BUCKETS, registry=r)
         self.time_per_output_token = Histogram("tinyllama_time_per_output_token_seconds", "Between consecutive "

@@ -6,6 +6,7 @@ OpenAI's defaults (temperature 1, top_p 1). The presence / frequency penalties c
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from engine.errors import ContextOverflowError, EngineError
@@ -89,54 +90,87 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
             content = m.content
         else:
             for j, part in enumerate(m.content):
-                if part.type not in TEXT_PARTS or part.text is None:
+                if part.type not in TEXT_PARTS:
                     raise bad_request(f"messages[{i}].content[{j}]: only text content is supported, got type "
                                       f"{part.type!r}", f"messages[{i}].content[{j}].type")
+                if part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}].text: a {part.type!r} part needs its 'text' field",
+                                      f"messages[{i}].content[{j}].text")
             content = "\n".join(part.text for part in m.content)
         messages.append({"role": role, "content": content})
     return messages
 
 
-def chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
-    """The messages rendered with the model's own chat template and tokenized (as `generate --chat` does)."""
+def chat_prompt_ids(model, body: ChatCompletionRequest, max_tokens: int | None = None) -> list[int]:
+    """The messages rendered with the model's own chat template and tokenized (as `generate --chat` does); a
+    rendering too long for the window is refused before it is tokenized (see refuse_long_text)."""
     messages = chat_messages(body)
+    tokenizer = model.tokenizer
     try:
-        return tokenizer.encode_chat(messages)
+        prompt = tokenizer.apply_chat_template(messages)
     except NoChatTemplateError:
         raise bad_request("this model has no chat template: use /v1/completions", "messages") from None
     except ChatTemplateError as e:
         raise bad_request(f"messages: {e}", "messages") from None
+    refuse_long_text(model, prompt, max_tokens, "messages")
+    return tokenizer.encode_rendered_chat(prompt, threaded=True)
 
 
-def completion_prompt_ids(tokenizer, body: CompletionRequest) -> list[int]:
-    """The prompt's token ids: text is tokenized (BOS added, as Model.complete does), ids are taken as given."""
+def completion_prompt_ids(model, body: CompletionRequest) -> list[int]:
+    """The prompt's token ids: text is tokenized (BOS added, as Model.complete does), ids are taken as given; a
+    text too long for the window is refused before it is tokenized (see refuse_long_text)."""
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise bad_request(f"prompt: one prompt per request, got {len(prompt)}", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        refuse_long_text(model, prompt, body.max_tokens, "prompt")
+        return model.tokenizer.encode(prompt, threaded=True)
     if not prompt:
         raise bad_request("prompt: the list of token ids is empty", "prompt")
     return list(prompt)
+
+
+def refuse_long_text(model, text: str, max_tokens: int | None, param: str) -> None:
+    """400 context_length_exceeded, without tokenizing, for a text that cannot fit the window: no token stands for
+    more than the tokenizer's longest piece (max_chars_per_token characters; a byte-fallback token for less than
+    one), so `text` has at least ceil(len(text) / that) tokens. Nothing is refused when the tokenizer gives no
+    sound bound; then the exact count decides, after tokenizing."""
+    per_token = model.tokenizer.max_chars_per_token()
+    if per_token:
+        check_fits(model.config.max_position_embeddings, math.ceil(len(text) / per_token), max_tokens, param,
+                   at_least=True)
+
+
+def check_fits(window: int, prompt_len: int, max_tokens: int | None, param: str, at_least: bool = False) -> None:
+    """400 context_length_exceeded unless a prompt of prompt_len tokens plus max_tokens (or, when None, at least
+    one generated token) fits the window; the message gives both numbers (`at_least`: prompt_len is a lower bound)."""
+    some = "at least " if at_least else ""
+    if prompt_len >= window:
+        raise bad_request(f"this model's context window is {window} tokens, and the {param} alone has {some}"
+                          f"{prompt_len} (at most {window - 1} leave room to generate): shorten the {param}",
+                          param, code="context_length_exceeded")
+    if max_tokens is not None and prompt_len + max_tokens > window:
+        raise bad_request(
+            f"this model's context window is {window} tokens, but the request asks for {some}{prompt_len + max_tokens} "
+            f"({some}{prompt_len} in the {param}, {max_tokens} to generate): shorten the {param} or lower max_tokens",
+            param, code="context_length_exceeded")
 
 
 def generation_options(model, body: SamplingFields, max_tokens: int | None, prompt_len: int, param: str,
                        logprobs: int | None) -> GenerationOptions:
     """Validated GenerationOptions; 400 context_length_exceeded when prompt + max_tokens does not fit the window."""
     window = model.config.max_position_embeddings
+    check_fits(window, prompt_len, max_tokens, param)
     if max_tokens is None:
         max_tokens = window - prompt_len
-    if max_tokens < 1 or prompt_len + max_tokens > window:
-        raise bad_request(
-            f"this model's context window is {window} tokens, but the request asks for {prompt_len + max_tokens} "
-            f"({prompt_len} in the {param}, {max_tokens} to generate): shorten the {param} or lower max_tokens",
-            param, code="context_length_exceeded")
     temperature = body.temperature
     if temperature is None and not (model.generation_config or {}).get("do_sample"):
         temperature = 1.0  # OpenAI's default
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if "" in stop:
+        raise bad_request("stop: a stop string cannot be empty", "stop")
     sampling = dict(temperature=temperature, top_p=body.top_p, min_p=body.min_p,
                     top_k=None if body.top_k is None else max(body.top_k, 0),
                     repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
@@ -153,8 +187,8 @@ def generation_options(model, body: SamplingFields, max_tokens: int | None, prom
 def chat_job(model, body: ChatCompletionRequest) -> Job:
     """Validate a chat request -> Job (400 APIError naming the field otherwise)."""
     refuse_unsupported(body)
-    ids = chat_prompt_ids(model.tokenizer, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    ids = chat_prompt_ids(model, body, max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return _job(model, body, ids, max_tokens, "messages", logprobs)
 
@@ -162,7 +196,7 @@ def chat_job(model, body: ChatCompletionRequest) -> Job:
 def completion_job(model, body: CompletionRequest) -> Job:
     """Validate a completions request -> Job (400 APIError naming the field otherwise)."""
     refuse_unsupported(body)
-    ids = completion_prompt_ids(model.tokenizer, body)
+    ids = completion_prompt_ids(model, body)
     return _job(model, body, ids, body.max_tokens, "prompt", body.logprobs)
 
 

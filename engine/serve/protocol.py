@@ -1,17 +1,69 @@
 """The request bodies of /v1/chat/completions and /v1/completions as pydantic models (OpenAI's field names).
 
-Unknown fields are ignored, as OpenAI-compatible servers do. Types and ranges are checked here (a failure is a 400
-naming the field); fields we know but cannot honour are refused in engine.serve.params, also naming the field.
+Unknown fields are ignored, as OpenAI-compatible servers do. Types and ranges are checked here, strictly as OpenAI
+does (an integer field takes no 5.0, "10" or true, a boolean no 1 or "yes", a number no string, NaN or infinity; a
+failure is a 400 naming the field); fields we know but cannot honour are refused in engine.serve.params, also naming
+the field. `parse_body` reads the raw bytes: JSON that is an object, not nested past a limit, without lone surrogates.
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.serve.errors import bad_request
+
+MAX_NESTING = 64  # JSON containers inside each other; OpenAI's own bodies need about 6
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body -> its JSON object; 400 (naming the field where there is one) for anything that is not a JSON
+    object of valid Unicode text: bad syntax or UTF-8, NaN / Infinity, nesting deeper than MAX_NESTING, a string
+    holding a lone surrogate (JSON's "\\ud800" escape, which no UTF-8 text can carry)."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        data = json.loads(raw, parse_constant=no_constant)
+    except RecursionError:
+        raise bad_request(f"the request body is nested too deeply (more than {MAX_NESTING} levels)") from None
+    except ValueError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    _check_values(data)
+    return data
+
+
+def _check_values(data: dict) -> None:
+    """400 for nesting past MAX_NESTING or a lone surrogate in any key or string (walked without recursion)."""
+    stack: list[tuple[str, Any, int]] = [("", data, 1)]
+    while stack:
+        path, value, depth = stack.pop()
+        if isinstance(value, str):
+            if LONE_SURROGATE.search(value):
+                where = path or "the request body"
+                raise bad_request(f"{where}: the text holds a lone surrogate (e.g. \\ud800 without its pair), which is "
+                                  f"not valid Unicode", path or None)
+            continue
+        if isinstance(value, (dict, list)) and depth > MAX_NESTING:
+            raise bad_request(f"{path}: nested too deeply (more than {MAX_NESTING} levels)", path or None)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if LONE_SURROGATE.search(key):
+                    raise bad_request(f"{path or 'the request body'}: a key holds a lone surrogate, which is not valid "
+                                      f"Unicode", path or None)
+                stack.append((f"{path}.{key}" if path else key, item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value)
+                         if isinstance(item, (str, dict, list)))  # a long list of token ids costs one pass
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Body):

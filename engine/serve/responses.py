@@ -2,11 +2,14 @@
 
 Chat: `chat.completion` / `chat.completion.chunk` (a first delta with the role, content deltas, a final chunk with
 the finish reason, the usage chunk with empty choices when asked). Completions: `text_completion` with OpenAI's
-legacy logprobs block (tokens, token_logprobs, top_logprobs, text_offset). Every generated token is counted in
+legacy logprobs block (tokens, token_logprobs, top_logprobs, text_offset): its tokens joined are the text (a token
+that ends inside a multi-byte character reads 'bytes:\\xe2...' and adds nothing; the one completing the character
+carries it whole) and each text_offset is where its token starts in the text. Every generated token is counted in
 `completion_tokens` and has a log-probability entry, EOS included (its text is empty).
 """
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -42,7 +45,8 @@ def sse(payload) -> str:
 class TokenStrings:
     """Each token's own text as it reads inside a text (SentencePiece's leading space kept) and its UTF-8 bytes.
 
-    A byte-fallback token (`<0xE2>`) is its one raw byte, shown as 'bytes:\\xe2' as OpenAI shows partial bytes.
+    A byte-fallback token of an ASCII byte (`<0x0A>`) is that character; any other (`<0xE2>`) is its one raw byte,
+    shown as 'bytes:\\xe2' as OpenAI shows partial characters.
     """
 
     def __init__(self, tokenizer):
@@ -58,7 +62,7 @@ class TokenStrings:
         if hit is None:
             if token_id in self.tokenizer.byte_fallback_ids:
                 byte = int(self.tokenizer.id_to_token(token_id)[3:5], 16)
-                hit = (f"bytes:\\x{byte:02x}", [byte])
+                hit = (chr(byte) if byte < 0x80 else f"bytes:\\x{byte:02x}", [byte])
             else:
                 text = self.tokenizer.decode(self.anchor + [token_id])[len(self.anchor_text):]
                 hit = (text, list(text.encode("utf-8")))
@@ -82,6 +86,7 @@ class Answer:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0  # streamed so far
         self.text_offset = 0  # completions' text_offset runs on across stream chunks
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # completions' tokens: characters across tokens
 
     # ---- pieces -----------------------------------------------------------------------------------------------
     def _top(self, logprob: TokenLogprob) -> list[dict]:
@@ -104,12 +109,25 @@ class Answer:
             return {"content": content, "refusal": None}
         block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in events:
-            block["tokens"].append(self.strings(e.token_id)[0])
+            token, added = self.completion_token(e.token_id)
+            block["tokens"].append(token)
             block["token_logprobs"].append(e.logprob.logprob)
             block["top_logprobs"].append({t["token"]: t["logprob"] for t in self._top(e.logprob)})
             block["text_offset"].append(self.text_offset)
-            self.text_offset += len(e.text)
+            self.text_offset += added
         return block
+
+    def completion_token(self, token_id: int) -> tuple[str, int]:
+        """Completions' string for the next generated token and the characters it adds to the text: its text (a
+        special token such as EOS adds none), or 'bytes:\\xe2' (its raw bytes) and 0 when it ends inside a
+        multi-byte character, which the token completing it carries."""
+        if token_id in self.strings.tokenizer.special_ids:
+            return "", 0
+        _, raw = self.strings(token_id)
+        text = self.utf8.decode(bytes(raw))
+        if raw and not text:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), 0
+        return text, len(text)
 
     def _chunk(self, choices: list[dict]) -> dict:
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",

@@ -21,6 +21,25 @@ __all__ = ["Tokenizer", "StreamDecoder", "NoChatTemplateError"]
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# normalizers and pre-tokenizers that never make a text shorter (so no token stands for more than its own piece)
+_LENGTH_KEEPING_NORMALIZERS = frozenset({"Prepend", "Replace", "NFD", "NFKD", "Sequence"})
+_LENGTH_KEEPING_PRE_TOKENIZERS = frozenset({"Metaspace", "ByteLevel", "Digits", "Punctuation", "Split", "Sequence"})
+
+
+def _keeps_characters(component: dict | None, kinds: frozenset[str]) -> bool:
+    """Whether a tokenizer.json normalizer / pre-tokenizer (a dict, or None) keeps every character of a text."""
+    if component is None:
+        return True
+    kind = component.get("type")
+    if kind not in kinds:
+        return False
+    if kind == "Replace":
+        pattern = component.get("pattern") or {}
+        return "String" in pattern and len(component.get("content", "")) >= len(pattern["String"])
+    if kind == "Split" and str(component.get("behavior", "")).lower() == "removed":
+        return False
+    parts = component.get("normalizers") or component.get("pretokenizers") or []
+    return all(_keeps_characters(part, kinds) for part in parts) if kind == "Sequence" else True
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -152,9 +171,31 @@ class Tokenizer:
             chat_template=_chat_template_from(folder, tokenizer_config),
         )
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """text -> token ids (list[int]); add_special_tokens runs the post-processor (adds BOS for Llama)."""
+    def encode(self, text: str, add_special_tokens: bool = True, threaded: bool = False) -> list[int]:
+        """text -> token ids (list[int]); add_special_tokens runs the post-processor (adds BOS for Llama).
+
+        threaded: let other Python threads run meanwhile (tokenizers' encode_batch releases the GIL, encode does
+        not; same ids). For a server tokenizing on a worker thread; tokenizers warns if the process forks later.
+        """
+        if threaded:
+            return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of input text one token can stand for (the longest vocabulary piece or added token),
+        so a text of C characters has at least ceil(C / this) tokens; None when that bound is not sound for this
+        tokenizer (a normalizer or pre-tokenizer that can drop or merge characters, or unknown characters fused
+        into one token without byte fallback). Computed once."""
+        if not hasattr(self, "_max_chars"):
+            config = json.loads(self._tokenizer.to_str())
+            model = config.get("model") or {}
+            sound = (_keeps_characters(config.get("normalizer"), _LENGTH_KEEPING_NORMALIZERS)
+                     and _keeps_characters(config.get("pre_tokenizer"), _LENGTH_KEEPING_PRE_TOKENIZERS)
+                     and (model.get("byte_fallback") or not model.get("fuse_unk")))
+            pieces = [*self._tokenizer.get_vocab(with_added_tokens=True),
+                      *(t.content for t in self._tokenizer.get_added_tokens_decoder().values())]
+            self._max_chars = max(map(len, pieces), default=1) if sound else None
+        return self._max_chars
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """token ids -> text, exactly as `tokenizers` decodes (leading SentencePiece space stripped once)."""
@@ -194,10 +235,13 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """messages -> prompt ids: render, then encode with the post-processor's BOS (not doubled if rendered)."""
-        prompt = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode_rendered_chat(self.apply_chat_template(messages, add_generation_prompt))
+
+    def encode_rendered_chat(self, prompt: str, threaded: bool = False) -> list[int]:
+        """A prompt rendered by apply_chat_template -> its ids, BOS added unless the template wrote it."""
         bos_text = self.special_tokens.get("bos_token")
         template_wrote_bos = bool(bos_text) and prompt.startswith(bos_text)
-        return self.encode(prompt, add_special_tokens=not template_wrote_bos)
+        return self.encode(prompt, add_special_tokens=not template_wrote_bos, threaded=threaded)
 
     def stream_decoder(self, skip_special_tokens: bool = False, context_ids: Sequence[int] = ()) -> "StreamDecoder":
         """A StreamDecoder for generated ids; context_ids (e.g. the prompt's last few ids) are never emitted."""
