@@ -15,6 +15,7 @@ import sys
 
 from engine.cli.common import add_model_options, load
 from engine.errors import EngineError
+from engine.runtime.trace import TRACE_MEMORY_LIMIT
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
 
@@ -35,6 +36,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser "
                         "(CORS); may be repeated; none by default")
+    p.add_argument("--trace-memory-limit", type=float, default=TRACE_MEMORY_LIMIT / 2**20, metavar="MB",
+                   help="the most memory one /v1/inspect request's trace may hold (default %(default).0f MB)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                    help="on Ctrl-C, seconds requests in flight get to finish before they are cancelled "
                         "(default %(default)s)")
@@ -80,6 +83,8 @@ def run_serve(args) -> int:
             raise EngineError(f"{option} must be >= {low}, got {value}")
     if args.shutdown_timeout < 0:
         raise EngineError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.trace_memory_limit <= 0:
+        raise EngineError(f"--trace-memory-limit must be > 0, got {args.trace_memory_limit}")
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
     sock = listening_socket(args.host, args.port)
@@ -102,7 +107,8 @@ def run_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
-                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin)
+                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
+                     trace_memory_limit=int(args.trace_memory_limit * 2**20))
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="on")
     server = Server(config)

@@ -25,8 +25,11 @@ from pydantic import ValidationError
 from engine.errors import EngineError
 from engine.generation.serving import QueueFullError, ServingLoop, ServingStoppedError, StepFailedError, Ticket
 from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
+from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.serve.errors import SERVER_ERROR, APIError, bad_request, install_error_handlers, validation_error
+from engine.serve.inspect_routes import add_inspect_routes
 from engine.serve.metrics import ServerMetrics
+from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse
@@ -121,10 +124,12 @@ class ServerState:
 
 def create_app(load: Callable[[], object], served_model_name: str, api_key: str | None = None,
                max_active: int = 32, max_queue: int = 256,
-               on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = ()) -> FastAPI:
+               on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
+               trace_memory_limit: int = TRACE_MEMORY_LIMIT) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
-    may call the API (CORS; none by default). `app.state.server` is the ServerState."""
+    may call the API (CORS; none by default); `trace_memory_limit`: bytes an /v1/inspect request may trace.
+    `app.state.server` is the ServerState."""
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error)
 
     @asynccontextmanager
@@ -183,6 +188,9 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids)))
 
+    add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
+                       trace_memory_limit)
+    add_page_routes(app)  # the web page at /
     return app
 
 
