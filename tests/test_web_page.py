@@ -147,10 +147,11 @@ def shown_percent(logprob: float) -> str:
     return f"{p:.2f}%" if p >= 0.01 else None  # below 0.01% JavaScript's toPrecision form: not compared
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(target, name: str) -> None:
+    """With TINYLLAMA_WEB_SCREENSHOTS set: a PNG of the page's viewport, or of one element (all of it)."""
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SCREENSHOTS) / name))
+        target.screenshot(path=str(Path(SCREENSHOTS) / name))
 
 
 # ---- the tests ------------------------------------------------------------------------------------------------
@@ -270,9 +271,12 @@ def test_the_attention_heatmap_and_the_lens_equal_engine_inspect(watched, server
     got = heads.evaluate("c => c.values")
     for name in ("to_first", "to_previous", "entropy"):
         np.testing.assert_allclose(np.array(got[name]), getattr(summary, name), rtol=1e-6, atol=1e-7)
-    page.locator("#attention-canvas").hover(position={"x": 5, "y": 5})
-    page.locator("#inspector").scroll_into_view_if_needed()
-    screenshot(page, "desktop-attention.png")
+    cell, margin = float(canvas.get_attribute("data-cell")), float(canvas.get_attribute("data-margin"))
+    canvas.hover(position={"x": margin + (t - 14.5) * cell, "y": margin + (t - 4.5) * cell})  # describes that cell
+    info = page.text_content("#attention-info")
+    assert info.startswith(f"query {t - 5} ") and f"key {t - 15} " in info
+    assert info.endswith(f"{float(values[t - 5, t - 15]):.4f}")
+    screenshot(page.locator("#inspector"), "desktop-attention.png")
     page.click("#tab-lens")
     page.wait_for_selector("#lens-canvas[data-ready='1']")
     lens = logit_lens(model, ids)
@@ -350,8 +354,7 @@ def test_usable_at_360_pixels(browser, server):
         page.click("article.assistant button.inspect")
         page.wait_for_selector("#attention-canvas[data-ready='1']")
         assert page.evaluate(width) <= PHONE["width"]  # the heatmap scrolls inside its box
-        page.locator("#inspector").scroll_into_view_if_needed()
-        screenshot(page, "phone-attention.png")
+        screenshot(page.locator("#inspector"), "phone-attention.png")
         page.click("#toggle-chats")
         assert page.is_visible("#new-chat")
         assert not w.problems and not w.dialogs

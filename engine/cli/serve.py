@@ -26,7 +26,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/*completions (default ${API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on /v1/*completions and /v1/inspect/* "
+                        f"(default ${API_KEY_ENV})")
     p.add_argument("--max-active", type=int, default=32, metavar="N",
                    help="sequences decoded together in one batch (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",

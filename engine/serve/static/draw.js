@@ -48,9 +48,10 @@ function onCell(canvas, info, geometry, describe) {
 // outside key 0; key-0 cells above it are drawn in CLIPPED.
 export function drawAttention(canvas, info, tokens, values, caption) {
   const t = values.length;
-  const room = Math.max(200, (canvas.parentElement?.clientWidth || 720) - 100);
-  const cell = Math.max(3, Math.min(22, Math.floor(room / t)));
+  const room = Math.max(200, (canvas.parentElement?.clientWidth || 720) - 16);
+  let cell = Math.min(22, Math.floor((room - 90) / t)); // with room for token labels
   const labels = cell >= 7;
+  if (!labels) cell = Math.max(3, Math.min(22, Math.floor(room / t)));
   const margin = labels ? 90 : 8;
   const size = t * cell;
   const ctx = setup(canvas, margin + size + 8, margin + size + 8);
