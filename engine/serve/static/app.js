@@ -197,9 +197,9 @@ function requestBody(messages) {
 }
 
 // The conversation as the API takes it: the system prompt, then every message (up to `end`, exclusive).
-function apiMessages(chat, end = chat.messages.length) {
+function apiMessages(chat, end = chat.messages.length, system = state.settings.system) {
   const messages = [];
-  if (state.settings.system.trim()) messages.push({ role: "system", content: state.settings.system });
+  if (system.trim()) messages.push({ role: "system", content: system });
   for (const m of chat.messages.slice(0, end)) messages.push({ role: m.role, content: m.content });
   return messages;
 }
@@ -226,7 +226,7 @@ function regenerate() {
 async function generate() {
   const chat = current();
   const messages = apiMessages(chat);
-  const reply = { role: "assistant", content: "", meta: { state: "streaming", logprobs: [] } };
+  const reply = { role: "assistant", content: "", meta: { state: "streaming", logprobs: [], system: state.settings.system } };
   chat.messages.push(reply);
   const index = chat.messages.length - 1;
   const controller = new AbortController();
@@ -336,7 +336,7 @@ function fillSelect(select, n, value) {
 function openInspector(index) {
   const chat = current();
   state.inspecting = { index, layer: state.inspecting?.layer ?? 0, head: state.inspecting?.head ?? 0, lens: null,
-    messages: apiMessages(chat, index + 1), heads: null };
+    messages: apiMessages(chat, index + 1, chat.messages[index].meta?.system ?? state.settings.system), heads: null };
   $("inspector").hidden = false;
   $("inspect-what").textContent = `(reply ${chat.messages.slice(0, index + 1).filter((m) => m.role === "assistant").length})`;
   selectTab("attention");
