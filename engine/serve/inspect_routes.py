@@ -11,7 +11,7 @@ import asyncio
 from typing import Awaitable, Callable, Union
 
 from fastapi import FastAPI, Request
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import EngineError
 from engine.generation.serving import ServingStoppedError
@@ -21,15 +21,16 @@ from engine.inspect.tokens import token_rows
 from engine.runtime.trace import trace_bytes
 from engine.serve.errors import SERVER_ERROR, APIError, bad_request
 from engine.serve.params import chat_messages
-from engine.serve.protocol import ChatMessage, _Body
+from engine.serve.protocol import ChatMessage
 from engine.text.chat_template import ChatTemplateError, NoChatTemplateError
 
 MIN_TOKENS = 2  # the head summary averages over queries 1..T-1
 
 
-class InspectRequest(_Body):
+class InspectRequest(BaseModel):
     """What to look at: `messages` (a chat; a last assistant message is the reply to inspect) or `prompt`."""
 
+    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     messages: list[ChatMessage] | None = None
     prompt: Union[str, list[int], None] = None
