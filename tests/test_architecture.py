@@ -32,8 +32,8 @@ ALLOWED = {
                        "engine.config", "engine.errors", "weights"),
     "weights": ("weights",),
     "tinyllama_kernels": ("tinyllama_kernels", "engine.runtime", "engine.config", "engine.errors", "weights"),
-    "engine.serve": ("engine.serve", "engine.generation", "engine.runtime", "engine.text", "engine.config",
-                     "engine.errors", "engine.model", "weights"),
+    "engine.serve": ("engine.serve", "engine.inspect", "engine.generation", "engine.runtime", "engine.text",
+                     "engine.config", "engine.errors", "engine.model", "weights"),
     "engine.config": ("engine.config", "weights"),
     "engine.errors": ("engine.errors",),
 }

@@ -151,3 +151,28 @@ def test_stop_cancels_what_is_in_flight(model):
     assert c.wait()[1].stop_reason == "cancelled"
     with pytest.raises(ServingStoppedError):
         serving.submit([1, 2], default_options(model, max_new_tokens=3), Collector())
+
+
+def test_call_runs_work_on_the_serving_thread_while_requests_decode(model, loop):
+    import numpy as np
+
+    collector = Collector()
+    loop.submit([1, 5, 9], default_options(model, max_new_tokens=30, ignore_eos=True), collector)
+    threads = []
+
+    def work():  # a traced pass, as the inspection endpoints hand over
+        threads.append(threading.current_thread().name)
+        return model.trace([1, 5, 9, 2], attentions=True).attentions[0]
+
+    got = loop.call(work).result(timeout=60)
+    assert threads == ["tinyllama-serving"]
+    np.testing.assert_array_equal(got, model.trace([1, 5, 9, 2], attentions=True).attentions[0])
+    events, result = collector.wait()  # the request around it is unharmed
+    assert result.token_ids == model.generate([1, 5, 9], max_new_tokens=30, ignore_eos=True)
+    failing = loop.call(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=60)
+    assert loop.call(lambda: "still serving").result(timeout=60) == "still serving"
+    loop.stop()
+    with pytest.raises(ServingStoppedError):
+        loop.call(lambda: None)

@@ -17,6 +17,7 @@ import sys
 
 from engine.cli.common import add_model_options, load
 from engine.errors import EngineError
+from engine.runtime.trace import TRACE_MEMORY_LIMIT
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
 CANCEL_MARGIN = 2.0  # seconds after the grace period for cancelled requests to send their last chunk
@@ -28,7 +29,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/*completions (default ${API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on /v1/*completions and /v1/inspect/* "
+                        f"(default ${API_KEY_ENV})")
     p.add_argument("--max-active", type=int, default=32, metavar="N",
                    help="sequences decoded together in one batch (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
@@ -38,6 +40,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser "
                         "(CORS); may be repeated; none by default")
+    p.add_argument("--trace-memory-limit", type=float, default=TRACE_MEMORY_LIMIT / 2**20, metavar="MB",
+                   help="the most memory one /v1/inspect request's trace may hold (default %(default).0f MB)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                    help="on Ctrl-C or SIGTERM, seconds requests in flight get to finish before they are cancelled; "
                         "meanwhile /health and new requests answer 503 (default %(default)s)")
@@ -91,6 +95,8 @@ def run_serve(args) -> int:
     for option, value in (("--max-request-mb", args.max_request_mb), ("--read-timeout", args.read_timeout)):
         if not value > 0:
             raise EngineError(f"{option} must be > 0, got {value}")
+    if args.trace_memory_limit <= 0:
+        raise EngineError(f"--trace-memory-limit must be > 0, got {args.trace_memory_limit}")
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
     sock = listening_socket(args.host, args.port)
@@ -120,7 +126,8 @@ def run_serve(args) -> int:
 
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
                      max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
-                     max_request_bytes=int(args.max_request_mb * 2 ** 20), read_timeout=args.read_timeout)
+                     max_request_bytes=int(args.max_request_mb * 2 ** 20), read_timeout=args.read_timeout,
+                     trace_memory_limit=int(args.trace_memory_limit * 2**20))
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             http=TimedH11Protocol.with_head_timeout(args.read_timeout),
                             timeout_graceful_shutdown=CANCEL_MARGIN, lifespan="on")

@@ -1,4 +1,5 @@
-"""A serving loop: one thread owns the model and a Scheduler and steps the batch; any thread may submit and cancel.
+"""A serving loop: one thread owns the model and a Scheduler and steps the batch; any thread may submit and cancel
+requests, or hand it other work on the model to run between two steps (`call`: a traced pass for inspection).
 
 The Scheduler is not thread-safe, so only the loop's own thread calls its submit / step / finish. Other threads
 (an HTTP server's event loop, say) hand requests and cancellations over through a locked inbox, and each request's
@@ -13,6 +14,7 @@ import itertools
 import logging
 import threading
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,7 +67,7 @@ class ServingLoop:
         self.max_queue = max_queue
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._inbox: deque[tuple[str, Ticket | None]] = deque()
+        self._inbox: deque[tuple[str, object]] = deque()  # (kind, Ticket | (fn, Future) | None)
         self._ids = itertools.count()
         self._in_flight = 0  # submitted and not yet ended (running + waiting)
         self._stopping = False
@@ -101,6 +103,20 @@ class ServingLoop:
             self.waiting += 1
             self._wake.notify()
         return ticket
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the serving thread between two batched steps, so it has the model to itself (a traced forward
+        pass, say) -> a Future of its result (or its exception). The batch waits while it runs.
+
+        Raises ServingStoppedError after `stop`.
+        """
+        future: Future = Future()
+        with self._lock:
+            if self._stopping:
+                raise ServingStoppedError("the server is shutting down")
+            self._inbox.append(("call", (fn, future)))
+            self._wake.notify()
+        return future
 
     def cancel(self, ticket: Ticket) -> None:
         """End a request now (stop reason 'cancelled'; its cache is freed); a no-op once it has ended."""
@@ -141,6 +157,8 @@ class ServingLoop:
                     self._admit(ticket)
                 elif kind == "cancel":
                     self._cancel(ticket)
+                elif kind == "call":
+                    self._run_call(*ticket)
                 else:
                     for t in list(self._tickets.values()):
                         self._cancel(t)
@@ -160,6 +178,15 @@ class ServingLoop:
                 for request in stepped:
                     self._deliver(self._tickets.get(request.id))
             self._count()
+
+    @staticmethod
+    def _run_call(fn: Callable[[], object], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as error:  # noqa: BLE001 - handed to the caller, who waits on the future
+            future.set_exception(error)
 
     def _admit(self, ticket: Ticket) -> None:
         try:

@@ -32,7 +32,10 @@ from engine.generation.serving import QueueFullError, ServingLoop, ServingStoppe
 from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
+from engine.runtime.trace import TRACE_MEMORY_LIMIT
+from engine.serve.inspect_routes import add_inspect_routes
 from engine.serve.metrics import ServerMetrics
+from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse
@@ -139,11 +142,13 @@ class ServerState:
 def create_app(load: Callable[[], object], served_model_name: str, api_key: str | None = None,
                max_active: int = 32, max_queue: int = 256,
                on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
-               max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT) -> FastAPI:
+               max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
+               trace_memory_limit: int = TRACE_MEMORY_LIMIT) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
     may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
-    `read_timeout` seconds after its headers 408. With an api_key the docs (/docs, /redoc, /openapi.json) are off.
+    `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may trace.
+    With an api_key the docs (/docs, /redoc, /openapi.json) are off.
     `app.state.server` is the ServerState."""
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error, max_request_bytes,
                         read_timeout)
@@ -203,12 +208,16 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids)))
 
+    add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
+                       trace_memory_limit)
+    add_page_routes(app)  # the web page at /
     return app
 
 
-async def _prepare(request: Request, state: ServerState, model_class, make_job: Callable) -> Job:
+async def _prepare(request: Request, state: ServerState, model_class, make_job: Callable | None = None):
     """Authorize, read the body (413 / 408 / 503 when draining), then on a worker thread parse and validate it (400
-    naming the field), check the model name and readiness, and build the Job (tokenizing the prompt)."""
+    naming the field), check the model name and readiness, and build the Job (tokenizing the prompt) -> the Job, or
+    the validated body when there is no `make_job`."""
     state.authorize(request)
     raw = await _read_body(request, state)
 
@@ -219,7 +228,7 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
             raise validation_error(e.errors()) from None
         state.check_model(body.model)
         state.check_ready()
-        return make_job(state.model, body)
+        return make_job(state.model, body) if make_job is not None else body
 
     return await asyncio.to_thread(job)
 

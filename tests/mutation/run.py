@@ -65,17 +65,28 @@ TESTS = {
                                        "tests/test_sampling_generation.py", "tests/test_chat.py",
                                        "tests/test_readme_claims.py::"
                                        "test_scheduler_requests_with_their_own_sampling_equal_each_alone"],
+    "engine/generation/serving.py": ["tests/test_serving.py"],
+    "engine/serve/inspect_routes.py": ["tests/test_inspect_endpoints.py"],
+    "engine/serve/page.py": ["tests/test_inspect_endpoints.py", "tests/test_web_page.py"],
+    "engine/serve/static/app.js": ["tests/test_web_page.py"],
+    "engine/serve/static/draw.js": ["tests/test_web_page.py"],
+    "engine/serve/static/tokens.js": ["tests/test_web_page.py"],
 }
 MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py",
            "numpy_backend": "engine/runtime/numpy_backend.py", "kv_cache": "engine/runtime/kv_cache.py",
            "sampling": "engine/generation/sampling.py", "state": "engine/generation/state.py",
            "stopping": "engine/text/stopping.py", "scheduler": "engine/generation/scheduler.py",
            "matmul_c": "engine/runtime/native/matmul.h", "attention_c": "engine/runtime/native/attention.h",
-           "simd_c": "engine/runtime/native/simd_avx512.h", "api_c": "engine/runtime/native/api.c"}
+           "simd_c": "engine/runtime/native/simd_avx512.h", "api_c": "engine/runtime/native/api.c",
+           "serving": "engine/generation/serving.py", "inspect_routes": "engine/serve/inspect_routes.py",
+           "page": "engine/serve/page.py", "app_js": "engine/serve/static/app.js",
+           "draw_js": "engine/serve/static/draw.js", "tokens_js": "engine/serve/static/tokens.js"}
 
 L, R, N, K = MODULES["layers"], MODULES["rope"], MODULES["numpy_backend"], MODULES["kv_cache"]
 P, G, S, C = MODULES["sampling"], MODULES["state"], MODULES["stopping"], MODULES["scheduler"]
 XM, XA, XV, XL = MODULES["matmul_c"], MODULES["attention_c"], MODULES["simd_c"], MODULES["api_c"]
+WS, WI, WP = MODULES["serving"], MODULES["inspect_routes"], MODULES["page"]
+WA, WD, WT = MODULES["app_js"], MODULES["draw_js"], MODULES["tokens_js"]
 
 MUTANTS = [
     # ---- the model math ----
@@ -334,6 +345,23 @@ MUTANTS = [
            "decode time includes the prefill"),
     Mutant("C13", C, "if r.prefilled < len(r.prompt_ids):\n                    continue",
            "if r.prefilled < len(r.prompt_ids) - 1:\n                    continue", "decoding starts a token early"),
+    # ---- the web page and its endpoints ----
+    Mutant("W01", WS, 'self._inbox.append(("call", (fn, future)))', "self._run_call(fn, future)",
+           "ServingLoop.call runs the work on the caller's thread (racing the scheduler)"),
+    Mutant("W02", WI, "return trace.attentions[body.layer][body.head], summary",
+           "return trace.attentions[body.layer][0], summary", "/v1/inspect/attention: always head 0"),
+    Mutant("W03", WI, "if needed > max_bytes:", "if needed > 2 * max_bytes:", "the trace limit doubled"),
+    Mutant("W04", WP, "script-src 'self'; ", "script-src 'self' 'unsafe-inline'; ", "CSP allows inline script"),
+    Mutant("W05", WA, "    body.textContent = message.content;", "    body.innerHTML = message.content;",
+           "a message inserted as HTML"),
+    Mutant("W06", WA, "if (state.busy) state.busy.controller.abort();", "if (state.busy) state.busy.aborted = true;",
+           "Stop does not abort the fetch"),
+    Mutant("W07", WA, 'if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }',
+           'if (e.key === "Enter" && !e.isComposing) { e.preventDefault(); send(); }', "Shift+Enter sends"),
+    Mutant("W08", WD, "ctx.fillStyle = k > q ? MASKED", "ctx.fillStyle = k < q ? MASKED",
+           "heatmap: the wrong triangle masked"),
+    Mutant("W09", WT, "prob.textContent = percent(alt.logprob);", "prob.textContent = percent(entry.logprob);",
+           "tooltip: the chosen token's probability on every row"),
 ]
 
 EQUIVALENT = {  # mutant id -> why no test can tell it from the original (documented behaviour unchanged)

@@ -1,0 +1,65 @@
+// The server's own HTTP API, as any client calls it: JSON requests, and /v1/chat/completions' server-sent events
+// read from the fetch body (no EventSource: it cannot POST). An aborted fetch closes the connection, which makes the
+// server cancel the sequence.
+
+export class APIError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.name = "APIError";
+    this.status = status;
+  }
+}
+
+function headers(apiKey) {
+  const h = { "Content-Type": "application/json" };
+  if (apiKey) h.Authorization = `Bearer ${apiKey}`;
+  return h;
+}
+
+async function errorOf(response) {
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) message = body.error.message;
+  } catch (_) { /* not JSON: keep the status line */ }
+  return new APIError(message, response.status);
+}
+
+export async function getJSON(path, apiKey) {
+  const response = await fetch(path, { headers: headers(apiKey) });
+  if (!response.ok) throw await errorOf(response);
+  return response.json();
+}
+
+export async function postJSON(path, body, apiKey, signal) {
+  const response = await fetch(path, { method: "POST", headers: headers(apiKey), body: JSON.stringify(body), signal });
+  if (!response.ok) throw await errorOf(response);
+  return response.json();
+}
+
+// Yields each parsed `data:` event of a streamed chat completion until [DONE]; an error event throws APIError.
+export async function* streamChat(body, apiKey, signal) {
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST", headers: headers(apiKey), body: JSON.stringify({ ...body, stream: true }), signal,
+  });
+  if (!response.ok) throw await errorOf(response);
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = event.split("\n").filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).replace(/^ /, "")).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new APIError(chunk.error.message || "the server failed", 500);
+      yield chunk;
+    }
+  }
+}
