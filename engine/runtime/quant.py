@@ -3,7 +3,7 @@
 A weight matrix W (N, K) in Hugging Face's [out, in] layout is cut into groups of GROUP = 32 consecutive columns of
 one row; each group holds integers q and one scale s (float16), W[n, k] ~ s[n, g] * q[n, k] with g = k // 32:
 - int8: q in [-127, 127], s = max|w| / 127 (llama.cpp's q8_0 grid), 34 bytes per 32 weights;
-- int4: q in [-8, 7], the scale chosen per group among candidates by least squared error (see the README), 18 bytes
+- int4: q in [-8, 7], the (signed) scale chosen per group among candidates by least squared error, 18 bytes
   per 32 weights (llama.cpp's q4_0 size).
 The scale is rounded to float16 FIRST and q is rounded against that stored scale, so dequantizing is exactly
 float(s16) * q.
@@ -96,18 +96,19 @@ def _round_to(g: np.ndarray, s16: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Groups g (n, G, 32) float32 rounded against scales s16 (n, G) float16 -> int8 (n, G, 32)."""
     s = s16.astype(np.float32)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s > 0, np.rint(g / np.where(s > 0, s, np.float32(1))), np.float32(0))
+        q = np.where(s != 0, np.rint(g / np.where(s != 0, s, np.float32(1))), np.float32(0))
     return np.clip(q, lo, hi).astype(np.int8)
 
 
-# int4 scale candidates: s = m / d for the group's value of largest magnitude m (signed) and these divisors. d = -8
-# is llama.cpp's q4_0 (m lands on -8, the grid's far end); the others trade clipping the extreme for a finer grid.
+# int4 scale candidates: s = m / d for the group's value of largest magnitude m (signed) and these divisors: d = -8
+# is llama.cpp's q4_0 (m lands on -8, the grid's far end; s may be negative); the others put m at -7.5 .. +7.5 (the
+# grid's other end, or clipped a little for a finer step), and the least squared error wins.
 INT4_DIVISORS = (-8.0, -7.5, -7.0, -8.5, 7.0, 7.5, -6.5, 6.5)
 
 
 def int4_scales(g: np.ndarray) -> np.ndarray:
     """The int4 scale of every group g (n, G, 32) float32 -> (n, G) float16: of the candidates m / d
-    (INT4_DIVISORS, m the group's first value of largest magnitude), each rounded to float16 (a negative one: 0), the
+    (INT4_DIVISORS, m the group's first value of largest magnitude), each rounded to float16 (signed), the
     one whose grid clip(rint(w / s), -8, 7) * s has the least squared error, summed in column order in float64 (the
     first on ties, so q4_0's when it is as good). The same arithmetic as the compiled quantizer (quantize.c)."""
     idx = np.argmax(np.abs(g), axis=2)
@@ -116,7 +117,7 @@ def int4_scales(g: np.ndarray) -> np.ndarray:
     best_err = np.full(m.shape, np.inf, dtype=np.float64)
     for d in INT4_DIVISORS:
         s16 = (m / np.float32(d)).astype(np.float16)
-        s16 = np.where(s16.astype(np.float32) <= 0, np.float16(0), s16)  # a scale is positive (m's sign picks d's)
+        s16 = np.where(s16 == 0, np.float16(0), s16)  # -0 as 0; a negative scale puts m at the grid's -8 end
         q = _round_to(g, s16, -8, 7)
         s64 = s16.astype(np.float64)
         err = np.zeros(m.shape, dtype=np.float64)
