@@ -86,6 +86,7 @@ void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
  * without it, and the avx2 one on an AVX-512 CPU without BW (none is sold; it keeps the dispatch total). */
 static tl_qmatmul_fn qmatmul_for(int isa)
 {
+    (void)isa; /* (only the x86 variants have a choice) */
 #if HAVE_AVX512 /* leaf 7 EBX bit 30: AVX512BW, ECX bit 11: AVX512_VNNI (cpuid, as x86_runs) */
     unsigned a, b, c, d;
     __cpuid_count(7, 0, a, b, c, d);
@@ -97,7 +98,6 @@ static tl_qmatmul_fn qmatmul_for(int isa)
 #if HAVE_PORTABLE
     return tl_qmatmul_portable;
 #else
-    (void)isa;
     return 0; /* (no variant left for an AVX-512 CPU without BW in a build without avx2 and portable) */
 #endif
 }
