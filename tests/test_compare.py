@@ -102,6 +102,26 @@ def test_check_json_of_matching_weights(stories260k, capsys):
     code = main(["check", "--model", str(stories260k), "--steps", "4", "--json", "--prompt", "Once upon a time"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and data["ok"] is True and data["prompts"][0]["agreement"] == [True] * 4
+    from engine.runtime import native
+
+    kernels = data["native_kernels"]  # which variant ran, or why none did (tests/test_native_platforms.py)
+    assert kernels["available"] == native.status().available and kernels["variant"] == native.status().isa
+    assert kernels["reason"] == ("" if native.status().available else native.status().detail)
+
+
+def test_check_says_why_the_kernels_are_missing(stories260k, capsys, monkeypatch):
+    """Without the compiled kernels `check` names the reason, in its text and in --json."""
+    from engine.runtime import native
+
+    monkeypatch.setattr(native, "status", lambda: native.NativeStatus(False, "not built: no C compiler (cc)"))
+    for json_out in (False, True):
+        code = main(["check", "--model", str(stories260k), "--steps", "2"] + (["--json"] if json_out else []))
+        out = capsys.readouterr().out
+        assert code == 0
+        if json_out:
+            assert json.loads(out)["native_kernels"]["reason"] == "not built: no C compiler (cc)"
+        else:
+            assert "compiled kernels unavailable: not built: no C compiler (cc)" in out.splitlines()[1]
 
 
 def test_bad_arguments_are_engine_errors(stories, monkeypatch):

@@ -3,7 +3,8 @@
  * x86-64): matmul (every weight type, tile shapes and remainders, batch invariance), widening (exact, special values),
  * SwiGLU, RMSNorm (with and without the residual add), the rotary embedding, attention (one sequence, with the
  * probabilities a trace records), the attention of many sequences (their keys and values stored), and the one-call
- * decoder layers (a two-layer stack against a float64 forward). Every variant this CPU runs; one line per variant;
+ * decoder layers (a two-layer stack against a float64 forward), int8/int4 quantizing and the quantized matmul (against
+ * the format and a bound from the activations' int16 rounding). Every variant this CPU runs; one line per variant;
  * exit status 1 on any failure.
  *
  *     python -m engine.runtime.native.selftest [--cc CC] [--target TRIPLE] [--run 'qemu-aarch64 -L SYSROOT']
@@ -44,6 +45,11 @@ void tl_decoder_layers(int isa, const tl_stack *c, const tl_layer *layers, ptrdi
                        ptrdiff_t N, const long long *pos, ptrdiff_t n_seq, const long long *row, const long long *count,
                        const long long *start, float *const *k_cache, float *const *v_cache, const long long *capacity,
                        float *scratch, int threads);
+
+void tl_qmatmul(int isa, const float *x, ptrdiff_t ldx, const void *data, const uint16_t *scales, int kind,
+                float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads);
+void tl_quantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t K, ptrdiff_t row0, void *data,
+                 uint16_t *scales, ptrdiff_t G, int threads);
 
 #define ULP 5.960464477539063e-08 /* 2^-24: float32's unit roundoff */
 static const char *names[ISA_COUNT] = {"avx512", "avx2", "portable"};
@@ -431,7 +437,8 @@ static int check_decoder_layers(int isa, int wtype)
             wmem[l][m] = weight(wtype, shape[m][0], shape[m][1], wd[l][m]);
         }
         for (int i = 0; i < 2 * H; i++) norms[(l * 2) * H + i] = (float)(1 + 0.2 * uniform());
-        tl_layer one = {wmem[l][0], wmem[l][1], wmem[l][2], wmem[l][3], norms + 2 * l * H, norms + (2 * l + 1) * H};
+        tl_layer one = {wmem[l][0], wmem[l][1], wmem[l][2], wmem[l][3], norms + 2 * l * H, norms + (2 * l + 1) * H,
+                        0, 0, 0, 0};
         layers[l] = one;
     }
     float *cos_t = malloc(sizeof(float) * P * D), *sin_t = malloc(sizeof(float) * P * D);
@@ -542,6 +549,74 @@ static int check_decoder_layers(int isa, int wtype)
     return ok;
 }
 
+/* The integer of row n, column k of a quantized matrix in quant.h's layout (engine/runtime/quant.py's docstring):
+ * int8 [b, g, p, r, t] = q[16 b + r, 32 g + 2 p + t]; int4 word [b, g, c, 2 r + t], nibble i = q[16 b + r,
+ * 32 g + 2 (4 c + i) + t] + 8; scales [b, g, r] float16. */
+static double dequantized(int kind, const void *data, const uint16_t *scales, ptrdiff_t G, ptrdiff_t n, ptrdiff_t k)
+{
+    const ptrdiff_t b = n / 16, r = n % 16, g = k / 32, c = k % 32;
+    int q;
+    if (kind == W_Q8) {
+        q = ((const int8_t *)data)[(b * G + g) * 512 + (c / 2) * 32 + 2 * r + c % 2];
+    } else {
+        const ptrdiff_t pair = c / 2, t = c % 2;
+        uint16_t word = ((const uint16_t *)data)[(b * G + g) * 128 + (pair / 4) * 32 + 2 * r + t];
+        q = (int)((word >> (4 * (pair % 4))) & 15u) - 8;
+    }
+    return q * f16_value(scales[(b * G + g) * 16 + r]);
+}
+
+/* Quantized weights (kind W_Q8 | W_Q4): tl_quantize's integers and scales, read back through the format, are within
+ * the format's rounding of the float weights; tl_qmatmul is within the int16 rounding of the activations (per row and
+ * group of 32: |x - xq| <= max|x| / 65534) of x @ W.T on those values in double; a row alone gives the same bits. */
+static int check_qmatmul(int isa, int kind, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
+{
+    const ptrdiff_t G = (K + 31) / 32, blocks = (N + 15) / 16;
+    float *w = malloc(sizeof(float) * N * K), *x = malloc(sizeof(float) * M * K);
+    float *out = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N);
+    void *data = calloc((size_t)(blocks * G), kind == W_Q8 ? 512 : 256);
+    uint16_t *scales = calloc((size_t)(blocks * G * 16), sizeof(uint16_t));
+    double *wd = malloc(sizeof(double) * N * K);
+    for (ptrdiff_t i = 0; i < N * K; i++) w[i] = (float)(uniform() * (1 + i % 7));
+    for (ptrdiff_t i = 0; i < M * K; i++) x[i] = (float)(3 * uniform());
+    tl_quantize(kind, w, K, N, K, 0, data, scales, G, 2);
+    int stored = 1;
+    for (ptrdiff_t n = 0; n < N; n++)
+        for (ptrdiff_t k = 0; k < K; k++) {
+            const double s = fabs(f16_value(scales[((n / 16) * G + k / 32) * 16 + n % 16]));
+            wd[n * K + k] = dequantized(kind, data, scales, G, n, k);
+            /* int8: half a step; int4: a scale m / d with |d| <= 8.5 on the grid -8..7 leaves a value of the other
+             * sign up to 8.5 - 7 = 1.5 steps beyond the grid (quantize.c's divisors) */
+            stored &= fabs(wd[n * K + k] - w[n * K + k]) <= (kind == W_Q8 ? 0.5 : 1.5) * s * (1 + 1e-3);
+        }
+    tl_qmatmul(isa, x, K, data, scales, kind, out, N, M, N, K, 2);
+    double worst = 0; /* error / bound */
+    for (ptrdiff_t m = 0; m < M; m++)
+        for (ptrdiff_t n = 0; n < N; n++) {
+            double ref = 0, bound = 0, mag = 0;
+            for (ptrdiff_t g = 0; g < G; g++) {
+                double amax = 0, wsum = 0;
+                for (ptrdiff_t k = g * 32; k < K && k < g * 32 + 32; k++) {
+                    ref += (double)x[m * K + k] * wd[n * K + k];
+                    mag += fabs((double)x[m * K + k] * wd[n * K + k]);
+                    amax = fabs(x[m * K + k]) > amax ? fabs(x[m * K + k]) : amax;
+                    wsum += fabs(wd[n * K + k]);
+                }
+                bound += amax / 65534 * wsum;
+            }
+            bound = 1.01 * bound + 8 * ULP * mag; /* (+ the float32 rounding of the group products and their sum) */
+            double err = fabs(out[m * N + n] - ref) / bound;
+            worst = err > worst ? err : worst;
+        }
+    tl_qmatmul(isa, x + (M - 1) * K, K, data, scales, kind, one, N, 1, N, K, 2);
+    int same = memcmp(one, out + (M - 1) * N, sizeof(float) * N) == 0;
+    int ok = stored && same && worst <= 1.0;
+    if (!ok) printf("  FAIL qmatmul %s kind %d M=%td N=%td K=%td: weights within the format %d, error %.2f of the "
+                    "bound, a row alone the same bits %d\n", names[isa], kind, M, N, K, stored, worst, same);
+    free(w); free(x); free(out); free(one); free(data); free(scales); free(wd);
+    return ok;
+}
+
 int main(void)
 {
     static const ptrdiff_t shapes[][3] = {{1, 1, 16}, {3, 7, 15}, {5, 25, 17}, {4, 97, 100}, {9, 300, 1024},
@@ -554,6 +629,7 @@ int main(void)
     static const ptrdiff_t rot_shapes[][5] = {{1, 2, 1, 8, 10}, {5, 9, 3, 12, 50}, {7, 4, 2, 64, 100},
                                               {40, 40, 8, 64, 64}};
     static const ptrdiff_t seqs_shapes[][3] = {{4, 2, 16}, {6, 3, 24}, {8, 1, 64}};
+    static const ptrdiff_t q_shapes[][3] = {{1, 16, 32}, {3, 33, 96}, {7, 70, 256}, {17, 40, 64}};
     if (tl_abi_version() <= 0) return 1;
     int failed = 0, ran = 0;
     for (int isa = 0; isa < ISA_COUNT; isa++) {
@@ -584,6 +660,9 @@ int main(void)
         for (size_t s = 0; s < sizeof seqs_shapes / sizeof seqs_shapes[0]; s++, n++)
             ok &= check_attention_seqs(isa, seqs_shapes[s][0], seqs_shapes[s][1], seqs_shapes[s][2]);
         for (int wtype = W_F32; wtype <= W_F16; wtype++, n++) ok &= check_decoder_layers(isa, wtype);
+        for (int kind = W_Q8; kind <= W_Q4; kind++)
+            for (size_t s = 0; s < sizeof q_shapes / sizeof q_shapes[0]; s++, n++)
+                ok &= check_qmatmul(isa, kind, q_shapes[s][0], q_shapes[s][1], q_shapes[s][2]);
         printf("%s: %d checks %s\n", names[isa], n, ok ? "passed" : "FAILED");
         failed |= !ok;
         ran++;

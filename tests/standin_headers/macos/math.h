@@ -16,4 +16,9 @@ double sin(double);
 double frexp(double, int *);
 double ldexp(double, int);
 long lrint(double);
+float fabsf(float);
+float fmaxf(float, float);
+float rintf(float);
+double rint(double);
+double round(double);
 #endif
