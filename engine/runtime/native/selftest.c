@@ -1,9 +1,9 @@
 /* A standalone check of the kernels against double-precision references, for platforms where the Python tests
  * cannot run (an aarch64 build under qemu-user, cross-compiled on x86-64): every variant this CPU runs, every weight
- * type (int8 and int4 included), tile shapes and remainders, batch invariance, and attention. Prints one line per variant; exit status 1 on
- * any failure.
+ * type (int8 and int4 included), tile shapes and remainders, batch invariance, and attention. Prints one line per
+ * variant; exit status 1 on any failure.
  *
- *     cc -O2 -pthread -o selftest selftest.c api.c pool.c variant_*.c -lm && ./selftest */
+ *     cc -O2 -pthread -o selftest selftest.c api.c pool.c quantize.c variant_*.c -lm && ./selftest */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
