@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_options, fail
+from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_options, add_speculation_options, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,14 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens so that it and --max-new-tokens fit the window")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
-    p.add_argument("--speculate", type=int, default=0, metavar="N",
-                   help="prompt-lookup speculative decoding: draft up to N tokens from the context per step")
+    add_speculation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--verbose", "-v", action="store_true", help="statistics on stderr")
 
     p = sub.add_parser("chat", help="interactive chat REPL")
     add_model_options(p)
     add_sampling_options(p)
+    add_speculation_options(p)
     p.add_argument("--system", help="system prompt")
 
     from engine.cli.inspect import add_inspect_parser

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 
-from engine.cli.common import add_model_options, load
+from engine.cli.common import add_model_options, add_speculation_options, load, speculation_options
 from engine.errors import EngineError
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
@@ -38,6 +38,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                    help="on Ctrl-C, seconds requests in flight get to finish before they are cancelled "
                         "(default %(default)s)")
+    add_speculation_options(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default %(default)s; info logs one line per request)")
 
@@ -82,6 +83,7 @@ def run_serve(args) -> int:
         raise EngineError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
+    speculation = speculation_options(args)
     sock = listening_socket(args.host, args.port)
     import uvicorn
 
@@ -102,7 +104,8 @@ def run_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
-                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin)
+                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
+                     speculation=speculation)
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="on")
     server = Server(config)

@@ -51,6 +51,8 @@ class TurnStats:
     generated_tokens_per_s: float
     stop_reason: str
     dropped_turns: int  # oldest turns dropped to make room before this turn
+    draft_tokens: int = 0  # speculative decoding: tokens drafted this turn ...
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 class ChatTurn:
@@ -120,7 +122,8 @@ class ChatTurn:
             context_tokens=s.cache.length, generated_tokens=len(r.token_ids),
             time_to_first_token=r.time_to_first_token, prompt_tokens_per_s=r.prompt_tokens_per_s,
             generated_tokens_per_s=r.generated_tokens_per_s, stop_reason=r.stop_reason,
-            dropped_turns=self.dropped_turns,
+            dropped_turns=self.dropped_turns, draft_tokens=r.draft_tokens,
+            accepted_draft_tokens=r.accepted_draft_tokens,
         )
         s.turn = None
 
@@ -129,7 +132,7 @@ class ChatSession:
     """A conversation with `model` (which needs a chat template), re-using one KV cache across turns.
 
     options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (None: the model's
-    generation_config.json default). `send(text)` returns a ChatTurn to iterate; `stats` describes the last turn.
+    generation_config.json default); speculate and draft (speculative decoding, as in Model.complete). `send(text)` returns a ChatTurn to iterate; `stats` describes the last turn.
     """
 
     def __init__(self, model, system: str | None = None, **options):
@@ -142,6 +145,8 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.system = system or None
         self.messages: list[dict] = []  # user / assistant messages, oldest first (the system prompt apart)
+        # speculative decoding (speculate=N, draft="lookup" | "int8" | "int4"): how replies are decoded, not what
+        self.speculation = {k: options.pop(k) for k in ("speculate", "draft") if options.get(k) is not None}
         self.options = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
         self.options.update({k: v for k, v in options.items() if v is not None})
         default_options(model, **self.options)  # bad values fail here, not at the first turn
@@ -197,7 +202,7 @@ class ChatSession:
         reused = min(common_prefix_length(ids, self.cached_ids), self.cache.length, len(ids) - 1)
         self.cache.truncate(reused)
         self.cached_ids = self.cached_ids[:reused]
-        generation = self.model.stream(ids, cache=self.cache, **self.options)
+        generation = self.model.stream(ids, cache=self.cache, **self.speculation, **self.options)
         self.messages = messages
         self.turn = ChatTurn(self, generation, ids, reused, dropped)
         return self.turn

@@ -1,0 +1,162 @@
+"""Speculative decoding with a draft model (engine.generation.speculative.DraftModel): whatever the draft proposes,
+the output is exactly plain decoding's (greedy against transformers' own greedy tokens, seeded sampling against plain
+sampling), alone, in a batch and through the serving loop; the draft's KV cache is rolled back with the model's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine.errors import EngineError
+from engine.generation.scheduler import Scheduler
+from engine.generation.speculative import DraftModel
+from engine.runtime.batch import SequenceStep
+from tests.conftest import load_reference, make_random_checkpoint, reference_greedy
+
+PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
+
+
+def fake_quantized(folder, bits: int, group: int = 32) -> engine.Model:
+    """The model at `folder` with every matrix rounded to `bits`-bit symmetric group-wise integers (float32 storage):
+    a draft that disagrees with the model now and then, as a quantized copy does."""
+    model = engine.load_model(str(folder), weights_dtype="float32")
+    w = model.backend.weights
+    top = 2 ** (bits - 1) - 1
+    matrices = [w.embed] + [m for layer in w.layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
+    if w.lm_head is not w.embed:
+        matrices.append(w.lm_head)
+    for m in matrices:
+        g = m.reshape(-1, group)
+        scale = np.abs(g).max(axis=1, keepdims=True) / top
+        scale[scale == 0] = 1
+        g[:] = np.clip(np.round(g / scale), -top, top) * scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def stories(stories260k):
+    return engine.load_model(str(stories260k))
+
+
+@pytest.fixture(scope="module")
+def int4_draft(stories260k):
+    return fake_quantized(stories260k, bits=4)
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory):
+    """Random weights over stories260K's 512-token vocabulary: a draft that is almost always wrong."""
+    return engine.load_model(str(make_random_checkpoint(tmp_path_factory.mktemp("draft"), vocab_size=512,
+                                                        max_position_embeddings=512, seed=3)))
+
+
+def test_greedy_with_a_draft_model_equals_plain_and_transformers(stories, stories260k, int4_draft):
+    plain = stories.complete(PROMPT, max_new_tokens=60, ignore_eos=True)
+    fast = stories.complete(PROMPT, max_new_tokens=60, ignore_eos=True, speculate=5, draft=int4_draft)
+    assert fast.token_ids == plain.token_ids
+    ids = stories.prompt_ids(PROMPT)
+    assert fast.token_ids[:24] == reference_greedy(load_reference(stories260k), ids, 24)
+    assert fast.draft_tokens > 0 and 0.3 < fast.acceptance_rate < 1.0  # some kept, some rolled back
+
+
+def test_a_wrong_draft_changes_nothing(stories, other_draft):
+    plain = stories.complete(PROMPT, max_new_tokens=40, ignore_eos=True)
+    fast = stories.complete(PROMPT, max_new_tokens=40, ignore_eos=True, speculate=4, draft=other_draft)
+    assert fast.token_ids == plain.token_ids
+    assert fast.draft_tokens > 0 and fast.acceptance_rate < 0.5
+
+
+def test_seeded_sampling_with_a_draft_model_equals_plain(stories, int4_draft):
+    kw = dict(max_new_tokens=50, temperature=0.8, top_p=0.95, seed=7, ignore_eos=True, repetition_penalty=1.1)
+    plain = stories.complete(PROMPT, **kw)
+    fast = stories.complete(PROMPT, speculate=4, draft=int4_draft, **kw)
+    assert fast.token_ids == plain.token_ids and fast.accepted_draft_tokens > 0
+    streamed = [e.token_id for e in stories.stream(PROMPT, speculate=4, draft=int4_draft, **kw)]
+    assert streamed == plain.token_ids
+
+
+def test_batch_with_a_draft_model_equals_plain_and_batches_the_draft(stories, int4_draft):
+    prompts = [PROMPT, "The dog ran", "Tom and Sue went to the park. They saw a big", "A"]
+    kw = dict(max_new_tokens=30, stop=["ball"], seed=1)
+    plain = stories.generate_batch(prompts, **kw)
+    scheduler = Scheduler(stories)
+    requests = [scheduler.submit(stories.prompt_ids(p), speculate=4, draft=int4_draft, **kw) for p in prompts]
+    for _ in scheduler.run():
+        pass
+    assert [r.result.token_ids for r in requests] == [r.token_ids for r in plain]
+    assert [r.result.text for r in requests] == [r.text for r in plain]
+    drafter = requests[0].drafter
+    assert all(r.drafter is drafter for r in requests)  # one draft model for the batch ...
+    assert drafter.forwards < sum(r.result.draft_tokens for r in requests)  # ... one forward per position for all
+    assert [r.token_ids for r in stories.generate_batch(prompts, speculate=4, draft=int4_draft, **kw)] == \
+        [r.token_ids for r in plain]
+
+
+def test_combined_with_lookup(stories, stories260k):
+    """"float32+lookup": prompt lookup where the context has a match (no draft forward), the draft model elsewhere."""
+    ids = stories.prompt_ids(PROMPT + " " + PROMPT)
+    plain = stories.generate(ids, max_new_tokens=40, ignore_eos=True)
+    runs = {}
+    for draft in ("float32", "float32+lookup"):
+        scheduler = Scheduler(stories)
+        r = scheduler.submit(ids, speculate=4, draft=draft, max_new_tokens=40, ignore_eos=True)
+        for _ in scheduler.run():
+            pass
+        assert r.result.token_ids == plain
+        runs[draft] = (r.lookup_first, r.drafter.forwards)
+    assert runs["float32"][0] is False and runs["float32+lookup"][0] is True
+    assert 0 < runs["float32+lookup"][1] < runs["float32"][1]  # lookup drafted some steps: fewer draft forwards
+
+
+def test_draft_cache_holds_its_context_and_rolls_back(int4_draft):
+    """propose(): the draft's greedy tokens (its own plain decoding), its cache = context + all but the last."""
+    drafter = DraftModel(int4_draft)
+    context = int4_draft.prompt_ids(PROMPT)
+    cache = drafter.new_cache()
+    draft = drafter.propose([(cache, context, 5)])[0]
+    assert draft == int4_draft.generate(context, max_new_tokens=5, ignore_eos=True, repetition_penalty=1.0)
+    assert cache.length == len(context) + 4
+    cache.truncate(len(context) + 2)  # as after two accepted tokens: the next round feeds only what is new
+    again = drafter.propose([(cache, context + draft[:2] + [7], 3)])[0]
+    fresh = int4_draft.generate(context + draft[:2] + [7], max_new_tokens=3, ignore_eos=True, repetition_penalty=1.0)
+    assert again == fresh
+
+
+def test_named_draft_is_loaded_once_on_first_use_and_shares_equal_arrays(stories260k):
+    model = engine.load_model(str(stories260k))
+    assert model._drafts == {}
+    plain = model.complete(PROMPT, max_new_tokens=20, ignore_eos=True)
+    fast = model.complete(PROMPT, max_new_tokens=20, ignore_eos=True, speculate=3, draft="float32")
+    assert fast.token_ids == plain.token_ids
+    draft = model.draft_model("float32")
+    assert list(model._drafts) == ["float32"] and model.draft_model("float32") is draft
+    assert draft.backend.weights.embed is model.backend.weights.embed  # equal arrays held once
+    assert draft.backend.weights.layers[0].attn_norm is model.backend.weights.layers[0].attn_norm
+
+
+def test_bad_drafts_are_one_line_errors(stories, tmp_path):
+    with pytest.raises(EngineError, match="draft must be one of"):
+        stories.complete(PROMPT, speculate=2, draft="")
+    with pytest.raises(EngineError, match="weights_dtype must be one of"):
+        stories.complete(PROMPT, speculate=2, draft="int3")
+    small = engine.load_model(str(make_random_checkpoint(tmp_path / "v", vocab_size=256, max_position_embeddings=512)))
+    with pytest.raises(EngineError, match="vocabulary"):
+        stories.complete(PROMPT, speculate=2, draft=small)
+
+
+def test_serving_loop_speculates_with_a_draft_model(stories, int4_draft):
+    import queue
+
+    from engine.generation.serving import ServingLoop
+    from engine.generation.state import GenerationResult, default_options
+
+    plain = stories.complete(PROMPT, max_new_tokens=30, ignore_eos=True)
+    loop = ServingLoop(stories, speculate=4, draft=int4_draft).start()
+    try:
+        q: queue.Queue = queue.Queue()
+        loop.submit(stories.prompt_ids(PROMPT), default_options(stories, max_new_tokens=30, ignore_eos=True), q.put)
+        while not isinstance(item := q.get(timeout=60), GenerationResult):
+            pass
+    finally:
+        loop.stop()
+    assert item.token_ids == plain.token_ids and item.accepted_draft_tokens > 0
