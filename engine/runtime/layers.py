@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.runtime import native
+from engine.runtime.quant import QuantMatrix, linear_dequantized
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
@@ -184,6 +185,8 @@ def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     handful of rows reads the weight far below memory bandwidth).
     """
     m = x.shape[0]
+    if isinstance(w, QuantMatrix):
+        return linear_quantized(x, w)
     if runs_on_kernels(m, prompt_from, w.dtype):
         return native.matmul_xwt(np.ascontiguousarray(x), w)
     if w.dtype != np.float32:
@@ -201,6 +204,12 @@ def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
         for i in range(m):
             np.matmul(block, x[i], out=out[i, start : start + rows])
     return out
+
+
+def linear_quantized(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
+    """y = x @ dequantize(w).T for x (M, in) float32 and a quantized w (out, in) -> (M, out) float32: the compiled
+    kernels' quantized matmul where available (every row), else blocks of w dequantized for OpenBLAS."""
+    return linear_dequantized(np.ascontiguousarray(x, dtype=np.float32), w)
 
 
 def widened_blas(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

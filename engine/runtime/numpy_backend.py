@@ -142,6 +142,8 @@ class NumpyBackend:
         """The layers as one kernel call for a pass of `rows` rows, or None where the loop must run them (fusing off,
         some rows for OpenBLAS). Built once, and again whenever a weight array has been replaced."""
         w = self.weights
+        if w.dtype in ("int8", "int4"):
+            return None
         if not self.fuse_layers or not layers.runs_on_kernels(rows, prompt_from, w.layers[0].wqkv.dtype):
             return None
         norms = [layer.attn_norm for layer in w.layers[1:]] + [w.final_norm]

@@ -17,12 +17,17 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import EngineError
+from engine.runtime import quant
+from engine.runtime.quant import QuantMatrix
 from weights.checkpoint import Checkpoint
 
 # weights_dtype name -> NumPy storage dtype of the matrices and the embedding table
 STORAGE = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-WEIGHTS_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+# Quantized models: the format of the lm_head (and of a tied embedding table) per weights_dtype. int4 keeps the
+# lm_head int8 (as llama.cpp's q4_0 keeps its output matrix at 6 bits): see the README's "Quantized weights".
+LM_HEAD_KIND = {"int8": "int8", "int4": "int8"}
 
 
 @dataclass
@@ -47,13 +52,16 @@ class ModelWeights:
     layers: list[LayerWeights]
     final_norm: np.ndarray  # (H,) float32
     lm_head: np.ndarray  # (vocab, H); the same array as `embed` when embeddings are tied
-    dtype: str = "float32"  # "float32" | "bfloat16" (uint16 arrays of bf16 bits) | "float16"
+    dtype: str = "float32"  # "float32" | "bfloat16" (uint16 arrays of bf16 bits) | "float16" | "int8" | "int4"
 
     def arrays(self) -> list[np.ndarray]:
-        """Every weight array once (a tied lm_head is the embedding table)."""
-        arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        """Every weight array once (a tied lm_head is the embedding table; a QuantMatrix is its data and scales)."""
+        held = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
-            arrays += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
+            held += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
+        arrays = []
+        for a in held:
+            arrays += [a.data, a.scales] if isinstance(a, QuantMatrix) else [a]
         return arrays
 
     @property
@@ -69,14 +77,20 @@ class ModelWeights:
 
 
 def widen(a: np.ndarray) -> np.ndarray:
-    """A weight array (float32, uint16 bf16 bits, float16) as float32 with the same values (a copy unless float32)."""
+    """A weight array (float32, uint16 bf16 bits, float16, or a QuantMatrix) as float32 with the same values (a copy
+    unless float32; a QuantMatrix dequantized)."""
+    if isinstance(a, QuantMatrix):
+        return a.dequantize()
     if a.dtype == np.uint16:
         return (a.astype(np.uint32) << 16).view(np.float32)
     return a.astype(np.float32, copy=False)
 
 
 def embed_rows(table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
-    """Rows of the embedding table (vocab, H) in its storage dtype -> (len(token_ids), H) float32, widened exactly."""
+    """Rows of the embedding table (vocab, H) in its storage dtype -> (len(token_ids), H) float32, widened exactly
+    (a quantized table: those rows dequantized)."""
+    if isinstance(table, QuantMatrix):
+        return table.dequantize(np.asarray(token_ids))
     return widen(table[token_ids])
 
 
@@ -105,6 +119,11 @@ def choose_weights_dtype(requested: str, stored: str, kernels_available: bool, k
         raise EngineError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPE_CHOICES)}, got {requested!r}")
     if requested == "float32":
         return "float32", "asked for (weights_dtype=float32)"
+    if requested in quant.KINDS:
+        how = "the kernels' integer pair dot products" if kernels_available else \
+            f"dequantized per block for OpenBLAS: the compiled kernels are not available ({kernels_detail})"
+        return requested, (f"quantized at load from the checkpoint's {stored} values (groups of {quant.GROUP}, "
+                           f"float16 scales), {how}")
     if stored == "float32":
         if requested != "auto":
             raise EngineError(f"weights_dtype={requested} but the checkpoint stores float32 weights; rounding them to "
@@ -120,9 +139,12 @@ def choose_weights_dtype(requested: str, stored: str, kernels_available: bool, k
 
 def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str = "float32") -> ModelWeights:
     """Validate `checkpoint` against `config`, then read every tensor into the fused arrays, matrices and embedding
-    table stored as `dtype` ("float32", or the checkpoint's own "bfloat16"/"float16"), norms as float32."""
+    table stored as `dtype` ("float32", or the checkpoint's own "bfloat16"/"float16", or quantized "int8"/"int4":
+    see load_quantized), norms as float32."""
     shapes, optional = expected_tensors(config)
     checkpoint.validate(shapes, optional)
+    if dtype in quant.KINDS:
+        return load_quantized(checkpoint, config, dtype)
     storage = STORAGE[dtype]
 
     def read(name: str, as_dtype=storage) -> np.ndarray:
@@ -159,3 +181,50 @@ def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str =
     lm_head = embed if config.tie_word_embeddings else read("lm_head.weight")
     return ModelWeights(embed=embed, layers=layers, final_norm=read("model.norm.weight", np.float32), lm_head=lm_head,
                         dtype=dtype)
+
+
+def load_quantized(checkpoint: Checkpoint, config: ModelConfig, kind: str) -> ModelWeights:
+    """The weights of a validated checkpoint with every matrix quantized to `kind` ("int8" | "int4"; the lm_head and
+    a tied embedding table to LM_HEAD_KIND[kind]), norms float32. Each tensor is read as float32 on its own, then
+    quantized straight into its rows of the fused QuantMatrix: never a float32 copy of more than one tensor."""
+    shapes, _ = expected_tensors(config)
+
+    def quantized(names: list[str], as_kind: str = kind) -> QuantMatrix:
+        """Tensors `names` quantized and stacked row-wise into one QuantMatrix (rows, in_features)."""
+        rows = sum(shapes[n][0] for n in names)
+        out = quant.empty(as_kind, rows, shapes[names[0]][1])
+        start = 0
+        for name in names:
+            tensor = np.empty(shapes[name], dtype=np.float32)
+            checkpoint.read_into(name, tensor)
+            quant.quantize_into(out, start, tensor)
+            start += shapes[name][0]
+            del tensor
+        return out
+
+    def norm(name: str) -> np.ndarray:
+        out = np.empty(shapes[name], dtype=np.float32)
+        checkpoint.read_into(name, out)
+        return out
+
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layers.append(
+            LayerWeights(
+                attn_norm=norm(p + "input_layernorm.weight"),
+                wqkv=quantized([p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                                p + "self_attn.v_proj.weight"]),
+                wo=quantized([p + "self_attn.o_proj.weight"]),
+                mlp_norm=norm(p + "post_attention_layernorm.weight"),
+                w_gate_up=quantized([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                w_down=quantized([p + "mlp.down_proj.weight"]),
+            )
+        )
+    head_kind = LM_HEAD_KIND[kind]
+    if config.tie_word_embeddings:
+        embed = lm_head = quantized(["model.embed_tokens.weight"], head_kind)
+    else:
+        embed = quantized(["model.embed_tokens.weight"])
+        lm_head = quantized(["lm_head.weight"], head_kind)
+    return ModelWeights(embed=embed, layers=layers, final_norm=norm("model.norm.weight"), lm_head=lm_head, dtype=kind)

@@ -1,0 +1,183 @@
+"""Quantized weight formats (int8, int4): group-wise symmetric integers with a float16 scale per group of 32.
+
+A weight matrix W (N, K) in Hugging Face's [out, in] layout is cut into groups of GROUP = 32 consecutive columns of
+one row; each group holds integers q and one scale s (float16), W[n, k] ~ s[n, g] * q[n, k] with g = k // 32:
+- int8: q in [-127, 127], s = max|w| / 127 (llama.cpp's q8_0 grid), 34 bytes per 32 weights;
+- int4: q in [-8, 7], the scale chosen per group among candidates by least squared error (see the README), 18 bytes
+  per 32 weights (llama.cpp's q4_0 size).
+The scale is rounded to float16 FIRST and q is rounded against that stored scale, so dequantizing is exactly
+float(s16) * q.
+
+Kernel layout (engine/runtime/native/quant.h reads it): rows are taken 16 at a time (a block; the row count padded to
+a multiple of 16 with zero rows, the columns to a multiple of 32 with zeros), and within a block and group the values
+are stored so that one vector load gives one PAIR of columns for all 16 rows (the operand of an int16 pair dot
+product, lane r = row r):
+- scales: float16 (blocks, groups, 16): the scale of row 16 b + r, group g at [b, g, r];
+- int8 data: int8 (blocks, groups, 16 pairs, 16 rows, 2): [b, g, p, r, t] = q[16 b + r, 32 g + 2 p + t];
+- int4 data: uint16 (blocks, groups, 4, 32): word [b, g, c, 2 r + t] holds in its nibble i (bits 4i..4i+3, two's
+  complement) q[16 b + r, 32 g + 2 (4 c + i) + t].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+GROUP = 32  # columns per scale
+BLOCK_ROWS = 16  # rows interleaved in the kernel layout
+KINDS = ("int8", "int4")
+QMAX = {"int8": 127, "int4": 7}
+
+
+@dataclass
+class QuantMatrix:
+    """A quantized (N, K) weight matrix in the kernel layout (module docstring): `data` and `scales` are all it
+    holds."""
+
+    kind: str  # "int8" | "int4"
+    shape: tuple[int, int]  # (N, K): the logical matrix
+    data: np.ndarray  # int8 (blocks, groups, 16, 16, 2) | uint16 (blocks, groups, 4, 32)
+    scales: np.ndarray  # float16 (blocks, groups, 16)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the integers and the scales."""
+        return self.data.nbytes + self.scales.nbytes
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def padded_cols(self) -> int:
+        return self.groups * GROUP
+
+    def dequantize(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """The matrix's values (all rows, or `rows` of them) as float32 (n, K): float(scale) * q, exact."""
+        idx = np.arange(self.shape[0])[rows] if rows is not None else np.arange(self.shape[0])
+        q = integers(self, idx)  # (n, Kp) int8
+        s = self.scales[idx // BLOCK_ROWS, :, idx % BLOCK_ROWS].astype(np.float32)  # (n, G)
+        out = (q.reshape(len(idx), self.groups, GROUP) * s[:, :, None]).reshape(len(idx), -1)
+        return np.ascontiguousarray(out[:, : self.shape[1]], dtype=np.float32)
+
+
+def empty(kind: str, n: int, k: int) -> QuantMatrix:
+    """A zeroed QuantMatrix of `kind` for an (n, k) matrix (rows and columns padded as the layout needs)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantized kind {kind!r}")
+    blocks, groups = -(-n // BLOCK_ROWS), -(-k // GROUP)
+    if kind == "int8":
+        data = np.zeros((blocks, groups, 16, BLOCK_ROWS, 2), dtype=np.int8)
+    else:
+        data = np.zeros((blocks, groups, 4, 2 * BLOCK_ROWS), dtype=np.uint16)
+    return QuantMatrix(kind, (n, k), data, np.zeros((blocks, groups, BLOCK_ROWS), dtype=np.float16))
+
+
+def quantize_groups(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows w (n, K) float32 -> (q (n, Kp) int8, scales (n, G) float16), K zero-padded to Kp = 32 G columns.
+
+    int8: s = float16(max|w| / 127), q = clip(rint(w / s), -127, 127); int4: the least-squares scale among
+    candidates (`int4_scales`), q = clip(rint(w / s), -8, 7). A group of zeros has s = 0, q = 0."""
+    n, k = w.shape
+    kp = -(-k // GROUP) * GROUP
+    if kp != k:
+        w = np.concatenate([w, np.zeros((n, kp - k), dtype=np.float32)], axis=1)
+    g = w.reshape(n, kp // GROUP, GROUP)
+    if kind == "int8":
+        s16 = (np.max(np.abs(g), axis=2) / np.float32(127)).astype(np.float16)
+        q = _round_to(g, s16, -127, 127)
+    else:
+        s16 = int4_scales(g)
+        q = _round_to(g, s16, -8, 7)
+    return q.reshape(n, kp), s16
+
+
+def _round_to(g: np.ndarray, s16: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Groups g (n, G, 32) float32 rounded against scales s16 (n, G) float16 -> int8 (n, G, 32)."""
+    s = s16.astype(np.float32)[:, :, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, np.rint(g / np.where(s > 0, s, np.float32(1))), np.float32(0))
+    return np.clip(q, lo, hi).astype(np.int8)
+
+
+# int4 scale candidates: s = m / d for the group's value of largest magnitude m (signed) and these divisors. d = -8
+# is llama.cpp's q4_0 (m lands on -8, the grid's far end); the others trade clipping the extreme for a finer grid.
+INT4_DIVISORS = (-8.0, -7.5, -7.0, -8.5, 7.0, 7.5, -6.5, 6.5)
+
+
+def int4_scales(g: np.ndarray) -> np.ndarray:
+    """The int4 scale of every group g (n, G, 32) float32 -> (n, G) float16: of the candidates m / d
+    (INT4_DIVISORS), each rounded to float16, the one whose grid clip(rint(w / s), -8, 7) * s has the least squared
+    error (the first on ties, so q4_0's when it is as good)."""
+    idx = np.argmax(np.abs(g), axis=2)
+    m = np.take_along_axis(g, idx[:, :, None], axis=2)[:, :, 0]
+    best_s = np.zeros(m.shape, dtype=np.float16)
+    best_err = np.full(m.shape, np.inf, dtype=np.float32)
+    for d in INT4_DIVISORS:
+        s16 = (m / np.float32(d)).astype(np.float16)
+        s16 = np.where(s16.astype(np.float32) < 0, np.float16(0), s16)  # a scale is positive (m's sign picks d's)
+        q = _round_to(g, s16, -8, 7)
+        err = np.sum(np.square(g - q.astype(np.float32) * s16.astype(np.float32)[:, :, None]), axis=2)
+        better = err < best_err
+        best_s = np.where(better, s16, best_s)
+        best_err = np.where(better, err, best_err)
+    return best_s
+
+
+def store_rows(m: QuantMatrix, start: int, q: np.ndarray, s16: np.ndarray) -> None:
+    """Write rows start..start+n of `m` from q (n, Kp) int8 and s16 (n, G) float16 (quantize_groups' output)."""
+    n = q.shape[0]
+    groups = m.groups
+    row = start
+    while row < start + n:
+        b, r0 = divmod(row, BLOCK_ROWS)
+        r1 = min(BLOCK_ROWS, r0 + start + n - row)
+        src = q[row - start : row - start + r1 - r0].reshape(r1 - r0, groups, GROUP)  # (rows, G, 32)
+        m.scales[b, :, r0:r1] = s16[row - start : row - start + r1 - r0].T
+        if m.kind == "int8":
+            # [g, p, r, t] = src[r, g, 2p + t]
+            m.data[b, :, :, r0:r1, :] = src.reshape(r1 - r0, groups, 16, 2).transpose(1, 2, 0, 3)
+        else:
+            # word [g, c, 2r + t], nibble i = src[r, g, 2(4c + i) + t]
+            nib = (src.reshape(r1 - r0, groups, 4, 4, 2).astype(np.uint16) & 0xF)  # (r, g, c, i, t)
+            words = nib[:, :, :, 0] | (nib[:, :, :, 1] << 4) | (nib[:, :, :, 2] << 8) | (nib[:, :, :, 3] << 12)
+            m.data[b, :, :, 2 * r0 : 2 * r1] = words.transpose(1, 2, 0, 3).reshape(groups, 4, 2 * (r1 - r0))
+        row += r1 - r0
+
+
+def integers(m: QuantMatrix, idx: np.ndarray) -> np.ndarray:
+    """The integers q of rows `idx` of m -> (len(idx), Kp) int8 (the layout read back)."""
+    b, r = idx // BLOCK_ROWS, idx % BLOCK_ROWS
+    if m.kind == "int8":
+        q = m.data[b, :, :, r, :]  # (n, G, 16, 2)
+        return q.reshape(len(idx), -1)
+    words = m.data[b][:, :, :, :].reshape(len(idx), m.groups, 4, BLOCK_ROWS, 2)[np.arange(len(idx)), :, :, r, :]
+    # words: (n, G, 4 c, 2 t); nibble i -> column 2 (4c + i) + t
+    shifts = np.array([0, 4, 8, 12], dtype=np.uint16)
+    nib = ((words[:, :, :, None, :] >> shifts[None, None, None, :, None]) & 0xF).astype(np.int8)  # (n, G, c, i, t)
+    nib = np.where(nib >= 8, nib - 16, nib).astype(np.int8)
+    return nib.reshape(len(idx), -1)
+
+
+def quantize(w: np.ndarray, kind: str, rows_per_piece: int = 4096) -> QuantMatrix:
+    """A float32 matrix w (N, K) quantized to `kind` ("int8" | "int4")."""
+    m = empty(kind, *w.shape)
+    quantize_into(m, 0, w, rows_per_piece)
+    return m
+
+
+def linear_dequantized(x: np.ndarray, m: QuantMatrix, block_bytes: int = 8 << 20) -> np.ndarray:
+    """x (M, K) float32 @ dequantize(m).T -> (M, N) float32, a block of rows widened at a time (no kernels)."""
+    n, k = m.shape
+    out = np.empty((x.shape[0], n), dtype=np.float32)
+    rows = max(BLOCK_ROWS, block_bytes // (4 * k))
+    for start in range(0, n, rows):
+        out[:, start : start + rows] = x @ m.dequantize(slice(start, start + rows)).T
+    return out
+
+
+def quantize_into(m: QuantMatrix, start: int, w: np.ndarray, rows_per_piece: int = 4096) -> None:
+    """Quantize the float32 rows w (n, K) into rows start..start+n of m (in pieces of rows_per_piece rows)."""
+    for r in range(0, w.shape[0], rows_per_piece):
+        piece = np.ascontiguousarray(w[r : r + rows_per_piece], dtype=np.float32)
+        store_rows(m, start + r, *quantize_groups(piece, m.kind))
