@@ -3,7 +3,6 @@ the output is exactly plain decoding's (greedy against transformers' own greedy 
 sampling), alone, in a batch and through the serving loop; the draft's KV cache is rolled back with the model's."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import engine
@@ -16,31 +15,15 @@ from tests.conftest import load_reference, make_random_checkpoint, reference_gre
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
 
 
-def fake_quantized(folder, bits: int, group: int = 32) -> engine.Model:
-    """The model at `folder` with every matrix rounded to `bits`-bit symmetric group-wise integers (float32 storage):
-    a draft that disagrees with the model now and then, as a quantized copy does."""
-    model = engine.load_model(str(folder), weights_dtype="float32")
-    w = model.backend.weights
-    top = 2 ** (bits - 1) - 1
-    matrices = [w.embed] + [m for layer in w.layers for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)]
-    if w.lm_head is not w.embed:
-        matrices.append(w.lm_head)
-    for m in matrices:
-        g = m.reshape(-1, group)
-        scale = np.abs(g).max(axis=1, keepdims=True) / top
-        scale[scale == 0] = 1
-        g[:] = np.clip(np.round(g / scale), -top, top) * scale
-    return model
-
-
 @pytest.fixture(scope="module")
 def stories(stories260k):
     return engine.load_model(str(stories260k))
 
 
 @pytest.fixture(scope="module")
-def int4_draft(stories260k):
-    return fake_quantized(stories260k, bits=4)
+def int4_draft(stories):
+    """The model's own int4 copy (weights_dtype="int4"): it disagrees with the model now and then."""
+    return stories.draft_model("int4")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +35,8 @@ def other_draft(tmp_path_factory):
 
 def test_greedy_with_a_draft_model_equals_plain_and_transformers(stories, stories260k, int4_draft):
     plain = stories.complete(PROMPT, max_new_tokens=60, ignore_eos=True)
-    fast = stories.complete(PROMPT, max_new_tokens=60, ignore_eos=True, speculate=5, draft=int4_draft)
+    fast = stories.complete(PROMPT, max_new_tokens=60, ignore_eos=True, speculate=5, draft="int4")
+    assert stories.draft_model("int4") is int4_draft
     assert fast.token_ids == plain.token_ids
     ids = stories.prompt_ids(PROMPT)
     assert fast.token_ids[:24] == reference_greedy(load_reference(stories260k), ids, 24)

@@ -18,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt text; may be repeated (default: 'The capital of France is')")
     p.add_argument("--steps", type=int, default=16, help="greedy steps to compare per prompt (default 16)")
+    p.add_argument("--text", metavar="FILE", help="also score this text with both systems: perplexity, top-1 "
+                                                  "agreement and KL at every position (its first window of tokens)")
+    p.add_argument("--min-agreement", type=float, metavar="F",
+                   help="fail (exit 1) when the teacher-forced top-1 agreement is below F (a fraction, e.g. 0.95)")
+    p.add_argument("--max-kl", type=float, metavar="NATS",
+                   help="fail (exit 1) when the mean KL(transformers || engine) per token is above NATS")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
