@@ -208,7 +208,10 @@ def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
 
 def linear_quantized(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     """y = x @ dequantize(w).T for x (M, in) float32 and a quantized w (out, in) -> (M, out) float32: the compiled
-    kernels' quantized matmul where available (every row), else blocks of w dequantized for OpenBLAS."""
+    kernels' quantized matmul where available (every row: activations rounded to int16 per group of 32, exact integer
+    group sums), else blocks of w dequantized for OpenBLAS (activations float32)."""
+    if native.status().available:
+        return native.qmatmul_xwt(np.ascontiguousarray(x, dtype=np.float32), w)
     return linear_dequantized(np.ascontiguousarray(x, dtype=np.float32), w)
 
 

@@ -142,9 +142,8 @@ class NumpyBackend:
         """The layers as one kernel call for a pass of `rows` rows, or None where the loop must run them (fusing off,
         some rows for OpenBLAS). Built once, and again whenever a weight array has been replaced."""
         w = self.weights
-        if w.dtype in ("int8", "int4"):
-            return None
-        if not self.fuse_layers or not layers.runs_on_kernels(rows, prompt_from, w.layers[0].wqkv.dtype):
+        quantized = w.dtype in ("int8", "int4")  # every row of a quantized matmul runs on the kernels
+        if not self.fuse_layers or not (quantized or layers.runs_on_kernels(rows, prompt_from, w.layers[0].wqkv.dtype)):
             return None
         norms = [layer.attn_norm for layer in w.layers[1:]] + [w.final_norm]
         arrays = [(l.wqkv, l.wo, l.w_gate_up, l.w_down, l.mlp_norm, n) for l, n in zip(w.layers, norms)]

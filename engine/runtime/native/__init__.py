@@ -37,14 +37,16 @@ import numpy as np
 
 HERE = Path(__file__).parent
 SOURCES = ["api.c", "pool.c", "variant_avx512.c", "variant_avx2.c", "variant_portable.c"]
-HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "simd_avx512.h", "simd_avx2.h", "simd_portable.h"]
+HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "quant.h", "simd_avx512.h", "simd_avx2.h", "simd_portable.h"]
 # Never -ffast-math / -Ofast: GCC then links code that sets flush-to-zero for the whole process (subnormal weights
 # and activations would become 0), and it may reorder the sums that make results reproducible.
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread"]
 LIBS = ["-lm"]
-ABI_VERSION = 4
+ABI_VERSION = 5
 ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
 WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
+QUANT_TYPES = {"int8": 3, "int4": 4}  # quantized weights (engine.runtime.quant.QuantMatrix), kernels.h's W_Q8 / W_Q4
+QMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddwd)", "avx512 VNNI (vpdpwssd)")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,10 @@ class _Library:
         lib.tl_decoder_layers.argtypes = [i32, ptr, ptr, size, ptr, ptr, size, ptr, size, ptr, ptr, ptr, ptr, ptr,
                                           ptr, ptr, i32]
         lib.tl_decoder_layers.restype = None
+        lib.tl_qmatmul.argtypes = [i32, ptr, size, ptr, ptr, i32, ptr, size, size, size, size, i32]
+        lib.tl_qmatmul.restype = None
+        lib.tl_qmatmul_build.argtypes = [i32]
+        lib.tl_qmatmul_build.restype = i32
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
 
@@ -225,6 +231,30 @@ def matmul_xwt(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> n
         raise ValueError(f"matmul_xwt's out must be float32 ({m}, {n}) with contiguous rows")
     lib.lib.tl_matmul(lib.isa, x.ctypes.data, x.strides[0] // 4, w.ctypes.data, w.strides[0] // w.itemsize, wtype,
                       out.ctypes.data, out.strides[0] // 4, m, n, k, lib.threads)
+    return out
+
+
+def qmatmul_build() -> str:
+    """Which build of the quantized matmul the variant in use runs (e.g. "avx512 VNNI (vpdpwssd)")."""
+    lib = _require()
+    return QMATMUL_BUILDS[lib.lib.tl_qmatmul_build(lib.isa)]
+
+
+def qmatmul_xwt(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T for x (M, K) float32 (contiguous rows) and a quantized W (N, K) (engine.runtime.quant.QuantMatrix,
+    int8 or int4) -> (M, N) float32. Activations are rounded to int16 per group of 32 inside (quant.h)."""
+    lib = _require()
+    (n, k), kind = w.shape, QUANT_TYPES.get(w.kind)
+    if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != k or not _rows_contiguous(x) or kind is None \
+            or not w.data.flags.c_contiguous or not w.scales.flags.c_contiguous:
+        raise ValueError(f"qmatmul_xwt needs float32 x (M, {k}) with contiguous rows; got {x.dtype}{x.shape}")
+    m = x.shape[0]
+    if out is None:
+        out = np.empty((m, n), dtype=np.float32)
+    elif out.shape != (m, n) or out.dtype != np.float32 or not _rows_contiguous(out):
+        raise ValueError(f"qmatmul_xwt's out must be float32 ({m}, {n}) with contiguous rows")
+    lib.lib.tl_qmatmul(lib.isa, x.ctypes.data, x.strides[0] // 4, w.data.ctypes.data, w.scales.ctypes.data, kind,
+                       out.ctypes.data, out.strides[0] // 4, m, n, k, lib.threads)
     return out
 
 
@@ -366,7 +396,9 @@ class StepAttention:
 
 class _Layer(ctypes.Structure):
     _fields_ = [("wqkv", ctypes.c_void_p), ("wo", ctypes.c_void_p), ("w_gate_up", ctypes.c_void_p),
-                ("w_down", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("next_norm", ctypes.c_void_p)]
+                ("w_down", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("next_norm", ctypes.c_void_p),
+                ("wqkv_s", ctypes.c_void_p), ("wo_s", ctypes.c_void_p), ("w_gate_up_s", ctypes.c_void_p),
+                ("w_down_s", ctypes.c_void_p)]
 
 
 class _Stack(ctypes.Structure):
@@ -381,17 +413,24 @@ class DecoderLayers:
     of a TinyLlama batch-1 step). For passes whose every matmul runs on the kernels.
 
     layers: per layer (wqkv, wo, w_gate_up, w_down, mlp_norm, next_norm): matrices (out, in) with contiguous rows in
-    one dtype (float32, uint16 bf16 bits or float16), norms (H,) float32, next_norm the next layer's input norm (the
+    one dtype (float32, uint16 bf16 bits or float16), or QuantMatrix of one kind (int8, int4), norms (H,) float32, next_norm the next layer's input norm (the
     final norm after the last); cos, sin: (positions, head_dim) float32 tables."""
 
     def __init__(self, layers: list[tuple], hidden: int, inter: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  eps: float, cos: np.ndarray, sin: np.ndarray):
         self.lib = _require()
-        wtype = WEIGHT_TYPES.get(layers[0][0].dtype)
+        quantized = getattr(layers[0][0], "kind", None)  # an engine.runtime.quant.QuantMatrix stack
+        wtype = QUANT_TYPES.get(quantized) if quantized else WEIGHT_TYPES.get(layers[0][0].dtype)
         q, kv = n_heads * head_dim, n_kv_heads * head_dim
         shapes = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter), (hidden,), (hidden,)]
         for layer in layers:
             for a, shape in zip(layer, shapes):
+                if quantized and len(shape) == 2:
+                    if getattr(a, "kind", None) != quantized or tuple(a.shape) != shape \
+                            or not a.data.flags.c_contiguous or not a.scales.flags.c_contiguous:
+                        raise ValueError(f"DecoderLayers: a weight {type(a).__name__} {getattr(a, 'shape', '')} "
+                                         f"does not fit {quantized} {shape}")
+                    continue
                 dtype = np.float32 if len(shape) == 1 else layer[0].dtype
                 if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous:
                     raise ValueError(f"DecoderLayers: a weight of {getattr(a, 'dtype', type(a))}"
@@ -399,7 +438,14 @@ class DecoderLayers:
         if wtype is None or cos.dtype != np.float32 or sin.dtype != np.float32 or not cos.flags.c_contiguous \
                 or not sin.flags.c_contiguous or cos.shape[1] != head_dim or head_dim > ATTENTION_MAX_HEAD_DIM:
             raise ValueError("DecoderLayers: unsupported weight dtype or rotary tables")
-        self.layers = (_Layer * len(layers))(*[_Layer(*[a.ctypes.data for a in layer]) for layer in layers])
+
+        def pointers(layer) -> list:
+            if not quantized:
+                return [a.ctypes.data for a in layer]
+            return ([a.data.ctypes.data for a in layer[:4]] + [a.ctypes.data for a in layer[4:]]
+                    + [a.scales.ctypes.data for a in layer[:4]])
+
+        self.layers = (_Layer * len(layers))(*[_Layer(*pointers(layer)) for layer in layers])
         self.stack = _Stack(hidden, inter, n_heads, n_kv_heads, head_dim, wtype, float(eps),
                             float(np.float32(1.0 / np.sqrt(head_dim))), cos.ctypes.data, sin.ctypes.data)
         self._keep = (layers, cos, sin)  # the arrays the pointers point into stay alive with this object

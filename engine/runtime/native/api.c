@@ -2,7 +2,7 @@
  * kernels of a chosen variant. Compiled for the baseline of the platform: nothing here needs a particular ISA. */
 #include "kernels.h"
 
-#define ABI_VERSION 4
+#define ABI_VERSION 5
 
 int tl_abi_version(void) { return ABI_VERSION; }
 
@@ -59,6 +59,40 @@ void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
                ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
 {
     matmuls[isa](x, ldx, w, ldw, wtype, out, ldo, M, N, K, threads);
+}
+
+/* The quantized matmul of variant `isa`: on avx512, the VNNI build where the CPU has AVX512-VNNI, the BW build
+ * without it, and the avx2 one on an AVX-512 CPU without BW (none is sold; it keeps the dispatch total). */
+static tl_qmatmul_fn qmatmul_for(int isa)
+{
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (isa == ISA_AVX512) {
+        if (!__builtin_cpu_supports("avx512bw")) return tl_qmatmul_avx2;
+        return __builtin_cpu_supports("avx512vnni") ? tl_qmatmul_avx512vnni : tl_qmatmul_avx512;
+    }
+    if (isa == ISA_AVX2) return tl_qmatmul_avx2;
+#endif
+    return tl_qmatmul_portable;
+}
+
+/* Which build qmatmul_for(isa) runs: 0 portable, 1 avx2, 2 avx512 (BW), 3 avx512 VNNI. */
+int tl_qmatmul_build(int isa)
+{
+    tl_qmatmul_fn f = qmatmul_for(isa);
+#if defined(__x86_64__) || defined(_M_X64)
+    if (f == tl_qmatmul_avx512vnni) return 3;
+    if (f == tl_qmatmul_avx512) return 2;
+    if (f == tl_qmatmul_avx2) return 1;
+#endif
+    return 0;
+}
+
+/* y (M, N) = x (M, K) @ W.T for a quantized W (N, K): kind W_Q8 | W_Q4, its integers and scales (see quant.h). */
+void tl_qmatmul(int isa, const float *x, ptrdiff_t ldx, const void *data, const uint16_t *scales, int kind,
+                float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
+{
+    qmatmul_for(isa)(x, ldx, data, scales, kind, out, ldo, M, N, K, threads);
 }
 
 /* out (N, K) float32 = w (N, K) bf16 / fp16 widened exactly (for OpenBLAS's GEMM on widened blocks). */
@@ -124,18 +158,24 @@ void tl_decoder_layers(int isa, const tl_stack *c, const tl_layer *layers, ptrdi
     const ptrdiff_t H = c->hidden, I = c->inter, D = c->head_dim, Q = c->n_heads * D, KV = c->n_kv_heads * D;
     const ptrdiff_t W = Q + 2 * KV;
     const int wt = (int)c->wtype;
+    const tl_matmul_fn mm = matmuls[isa];
+    const tl_qmatmul_fn qmm = wt == W_Q8 || wt == W_Q4 ? qmatmul_for(isa) : 0;
+/* x (rows, K) @ weight `w` (with scales `ws` when quantized) -> out (N rows, Nw) */
+#define MATMUL(x, ldx, w, ws, out, ldo, Nw, K) \
+    (qmm ? qmm(x, ldx, w, ws, wt, out, ldo, N, Nw, K, threads) : mm(x, ldx, w, K, wt, out, ldo, N, Nw, K, threads))
     float *qkv = scratch, *attn = qkv + N * W, *proj = attn + N * Q, *gate_up = proj + N * H, *act = gate_up + N * 2 * I;
     for (ptrdiff_t i = 0; i < n_layers; i++) {
         const tl_layer *l = &layers[i];
-        matmuls[isa](h, H, l->wqkv, H, wt, qkv, W, N, W, H, threads);
+        MATMUL(h, H, l->wqkv, l->wqkv_s, qkv, W, W, H);
         rotaries[isa](qkv, W, pos, c->cos, c->sin, N, c->n_heads + c->n_kv_heads, D, threads);
         attention_seqs[isa](qkv, W, c->n_heads, c->n_kv_heads, D, n_seq, row, count, start, k_cache, v_cache, capacity,
                             i, c->scale, attn, Q, threads);
-        matmuls[isa](attn, Q, l->wo, Q, wt, proj, H, N, H, Q, threads);
+        MATMUL(attn, Q, l->wo, l->wo_s, proj, H, H, Q);
         rms_norms[isa](x, H, proj, H, l->mlp_norm, c->eps, x, h, H, N, H, threads);
-        matmuls[isa](h, H, l->w_gate_up, H, wt, gate_up, 2 * I, N, 2 * I, H, threads);
+        MATMUL(h, H, l->w_gate_up, l->w_gate_up_s, gate_up, 2 * I, 2 * I, H);
         swiglus[isa](gate_up, 2 * I, act, I, N, I, threads);
-        matmuls[isa](act, I, l->w_down, I, wt, proj, H, N, H, I, threads);
+        MATMUL(act, I, l->w_down, l->w_down_s, proj, H, H, I);
         rms_norms[isa](x, H, proj, H, l->next_norm, c->eps, x, h, H, N, H, threads);
     }
+#undef MATMUL
 }

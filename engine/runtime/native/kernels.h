@@ -3,11 +3,12 @@
 #ifndef TL_KERNELS_H
 #define TL_KERNELS_H
 #include <stddef.h>
+#include <stdint.h>
 
 #include "pool.h"
 
-/* How a weight matrix is stored. */
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+/* How a weight matrix is stored: float32, bfloat16, float16, or quantized int8 / int4 (quant.h's layout). */
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_Q8 = 3, W_Q4 = 4 };
 /* Instruction-set variants, in order of preference. */
 enum { ISA_AVX512 = 0, ISA_AVX2 = 1, ISA_PORTABLE = 2, ISA_COUNT = 3 };
 
@@ -59,6 +60,15 @@ void tl_attention_seqs_avx2(SEQS_ARGS);
 void tl_attention_seqs_portable(SEQS_ARGS);
 typedef void (*tl_attention_seqs_fn)(SEQS_ARGS);
 
+/* y (M, N) = x (M, K) @ W.T for a quantized W (kind W_Q8 | W_Q4): its integers and float16 scales; see quant.h. */
+#define QMM_ARGS const float *, ptrdiff_t, const void *, const uint16_t *, int, float *, ptrdiff_t, ptrdiff_t, \
+    ptrdiff_t, ptrdiff_t, int
+typedef void (*tl_qmatmul_fn)(QMM_ARGS);
+void tl_qmatmul_avx512(QMM_ARGS);
+void tl_qmatmul_avx512vnni(QMM_ARGS);
+void tl_qmatmul_avx2(QMM_ARGS);
+void tl_qmatmul_portable(QMM_ARGS);
+
 /* One decoder layer's weights for tl_decoder_layers: matrices in Hugging Face's layout with contiguous rows, in the
  * stack's weight type; the norm that follows the MLP is the next layer's input norm (the final norm after the last). */
 typedef struct {
@@ -68,6 +78,8 @@ typedef struct {
     const void *w_down;    /* (H, I) */
     const float *mlp_norm; /* (H,) */
     const float *next_norm; /* (H,) */
+    /* quantized stacks (wtype W_Q8 / W_Q4): each matrix's float16 scales (the pointers above hold its integers) */
+    const uint16_t *wqkv_s, *wo_s, *w_gate_up_s, *w_down_s;
 } tl_layer;
 
 /* The shapes and constants shared by every layer of a stack. */

@@ -2,6 +2,7 @@
  * laptops and desktops; Intel client chips since 2021 have no AVX-512): 8 float lanes, 16 vector registers. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #define ISA_NAME "avx2"
 #define TARGET __attribute__((target("avx2,fma,f16c")))
@@ -75,3 +76,25 @@ TARGET INLINE vf vf_exp(vf x)
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
     return _mm256_andnot_ps(under, y);
 }
+
+/* Quantized weights (quant.h): int32 lanes, 8 weight rows per vector (a 16-row block is two). */
+#define QTARGET TARGET
+#define QMB 2
+#define QNBT_1 2
+#define QNBT_N 1
+typedef __m256i qv;
+typedef __m256i qw;
+TARGET INLINE qv qv_zero(void) { return _mm256_setzero_si256(); }
+TARGET INLINE qv qv_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+TARGET INLINE qw qw_int8(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+TARGET INLINE qw qw_int4(qv words, int i)
+{
+    return _mm256_srai_epi16(i == 3 ? words : _mm256_slli_epi16(words, 12 - 4 * i), 12);
+}
+TARGET INLINE qv qv_dot(qv acc, qw w, const int16_t *xp)
+{
+    int32_t pair;
+    memcpy(&pair, xp, 4);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi32(pair)));
+}
+TARGET INLINE vf qv_float(qv a) { return _mm256_cvtepi32_ps(a); }

@@ -3,6 +3,7 @@
  * attribute, so the rest of the library stays baseline x86-64 and the variant is only called where the CPU has it. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #define ISA_NAME "avx512"
 #define TARGET __attribute__((target("avx512f,fma,f16c")))
@@ -72,3 +73,34 @@ TARGET INLINE vf vf_exp(vf x)
     y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
     return _mm512_maskz_mov_ps((__mmask16)~under, y);
 }
+
+/* Quantized weights (quant.h): int32 lanes, one per weight row of a 16-row block; AVX512-BW for the 16-bit ops. */
+#define QTARGET_BW __attribute__((target("avx512f,avx512bw,fma,f16c")))
+#define QMB 4    /* rows of x per tile */
+#define QNBT_1 4 /* 16-row blocks per tile at one row of x: 4 independent accumulator chains */
+#define QNBT_N 2 /* at more rows: 4 x 2 int32 + 4 x 2 float accumulators */
+typedef __m512i qv;
+typedef __m512i qw;
+QTARGET_BW INLINE qv qv_zero(void) { return _mm512_setzero_si512(); }
+QTARGET_BW INLINE qv qv_load(const void *p) { return _mm512_loadu_si512(p); }
+/* 32 int8 (16 rows x a pair of columns) -> 32 int16 */
+QTARGET_BW INLINE qw qw_int8(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+/* nibble i of 32 words, two's complement -> 32 int16 */
+QTARGET_BW INLINE qw qw_int4(qv words, int i)
+{
+    return _mm512_srai_epi16(i == 3 ? words : _mm512_slli_epi16(words, (unsigned)(12 - 4 * i)), 12);
+}
+/* acc + the pair dot products of w's lanes with the pair of int16 at xp, broadcast (exact in int32) */
+QTARGET_BW INLINE qv qv_dot_madd(qv acc, qw w, const int16_t *xp)
+{
+    int32_t pair;
+    memcpy(&pair, xp, 4);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi32(pair)));
+}
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE qv qv_dot_vnni(qv acc, qw w, const int16_t *xp)
+{
+    int32_t pair;
+    memcpy(&pair, xp, 4);
+    return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair));
+}
+QTARGET_BW INLINE vf qv_float(qv a) { return _mm512_cvtepi32_ps(a); }

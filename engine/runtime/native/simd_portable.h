@@ -77,3 +77,23 @@ INLINE vf vf_exp(vf x)
     y = y * (vf)e;
     return (vf)((vi)y & ~under);
 }
+
+/* Quantized weights (quant.h): int32 lanes, 4 weight rows per vector; a weight vector is its pairs' even and odd
+ * columns as two int32 vectors. */
+#define QTARGET
+#define QMB 2
+#define QNBT_1 2
+#define QNBT_N 1
+typedef vi qv;
+typedef struct { vi e, o; } qw;
+INLINE qv qv_zero(void) { return (vi){0, 0, 0, 0}; }
+INLINE qv qv_load(const void *p) { vi v; memcpy(&v, p, sizeof v); return v; } /* 8 little-endian uint16 words */
+INLINE qw qw_int8(const int8_t *p) { return (qw){{p[0], p[2], p[4], p[6]}, {p[1], p[3], p[5], p[7]}}; }
+INLINE qw qw_int4(qv words, int i)
+{
+    /* lane l holds word 2l (low half, column 2p of row l) and word 2l+1 (high half, column 2p+1); nibble i of each,
+     * sign-extended by an arithmetic shift (words are little-endian: this is the byte order x86 and ARM use) */
+    return (qw){(words << (28 - 4 * i)) >> 28, (words << (12 - 4 * i)) >> 28};
+}
+INLINE qv qv_dot(qv acc, qw w, const int16_t *xp) { return acc + w.e * (int32_t)xp[0] + w.o * (int32_t)xp[1]; }
+INLINE vf qv_float(qv a) { return __builtin_convertvector(a, vf); }

@@ -5,4 +5,7 @@
 #define VARIANT(name) name##_avx2
 #include "matmul.h"
 #include "attention.h"
+#define QV(name) q_##name##_avx2
+#define QVARIANT(name) name##_avx2
+#include "quant.h"
 #endif

@@ -5,4 +5,19 @@
 #define VARIANT(name) name##_avx512
 #include "matmul.h"
 #include "attention.h"
+/* Quantized weights twice: with AVX512-VNNI's vpdpwssd, and with vpmaddwd + vpaddd where the CPU has no VNNI. */
+#define QTARGET QTARGET_BW
+#define qv_dot qv_dot_madd
+#define QV(name) q_##name##_avx512
+#define QVARIANT(name) name##_avx512
+#include "quant.h"
+#undef QTARGET
+#undef qv_dot
+#undef QV
+#undef QVARIANT
+#define QTARGET __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c")))
+#define qv_dot qv_dot_vnni
+#define QV(name) q_##name##_avx512vnni
+#define QVARIANT(name) name##_avx512vnni
+#include "quant.h"
 #endif

@@ -5,4 +5,7 @@
 #define VARIANT(name) name##_portable
 #include "matmul.h"
 #include "attention.h"
+#define QV(name) q_##name##_portable
+#define QVARIANT(name) name##_portable
+#include "quant.h"
 
