@@ -16,7 +16,9 @@ from engine.compare import transformers_step
 ENGINE_BACKENDS = ("numpy", "triton")
 ENGINE_ISAS = ("avx512", "avx2", "portable")
 TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0")
+LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K_M")
+ENGINE_WEIGHTS = ("float32", "int8", "int4")  # beside auto (the checkpoint's own dtype)
+DRAFT_SUFFIX = "draft"  # engine-numpy-draft-int8: batch-1 decode with speculation from the int8 copy
 
 
 class Unavailable(Exception):
@@ -31,12 +33,20 @@ def system_names(engine_backends) -> list[str]:
 
 def engine_parts(name: str) -> tuple[str, str | None, str]:
     """(backend, forced kernel variant or None, weights_dtype) of an engine system name: engine-numpy,
-    engine-numpy-avx2, engine-numpy-float32, engine-numpy-portable-float32."""
+    engine-numpy-avx2, engine-numpy-float32, engine-numpy-portable-int4 (a draft's kind is not the weights)."""
     parts = name.split("-")[1:]
+    if DRAFT_SUFFIX in parts:
+        parts = parts[: parts.index(DRAFT_SUFFIX)]
     backend = parts[0]
     isa = next((p for p in parts[1:] if p in ENGINE_ISAS), None)
-    weights = "float32" if "float32" in parts[1:] else "auto"
+    weights = next((p for p in parts[1:] if p in ENGINE_WEIGHTS), "auto")
     return backend, isa, weights
+
+
+def engine_draft(name: str) -> str | None:
+    """The draft of an engine system name that speculates (engine-numpy-draft-int8 -> "int8"), else None."""
+    parts = name.split("-")
+    return parts[parts.index(DRAFT_SUFFIX) + 1] if DRAFT_SUFFIX in parts[:-1] else None
 
 
 def describe(name: str) -> dict:
@@ -54,6 +64,9 @@ def describe(name: str) -> dict:
 def make_runner(name: str, folder: str, threads: int):
     family, _, variant = name.partition("-")
     if family == "engine":
+        draft = engine_draft(name)
+        if draft is not None:
+            return SpeculativeEngineRunner(folder, *engine_parts(name), draft=draft)
         return EngineRunner(folder, *engine_parts(name))
     if family == "transformers":
         return TransformersRunner(folder, TRANSFORMERS_DTYPES[variant], threads)

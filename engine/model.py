@@ -117,10 +117,12 @@ class Model:
         """
         return generate(self, self.prompt_ids(prompt), **options)
 
-    def stream(self, prompt, cache=None, speculate: int = 0, truncate: bool = False, draft="lookup", **options):
-        """Streaming form of `complete`: iterate for TokenEvents (token_id, text); `.result` afterwards."""
+    def stream(self, prompt, cache=None, speculate: int = 0, truncate: bool = False, draft="lookup", draft_cache=None,
+               **options):
+        """Streaming form of `complete`: iterate for TokenEvents (token_id, text); `.result` afterwards. `cache` /
+        `draft_cache` may hold a prefix of the prompt (a conversation's), only the rest is prefilled."""
         return Generation(self, self.prompt_ids(prompt), default_options(self, **options), cache=cache,
-                          speculate=speculate, truncate=truncate, draft=draft)
+                          speculate=speculate, truncate=truncate, draft=draft, draft_cache=draft_cache)
 
     def generate_batch(self, prompts, **options) -> list:
         """Several prompts (ids or text) at once, one batched forward per step -> list of GenerationResult."""

@@ -144,3 +144,19 @@ def test_serving_loop_speculates_with_a_draft_model(stories, int4_draft):
     finally:
         loop.stop()
     assert item.token_ids == plain.token_ids and item.accepted_draft_tokens > 0
+
+
+def test_chat_keeps_the_draft_cache_across_turns(tiny_chat_model):
+    """A chat with an int8 draft: each reply is plain decoding's, and the draft's cache, like the model's, keeps the
+    conversation so a turn feeds the draft only what is new."""
+    from engine.generation.chat import ChatSession
+
+    model = engine.load_model(str(tiny_chat_model))
+    plain = ChatSession(model, max_new_tokens=12)
+    fast = ChatSession(model, max_new_tokens=12, speculate=3, draft="int8")
+    for text in ("Hello there", "Tell me more"):
+        a, b = plain.reply(text), fast.reply(text)
+        assert b.token_ids == a.token_ids and b.draft_tokens > 0
+        held = fast.draft_cache.length
+        assert 0 < held <= fast.cache.length  # a prefix of what the model's cache holds
+    assert fast.stats.draft_tokens == b.draft_tokens

@@ -20,10 +20,11 @@ class Generation:
     """
 
     def __init__(self, model, prompt_ids, options: GenerationOptions, cache=None, truncate: bool = False,
-                 speculate: int = 0, draft=LOOKUP):
+                 speculate: int = 0, draft=LOOKUP, draft_cache=None):
         self.scheduler = Scheduler(model)
         self.request = self.scheduler.submit(prompt_ids, options, cache=cache, truncate=truncate,
-                                             speculate=speculate, draft=draft, keep_cache=cache is not None)
+                                             speculate=speculate, draft=draft, draft_cache=draft_cache,
+                                             keep_cache=cache is not None)
         self.prompt_ids = self.request.prompt_ids
         self.result: GenerationResult | None = None
 

@@ -97,14 +97,16 @@ class Scheduler:
         self._drafters: dict = {}
 
     def submit(self, prompt_ids, options: GenerationOptions | None = None, cache=None, speculate: int = 0,
-               keep_cache: bool = False, truncate: bool = False, draft=LOOKUP, **overrides) -> Request:
+               keep_cache: bool = False, truncate: bool = False, draft=LOOKUP, draft_cache=None,
+               **overrides) -> Request:
         """Queue a request; bad parameters raise EngineError here, for this request only.
 
         `cache` may already hold a prefix of prompt_ids (a conversation's cache): only the rest is prefilled.
         speculate: most draft tokens per step (0: plain decoding); draft: where they come from: "lookup" (the context
         itself), "int8" / "int4" (the model's own quantized copy, loaded on first use and shared by every request),
         "int8+lookup" / "int4+lookup" (a prompt-lookup match when there is one, the quantized copy otherwise), or a
-        loaded model over the same vocabulary.
+        loaded model over the same vocabulary. draft_cache: the draft model's cache kept by the caller (a
+        conversation's, like `cache`), holding a prefix of prompt_ids; None: a new one.
         """
         options = options if options is not None else default_options(self.model, **overrides)
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
@@ -118,7 +120,7 @@ class Scheduler:
         draft, lookup_first = split_draft(draft)
         drafter = self.drafter(draft) if speculate and draft != LOOKUP else None
         request = Request(next(self._ids), ids, state, cache, speculate=speculate, draft_len=speculate,
-                          drafter=drafter, draft_cache=drafter.new_cache() if drafter is not None else None,
+                          drafter=drafter, draft_cache=self._draft_cache(drafter, draft_cache, ids),
                           lookup_first=lookup_first,
                           keep_cache=keep_cache, prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
         self.waiting.append(request)
@@ -137,6 +139,17 @@ class Scheduler:
                                   f"{c.max_position_embeddings})")
             self._drafters[key] = DraftModel(model)
         return self._drafters[key]
+
+    @staticmethod
+    def _draft_cache(drafter: DraftModel | None, given, ids: list[int]):
+        """The draft cache of a new request: the caller's (which must hold less than the prompt), or a new one."""
+        if drafter is None:
+            return None
+        if given is None:
+            return drafter.new_cache()
+        if given.length >= len(ids):
+            raise EngineError("the draft cache must hold a prefix of the prompt, not all of it")
+        return given
 
     @property
     def has_work(self) -> bool:
