@@ -41,6 +41,8 @@ class Model:
         NumPy backend with its own caches: the draft of self-speculative decoding. Loaded on first use and kept;
         the tokenizer is shared, and so is every weight array the draft holds unchanged (norms, an unquantized
         embedding table), so memory is this model plus the draft's quantized matrices."""
+        if kind == self.weights_dtype:
+            return self  # the model itself (its caches are separate): nothing more to hold
         if kind not in self._drafts:
             if self.folder is None:
                 raise EngineError("a draft copy needs the model's folder to load from")
