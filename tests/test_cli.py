@@ -167,3 +167,10 @@ def test_draft_flag_gives_plain_output_and_reports_what_was_kept(stories260k):
     assert "speculative (int4 draft)" in p.stderr
     bad = tinyllama("generate", "--model", str(stories260k), "--draft", "int8", "Hi")
     assert bad.returncode == 1 and "needs --speculate" in one_line_error(bad)
+
+
+@pytest.mark.parametrize("command", ["serve", "chat", "generate"])
+def test_draft_without_speculate_is_one_line(command, stories260k):
+    p = tinyllama(command, "--model", str(stories260k), "--draft", "int4", *(["Hi"] if command == "generate" else []),
+                  stdin="")
+    assert p.returncode == 1 and "--draft int4 needs --speculate N" in one_line_error(p)
