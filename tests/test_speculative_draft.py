@@ -3,12 +3,13 @@ the output is exactly plain decoding's (greedy against transformers' own greedy 
 sampling), alone, in a batch and through the serving loop; the draft's KV cache is rolled back with the model's."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import engine
 from engine.errors import EngineError
 from engine.generation.scheduler import Scheduler
-from engine.generation.speculative import DraftModel
+from engine.generation.speculative import DraftModel, Proposal
 from engine.runtime.batch import SequenceStep
 from tests.conftest import load_reference, make_random_checkpoint, reference_greedy
 
@@ -97,11 +98,11 @@ def test_draft_cache_holds_its_context_and_rolls_back(int4_draft):
     drafter = DraftModel(int4_draft)
     context = int4_draft.prompt_ids(PROMPT)
     cache = drafter.new_cache()
-    draft = drafter.propose([(cache, context, 5)])[0]
+    draft = drafter.propose([(cache, context, 5)])[0].tokens
     assert draft == int4_draft.generate(context, max_new_tokens=5, ignore_eos=True, repetition_penalty=1.0)
     assert cache.length == len(context) + 4
     cache.truncate(len(context) + 2)  # as after two accepted tokens: the next round feeds only what is new
-    again = drafter.propose([(cache, context + draft[:2] + [7], 3)])[0]
+    again = drafter.propose([(cache, context + draft[:2] + [7], 3)])[0].tokens
     fresh = int4_draft.generate(context + draft[:2] + [7], max_new_tokens=3, ignore_eos=True, repetition_penalty=1.0)
     assert again == fresh
 
@@ -110,12 +111,13 @@ def test_named_draft_is_loaded_once_on_first_use_and_shares_equal_arrays(stories
     model = engine.load_model(str(stories260k))
     assert model._drafts == {}
     plain = model.complete(PROMPT, max_new_tokens=20, ignore_eos=True)
-    fast = model.complete(PROMPT, max_new_tokens=20, ignore_eos=True, speculate=3, draft="float32")
+    fast = model.complete(PROMPT, max_new_tokens=20, ignore_eos=True, speculate=3, draft="int8")
     assert fast.token_ids == plain.token_ids
-    draft = model.draft_model("float32")
-    assert list(model._drafts) == ["float32"] and model.draft_model("float32") is draft
-    assert draft.backend.weights.embed is model.backend.weights.embed  # equal arrays held once
-    assert draft.backend.weights.layers[0].attn_norm is model.backend.weights.layers[0].attn_norm
+    draft = model.draft_model("int8")
+    assert list(model._drafts) == ["int8"] and model.draft_model("int8") is draft and draft.weights_dtype == "int8"
+    assert draft.backend.weights.layers[0].attn_norm is model.backend.weights.layers[0].attn_norm  # held once
+    assert draft.backend.weights.final_norm is model.backend.weights.final_norm
+    assert model.draft_model("float32") is model  # the model's own dtype: nothing more to load
 
 
 def test_bad_drafts_are_one_line_errors(stories, tmp_path):
@@ -160,3 +162,24 @@ def test_chat_keeps_the_draft_cache_across_turns(tiny_chat_model):
         held = fast.draft_cache.length
         assert 0 < held <= fast.cache.length  # a prefix of what the model's cache holds
     assert fast.stats.draft_tokens == b.draft_tokens
+
+
+def test_draft_stops_after_a_near_tie_once_its_error_is_known(int4_draft):
+    """Until MIN_OBSERVED positions are verified a draft runs to its length; after, a token whose margin is within
+    the measured margin error ends the draft (its cache then holds the context plus all but that token)."""
+    drafter = DraftModel(int4_draft)
+    context = int4_draft.prompt_ids(PROMPT)
+    cache = drafter.new_cache()
+    first = drafter.propose([(cache, context, 6)])[0]
+    assert len(first.tokens) == 6 and drafter.stop_margin == 0.0
+    row = int4_draft.logits(context)[-1]
+    assert first.margins[0] == pytest.approx(float(np.sort(row)[-1] - np.sort(row)[-2]), rel=1e-5)
+    fake = np.zeros((1, int4_draft.config.vocab_size), dtype=np.float32)  # a model seeing a tie everywhere
+    threshold = sorted(first.margins)[3]  # errors of this size: the 3 smallest margins are near-ties
+    for _ in range(DraftModel.MIN_OBSERVED):
+        drafter.observe(Proposal([first.tokens[0]], [first.runner_ups[0]], [threshold]), fake)
+    assert drafter.stop_margin == pytest.approx(threshold)  # rms error, z = 1
+    cache.truncate(0)
+    again = drafter.propose([(cache, context, 6)])[0]
+    small = next(i for i, m in enumerate(first.margins) if m < threshold)
+    assert again.tokens == first.tokens[: small + 1] and cache.length == len(context) + small

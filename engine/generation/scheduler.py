@@ -34,6 +34,7 @@ class Request:
     draft_cache: object = None  # the draft model's KV cache for this sequence: a prefix of its context
     lookup_first: bool = False  # with a draft model: use a prompt-lookup match when there is one (no draft forwards)
     draft_from: int | None = None  # this step's model draft: context length it was drafted after (None: lookup)
+    proposal: object = None  # this step's model draft (speculative.Proposal)
     keep_cache: bool = False
     status: str = WAITING
     prefilled: int = 0  # prompt tokens in the cache
@@ -236,8 +237,9 @@ class Scheduler:
             by_drafter.setdefault(id(r.drafter), (r.drafter, []))[1].append((r, context, want))
         for drafter, jobs in by_drafter.values():
             proposals = drafter.propose([(r.draft_cache, context, want) for r, context, want in jobs])
-            for (r, context, _), draft in zip(jobs, proposals):
-                out[r.id] = draft
+            for (r, context, _), proposal in zip(jobs, proposals):
+                out[r.id] = proposal.tokens
+                r.proposal = proposal
                 r.draft_from = len(context)  # the draft cache is valid up to here plus the accepted tokens
         return out
 
@@ -270,5 +272,6 @@ class Scheduler:
             r.cache.truncate(fed_before + i + 1)
             if r.draft_from is not None and r.draft_cache is not None:  # the draft model's cache: the same rule
                 r.draft_cache.truncate(min(r.draft_cache.length, r.draft_from + i))
+                r.drafter.observe(r.proposal, logits)  # every drafted row was verified: the draft's margin error
         if r.state.finished:
             self.finish(r)
