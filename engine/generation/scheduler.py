@@ -128,8 +128,9 @@ class Scheduler:
         return request
 
     def drafter(self, draft) -> DraftModel:
-        """The DraftModel for `draft` ("int8", "int4", ... or a loaded model), one per scheduler and kind, so the
-        draft forwards of every request using it are batched; a named kind is loaded by the model on first use."""
+        """The DraftModel for `draft` ("int8", "int4", ... or a loaded model), one per draft model (kept across
+        schedulers), so the draft forwards of every request using it are batched; a named kind is loaded by the model
+        on first use."""
         key = draft if isinstance(draft, str) else id(draft)
         if key not in self._drafters:
             model = self.model.draft_model(draft) if isinstance(draft, str) else draft
@@ -138,7 +139,7 @@ class Scheduler:
                 raise EngineError(f"the draft model's vocabulary ({d.vocab_size}) and window "
                                   f"({d.max_position_embeddings}) must match the model's ({c.vocab_size}, "
                                   f"{c.max_position_embeddings})")
-            self._drafters[key] = DraftModel(model)
+            self._drafters[key] = DraftModel.of(model)
         return self._drafters[key]
 
     @staticmethod

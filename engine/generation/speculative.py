@@ -8,6 +8,7 @@ per draft position for every sequence drafting in the same scheduler step. After
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ LOOKUP = "lookup"
 WITH_LOOKUP = "+lookup"  # "int4+lookup": a prompt-lookup match when the context has one, the draft model otherwise
 MODEL_DRAFTS = ("int8", "int4")  # quantized copies of the model itself (self-speculation)
 DRAFT_CHOICES = (LOOKUP,) + MODEL_DRAFTS + tuple(d + WITH_LOOKUP for d in MODEL_DRAFTS)
+_DRAFTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # draft model -> its DraftModel (DraftModel.of)
 
 
 def prompt_lookup_draft(context: list[int], max_draft: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -81,6 +83,15 @@ class DraftModel:
         self.rows = 0  # token rows they ran
         self._error_sq = 0.0
         self._observed = 0
+
+    @classmethod
+    def of(cls, model) -> "DraftModel":
+        """The DraftModel of `model`, one per model object for as long as it lives, so what it has learned of its
+        error carries over from one generation (one Scheduler) to the next."""
+        drafter = _DRAFTERS.get(model)
+        if drafter is None:
+            drafter = _DRAFTERS[model] = cls(model)
+        return drafter
 
     def new_cache(self):
         """An empty draft KV cache for one sequence."""
