@@ -1,13 +1,14 @@
 """The compiled kernels alone on TinyLlama-1.1B's matrices: what each variant reads and computes per second.
 
-    python -m bench.kernels [--isa avx512,avx2,portable] [--dtype bfloat16,float32] [--rows 1,8,32,128,512]
+    python -m bench.kernels [--isa avx512,avx2,portable] [--dtype bfloat16,float32,int8,int4] [--rows 1,8,32,128,512]
                             [--layers 22] [--repeats 3] [--out FILE.json]
 
 A sweep is one matmul with every weight a decoded token reads (22 layers of wqkv, wo, gate/up, down, then the
 lm_head: 2.07 GB in bf16), each a distinct array so nothing is re-read from cache. For each variant, weight dtype and
 number of rows of x it reports the best sweep time over --repeats, the weight bytes read per second (the batch-1
 figure to hold against the memory read rate measured in the same process), the arithmetic rate, and the tokens/s
-those matmuls alone would allow. Also OpenBLAS's float32 GEMM on the same shapes (the fallback, and the prefill path
+those matmuls alone would allow. int8 / int4 are the quantized formats (engine.runtime.quant: their bytes are the
+integers and the float16 scales; --layers 4 keeps their quantization short). Also OpenBLAS's float32 GEMM on the same shapes (the fallback, and the prefill path
 of float32 checkpoints), and the attention kernel at a short and a long context. All in one process, so the figures
 compare within a run (this machine's memory bandwidth drifts between runs).
 """
@@ -30,7 +31,11 @@ def make_weights(layers: int, dtype: str):
     out = []
     for n, k in shapes:
         w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
-        if dtype == "bfloat16":
+        if dtype in ("int8", "int4"):
+            from engine.runtime import quant
+
+            w = quant.quantize(w, dtype)
+        elif dtype == "bfloat16":
             w = (w.view(np.uint32) >> 16).astype(np.uint16)
         elif dtype == "float16":
             w = w.astype(np.float16)
@@ -103,14 +108,14 @@ def main(argv=None) -> int:
     for dtype in args.dtype.split(","):
         weights = make_weights(args.layers, dtype)
         nbytes = sum(w.nbytes for w in weights)
-        flops_per_row = 2 * sum(w.size for w in weights)
+        flops_per_row = 2 * sum(w.shape[0] * w.shape[1] for w in weights)
         systems = [(f"native {isa}", isa) for isa in args.isa.split(",") if isa]
         if args.blas and dtype == "float32":
             systems.append(("openblas", None))
         for label, isa in systems:
             if isa:
                 native.set_isa(isa)
-                fn = native.matmul_xwt
+                fn = native.qmatmul_xwt if dtype in ("int8", "int4") else native.matmul_xwt
             else:
                 def fn(x, w):
                     return x @ w.T

@@ -14,8 +14,8 @@ are stored so that one vector load gives one PAIR of columns for all 16 rows (th
 product, lane r = row r):
 - scales: float16 (blocks, groups, 16): the scale of row 16 b + r, group g at [b, g, r];
 - int8 data: int8 (blocks, groups, 16 pairs, 16 rows, 2): [b, g, p, r, t] = q[16 b + r, 32 g + 2 p + t];
-- int4 data: uint16 (blocks, groups, 4, 32): word [b, g, c, 2 r + t] holds in its nibble i (bits 4i..4i+3, two's
-  complement) q[16 b + r, 32 g + 2 (4 c + i) + t].
+- int4 data: uint16 (blocks, groups, 4, 32): word [b, g, c, 2 r + t] holds in its nibble i (bits 4i..4i+3) the
+  offset value q + 8 (0..15) of q[16 b + r, 32 g + 2 (4 c + i) + t].
 """
 from __future__ import annotations
 
@@ -107,17 +107,22 @@ INT4_DIVISORS = (-8.0, -7.5, -7.0, -8.5, 7.0, 7.5, -6.5, 6.5)
 
 def int4_scales(g: np.ndarray) -> np.ndarray:
     """The int4 scale of every group g (n, G, 32) float32 -> (n, G) float16: of the candidates m / d
-    (INT4_DIVISORS), each rounded to float16, the one whose grid clip(rint(w / s), -8, 7) * s has the least squared
-    error (the first on ties, so q4_0's when it is as good)."""
+    (INT4_DIVISORS, m the group's first value of largest magnitude), each rounded to float16 (a negative one: 0), the
+    one whose grid clip(rint(w / s), -8, 7) * s has the least squared error, summed in column order in float64 (the
+    first on ties, so q4_0's when it is as good). The same arithmetic as the compiled quantizer (quantize.c)."""
     idx = np.argmax(np.abs(g), axis=2)
     m = np.take_along_axis(g, idx[:, :, None], axis=2)[:, :, 0]
     best_s = np.zeros(m.shape, dtype=np.float16)
-    best_err = np.full(m.shape, np.inf, dtype=np.float32)
+    best_err = np.full(m.shape, np.inf, dtype=np.float64)
     for d in INT4_DIVISORS:
         s16 = (m / np.float32(d)).astype(np.float16)
-        s16 = np.where(s16.astype(np.float32) < 0, np.float16(0), s16)  # a scale is positive (m's sign picks d's)
+        s16 = np.where(s16.astype(np.float32) <= 0, np.float16(0), s16)  # a scale is positive (m's sign picks d's)
         q = _round_to(g, s16, -8, 7)
-        err = np.sum(np.square(g - q.astype(np.float32) * s16.astype(np.float32)[:, :, None]), axis=2)
+        s64 = s16.astype(np.float64)
+        err = np.zeros(m.shape, dtype=np.float64)
+        for k in range(GROUP):
+            diff = g[:, :, k].astype(np.float64) - q[:, :, k].astype(np.float64) * s64
+            err += diff * diff
         better = err < best_err
         best_s = np.where(better, s16, best_s)
         best_err = np.where(better, err, best_err)
@@ -139,7 +144,7 @@ def store_rows(m: QuantMatrix, start: int, q: np.ndarray, s16: np.ndarray) -> No
             m.data[b, :, :, r0:r1, :] = src.reshape(r1 - r0, groups, 16, 2).transpose(1, 2, 0, 3)
         else:
             # word [g, c, 2r + t], nibble i = src[r, g, 2(4c + i) + t]
-            nib = (src.reshape(r1 - r0, groups, 4, 4, 2).astype(np.uint16) & 0xF)  # (r, g, c, i, t)
+            nib = (src.reshape(r1 - r0, groups, 4, 4, 2) + 8).astype(np.uint16)  # (r, g, c, i, t), offset 0..15
             words = nib[:, :, :, 0] | (nib[:, :, :, 1] << 4) | (nib[:, :, :, 2] << 8) | (nib[:, :, :, 3] << 12)
             m.data[b, :, :, 2 * r0 : 2 * r1] = words.transpose(1, 2, 0, 3).reshape(groups, 4, 2 * (r1 - r0))
         row += r1 - r0
@@ -154,15 +159,14 @@ def integers(m: QuantMatrix, idx: np.ndarray) -> np.ndarray:
     words = m.data[b][:, :, :, :].reshape(len(idx), m.groups, 4, BLOCK_ROWS, 2)[np.arange(len(idx)), :, :, r, :]
     # words: (n, G, 4 c, 2 t); nibble i -> column 2 (4c + i) + t
     shifts = np.array([0, 4, 8, 12], dtype=np.uint16)
-    nib = ((words[:, :, :, None, :] >> shifts[None, None, None, :, None]) & 0xF).astype(np.int8)  # (n, G, c, i, t)
-    nib = np.where(nib >= 8, nib - 16, nib).astype(np.int8)
+    nib = ((words[:, :, :, None, :] >> shifts[None, None, None, :, None]) & 0xF).astype(np.int8) - 8  # (n,G,c,i,t)
     return nib.reshape(len(idx), -1)
 
 
-def quantize(w: np.ndarray, kind: str, rows_per_piece: int = 4096) -> QuantMatrix:
-    """A float32 matrix w (N, K) quantized to `kind` ("int8" | "int4")."""
+def quantize(w: np.ndarray, kind: str, compiled: bool | None = None) -> QuantMatrix:
+    """A float32 matrix w (N, K) quantized to `kind` ("int8" | "int4"); compiled: as in `quantize_into`."""
     m = empty(kind, *w.shape)
-    quantize_into(m, 0, w, rows_per_piece)
+    quantize_into(m, 0, w, compiled=compiled)
     return m
 
 
@@ -176,8 +180,16 @@ def linear_dequantized(x: np.ndarray, m: QuantMatrix, block_bytes: int = 8 << 20
     return out
 
 
-def quantize_into(m: QuantMatrix, start: int, w: np.ndarray, rows_per_piece: int = 4096) -> None:
-    """Quantize the float32 rows w (n, K) into rows start..start+n of m (in pieces of rows_per_piece rows)."""
+def quantize_into(m: QuantMatrix, start: int, w: np.ndarray, rows_per_piece: int = 4096,
+                  compiled: bool | None = None) -> None:
+    """Quantize the float32 rows w (n, K) into rows start..start+n of m: with the compiled quantizer where the kernels
+    are available (compiled=None; True/False force it), else in NumPy, in pieces of rows_per_piece rows. Both give
+    the same bytes (the same arithmetic: `quantize_groups`)."""
+    from engine.runtime import native
+
+    if compiled or (compiled is None and native.status().available):
+        native.quantize_into(m, start, np.ascontiguousarray(w, dtype=np.float32))
+        return
     for r in range(0, w.shape[0], rows_per_piece):
         piece = np.ascontiguousarray(w[r : r + rows_per_piece], dtype=np.float32)
         store_rows(m, start + r, *quantize_groups(piece, m.kind))

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).parent
-SOURCES = ["api.c", "pool.c", "variant_avx512.c", "variant_avx2.c", "variant_portable.c"]
+SOURCES = ["api.c", "pool.c", "quantize.c", "variant_avx512.c", "variant_avx2.c", "variant_portable.c"]
 HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "quant.h", "simd_avx512.h", "simd_avx2.h", "simd_portable.h"]
 # Never -ffast-math / -Ofast: GCC then links code that sets flush-to-zero for the whole process (subnormal weights
 # and activations would become 0), and it may reorder the sums that make results reproducible.
@@ -135,6 +135,8 @@ class _Library:
         lib.tl_qmatmul.restype = None
         lib.tl_qmatmul_build.argtypes = [i32]
         lib.tl_qmatmul_build.restype = i32
+        lib.tl_quantize.argtypes = [i32, ptr, size, size, size, size, ptr, ptr, size, i32]
+        lib.tl_quantize.restype = None
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
 
@@ -238,6 +240,18 @@ def qmatmul_build() -> str:
     """Which build of the quantized matmul the variant in use runs (e.g. "avx512 VNNI (vpdpwssd)")."""
     lib = _require()
     return QMATMUL_BUILDS[lib.lib.tl_qmatmul_build(lib.isa)]
+
+
+def quantize_into(m, start: int, w: np.ndarray) -> None:
+    """Quantize the float32 rows w (n, K) into rows start..start+n of the QuantMatrix m (quantize.c: the arithmetic
+    of engine.runtime.quant.quantize_groups), on the kernels' threads."""
+    lib = _require()
+    kind = QUANT_TYPES.get(m.kind)
+    if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] != m.shape[1] or not _rows_contiguous(w) \
+            or start < 0 or start + w.shape[0] > m.shape[0] or not m.data.flags.c_contiguous:
+        raise ValueError(f"quantize_into: rows {w.dtype}{w.shape} at {start} do not fit {m.kind}{m.shape}")
+    lib.lib.tl_quantize(kind, w.ctypes.data, w.strides[0] // 4, w.shape[0], w.shape[1], start, m.data.ctypes.data,
+                        m.scales.ctypes.data, m.groups, lib.threads)
 
 
 def qmatmul_xwt(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:

@@ -1,12 +1,14 @@
 /* Template: y = x @ W.T for float32 activations against a quantized weight (int8 or int4, groups of 32 columns with
  * a float16 scale each; the layout of engine/runtime/quant.py). Included by each variant_*.c after its simd_*.h and
- * its quantized primitives (QTARGET, qv, qw, qv_zero, qv_load, qw_int8, qw_int4, qv_dot, qv_float; see
+ * its quantized primitives (QTARGET, qv, qw, qv_zero, qv_set1, qv_add, qv_sub, qv_srai, qv_load, qw_int8, qw_nibble,
+ * Q4_SCALE, qv_dot, qv_float; see
  * simd_*.h), with QVARIANT naming the entry points.
  *
  * Activations are rounded to int16, per row and group of 32: xs = max|x| / 32767, xq = rint(x / xs) (relative error
  * <= 2^-16 of the group's largest value, where llama.cpp rounds them to int8: 2^-8). Then per output row n and group g
  * the integer sum  S = sum_k q[n, k] xq[k]  is exact in int32 (|S| <= 32 * 127 * 32767 < 2^31), computed as pair dot
- * products (vpdpwssd with AVX512-VNNI, vpmaddwd + vpaddd otherwise) with 16 weight rows in the lanes of a vector
+ * products (int4: of the stored nibbles u = q + 8, less 8 * sum_k xq, each nibble taken in place by one AND or shift
+ * and summed apart by its place value, 1, 16 or 256, every partial sum < 2^30) (vpdpwssd with AVX512-VNNI, vpmaddwd + vpaddd otherwise) with 16 weight rows in the lanes of a vector
  * and one broadcast pair of x; each group's sum is turned to float32 once and added in group order:
  *     y[n] = fma(float(S_g), float(s[n, g]) * xs_g, y[n])   for g = 0, 1, ..
  * The order is fixed and the integer part exact, so a row's result does not depend on M, its tile, the threads or
@@ -29,6 +31,7 @@
 typedef struct {
     const int16_t *xq; /* (M, Kp) activations rounded to int16, zero-padded */
     const float *xs;   /* (M, G) their scales */
+    const int32_t *xsum; /* (M, G) the sum of each group's int16 values (int4's offset of 8) */
     const char *data;  /* the weight's integers, kernel layout */
     const uint16_t *scales; /* (blocks, G, 16) float16 */
     int kind;          /* W_Q8 | W_Q4 */
@@ -37,6 +40,9 @@ typedef struct {
 } QV(job);
 
 /* Bytes of one (block, group) of integers. */
+#ifndef QNBT_N4
+#define QNBT_N4 QNBT_N
+#endif
 #define QBYTES(kind) ((kind) == W_Q8 ? 512 : 256)
 
 /* One register tile: rows m0..m0+mb of x against blocks b0..b0+nbt of the weight (constants after inlining). */
@@ -66,26 +72,60 @@ QTARGET INLINE void QV(tile)(const QV(job) *j, ptrdiff_t m0, ptrdiff_t b0, const
             if (kind == W_Q8) __builtin_prefetch(base[b] + 4 * QBYTES(kind) + 256, 0, 3);
         }
         const int16_t *xg = j->xq + m0 * Kp + g * QGROUP;
+        if (kind == W_Q8) {
+#pragma GCC unroll 16
+            for (int p = 0; p < 16; p++)
 #pragma GCC unroll 4
-        for (int c = 0; c < 4; c++) {
-            qv words[QNBT_MAX][QH];
-            if (kind == W_Q4)
+                for (int b = 0; b < nbt; b++)
+#pragma GCC unroll 2
+                    for (int h = 0; h < QH; h++) {
+                        qw w = qw_int8((const int8_t *)(base[b] + p * 32 + h * 2 * VL));
+#pragma GCC unroll 4
+                        for (int m = 0; m < mb; m++) acc[m][b][h] = qv_dot(acc[m][b][h], w, xg + m * Kp + 2 * p);
+                    }
+        } else {
+            /* int4: nibble i of each word, in place (qw_nibble: times 16^Q4_SCALE(i)), summed into accumulator
+             * Q4_ACC(i); the partial sums are exact multiples of their 16^s and are shifted back at the end */
+            qv acc2[QMB][QNBT_MAX][QH], acc3[QMB][QNBT_MAX][QH];
+#pragma GCC unroll 4
+            for (int m = 0; m < mb; m++)
+#pragma GCC unroll 4
+                for (int b = 0; b < nbt; b++)
+#pragma GCC unroll 2
+                    for (int h = 0; h < QH; h++) acc2[m][b][h] = acc3[m][b][h] = qv_zero();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                qv words[QNBT_MAX][QH];
 #pragma GCC unroll 4
                 for (int b = 0; b < nbt; b++)
 #pragma GCC unroll 2
                     for (int h = 0; h < QH; h++) words[b][h] = qv_load(base[b] + c * 64 + h * 4 * VL);
 #pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                const int p = 4 * c + i;
+                for (int i = 0; i < 4; i++) {
+                    const int p = 4 * c + i;
+#pragma GCC unroll 4
+                    for (int b = 0; b < nbt; b++)
+#pragma GCC unroll 2
+                        for (int h = 0; h < QH; h++) {
+                            qw w = qw_nibble(words[b][h], i);
+#pragma GCC unroll 4
+                            for (int m = 0; m < mb; m++) {
+                                qv *a = Q4_SCALE(i) == 0 ? &acc[m][b][h] : Q4_SCALE(i) == 1 ? &acc2[m][b][h]
+                                                                                            : &acc3[m][b][h];
+                                *a = qv_dot(*a, w, xg + m * Kp + 2 * p);
+                            }
+                        }
+                }
+            }
+#pragma GCC unroll 4
+            for (int m = 0; m < mb; m++) {
+                const qv offset = qv_set1(8 * j->xsum[(m0 + m) * G + g]); /* q = u - 8 */
 #pragma GCC unroll 4
                 for (int b = 0; b < nbt; b++)
 #pragma GCC unroll 2
-                    for (int h = 0; h < QH; h++) {
-                        qw w = kind == W_Q8 ? qw_int8((const int8_t *)(base[b] + p * 32 + h * 2 * VL))
-                                            : qw_int4(words[b][h], i);
-#pragma GCC unroll 4
-                        for (int m = 0; m < mb; m++) acc[m][b][h] = qv_dot(acc[m][b][h], w, xg + m * Kp + 2 * p);
-                    }
+                    for (int h = 0; h < QH; h++)
+                        acc[m][b][h] = qv_sub(qv_add(acc[m][b][h], qv_add(qv_srai(acc2[m][b][h], 4),
+                                                                          qv_srai(acc3[m][b][h], 8))), offset);
             }
         }
 #pragma GCC unroll 4
@@ -157,7 +197,7 @@ QTARGET static void QV(task)(void *arg, ptrdiff_t t)
 {
     const QV(job) *j = (const QV(job) *)arg;
     const ptrdiff_t b_end = (t + 1) * j->task_blocks < j->blocks ? (t + 1) * j->task_blocks : j->blocks;
-    const int step = j->M == 1 ? QNBT_1 : QNBT_N;
+    const int step = j->M == 1 ? QNBT_1 : j->kind == W_Q4 ? QNBT_N4 : QNBT_N;
     for (ptrdiff_t b0 = t * j->task_blocks; b0 < b_end; b0 += step) {
         int nbt = b_end - b0 < step ? (int)(b_end - b0) : step;
         for (ptrdiff_t m0 = 0; m0 < j->M; m0 += QMB)
@@ -170,6 +210,7 @@ typedef struct {
     ptrdiff_t ldx, K, G, rows, M;
     int16_t *xq;
     float *xs;
+    int32_t *xsum;
 } QV(xjob);
 
 /* Rows of x rounded to int16 per group of 32 (see the top): xq = rint(x * (32767 / amax)), xs = amax / 32767. */
@@ -188,14 +229,21 @@ QTARGET static void QV(quantize_x_rows)(void *arg, ptrdiff_t t)
             float amax = 0.0f;
             for (int k = 0; k < QGROUP; k++) amax = fmaxf(amax, fabsf(v[k]));
             const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-            for (int k = 0; k < QGROUP; k++) dst[k0 + k] = (int16_t)(int32_t)__builtin_rintf(v[k] * inv);
+            int32_t sum = 0;
+            for (int k = 0; k < QGROUP; k++) {
+                int32_t q = (int32_t)__builtin_rintf(v[k] * inv);
+                dst[k0 + k] = (int16_t)q;
+                sum += q;
+            }
             j->xs[m * j->G + g] = amax / 32767.0f;
+            j->xsum[m * j->G + g] = sum;
         }
     }
 }
 
 static _Thread_local int16_t *QV(xq_buf);
 static _Thread_local float *QV(xs_buf);
+static _Thread_local int32_t *QV(xsum_buf);
 static _Thread_local size_t QV(x_capacity);
 
 /* out (M, N) = x (M, K) @ W.T for a quantized W (N, K) of `kind` (W_Q8, W_Q4): data and scales in the kernel layout. */
@@ -208,18 +256,20 @@ void QVARIANT(tl_qmatmul)(const float *x, ptrdiff_t ldx, const void *data, const
     if (need > QV(x_capacity)) {
         free(QV(xq_buf));
         free(QV(xs_buf));
+        free(QV(xsum_buf));
         QV(xq_buf) = (int16_t *)malloc(need * sizeof(int16_t));
         QV(xs_buf) = (float *)malloc((need / QGROUP) * sizeof(float));
-        if (!QV(xq_buf) || !QV(xs_buf)) abort();
+        QV(xsum_buf) = (int32_t *)malloc((need / QGROUP) * sizeof(int32_t));
+        if (!QV(xq_buf) || !QV(xs_buf) || !QV(xsum_buf)) abort();
         QV(x_capacity) = need;
     }
-    QV(xjob) xj = {x, ldx, K, G, M < 8 * threads ? M : (M + 8 * threads - 1) / (8 * threads), M, QV(xq_buf),
-                   QV(xs_buf)};
+    QV(xjob) xj = {x, ldx, K, G, M < 8 * threads ? 1 : (M + 8 * threads - 1) / (8 * threads), M, QV(xq_buf),
+                   QV(xs_buf), QV(xsum_buf)};
     tl_parallel(QV(quantize_x_rows), &xj, (M + xj.rows - 1) / xj.rows, M * K > 32768 ? threads : 1);
     /* tasks: ~8 per thread, whole tile steps of blocks */
-    const ptrdiff_t step = M == 1 ? QNBT_1 : QNBT_N;
+    const ptrdiff_t step = M == 1 ? QNBT_1 : kind == W_Q4 ? QNBT_N4 : QNBT_N;
     ptrdiff_t task_blocks = (blocks + 8 * threads - 1) / (8 * threads);
     task_blocks = (task_blocks + step - 1) / step * step;
-    QV(job) job = {QV(xq_buf), QV(xs_buf), (const char *)data, scales, kind, out, ldo, M, N, G, blocks, task_blocks};
+    QV(job) job = {QV(xq_buf), QV(xs_buf), QV(xsum_buf), (const char *)data, scales, kind, out, ldo, M, N, G, blocks, task_blocks};
     tl_parallel(QV(task), &job, (blocks + task_blocks - 1) / task_blocks, threads);
 }

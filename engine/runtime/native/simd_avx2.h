@@ -87,10 +87,18 @@ typedef __m256i qw;
 TARGET INLINE qv qv_zero(void) { return _mm256_setzero_si256(); }
 TARGET INLINE qv qv_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 TARGET INLINE qw qw_int8(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
-TARGET INLINE qw qw_int4(qv words, int i)
+/* int4: nibble i of every word (stored u = q + 8) left in place, times 16^Q4_SCALE(i): one AND (the top nibble: one
+ * shift down) */
+#define Q4_SCALE(i) ((i) == 1 ? 1 : (i) == 2 ? 2 : 0)
+TARGET INLINE qw qw_nibble(qv words, int i)
 {
-    return _mm256_srai_epi16(i == 3 ? words : _mm256_slli_epi16(words, 12 - 4 * i), 12);
+    if (i == 3) return _mm256_srli_epi16(words, 12);
+    return _mm256_and_si256(words, _mm256_set1_epi16((short)(0xF << (4 * i))));
 }
+TARGET INLINE qv qv_set1(int32_t a) { return _mm256_set1_epi32(a); }
+TARGET INLINE qv qv_add(qv a, qv b) { return _mm256_add_epi32(a, b); }
+TARGET INLINE qv qv_sub(qv a, qv b) { return _mm256_sub_epi32(a, b); }
+TARGET INLINE qv qv_srai(qv a, int n) { return _mm256_srai_epi32(a, (unsigned)n); }
 TARGET INLINE qv qv_dot(qv acc, qw w, const int16_t *xp)
 {
     int32_t pair;

@@ -79,17 +79,25 @@ TARGET INLINE vf vf_exp(vf x)
 #define QMB 4    /* rows of x per tile */
 #define QNBT_1 4 /* 16-row blocks per tile at one row of x: 4 independent accumulator chains */
 #define QNBT_N 2 /* at more rows: 4 x 2 int32 + 4 x 2 float accumulators */
+#define QNBT_N4 1 /* int4 at more rows: 3 accumulators per tile row (place values 1, 16, 256), one block */
 typedef __m512i qv;
 typedef __m512i qw;
 QTARGET_BW INLINE qv qv_zero(void) { return _mm512_setzero_si512(); }
 QTARGET_BW INLINE qv qv_load(const void *p) { return _mm512_loadu_si512(p); }
 /* 32 int8 (16 rows x a pair of columns) -> 32 int16 */
 QTARGET_BW INLINE qw qw_int8(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
-/* nibble i of 32 words, two's complement -> 32 int16 */
-QTARGET_BW INLINE qw qw_int4(qv words, int i)
+/* int4: nibble i of every word (stored u = q + 8) left in place, times 16^Q4_SCALE(i): one AND (the top nibble: one
+ * shift down) */
+#define Q4_SCALE(i) ((i) == 1 ? 1 : (i) == 2 ? 2 : 0)
+QTARGET_BW INLINE qw qw_nibble(qv words, int i)
 {
-    return _mm512_srai_epi16(i == 3 ? words : _mm512_slli_epi16(words, (unsigned)(12 - 4 * i)), 12);
+    if (i == 3) return _mm512_srli_epi16(words, 12);
+    return _mm512_and_si512(words, _mm512_set1_epi16((short)(0xF << (4 * i))));
 }
+QTARGET_BW INLINE qv qv_set1(int32_t a) { return _mm512_set1_epi32(a); }
+QTARGET_BW INLINE qv qv_add(qv a, qv b) { return _mm512_add_epi32(a, b); }
+QTARGET_BW INLINE qv qv_sub(qv a, qv b) { return _mm512_sub_epi32(a, b); }
+QTARGET_BW INLINE qv qv_srai(qv a, int n) { return _mm512_srai_epi32(a, (unsigned)n); }
 /* acc + the pair dot products of w's lanes with the pair of int16 at xp, broadcast (exact in int32) */
 QTARGET_BW INLINE qv qv_dot_madd(qv acc, qw w, const int16_t *xp)
 {

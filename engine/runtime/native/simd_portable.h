@@ -89,11 +89,13 @@ typedef struct { vi e, o; } qw;
 INLINE qv qv_zero(void) { return (vi){0, 0, 0, 0}; }
 INLINE qv qv_load(const void *p) { vi v; memcpy(&v, p, sizeof v); return v; } /* 8 little-endian uint16 words */
 INLINE qw qw_int8(const int8_t *p) { return (qw){{p[0], p[2], p[4], p[6]}, {p[1], p[3], p[5], p[7]}}; }
-INLINE qw qw_int4(qv words, int i)
-{
-    /* lane l holds word 2l (low half, column 2p of row l) and word 2l+1 (high half, column 2p+1); nibble i of each,
-     * sign-extended by an arithmetic shift (words are little-endian: this is the byte order x86 and ARM use) */
-    return (qw){(words << (28 - 4 * i)) >> 28, (words << (12 - 4 * i)) >> 28};
-}
+/* int4: nibble i (stored u = q + 8) of each word: lane l holds word 2l (low half: column 2p of row l) and word 2l+1
+ * (high half: column 2p+1), little-endian as on x86 and ARM; the nibble's whole value (Q4_SCALE 0) */
+#define Q4_SCALE(i) 0
+INLINE qw qw_nibble(qv words, int i) { return (qw){(words >> (4 * i)) & 0xF, (words >> (16 + 4 * i)) & 0xF}; }
+INLINE qv qv_set1(int32_t a) { return (vi){a, a, a, a}; }
+INLINE qv qv_add(qv a, qv b) { return a + b; }
+INLINE qv qv_sub(qv a, qv b) { return a - b; }
+INLINE qv qv_srai(qv a, int n) { return a >> n; }
 INLINE qv qv_dot(qv acc, qw w, const int16_t *xp) { return acc + w.e * (int32_t)xp[0] + w.o * (int32_t)xp[1]; }
 INLINE vf qv_float(qv a) { return __builtin_convertvector(a, vf); }

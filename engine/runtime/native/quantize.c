@@ -1,0 +1,164 @@
+/* Quantizing weights at load (engine/runtime/quant.py's formats, written straight into quant.h's layout): rows of a
+ * float32 matrix -> int8 or int4 integers and a float16 scale per group of 32 columns. Plain C for the platform's
+ * baseline (it runs once per load); rows are shared among the pool's threads.
+ *
+ * int8: s = f16(max|w| / 127), q = clip(rint(w / s), -127, 127).
+ * int4: for the group's value of largest magnitude m and each divisor d of INT4_DIVISORS, s = f16(m / d) (skipped
+ * unless > 0), q = clip(rint(w / s), -8, 7); the candidate with the least sum of (w - q s)^2 (in column
+ * order, in double) is kept, the first on ties (q4_0's s = m / -8 comes first). q is always rounded against the stored float16
+ * scale, so dequantizing is exactly s * q. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define GROUP 32
+#define ROWS 16
+
+static const float INT4_DIVISORS[] = {-8.0f, -7.5f, -7.0f, -8.5f, 7.0f, 7.5f, -6.5f, 6.5f};
+
+/* float32 -> float16 bits, rounded to nearest even (subnormals included; >= 65520 -> inf). */
+uint16_t tl_f32_to_f16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65536: inf */
+    if (ax < 0x38800000u) { /* below 2^-14: a subnormal float16, round(v / 2^-24) (2^-14 itself is 1024) */
+        float v;
+        memcpy(&v, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)rintf(v * 16777216.0f));
+    }
+    uint32_t r = ax - ((127u - 15u) << 23);
+    r += 0xFFFu + ((r >> 13) & 1u);
+    return (uint16_t)(sign | (r >> 13));
+}
+
+/* float16 bits -> float32 (exact). */
+float tl_f16_to_f32(uint16_t h)
+{
+    const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    float v;
+    if (e == 0) {
+        v = (float)m * 5.9604644775390625e-8f;
+    } else if (e == 31) {
+        v = m ? NAN : INFINITY;
+    } else {
+        uint32_t b = ((e + 112u) << 23) | (m << 13);
+        memcpy(&v, &b, 4);
+    }
+    return (h & 0x8000u) ? -v : v;
+}
+
+/* q[k] = clip(rint(w[k] / s), lo, hi) for a group; returns the sum of (w - q s)^2 in column order, in double (each
+ * difference and square is exact there, so fused or separate multiply-adds give the same sum). */
+static double round_group(const float *w, float s, int lo, int hi, int8_t *q)
+{
+    double err = 0.0;
+    if (!(s > 0.0f)) s = 0.0f;
+    for (int k = 0; k < GROUP; k++) {
+        /* rint(w / s) clipped to [lo, hi]: the quotient clamped to +-256 first (which clips the same), then rounded to
+         * the nearest even integer by adding and subtracting 1.5 * 2^23 (exact in float32 below 2^22; no libm call) */
+        float t = s > 0.0f ? w[k] / s : 0.0f;
+        t = t < -256.0f ? -256.0f : t > 256.0f ? 256.0f : t;
+        t = (t + 12582912.0f) - 12582912.0f;
+        t = t < (float)lo ? (float)lo : t > (float)hi ? (float)hi : t;
+        q[k] = (int8_t)t;
+        const double d = (double)w[k] - (double)t * (double)s;
+        err += d * d;
+    }
+    return err;
+}
+
+/* One group: its integers into q and its float16 scale (see the top). */
+static uint16_t quantize_group(const float *w, int kind, int8_t *q)
+{
+    float amax = 0.0f, m = 0.0f;
+    for (int k = 0; k < GROUP; k++)
+        if (fabsf(w[k]) > amax) { /* the first of largest magnitude, as NumPy's argmax */
+            amax = fabsf(w[k]);
+            m = w[k];
+        }
+    if (kind == W_Q8) {
+        const uint16_t s16 = tl_f32_to_f16(amax / 127.0f);
+        round_group(w, tl_f16_to_f32(s16), -127, 127, q);
+        return s16;
+    }
+    uint16_t best = 0;
+    double best_err = INFINITY;
+    int8_t trial[GROUP];
+    uint16_t tried[sizeof INT4_DIVISORS / sizeof INT4_DIVISORS[0]];
+    for (size_t i = 0; i < sizeof INT4_DIVISORS / sizeof INT4_DIVISORS[0]; i++) {
+        uint16_t s16 = tl_f32_to_f16(m / INT4_DIVISORS[i]);
+        if (s16 & 0x8000u) s16 = 0; /* negative: the other sign's divisors serve m */
+        tried[i] = s16;
+        int seen = 0; /* a scale already tried gives the same error: not better */
+        for (size_t e = 0; e < i; e++) seen |= tried[e] == s16;
+        if (seen) continue;
+        const double err = round_group(w, tl_f16_to_f32(s16), -8, 7, trial);
+        if (err < best_err) {
+            best_err = err;
+            best = s16;
+            memcpy(q, trial, GROUP);
+        }
+    }
+    if (best_err == INFINITY) { /* not reached: every candidate's error is finite */
+        memset(q, 0, GROUP);
+        best = 0;
+    }
+    return best;
+}
+
+typedef struct {
+    const float *w;
+    ptrdiff_t ldw, n, K, row0, G, rows;
+    int kind;
+    char *data;
+    uint16_t *scales;
+} quant_job;
+
+static void quantize_rows(void *arg, ptrdiff_t t)
+{
+    const quant_job *j = (const quant_job *)arg;
+    const ptrdiff_t end = (t + 1) * j->rows < j->n ? (t + 1) * j->rows : j->n;
+    for (ptrdiff_t i = t * j->rows; i < end; i++) {
+        const ptrdiff_t row = j->row0 + i, b = row / ROWS, r = row % ROWS;
+        for (ptrdiff_t g = 0; g < j->G; g++) {
+            float w[GROUP];
+            int8_t q[GROUP];
+            const ptrdiff_t k0 = g * GROUP, n = j->K - k0 < GROUP ? j->K - k0 : GROUP;
+            memcpy(w, j->w + i * j->ldw + k0, (size_t)n * sizeof(float));
+            for (ptrdiff_t k = n; k < GROUP; k++) w[k] = 0.0f;
+            j->scales[(b * j->G + g) * ROWS + r] = quantize_group(w, j->kind, q);
+            if (j->kind == W_Q8) {
+                int8_t *dst = (int8_t *)j->data + (b * j->G + g) * 512;
+                for (int p = 0; p < 16; p++) {
+                    dst[p * 32 + 2 * r] = q[2 * p];
+                    dst[p * 32 + 2 * r + 1] = q[2 * p + 1];
+                }
+            } else {
+                uint16_t *dst = (uint16_t *)(j->data + (b * j->G + g) * 256);
+                for (int c = 0; c < 4; c++)
+                    for (int t2 = 0; t2 < 2; t2++) {
+                        uint16_t word = 0;
+                        for (int nib = 0; nib < 4; nib++)
+                            word |= (uint16_t)((q[2 * (4 * c + nib) + t2] + 8) << (4 * nib));
+                        dst[c * 32 + 2 * r + t2] = word;
+                    }
+            }
+        }
+    }
+}
+
+/* Rows row0..row0+n of a quantized matrix (kind W_Q8 | W_Q4, G groups, quant.h's layout in data and scales) from
+ * the float32 rows w (n, K) at row stride ldw. */
+void tl_quantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t K, ptrdiff_t row0, void *data,
+                 uint16_t *scales, ptrdiff_t G, int threads)
+{
+    if (n <= 0) return;
+    ptrdiff_t rows = (n + 8 * threads - 1) / (8 * threads);
+    quant_job job = {w, ldw, n, K, row0, G, rows, kind, (char *)data, scales};
+    tl_parallel(quantize_rows, &job, (n + rows - 1) / rows, threads);
+}
