@@ -86,15 +86,47 @@ def system_logits(system: str, folder: str, ids: list[int], threads: int) -> np.
 
         return engine.load_model(folder, weights_dtype=kind).logits(ids)
     if family == "llama.cpp":
-        import llama_cpp
-
-        from bench.llamacpp import gguf_for
-
-        llm = llama_cpp.Llama(model_path=str(gguf_for(folder, kind)), n_ctx=len(ids) + 8, n_batch=512,
-                              n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+        return llamacpp_logits(folder, kind, ids, threads)
     raise ValueError(f"unknown system {system!r}")
+
+
+def llamacpp_logits(folder: str, kind: str, ids: list[int], threads: int) -> np.ndarray:
+    """llama.cpp's logits for every position of `ids` ((T, V) float32) on the GGUF of `folder` at `kind`, through
+    llama-cpp-python's low-level API with every row's logits (what `Llama(logits_all=True)` keeps); the AMX / repack
+    buffer types are left out where they crash the build (bench.llamacpp.amx_build)."""
+    import llama_cpp as L
+
+    from bench.llamacpp import amx_build, gguf_for
+
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    if hasattr(mp, "use_extra_bufts") and amx_build():
+        mp.use_extra_bufts = False
+    model = L.llama_model_load_from_file(str(gguf_for(folder, kind)).encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load the {kind} GGUF")
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    p = L.llama_context_default_params()
+    p.n_ctx = len(ids) + 8
+    p.n_batch = p.n_ubatch = min(512, len(ids))
+    p.n_threads = p.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, p)
+    out = np.empty((len(ids), n_vocab), dtype=np.float32)
+    for start in range(0, len(ids), p.n_batch):
+        chunk = ids[start:start + p.n_batch]
+        batch = L.llama_batch_init(len(chunk), 0, 1)
+        try:
+            for i, tok in enumerate(chunk):
+                batch.token[i], batch.pos[i] = tok, start + i
+                batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, 0, True
+            batch.n_tokens = len(chunk)
+            if L.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            for i in range(len(chunk)):
+                out[start + i] = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+        finally:
+            L.llama_batch_free(batch)
+    return out
 
 
 def run_worker(system: str, folder: str, ids: list[int], threads: int, timeout: float = 1800) -> tuple:

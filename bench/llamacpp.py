@@ -161,3 +161,18 @@ def gguf_tensor_bytes(path) -> dict[str, int]:
     import gguf
 
     return {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def amx_build() -> bool:
+    """Whether this CPU has AMX-INT8 and the installed llama.cpp was built with it: then its extra CPU buffer types
+    (the AMX and repacked weight layouts) crash on quantized types (q8_0, q4_0, q4_K_M die with a segfault on the
+    first decode here), so the benchmark loads models without them (`use_extra_bufts = False`)."""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if "amx_int8" not in cpu:
+        return False
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")

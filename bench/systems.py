@@ -358,8 +358,13 @@ class LlamaCppRunner(Runner):
         import llama_cpp as L
 
         self.L = L
+        from bench.llamacpp import amx_build
+
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        self.extra_bufts = True
+        if hasattr(mp, "use_extra_bufts") and amx_build():  # the AMX / repack layouts crash this build
+            mp.use_extra_bufts = self.extra_bufts = False
         load = getattr(L, "llama_model_load_from_file", None) or L.llama_load_model_from_file
         self.model = load(str(self.gguf).encode(), mp)
         if not self.model:
@@ -464,7 +469,9 @@ class LlamaCppRunner(Runner):
         on = [kv.split("=")[0].strip() for kv in system_info.replace("|", "\n").splitlines()
               if kv.strip().endswith("= 1")]
         features = [f for f in on if f.startswith(("AVX", "AMX", "NEON", "SVE", "FMA", "F16C"))]
-        return {"kernel": "ggml " + (",".join(features) or "cpu"), "system_info": system_info,
+        return {"kernel": "ggml " + (",".join(features) or "cpu")
+                + ("" if self.extra_bufts else " (AMX/repack buffers off: they crash this build)"),
+                "system_info": system_info, "extra_bufts": self.extra_bufts,
                 "llama_cpp_version": getattr(L, "__version__", None), "gguf": str(self.gguf)}
 
 
