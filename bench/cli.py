@@ -15,9 +15,10 @@ DEFAULT_ROUNDS = 1
 QUICK = dict(batch="1,4", prompt_len="32", new_tokens=8, repeats=1, systems="engine,transformers-fp32",
              long_context=96, rounds=1)
 SYSTEM_GROUPS = ("engine", "transformers-fp32", "transformers-bf16", "llama.cpp-f32", "llama.cpp-f16",
-                 "llama.cpp-bf16", "llama.cpp-q8_0")
+                 "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q4_K_M")
 ISA_CHOICES = ("auto", "avx512", "avx2", "portable")
-WEIGHTS_CHOICES = ("auto", "float32")
+WEIGHTS_CHOICES = ("auto", "float32", "int8", "int4")
+DRAFT_CHOICES = ("lookup", "int8", "int4", "int8+lookup", "int4+lookup")  # engine.generation.speculative's
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "avx2, portable: one engine row each (default auto)")
     p.add_argument("--weights-dtype", default="auto", metavar="LIST",
                    help="the engine's weights: auto (the checkpoint's 16-bit dtype kept), float32 (widened at load), "
-                        "comma-separated for one row each (default auto)")
+                        "int8, int4 (quantized at load), comma-separated for one row each (default auto)")
     p.add_argument("--checkpoint-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="dtype of the random checkpoint every system loads when no --model is given (default "
                         "bfloat16, as TinyLlama ships)")
@@ -62,8 +63,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="where results.json and the plots go "
                                                                 "(default bench/out/<timestamp>)")
     p.add_argument("--speculate", type=int, default=DEFAULT_SPECULATE, metavar="N",
-                   help="also time this engine's prompt-lookup speculative decoding at batch 1 with N-token drafts "
-                        "against plain decoding (0: skip; default %(default)s)")
+                   help="also time this engine's speculative decoding at batch 1 with up to N-token drafts against "
+                        "plain decoding (0: skip; default %(default)s)")
+    p.add_argument("--draft", default="lookup", choices=DRAFT_CHOICES,
+                   help="where those drafts come from: lookup (a prompt repeating a passage; default), int8 or int4 "
+                        "(the model's own quantized copy, on your weights: acceptance, draft step cost, verification "
+                        "cost, tokens/s against plain decoding)")
     p.add_argument("--quick", action="store_true",
                    help="cut-down model, batches 1,4, prompt 32, 8 new tokens, 1 repeat, engine + transformers "
                         "fp32 only (under a minute)")
@@ -118,6 +123,7 @@ def settings_from(args) -> dict:
                     new_tokens=pick("new_tokens", DEFAULT_NEW_TOKENS), repeats=pick("repeats", DEFAULT_REPEATS),
                     rounds=pick("rounds", DEFAULT_ROUNDS),
                     threads=args.threads, systems=systems, quick=bool(args.quick), speculate=args.speculate,
+                    draft=args.draft,
                     long_context=pick("long_context", DEFAULT_LONG_CONTEXT), checkpoint_dtype=args.checkpoint_dtype)
     for key, option in (("new_tokens", "--new-tokens"), ("repeats", "--repeats"), ("rounds", "--rounds"),
                         ("threads", "--threads")):

@@ -33,9 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16, help="decode steps timed per system per block (default 16)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before decoding (default 128)")
     p.add_argument("--threads", type=int, default=2, help="threads per system (default 2)")
+    p.add_argument("--speculate", type=int, default=4, metavar="N",
+                   help="most draft tokens per step of a speculating system (engine-numpy-draft-int8, "
+                        "engine-numpy-draft-int4, engine-numpy-draft-lookup; default 4)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
-    for flag in ("blocks", "tokens", "prompt_len", "threads"):
+    for flag in ("blocks", "tokens", "prompt_len", "threads", "speculate"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     return args
@@ -68,7 +71,10 @@ def check_systems(names: list[str]) -> None:
 
 
 def time_block(runner, tokens: int) -> float:
-    """Decode tok/s of `tokens` greedy batch-1 steps from the prompt (one untimed step first: pools wake up)."""
+    """Decode tok/s of `tokens` greedy batch-1 steps from the prompt (one untimed step first: pools wake up); a
+    speculating runner times `tokens` tokens of its own decoding (`decode_block`)."""
+    if hasattr(runner, "decode_block"):
+        return tokens / runner.decode_block(tokens)
     runner.decode_reset()
     runner.decode_step()
     t0 = time.perf_counter()
@@ -121,27 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             r = make_runner(n, folder, args.threads)
             r.room = args.prompt_len + args.tokens + 8
+            if hasattr(r, "speculate"):
+                r.speculate = args.speculate
             r.prepare()
             r.load()
             r.decode_setup(1, ids)
             runners[n] = r
             decode_bytes[n] = getattr(r, "decode_bytes", None)
             print(f"loaded {n}: {r.info().get('kernel')}", file=sys.stderr)
-    except (EngineError, Unavailable) as e:
+    except (EngineError, Unavailable, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     rates = interleave(runners, args.blocks, args.tokens, progress=lambda b, last: print(
         f"block {b}: " + ", ".join(f"{n} {v:.1f}" for n, v in last.items()), file=sys.stderr))
     result = summarize(rates, decode_bytes)
     result.update(model=folder, blocks=args.blocks, tokens=args.tokens, prompt_len=args.prompt_len,
-                  threads=args.threads, kernels={n: r.info().get("kernel") for n, r in runners.items()})
+                  threads=args.threads, kernels={n: r.info().get("kernel") for n, r in runners.items()},
+                  speculation={n: {k: r.info().get(k) for k in ("draft", "speculate", "acceptance_rate",
+                                                                 "identical_tokens")}
+                               for n, r in runners.items() if hasattr(r, "decode_block")})
     base = result["ratios_to"]
     print(f"batch-1 decode, {args.blocks} alternating blocks of {args.tokens} tokens after {args.prompt_len} "
           f"(median [min-max] tok/s; ratio = median of per-block ratios to {base})")
     for n, s in result["systems"].items():
         gbs = f"{s['read_gbs_at_median']:.1f} GB/s" if s["read_gbs_at_median"] else "-"
+        info = result["speculation"].get(n)
+        kept = f", {100 * info['acceptance_rate']:.0f}% of drafts kept" if info and info["acceptance_rate"] else ""
         print(f"{n:<28} {s['median_tok_s']:6.1f} [{s['min_tok_s']:.1f}-{s['max_tok_s']:.1f}]  {gbs:>10}  "
-              f"{s['ratio']:.2f}x  ({result['kernels'][n]})")
+              f"{s['ratio']:.2f}x  ({result['kernels'][n]}{kept})")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

@@ -1,7 +1,8 @@
 """llama.cpp for the benchmark: is llama-cpp-python installed, and a GGUF of a Hugging Face checkpoint.
 
-The checkpoint is converted with llama.cpp's own `convert_hf_to_gguf.py` (--outtype f32|f16|q8_0), as
-../shared/BASELINES.md measured it. The converter is found at $TINYLLAMA_GGUF_CONVERTER, else in the cache (made from
+The checkpoint is converted with llama.cpp's own `convert_hf_to_gguf.py` (--outtype f32|f16|bf16|q8_0), as
+../shared/BASELINES.md measured it; q4_0 and q4_K_M are made from the f16 GGUF by llama.cpp's own quantizer
+(`llama_cpp.llama_model_quantize`, as `llama-quantize` does; no importance matrix). The converter is found at $TINYLLAMA_GGUF_CONVERTER, else in the cache (made from
 the llama-cpp-python source distribution of the installed version: `pip download --no-binary :all: --no-deps`).
 GGUF files are cached under the benchmark cache, keyed by the checkpoint's path, size and time.
 """
@@ -89,11 +90,36 @@ def _key(folder: Path) -> str:
     return hashlib.sha1(repr((str(folder.resolve()), stats)).encode()).hexdigest()[:12]
 
 
+# GGUF types made by llama.cpp's quantizer from the f16 file, with their llama_ftype constant's name
+QUANTIZER_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def quantize_gguf(source: Path, out: Path, outtype: str, threads: int = 2) -> None:
+    """llama.cpp's quantizer (llama_model_quantize) from the GGUF `source` to `out` at `outtype` (q4_0, q4_K_M)."""
+    import llama_cpp as L
+
+    params = L.llama_model_quantize_default_params()
+    params.ftype = getattr(L, QUANTIZER_TYPES[outtype])
+    params.nthread = threads
+    tmp = out.with_suffix(".part")
+    try:
+        rc = L.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize to {outtype} returned {rc}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def gguf_for(folder, outtype: str) -> Path:
-    """A cached GGUF of the checkpoint in `folder` at `outtype` (f32, f16, q8_0)."""
+    """A cached GGUF of the checkpoint in `folder` at `outtype` (f32, f16, bf16, q8_0 by the converter; q4_0,
+    q4_K_M by the quantizer from the f16 file)."""
     folder = Path(folder)
     out = cache_root() / "gguf" / f"{folder.name}-{_key(folder)}-{outtype}.gguf"
     if out.exists():
+        return out
+    if outtype in QUANTIZER_TYPES:
+        quantize_gguf(gguf_for(folder, "f16"), out, outtype)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.with_suffix(".src")
@@ -135,3 +161,18 @@ def gguf_tensor_bytes(path) -> dict[str, int]:
     import gguf
 
     return {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def amx_build() -> bool:
+    """Whether this CPU has AMX-INT8 and the installed llama.cpp was built with it: then its extra CPU buffer types
+    (the AMX and repacked weight layouts) crash on quantized types (q8_0, q4_0, q4_K_M die with a segfault on the
+    first decode here), so the benchmark loads models without them (`use_extra_bufts = False`)."""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if "amx_int8" not in cpu:
+        return False
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")

@@ -131,15 +131,17 @@ def table(results: dict) -> str:
         out += ["", f"Long context (batch 1; against batch-1 decode after {settings['prompt_lens'][0]} tokens; memory "
                     "a prefill of that context added over the loaded model: KV cache, activations)",
                 _grid(["system", "context", "decode tok/s", "of short", "prefill adds MB"], body)]
-    body = [[r["label"], r["draft_tokens"], _fmt(r["plain_decode_tok_s"], 2), _spread(r, "decode_tok_s"),
-             f"{r['speedup']:.2f}x", f"{100 * r['acceptance_rate']:.0f}%",
-             f"{r['verify_step_s'] / r['step_s']:.2f}x" if r.get("step_s") else ""]
+    body = [[r["label"], f"{r.get('draft', 'lookup')} x{r['draft_tokens']}", _fmt(r["plain_decode_tok_s"], 2),
+             _spread(r, "decode_tok_s"), f"{r['speedup']:.2f}x", f"{100 * r['acceptance_rate']:.0f}%",
+             f"{r['verify_step_s'] / r['step_s']:.2f}x" if r.get("step_s") else "",
+             f"{r['draft_step_s'] / r['step_s']:.2f}x" if r.get("step_s") and r.get("draft_step_s") else "-"]
             for r in ok if r.get("kind") == "speculative"]
     if body:
-        out += ["", "Prompt-lookup speculative decoding (batch 1, prompt repeating a passage; same greedy tokens;"
-                " verify cost: a step of 1 + draft tokens against a step of 1)",
-                _grid(["system", "draft", "plain tok/s", "speculative tok/s", "speed-up", "accepted", "verify cost"],
-                      body)]
+        out += ["", "Speculative decoding (batch 1, greedy, the same tokens as plain decoding; a lookup draft's prompt "
+                "repeats a passage; verify cost: a step of 1 + draft tokens against a step of 1; draft step: one "
+                "batch-1 step of the draft model against a step of 1)",
+                _grid(["system", "draft", "plain tok/s", "speculative tok/s", "speed-up", "accepted", "verify cost",
+                       "draft step"], body)]
     return "\n".join(out)
 
 

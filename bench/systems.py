@@ -16,7 +16,9 @@ from engine.compare import transformers_step
 ENGINE_BACKENDS = ("numpy", "triton")
 ENGINE_ISAS = ("avx512", "avx2", "portable")
 TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0")
+LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K_M")
+ENGINE_WEIGHTS = ("float32", "int8", "int4")  # beside auto (the checkpoint's own dtype)
+DRAFT_SUFFIX = "draft"  # engine-numpy-draft-int8: batch-1 decode with speculation from the int8 copy
 
 
 class Unavailable(Exception):
@@ -31,12 +33,20 @@ def system_names(engine_backends) -> list[str]:
 
 def engine_parts(name: str) -> tuple[str, str | None, str]:
     """(backend, forced kernel variant or None, weights_dtype) of an engine system name: engine-numpy,
-    engine-numpy-avx2, engine-numpy-float32, engine-numpy-portable-float32."""
+    engine-numpy-avx2, engine-numpy-float32, engine-numpy-portable-int4 (a draft's kind is not the weights)."""
     parts = name.split("-")[1:]
+    if DRAFT_SUFFIX in parts:
+        parts = parts[: parts.index(DRAFT_SUFFIX)]
     backend = parts[0]
     isa = next((p for p in parts[1:] if p in ENGINE_ISAS), None)
-    weights = "float32" if "float32" in parts[1:] else "auto"
+    weights = next((p for p in parts[1:] if p in ENGINE_WEIGHTS), "auto")
     return backend, isa, weights
+
+
+def engine_draft(name: str) -> str | None:
+    """The draft of an engine system name that speculates (engine-numpy-draft-int8 -> "int8"), else None."""
+    parts = name.split("-")
+    return parts[parts.index(DRAFT_SUFFIX) + 1] if DRAFT_SUFFIX in parts[:-1] else None
 
 
 def describe(name: str) -> dict:
@@ -54,6 +64,9 @@ def describe(name: str) -> dict:
 def make_runner(name: str, folder: str, threads: int):
     family, _, variant = name.partition("-")
     if family == "engine":
+        draft = engine_draft(name)
+        if draft is not None:
+            return SpeculativeEngineRunner(folder, *engine_parts(name), draft=draft)
         return EngineRunner(folder, *engine_parts(name))
     if family == "transformers":
         return TransformersRunner(folder, TRANSFORMERS_DTYPES[variant], threads)
@@ -131,17 +144,22 @@ class EngineRunner(Runner):
         logits = self.model.forward([self.Step(c, [t]) for c, t in zip(self.caches, self.next_tokens)])
         self.next_tokens = [argmax_rows(lg[-1])[0] for lg in logits]
 
-    def speculative(self, passage: list[int], new_tokens: int, draft: int) -> dict:
-        """Batch-1 greedy decoding of a prompt that asks to repeat a passage, plain and with prompt-lookup drafts."""
-        prompt = passage + passage[: len(passage) // 8]  # the passage, then its start again: "go on repeating"
+    def speculative(self, passage: list[int], new_tokens: int, draft: int, source: str = "lookup") -> dict:
+        """Batch-1 greedy decoding, plain and speculative with up to `draft` tokens per step from `source`: prompt
+        lookup (on a prompt that asks to repeat a passage) or the model's own int8 / int4 copy (on the passage)."""
+        prompt = passage + passage[: len(passage) // 8] if source == "lookup" else list(passage)
         plain = self.model.complete(prompt, max_new_tokens=new_tokens, ignore_eos=True)
-        fast = self.model.complete(prompt, max_new_tokens=new_tokens, ignore_eos=True, speculate=draft)
+        fast = self.model.complete(prompt, max_new_tokens=new_tokens, ignore_eos=True, speculate=draft, draft=source)
         if fast.token_ids != plain.token_ids:
             raise RuntimeError("speculative decoding changed the greedy output")
         one_s, verify_s = self.verify_cost(prompt, draft)
-        return {"plain_tok_s": plain.generated_tokens_per_s, "speculative_tok_s": fast.generated_tokens_per_s,
-                "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt),
-                "step_s": one_s, "verify_step_s": verify_s}
+        out = {"plain_tok_s": plain.generated_tokens_per_s, "speculative_tok_s": fast.generated_tokens_per_s,
+               "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt),
+               "step_s": one_s, "verify_step_s": verify_s, "draft": source}
+        if source != "lookup":
+            kind = source.split("+")[0]
+            out["draft_step_s"] = step_cost(self.model.draft_model(kind), prompt)
+        return out
 
     def verify_cost(self, prompt: list[int], draft: int, trials: int = 3) -> tuple[float, float]:
         """Seconds of a decode step of 1 token and of a verification step of 1 + `draft` tokens (every position's
@@ -172,6 +190,101 @@ class EngineRunner(Runner):
         import torch
 
         return {"kernel": "triton", "gpu": torch.cuda.get_device_name(0)}
+
+
+def step_cost(model, prompt: list[int], rows: int = 1, trials: int = 3) -> float:
+    """Seconds of one forward of `rows` tokens after `prompt` on `model` (an engine Model), best of `trials`."""
+    from engine.runtime.batch import SequenceStep
+
+    cache = model.new_cache()
+    model.forward([SequenceStep(cache, prompt)])
+    length, times = cache.length, []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        model.forward([SequenceStep(cache, prompt[-rows:], all_logits=rows > 1)])
+        times.append(time.perf_counter() - t0)
+        cache.truncate(length)
+    return min(times)
+
+
+class SpeculativeEngineRunner(EngineRunner):
+    """Batch-1 greedy decoding with speculation from the model's own `draft` copy (int8, int4, or lookup), timed as
+    bench.interleave times a decode block: `decode_block(tokens)` -> seconds for `tokens` new tokens after the
+    first, the prompt's caches (the model's and the draft's) kept between blocks as a chat keeps them."""
+
+    speculate = 4  # most draft tokens per step (bench.interleave --speculate sets it)
+    check_tokens = 32  # greedy tokens compared with plain decoding at setup (must be identical)
+
+    def __init__(self, folder: str, backend: str, isa: str | None = None, weights_dtype: str = "auto",
+                 draft: str = "int8"):
+        super().__init__(folder, backend, isa, weights_dtype)
+        self.draft = draft
+        self.stats = []  # per block: (drafted, accepted, target steps)
+
+    def load(self):
+        super().load()
+        kind = self.draft.split("+")[0]
+        self.draft_model = self.model.draft_model(kind) if kind != "lookup" else None
+        if self.draft_model is not None:
+            self.weight_bytes += int(self.draft_model.backend.weights.nbytes)
+
+    def decode_setup(self, batch: int, ids):
+        from engine.runtime.batch import SequenceStep
+
+        if batch != 1:
+            raise Unavailable("speculative rows run at batch 1")
+        self.ids = [int(t) for t in ids]
+        self.cache = self.model.new_cache()
+        self.model.forward([SequenceStep(self.cache, self.ids[:-1])])
+        self.draft_cache = None
+        if self.draft_model is not None:
+            self.draft_cache = self.draft_model.new_cache()
+            self.draft_model.forward([SequenceStep(self.draft_cache, self.ids[:-1])])
+        plain = self.model.generate(self.ids, max_new_tokens=self.check_tokens, ignore_eos=True, temperature=0.0,
+                                    repetition_penalty=1.0)
+        fast = self.generate(self.check_tokens - 1).token_ids
+        if fast != plain:
+            raise RuntimeError(f"speculation with the {self.draft} draft changed the greedy output")
+        self.identical_tokens = len(plain)
+
+    def generate(self, tokens: int):
+        """`tokens` + 1 greedy tokens after the prompt (speculating) -> GenerationResult."""
+        from engine.generation.generate import Generation
+        from engine.generation.state import default_options
+
+        self.cache.truncate(len(self.ids) - 1)
+        if self.draft_cache is not None:
+            self.draft_cache.truncate(min(self.draft_cache.length, len(self.ids) - 1))
+        options = default_options(self.model, max_new_tokens=tokens + 1, ignore_eos=True, temperature=0.0,
+                                  repetition_penalty=1.0)
+        gen = Generation(self.model, self.ids, options, cache=self.cache, speculate=self.speculate, draft=self.draft,
+                         draft_cache=self.draft_cache)
+        for _ in gen:
+            pass
+        return gen.result
+
+    def decode_block(self, tokens: int) -> float:
+        """Seconds for `tokens` tokens after the first (whose step is a plain one)."""
+        r = self.generate(tokens)
+        self.stats.append((r.draft_tokens, r.accepted_draft_tokens, len(r.token_ids)))
+        return r.decode_seconds
+
+    def decode_reset(self):
+        pass
+
+    def decode_step(self):
+        self.generate(1)
+
+    def info(self) -> dict:
+        out = super().info()
+        drafted = sum(d for d, _, _ in self.stats)
+        out.update(draft=self.draft, speculate=self.speculate, identical_tokens=getattr(self, "identical_tokens", 0),
+                   acceptance_rate=sum(a for _, a, _ in self.stats) / drafted if drafted else None)
+        if self.draft_model is not None:
+            from engine.runtime.layers import matmul_kernel_name
+
+            out["kernel"] += f" + {self.draft} draft ({matmul_kernel_name(self.draft_model.weights_dtype)})"
+        return out
 
 
 class TransformersRunner(Runner):
@@ -246,8 +359,13 @@ class LlamaCppRunner(Runner):
         import llama_cpp as L
 
         self.L = L
+        from bench.llamacpp import amx_build
+
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        self.extra_bufts = True
+        if hasattr(mp, "use_extra_bufts") and amx_build():  # the AMX / repack layouts crash this build
+            mp.use_extra_bufts = self.extra_bufts = False
         load = getattr(L, "llama_model_load_from_file", None) or L.llama_load_model_from_file
         self.model = load(str(self.gguf).encode(), mp)
         if not self.model:
@@ -352,7 +470,9 @@ class LlamaCppRunner(Runner):
         on = [kv.split("=")[0].strip() for kv in system_info.replace("|", "\n").splitlines()
               if kv.strip().endswith("= 1")]
         features = [f for f in on if f.startswith(("AVX", "AMX", "NEON", "SVE", "FMA", "F16C"))]
-        return {"kernel": "ggml " + (",".join(features) or "cpu"), "system_info": system_info,
+        return {"kernel": "ggml " + (",".join(features) or "cpu")
+                + ("" if self.extra_bufts else " (AMX/repack buffers off: they crash this build)"),
+                "system_info": system_info, "extra_bufts": self.extra_bufts,
                 "llama_cpp_version": getattr(L, "__version__", None), "gguf": str(self.gguf)}
 
 

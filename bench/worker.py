@@ -116,7 +116,8 @@ def run_system(spec: dict) -> int:
             emit("progress", what=f"{name}: context {long_context}")
         if spec.get("speculate") and hasattr(runner, "speculative"):
             emit("status", what=f"{name}: speculative decoding")
-            spec_rows = [runner.speculative(ids[:p], new_tokens, spec["speculate"]) for _ in range(repeats)]
+            source = spec.get("draft", "lookup")
+            spec_rows = [runner.speculative(ids[:p], new_tokens, spec["speculate"], source) for _ in range(repeats)]
             rates = [r["speculative_tok_s"] for r in spec_rows]
             plain = [r["plain_tok_s"] for r in spec_rows]
             r_med, r_min, r_max = spread(rates)
@@ -126,7 +127,9 @@ def run_system(spec: dict) -> int:
                              speedup=r_med / spread(plain)[0], draft_tokens=spec["speculate"],
                              acceptance_rate=spread([r["acceptance_rate"] for r in spec_rows])[0],
                              step_s=min(r["step_s"] for r in spec_rows),
-                             verify_step_s=min(r["verify_step_s"] for r in spec_rows)))
+                             verify_step_s=min(r["verify_step_s"] for r in spec_rows), draft=source,
+                             draft_step_s=min((r["draft_step_s"] for r in spec_rows if "draft_step_s" in r),
+                                              default=None)))
     except Unavailable as e:
         emit("unavailable", row=dict(base, status="unavailable", note=str(e)))
         return 0

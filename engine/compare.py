@@ -4,6 +4,13 @@
 and at every greedy step (the engine's decode path, one token per forward through its KV cache, fed transformers'
 greedy tokens so both see the same context), and each system's own greedy tokens. `tinyllama check` prints the
 report; a test can assert `report.ok` or look at the figures. torch and transformers are imported only when called.
+
+Fidelity, for the inexact modes (int8 / int4 weights) and reported for every mode: along transformers' greedy path
+(teacher-forced) the share of positions where both systems' top token agrees and KL(transformers || engine) per
+token (mean, max); how many greedy tokens agree before the first difference; with a text, the perplexity of both and
+the same agreement and KL over every position of it. An exact mode (float32, the checkpoint's 16-bit dtype) keeps
+the strict check (1e-3 of the logit scale, greedy identical); an inexact one passes or fails on the thresholds given
+(`min_agreement`, `max_kl` on the mean KL), so a CI job can guard a quantized model.
 """
 from __future__ import annotations
 
@@ -20,6 +27,55 @@ from engine.runtime.batch import SequenceStep
 
 TOLERANCE = 1e-3  # relative to the logit scale; the test suite holds the NumPy backend to 1e-4
 DEFAULT_PROMPT = "The capital of France is"
+EXACT_WEIGHTS = ("float32", "bfloat16", "float16")  # held so that the logits are transformers' fp32 logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64: (T, vocab) -> (T, vocab)."""
+    x = np.asarray(logits, dtype=np.float64)
+    peak = x.max(axis=-1, keepdims=True)
+    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+
+
+def kl_per_row(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(ours)) per row, float64 nats: (T, vocab) x 2 -> (T,)."""
+    ref, mine = log_softmax(reference), log_softmax(ours)
+    return np.maximum(0.0, (np.exp(ref) * (ref - mine)).sum(axis=-1))
+
+
+def perplexity(logits: np.ndarray, ids) -> float:
+    """exp(mean negative log-likelihood) of ids[1:] under logits rows 0..T-2: logits (T, vocab), ids (T,)."""
+    ids = np.asarray(ids)
+    lp = log_softmax(logits[:-1])
+    return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+@dataclass
+class Fidelity:
+    """How close the engine's next-token distributions are to transformers' over `positions` teacher-forced rows."""
+
+    positions: int
+    top1_agreement: float  # share of rows whose argmax agrees
+    kl_mean: float  # mean KL(transformers || engine), nats per token
+    kl_max: float
+
+    @classmethod
+    def of(cls, reference: np.ndarray, ours: np.ndarray) -> "Fidelity":
+        """From two (T, vocab) logits arrays over the same rows."""
+        kl = kl_per_row(reference, ours)
+        agree = float(np.mean(reference.argmax(axis=-1) == ours.argmax(axis=-1)))
+        return cls(len(kl), agree, float(kl.mean()), float(kl.max()))
+
+
+@dataclass
+class TextComparison:
+    """Both systems over one text (teacher-forced, its first `tokens` tokens): perplexity and fidelity."""
+
+    source: str
+    tokens: int
+    perplexity_transformers: float
+    perplexity_engine: float
+    fidelity: Fidelity
 
 
 @dataclass
@@ -32,6 +88,13 @@ class PromptComparison:
     logit_scale: float  # max |transformers logit| over the same positions
     engine_tokens: list[int]  # the engine's own greedy tokens (its generation path, EOS not special)
     transformers_tokens: list[int]  # transformers' greedy tokens
+    fidelity: Fidelity | None = None  # over the `steps` rows that predict transformers' greedy tokens
+
+    @property
+    def agreeing_prefix(self) -> int:
+        """Greedy tokens identical before the first difference (all of them when none differs)."""
+        k = self.first_difference
+        return len(self.transformers_tokens) if k is None else k
 
     @property
     def relative_difference(self) -> float:
@@ -69,6 +132,14 @@ class ComparisonReport:
     weights_dtype: str = "float32"  # how this engine held the weights (transformers always runs float32)
     kernel: str = ""  # what ran this engine's matmuls (e.g. "native avx512")
     native_kernels: dict = field(default_factory=dict)  # the NumPy backend's compiled kernels: variant or reason
+    text: TextComparison | None = None
+    min_agreement: float | None = None  # thresholds on `fidelity` (None: not checked)
+    max_kl: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether the weights are held exactly (then `ok` is the strict check), not quantized."""
+        return self.weights_dtype in EXACT_WEIGHTS
 
     @property
     def max_relative_difference(self) -> float:
@@ -76,18 +147,50 @@ class ComparisonReport:
         return max(p.relative_difference for p in self.prompts)
 
     @property
+    def fidelity(self) -> Fidelity:
+        """Agreement and KL pooled over every teacher-forced row: each prompt's greedy steps and the text's positions."""
+        parts = [p.fidelity for p in self.prompts if p.fidelity] + ([self.text.fidelity] if self.text else [])
+        n = sum(f.positions for f in parts)
+        return Fidelity(n, sum(f.top1_agreement * f.positions for f in parts) / n,
+                        sum(f.kl_mean * f.positions for f in parts) / n, max(f.kl_max for f in parts))
+
+    @property
+    def within_thresholds(self) -> bool:
+        """Whether the pooled fidelity meets min_agreement and max_kl (those given)."""
+        f = self.fidelity
+        return ((self.min_agreement is None or f.top1_agreement >= self.min_agreement)
+                and (self.max_kl is None or f.kl_mean <= self.max_kl))
+
+    @property
     def ok(self) -> bool:
-        """Every prompt within tolerance and greedy-identical."""
-        return all(p.relative_difference < self.tolerance and p.greedy_identical for p in self.prompts)
+        """Exact weights: every prompt within tolerance and greedy-identical; quantized weights: the thresholds given
+        are met (none given: True, a report only). Thresholds given for exact weights apply too."""
+        strict = all(p.relative_difference < self.tolerance and p.greedy_identical for p in self.prompts)
+        return (strict or not self.exact) and self.within_thresholds
 
     def to_dict(self) -> dict:
         """The report as plain JSON-ready data (`tinyllama check --json`), derived figures included."""
         out = asdict(self)
         for d, p in zip(out["prompts"], self.prompts):
             d.update(relative_difference=p.relative_difference, agreement=p.agreement,
-                     first_difference=p.first_difference, greedy_identical=p.greedy_identical)
-        out.update(ok=self.ok, max_relative_difference=self.max_relative_difference)
+                     first_difference=p.first_difference, greedy_identical=p.greedy_identical,
+                     agreeing_prefix=p.agreeing_prefix)
+        out.update(ok=self.ok, exact=self.exact, max_relative_difference=self.max_relative_difference,
+                   fidelity=asdict(self.fidelity), within_thresholds=self.within_thresholds)
         return out
+
+    def fidelity_lines(self) -> list[str]:
+        """The fidelity part of the summary."""
+        f = self.fidelity
+        lines = [f"fidelity against transformers fp32 ({f.positions} teacher-forced positions): top-1 agreement "
+                 f"{100 * f.top1_agreement:.1f}%, KL(transformers || engine) mean {f.kl_mean:.3g} max "
+                 f"{f.kl_max:.3g} nats/token"]
+        if self.text is not None:
+            t = self.text
+            lines.append(f"text {t.source} ({t.tokens} tokens): perplexity transformers {t.perplexity_transformers:.4g}"
+                         f", engine {t.perplexity_engine:.4g}; top-1 agreement {100 * t.fidelity.top1_agreement:.1f}%,"
+                         f" KL mean {t.fidelity.kl_mean:.3g} max {t.fidelity.kl_max:.3g}")
+        return lines
 
     def summary(self) -> str:
         """The human-readable report `tinyllama check` prints, ending in OK or MISMATCH."""
@@ -104,14 +207,33 @@ class ComparisonReport:
                          f"{p.logit_scale:.3g})")
             same = sum(p.agreement)
             lines.append(f"  greedy tokens: {same}/{self.steps} identical")
+            if not self.exact and p.fidelity is not None:
+                lines.append(f"  {p.agreeing_prefix} greedy tokens agree before the first difference; teacher-forced "
+                             f"top-1 agreement {100 * p.fidelity.top1_agreement:.1f}%, KL mean "
+                             f"{p.fidelity.kl_mean:.3g} max {p.fidelity.kl_max:.3g}")
             if p.first_difference is not None:
                 k = p.first_difference
                 lines.append(f"  first difference at step {k + 1}: engine {p.engine_tokens[k]}, "
                              f"transformers {p.transformers_tokens[k]}")
             lines.append(f"  engine:       {p.engine_tokens}")
             lines.append(f"  transformers: {p.transformers_tokens}")
-        if self.ok:
+        if not self.exact or self.text is not None:
+            lines += self.fidelity_lines()
+        given = [f"top-1 agreement >= {100 * self.min_agreement:g}%" if self.min_agreement is not None else "",
+                 f"mean KL <= {self.max_kl:g}" if self.max_kl is not None else ""]
+        given = " and ".join(g for g in given if g)
+        if not self.exact:
+            if not given:
+                lines.append(f"REPORT: {self.weights_dtype} weights are quantized (not exact); give --min-agreement / "
+                             "--max-kl to turn this into a check")
+            elif self.ok:
+                lines.append(f"OK: within the thresholds ({given})")
+            else:
+                lines.append(f"BELOW THRESHOLD: asked for {given}")
+        elif self.ok:
             lines.append(f"OK: matches transformers (within {self.tolerance:g} of the logit scale, greedy identical)")
+        elif not self.within_thresholds:
+            lines.append(f"BELOW THRESHOLD: asked for {given}")
         else:
             lines.append(f"MISMATCH: largest difference {self.max_relative_difference:.2e} of the logit scale "
                          f"(tolerance {self.tolerance:g}); greedy identical for "
@@ -120,19 +242,29 @@ class ComparisonReport:
 
 
 def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, backend: str = "numpy",
-                              revision: str | None = None, tolerance: float = TOLERANCE) -> ComparisonReport:
+                              revision: str | None = None, tolerance: float = TOLERANCE, weights_dtype: str = "auto",
+                              text: str | None = None, text_source: str = "text", min_agreement: float | None = None,
+                              max_kl: float | None = None) -> ComparisonReport:
     """Run this engine and transformers' float32 LlamaForCausalLM on the same checkpoint -> ComparisonReport.
 
-    ref: a model folder or Hub repo id (loaded on `backend`), or an already loaded engine `Model` (transformers loads
-    its folder). prompts: one prompt or a list; each text (encoded with the model's tokenizer) or a list of token ids.
-    steps: greedy tokens to compare per prompt (>= 1). EngineError when torch / transformers are missing or a prompt
-    plus `steps` does not fit the context window.
+    ref: a model folder or Hub repo id (loaded on `backend` with `weights_dtype`: auto, float32, int8, int4, ...), or
+    an already loaded engine `Model` (transformers loads its folder). prompts: one prompt or a list; each text (encoded
+    with the model's tokenizer) or a list of token ids. steps: greedy tokens to compare per prompt (>= 1).
+    text: a text scored by both systems (perplexity, agreement and KL at every position; its first window of tokens).
+    min_agreement (0..1) / max_kl (nats per token, on the mean): thresholds on the pooled fidelity (report.ok).
+    EngineError when torch / transformers are missing, a threshold is out of range, or a prompt plus `steps` does not
+    fit the context window.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise EngineError(f"steps must be an integer >= 1, got {steps!r}")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise EngineError(f"min_agreement must be in [0, 1] (a fraction), got {min_agreement!r}")
+    if max_kl is not None and not max_kl >= 0:
+        raise EngineError(f"max_kl must be >= 0 (nats per token), got {max_kl!r}")
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         raise EngineError("comparing with transformers needs transformers and torch: pip install transformers torch")
-    model = ref if isinstance(ref, Model) else load_model(str(ref), backend=backend, revision=revision)
+    model = ref if isinstance(ref, Model) else load_model(str(ref), backend=backend, revision=revision,
+                                                          weights_dtype=weights_dtype)
     if model.folder is None:
         raise EngineError("the model has no folder for transformers to load")
     if isinstance(prompts, str) or (prompts and all(isinstance(t, (int, np.integer)) for t in prompts)):
@@ -151,18 +283,35 @@ def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, back
         ref_logits, ref_tokens = _transformers_run(reference, ids, steps)
         ours = _engine_logits_along(model, ids, ref_tokens[:-1])
         engine_tokens = model.generate(ids, max_new_tokens=steps, ignore_eos=True, repetition_penalty=1.0)
+        path = slice(len(ids) - 1, None)  # the rows that predict the greedy tokens
         results.append(PromptComparison(
             prompt=prompt if isinstance(prompt, str) else [int(t) for t in prompt], prompt_ids=ids,
             max_logit_difference=float(np.max(np.abs(ours - ref_logits))),
             logit_scale=float(np.max(np.abs(ref_logits))), engine_tokens=engine_tokens,
-            transformers_tokens=ref_tokens))
+            transformers_tokens=ref_tokens, fidelity=Fidelity.of(ref_logits[path], ours[path])))
+    scored = _compare_text(model, reference, text, text_source) if text is not None else None
     from engine.runtime import layers
 
     numpy = model.backend.name == "numpy"
     kernel = layers.matmul_kernel_name(model.weights_dtype) if numpy else model.backend.name
     return ComparisonReport(model=str(model.folder), backend=model.backend.name, steps=steps, tolerance=tolerance,
                             prompts=results, versions=versions(), weights_dtype=model.weights_dtype, kernel=kernel,
-                            native_kernels=native.summary() if numpy else {})
+                            native_kernels=native.summary() if numpy else {},
+                            text=scored, min_agreement=min_agreement, max_kl=max_kl)
+
+
+def _compare_text(model: Model, reference, text: str, source: str) -> TextComparison:
+    """Both systems' logits over `text` (BOS + its tokens, cut to the window) -> perplexities and fidelity."""
+    import torch
+
+    ids = model.prompt_ids(text)[: model.config.max_position_embeddings]
+    if len(ids) < 2:
+        raise EngineError(f"{source}: the text needs at least one token to score")
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0].float().numpy()
+    ours = model.logits(ids)
+    return TextComparison(source=source, tokens=len(ids), perplexity_transformers=perplexity(ref, ids),
+                          perplexity_engine=perplexity(ours, ids), fidelity=Fidelity.of(ref[:-1], ours[:-1]))
 
 
 def versions() -> dict:

@@ -35,6 +35,24 @@ class Model:
         self._weights_dtype = weights_dtype
         self.weights_dtype_reason = weights_dtype_reason  # why the weights are held as `weights_dtype`
         self._tokenizer = None
+        self._drafts: dict[str, "Model"] = {}
+
+    def draft_model(self, kind: str) -> "Model":
+        """The model's own weights held as `kind` ("int8", "int4", or any weights_dtype) as a second Model on the
+        NumPy backend with its own caches: the draft of self-speculative decoding. Loaded on first use and kept;
+        the tokenizer is shared, and so is every weight array the draft holds unchanged (norms, an unquantized
+        embedding table), so memory is this model plus the draft's quantized matrices."""
+        if kind == self.weights_dtype:
+            return self  # the model itself (its caches are separate): nothing more to hold
+        if kind not in self._drafts:
+            if self.folder is None:
+                raise EngineError("a draft copy needs the model's folder to load from")
+            draft = load_model(str(self.folder), backend="numpy", weights_dtype=kind)
+            draft._tokenizer = self._tokenizer
+            if isinstance(self.backend, NumpyBackend):
+                share_equal_arrays(self.backend.weights, draft.backend.weights)
+            self._drafts[kind] = draft
+        return self._drafts[kind]
 
     @property
     def weights_dtype(self) -> str:
@@ -96,15 +114,18 @@ class Model:
 
         Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, seed, stop (str or list), ignore_eos, logprobs (N: each token's log-probability and the
-        top N in `result.logprobs`), speculate (prompt-lookup draft length), truncate; defaults from
+        top N in `result.logprobs`), speculate (most draft tokens per step), draft ("lookup", "int8", "int4": where
+        the drafts come from; the output is plain decoding's either way), truncate; defaults from
         generation_config.json.
         """
         return generate(self, self.prompt_ids(prompt), **options)
 
-    def stream(self, prompt, cache=None, speculate: int = 0, truncate: bool = False, **options):
-        """Streaming form of `complete`: iterate for TokenEvents (token_id, text); `.result` afterwards."""
+    def stream(self, prompt, cache=None, speculate: int = 0, truncate: bool = False, draft="lookup", draft_cache=None,
+               **options):
+        """Streaming form of `complete`: iterate for TokenEvents (token_id, text); `.result` afterwards. `cache` /
+        `draft_cache` may hold a prefix of the prompt (a conversation's), only the rest is prefilled."""
         return Generation(self, self.prompt_ids(prompt), default_options(self, **options), cache=cache,
-                          speculate=speculate, truncate=truncate)
+                          speculate=speculate, truncate=truncate, draft=draft, draft_cache=draft_cache)
 
     def generate_batch(self, prompts, **options) -> list:
         """Several prompts (ids or text) at once, one batched forward per step -> list of GenerationResult."""
@@ -143,6 +164,22 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         impl = TritonBackend(config, weights, **backend_options)
     return Model(config, impl, folder=folder, generation_config=generation_config,
                  weights_dtype=dtype, weights_dtype_reason=reason)
+
+
+def share_equal_arrays(source, target) -> int:
+    """Point every weight array of `target` (ModelWeights, walked through its layers) that equals the array in the
+    same place of `source` (same dtype, shape and values) at the source's array, so the two models hold it once.
+    Returns the bytes saved."""
+    saved = 0
+    pairs = [(source, target)] + list(zip(getattr(source, "layers", []), getattr(target, "layers", [])))
+    for src, dst in pairs:
+        for name, value in list(vars(dst).items()):
+            mine = getattr(src, name, None)
+            if (isinstance(value, np.ndarray) and isinstance(mine, np.ndarray) and value is not mine
+                    and value.dtype == mine.dtype and value.shape == mine.shape and np.array_equal(value, mine)):
+                setattr(dst, name, mine)
+                saved += value.nbytes
+    return saved
 
 
 def _generation_config(folder: Path) -> dict:

@@ -154,3 +154,23 @@ def test_speculate_flag_gives_plain_output_and_reports_acceptance(stories260k):
     a, b = json.loads(plain.stdout), json.loads(fast.stdout)
     assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
     assert b["speculative"]["draft_tokens"] > 0 and 0 < b["speculative"]["acceptance_rate"] <= 1
+
+
+def test_draft_flag_gives_plain_output_and_reports_what_was_kept(stories260k):
+    """--speculate N --draft int4: the model's int4 copy drafts, the output is plain decoding's."""
+    args = ("generate", "--model", str(stories260k), "--json", "--max-new-tokens", "40", "--ignore-eos")
+    plain = json.loads(tinyllama(*args, "Once upon a time").stdout)
+    p = tinyllama(*args, "--speculate", "4", "--draft", "int4", "--verbose", "Once upon a time")
+    fast = json.loads(p.stdout)
+    assert fast["token_ids"] == plain["token_ids"]
+    assert fast["speculative"]["draft_tokens"] > 0 and 0 < fast["speculative"]["acceptance_rate"] < 1
+    assert "speculative (int4 draft)" in p.stderr
+    bad = tinyllama("generate", "--model", str(stories260k), "--draft", "int8", "Hi")
+    assert bad.returncode == 1 and "needs --speculate" in one_line_error(bad)
+
+
+@pytest.mark.parametrize("command", ["serve", "chat", "generate"])
+def test_draft_without_speculate_is_one_line(command, stories260k):
+    p = tinyllama(command, "--model", str(stories260k), "--draft", "int4", *(["Hi"] if command == "generate" else []),
+                  stdin="")
+    assert p.returncode == 1 and "--draft int4 needs --speculate N" in one_line_error(p)

@@ -12,7 +12,7 @@ import shlex
 import signal
 import sys
 
-from engine.cli.common import load, sampling_overrides
+from engine.cli.common import load, sampling_overrides, speculation_options
 from engine.generation.chat import SETTABLE, ChatSession
 from engine.errors import EngineError
 
@@ -36,6 +36,7 @@ A line starting with // sends the rest, beginning with /, as a message."""
 
 def run_chat(args) -> int:
     """The `chat` subcommand: load the model, then talk until EOF or /exit -> exit status."""
+    speculation = speculation_options(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
@@ -44,7 +45,7 @@ def run_chat(args) -> int:
         raise EngineError(f"{args.model} has no chat template, so it cannot chat; "
                           "use `tinyllama generate` for plain text completion")
     session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens,
-                          stop=args.stop or None, **sampling_overrides(args))
+                          stop=args.stop or None, **speculation, **sampling_overrides(args))
     return Repl(session, interactive=interactive, name=args.model).run()
 
 
@@ -240,6 +241,9 @@ class Repl:
                  f"(stop: {st.stop_reason})")
         if st.dropped_turns:
             self.say(f"dropped turns: {st.dropped_turns}")
+        if st.draft_tokens:
+            self.say(f"speculative: {st.accepted_draft_tokens}/{st.draft_tokens} drafts accepted "
+                     f"({100 * st.accepted_draft_tokens / st.draft_tokens:.0f}%)")
 
     # ---- a reply ------------------------------------------------------------------------------------------------
     def reply(self, text: str) -> None:

@@ -46,6 +46,27 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="stop when this text appears (not printed); may be repeated")
 
 
+def add_speculation_options(p: argparse.ArgumentParser) -> None:
+    """Add --speculate N and --draft lookup|int8|int4 to `p`."""
+    from engine.generation.speculative import DRAFT_CHOICES
+
+    p.add_argument("--speculate", type=int, default=0, metavar="N",
+                   help="speculative decoding: draft up to N tokens per step and verify them in one forward; the "
+                        "output is exactly plain decoding's (default 0: off)")
+    p.add_argument("--draft", choices=DRAFT_CHOICES, default="lookup",
+                   help="where drafts come from: lookup (earlier occurrences in the context; default), int8 or int4 "
+                        "(the model's own quantized copy, loaded beside it)")
+
+
+def speculation_options(args) -> dict:
+    """--speculate and --draft as keyword arguments; EngineError for a negative N or a draft without --speculate."""
+    if args.speculate < 0:
+        raise EngineError(f"speculate must be an integer >= 0, got {args.speculate}")
+    if args.draft != "lookup" and not args.speculate:
+        raise EngineError(f"--draft {args.draft} needs --speculate N (N >= 1 draft tokens per step)")
+    return {"speculate": args.speculate, "draft": args.draft}
+
+
 def sampling_overrides(args) -> dict:
     """The sampling options of parsed `args` as keyword arguments (None: not given, the model's default)."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.cli.common import load, sampling_overrides
+from engine.cli.common import load, sampling_overrides, speculation_options
 from engine.errors import EngineError
 from engine.generation.generate import Generation
 from engine.generation.state import default_options
@@ -27,11 +27,12 @@ def prompt_ids_for(model, args) -> list[int]:
 
 def run_generate(args) -> int:
     """The `generate` subcommand: stream the completion (or print JSON with --json) -> exit status 0."""
+    speculation = speculation_options(args)
     model = load(args)
     options = default_options(model, max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
                               **sampling_overrides(args))
     ids = prompt_ids_for(model, args)
-    gen = Generation(model, ids, options, speculate=args.speculate, truncate=args.truncate)
+    gen = Generation(model, ids, options, truncate=args.truncate, **speculation)
     for event in gen:
         if not args.json and event.text:
             sys.stdout.write(event.text)
@@ -50,7 +51,7 @@ def run_generate(args) -> int:
               f"time to first token: {r.time_to_first_token:.3f} s  generated: {len(r.token_ids)} tokens at "
               f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})  "
               f"weights: {model.weights_dtype}"
-              + (f"  speculative: {r.accepted_draft_tokens}/{r.draft_tokens} drafts accepted "
+              + (f"  speculative ({args.draft} draft): {r.accepted_draft_tokens}/{r.draft_tokens} drafts accepted "
                  f"({100 * r.acceptance_rate:.0f}%)" if args.speculate else ""),
               file=sys.stderr)
     return 0

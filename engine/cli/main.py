@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_options, fail
+from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_options, add_speculation_options, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt text; may be repeated (default: 'The capital of France is')")
     p.add_argument("--steps", type=int, default=16, help="greedy steps to compare per prompt (default 16)")
+    p.add_argument("--text", metavar="FILE", help="also score this text with both systems: perplexity, top-1 "
+                                                  "agreement and KL at every position (its first window of tokens)")
+    p.add_argument("--min-agreement", type=float, metavar="F",
+                   help="fail (exit 1) when the teacher-forced top-1 agreement is below F (a fraction, e.g. 0.95)")
+    p.add_argument("--max-kl", type=float, metavar="NATS",
+                   help="fail (exit 1) when the mean KL(transformers || engine) per token is above NATS")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
@@ -28,14 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens so that it and --max-new-tokens fit the window")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
-    p.add_argument("--speculate", type=int, default=0, metavar="N",
-                   help="prompt-lookup speculative decoding: draft up to N tokens from the context per step")
+    add_speculation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--verbose", "-v", action="store_true", help="statistics on stderr")
 
     p = sub.add_parser("chat", help="interactive chat REPL")
     add_model_options(p)
     add_sampling_options(p)
+    add_speculation_options(p)
     p.add_argument("--system", help="system prompt")
 
     from engine.cli.inspect import add_inspect_parser

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 
-from engine.cli.common import add_model_options, load
+from engine.cli.common import add_model_options, add_speculation_options, load, speculation_options
 from engine.errors import EngineError
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
 
@@ -50,6 +50,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a client gets to send a request's headers (from connecting, or from its previous "
                         "response), and then its body (408); beyond, the connection is closed (default %(default)g)")
+    add_speculation_options(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default %(default)s; info logs one line per request)")
 
@@ -99,6 +100,7 @@ def run_serve(args) -> int:
         raise EngineError(f"--trace-memory-limit must be > 0, got {args.trace_memory_limit}")
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
+    speculation = speculation_options(args)
     sock = listening_socket(args.host, args.port)
     import uvicorn
 
@@ -127,7 +129,8 @@ def run_serve(args) -> int:
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
                      max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
                      max_request_bytes=int(args.max_request_mb * 2 ** 20), read_timeout=args.read_timeout,
-                     trace_memory_limit=int(args.trace_memory_limit * 2**20))
+                     trace_memory_limit=int(args.trace_memory_limit * 2**20,
+                     speculation=speculation)
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             http=TimedH11Protocol.with_head_timeout(args.read_timeout),
                             timeout_graceful_shutdown=CANCEL_MARGIN, lifespan="on")

@@ -18,6 +18,7 @@ from pathlib import Path
 from engine.text.chat_template import ChatTemplateError
 from engine.errors import EngineError
 from engine.generation.state import STOP_CANCELLED, default_options
+from engine.generation.speculative import LOOKUP, split_draft
 
 # /set NAME VALUE: the sampling options a session may change, and how their values are parsed.
 SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
@@ -51,6 +52,8 @@ class TurnStats:
     generated_tokens_per_s: float
     stop_reason: str
     dropped_turns: int  # oldest turns dropped to make room before this turn
+    draft_tokens: int = 0  # speculative decoding: tokens drafted this turn ...
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 class ChatTurn:
@@ -111,7 +114,7 @@ class ChatTurn:
         r = self.generation.result
         s.messages.append({"role": "assistant", "content": r.text})
         if broken:
-            s.cache, s.cached_ids = s.model.new_cache(), []
+            s.cache, s.cached_ids, s.draft_cache = s.model.new_cache(), [], None
         else:
             # The cache holds the prompt and every reply token but the last (sampled, never fed back).
             s.cached_ids = (self.prompt_ids + list(r.token_ids))[: s.cache.length]
@@ -120,7 +123,8 @@ class ChatTurn:
             context_tokens=s.cache.length, generated_tokens=len(r.token_ids),
             time_to_first_token=r.time_to_first_token, prompt_tokens_per_s=r.prompt_tokens_per_s,
             generated_tokens_per_s=r.generated_tokens_per_s, stop_reason=r.stop_reason,
-            dropped_turns=self.dropped_turns,
+            dropped_turns=self.dropped_turns, draft_tokens=r.draft_tokens,
+            accepted_draft_tokens=r.accepted_draft_tokens,
         )
         s.turn = None
 
@@ -129,7 +133,7 @@ class ChatSession:
     """A conversation with `model` (which needs a chat template), re-using one KV cache across turns.
 
     options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop (None: the model's
-    generation_config.json default). `send(text)` returns a ChatTurn to iterate; `stats` describes the last turn.
+    generation_config.json default); speculate and draft (speculative decoding, as in Model.complete). `send(text)` returns a ChatTurn to iterate; `stats` describes the last turn.
     """
 
     def __init__(self, model, system: str | None = None, **options):
@@ -142,11 +146,14 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.system = system or None
         self.messages: list[dict] = []  # user / assistant messages, oldest first (the system prompt apart)
+        # speculative decoding (speculate=N, draft="lookup" | "int8" | "int4"): how replies are decoded, not what
+        self.speculation = {k: options.pop(k) for k in ("speculate", "draft") if options.get(k) is not None}
         self.options = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}
         self.options.update({k: v for k, v in options.items() if v is not None})
         default_options(model, **self.options)  # bad values fail here, not at the first turn
         self.cache = model.new_cache()
         self.cached_ids: list[int] = []  # exactly the tokens in self.cache
+        self.draft_cache = None  # a draft model's cache, kept across turns like self.cache (a prefix of cached_ids)
         self.stats: TurnStats | None = None
         self.turn: ChatTurn | None = None
 
@@ -197,10 +204,22 @@ class ChatSession:
         reused = min(common_prefix_length(ids, self.cached_ids), self.cache.length, len(ids) - 1)
         self.cache.truncate(reused)
         self.cached_ids = self.cached_ids[:reused]
-        generation = self.model.stream(ids, cache=self.cache, **self.options)
+        generation = self.model.stream(ids, cache=self.cache, draft_cache=self._draft_cache(reused), **self.speculation,
+                                       **self.options)
         self.messages = messages
         self.turn = ChatTurn(self, generation, ids, reused, dropped)
         return self.turn
+
+    def _draft_cache(self, reused: int):
+        """The draft model's cache for the next turn, cut to the `reused` tokens the model's cache keeps (it holds
+        a prefix of the conversation too); None without a draft model."""
+        draft, _ = split_draft(self.speculation.get("draft", LOOKUP))
+        if not self.speculation.get("speculate") or draft == LOOKUP:
+            return None
+        if self.draft_cache is None:
+            self.draft_cache = (self.model.draft_model(draft) if isinstance(draft, str) else draft).new_cache()
+        self.draft_cache.truncate(min(self.draft_cache.length, reused))
+        return self.draft_cache
 
     def reply(self, text: str):
         """send() and run the reply to the end -> GenerationResult."""

@@ -6,6 +6,7 @@ it; `generate_batch` runs several prompts through one batched forward per step.
 from __future__ import annotations
 
 from engine.generation.scheduler import Scheduler
+from engine.generation.speculative import LOOKUP
 from engine.generation.state import GenerationOptions, GenerationResult, default_options
 
 
@@ -14,14 +15,16 @@ class Generation:
 
     With `cache` given (a conversation's cache) only the prompt tokens beyond `cache.length` are prefilled: the cache
     must already hold exactly prompt_ids[:cache.length], and it is kept (not freed) when generation ends.
-    `speculate` > 0 drafts that many tokens per step by prompt lookup and verifies them in one forward.
+    `speculate` > 0 drafts up to that many tokens per step (from `draft`: "lookup", "int8", "int4" or a loaded
+    model; see Scheduler.submit) and verifies them in one forward.
     """
 
     def __init__(self, model, prompt_ids, options: GenerationOptions, cache=None, truncate: bool = False,
-                 speculate: int = 0):
+                 speculate: int = 0, draft=LOOKUP, draft_cache=None):
         self.scheduler = Scheduler(model)
         self.request = self.scheduler.submit(prompt_ids, options, cache=cache, truncate=truncate,
-                                             speculate=speculate, keep_cache=cache is not None)
+                                             speculate=speculate, draft=draft, draft_cache=draft_cache,
+                                             keep_cache=cache is not None)
         self.prompt_ids = self.request.prompt_ids
         self.result: GenerationResult | None = None
 
@@ -38,21 +41,22 @@ class Generation:
         self.result = self.request.result
 
 
-def generate(model, prompt_ids, cache=None, truncate: bool = False, speculate: int = 0,
+def generate(model, prompt_ids, cache=None, truncate: bool = False, speculate: int = 0, draft=LOOKUP,
              **options) -> GenerationResult:
     """Generate after `prompt_ids` until a stop condition; options as in `default_options`."""
     gen = Generation(model, prompt_ids, default_options(model, **options), cache=cache, truncate=truncate,
-                     speculate=speculate)
+                     speculate=speculate, draft=draft)
     for _ in gen:
         pass
     return gen.result
 
 
-def generate_batch(model, prompts, speculate: int = 0, **options) -> list[GenerationResult]:
-    """Generate for several prompts at once (one batched forward per step, each with its own stop)."""
+def generate_batch(model, prompts, speculate: int = 0, draft=LOOKUP, **options) -> list[GenerationResult]:
+    """Generate for several prompts at once (one batched forward per step, each with its own stop; a draft model's
+    forwards batched too)."""
     scheduler = Scheduler(model)
     opts = default_options(model, **options)
-    requests = [scheduler.submit(p, opts, speculate=speculate) for p in prompts]
+    requests = [scheduler.submit(p, opts, speculate=speculate, draft=draft) for p in prompts]
     for _ in scheduler.run():
         pass
     return [r.result for r in requests]

@@ -15,7 +15,7 @@ from engine.runtime.batch import SequenceStep
 from engine.errors import EngineError
 from engine.generation.state import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
                              default_options)
-from engine.generation.speculative import prompt_lookup_draft
+from engine.generation.speculative import LOOKUP, DraftModel, check_draft, prompt_lookup_draft, split_draft
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
 
@@ -28,8 +28,13 @@ class Request:
     prompt_ids: list[int]
     state: SequenceState
     cache: object
-    speculate: int = 0  # most draft tokens per step (prompt lookup); 0: plain decoding
+    speculate: int = 0  # most draft tokens per step; 0: plain decoding
     draft_len: int = 0  # draft tokens asked for next step: adapts between 1 and `speculate` (see _adapt_draft)
+    drafter: DraftModel | None = None  # a draft model proposing tokens (None: prompt lookup only)
+    draft_cache: object = None  # the draft model's KV cache for this sequence: a prefix of its context
+    lookup_first: bool = False  # with a draft model: use a prompt-lookup match when there is one (no draft forwards)
+    draft_from: int | None = None  # this step's model draft: context length it was drafted after (None: lookup)
+    proposal: object = None  # this step's model draft (speculative.Proposal)
     keep_cache: bool = False
     status: str = WAITING
     prefilled: int = 0  # prompt tokens in the cache
@@ -90,25 +95,63 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self._ids = itertools.count()
+        self._drafters: dict = {}
 
     def submit(self, prompt_ids, options: GenerationOptions | None = None, cache=None, speculate: int = 0,
-               keep_cache: bool = False, truncate: bool = False, **overrides) -> Request:
+               keep_cache: bool = False, truncate: bool = False, draft=LOOKUP, draft_cache=None,
+               **overrides) -> Request:
         """Queue a request; bad parameters raise EngineError here, for this request only.
 
         `cache` may already hold a prefix of prompt_ids (a conversation's cache): only the rest is prefilled.
+        speculate: most draft tokens per step (0: plain decoding); draft: where they come from: "lookup" (the context
+        itself), "int8" / "int4" (the model's own quantized copy, loaded on first use and shared by every request),
+        "int8+lookup" / "int4+lookup" (a prompt-lookup match when there is one, the quantized copy otherwise), or a
+        loaded model over the same vocabulary. draft_cache: the draft model's cache kept by the caller (a
+        conversation's, like `cache`), holding a prefix of prompt_ids; None: a new one.
         """
         options = options if options is not None else default_options(self.model, **overrides)
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
             raise EngineError(f"speculate must be an integer >= 0, got {speculate!r}")
+        check_draft(draft)
         ids = check_prompt(self.model, prompt_ids, truncate, options.max_new_tokens)
         cache = cache if cache is not None else self.model.new_cache()
         if cache.length >= len(ids):
             raise EngineError("the cache already holds the whole prompt: nothing to prefill")
         state = SequenceState(self.model, ids, options, cache)
+        draft, lookup_first = split_draft(draft)
+        drafter = self.drafter(draft) if speculate and draft != LOOKUP else None
         request = Request(next(self._ids), ids, state, cache, speculate=speculate, draft_len=speculate,
+                          drafter=drafter, draft_cache=self._draft_cache(drafter, draft_cache, ids),
+                          lookup_first=lookup_first,
                           keep_cache=keep_cache, prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
         self.waiting.append(request)
         return request
+
+    def drafter(self, draft) -> DraftModel:
+        """The DraftModel for `draft` ("int8", "int4", ... or a loaded model), one per draft model (kept across
+        schedulers), so the draft forwards of every request using it are batched; a named kind is loaded by the model
+        on first use."""
+        key = draft if isinstance(draft, str) else id(draft)
+        if key not in self._drafters:
+            model = self.model.draft_model(draft) if isinstance(draft, str) else draft
+            c, d = self.model.config, model.config
+            if d.vocab_size != c.vocab_size or d.max_position_embeddings < c.max_position_embeddings:
+                raise EngineError(f"the draft model's vocabulary ({d.vocab_size}) and window "
+                                  f"({d.max_position_embeddings}) must match the model's ({c.vocab_size}, "
+                                  f"{c.max_position_embeddings})")
+            self._drafters[key] = DraftModel.of(model)
+        return self._drafters[key]
+
+    @staticmethod
+    def _draft_cache(drafter: DraftModel | None, given, ids: list[int]):
+        """The draft cache of a new request: the caller's (which must hold less than the prompt), or a new one."""
+        if drafter is None:
+            return None
+        if given is None:
+            return drafter.new_cache()
+        if given.length >= len(ids):
+            raise EngineError("the draft cache must hold a prefix of the prompt, not all of it")
+        return given
 
     @property
     def has_work(self) -> bool:
@@ -131,6 +174,7 @@ class Scheduler:
             self.active.remove(request)
         if request in self.waiting:
             self.waiting.remove(request)
+        request.draft_cache = None
         if not request.keep_cache:
             request.cache = None
             request.state.cache = None
@@ -150,11 +194,10 @@ class Scheduler:
         decoding = [r for r in self.active if r.status == DECODING]
         budget = self.prefill_chunk if decoding else None  # a lone prefill runs whole
         plan: list[tuple[Request, list[int], list[int]]] = []  # (request, tokens fed, draft part)
+        drafts = self._drafts(decoding)
         for r in self.active:
             if r.status == DECODING:
-                context = r.prompt_ids + r.state.generated
-                room = r.state.max_length - r.cache.length - 1
-                draft = prompt_lookup_draft(context, min(r.draft_len, room)) if r.speculate and room > 0 else []
+                draft = drafts.get(r.id, [])
                 plan.append((r, [r.state.generated[-1]] + draft, draft))
             elif budget is None or budget > 0:
                 todo = r.prompt_ids[r.prefilled:]
@@ -174,6 +217,32 @@ class Scheduler:
                 r.status = DECODING
             self._accept(r, logits, draft, now)
         return [r for r, _, _ in plan]
+
+    def _drafts(self, decoding: list[Request]) -> dict[int, list[int]]:
+        """This step's draft tokens per speculating request id: prompt lookup where it matches (or is the only
+        source), else the request's draft model, one batched draft forward per draft position for all of them."""
+        out: dict[int, list[int]] = {}
+        by_drafter: dict[int, tuple[DraftModel, list]] = {}
+        for r in decoding:
+            room = r.state.max_length - r.cache.length - 1
+            want = min(r.draft_len, room) if r.speculate else 0
+            if want <= 0:
+                continue
+            context = r.prompt_ids + r.state.generated
+            r.draft_from = None
+            if r.drafter is None or r.lookup_first:
+                draft = prompt_lookup_draft(context, want)
+                if draft or r.drafter is None:
+                    out[r.id] = draft
+                    continue
+            by_drafter.setdefault(id(r.drafter), (r.drafter, []))[1].append((r, context, want))
+        for drafter, jobs in by_drafter.values():
+            proposals = drafter.propose([(r.draft_cache, context, want) for r, context, want in jobs])
+            for (r, context, _), proposal in zip(jobs, proposals):
+                out[r.id] = proposal.tokens
+                r.proposal = proposal
+                r.draft_from = len(context)  # the draft cache is valid up to here plus the accepted tokens
+        return out
 
     @staticmethod
     def _adapt_draft(r: Request, drafted: int, accepted: int) -> None:
@@ -202,5 +271,8 @@ class Scheduler:
             self._adapt_draft(r, drafted=len(draft), accepted=i)
             # The cache holds the fed token and every draft token; keep those the accepted tokens vouch for.
             r.cache.truncate(fed_before + i + 1)
+            if r.draft_from is not None and r.draft_cache is not None:  # the draft model's cache: the same rule
+                r.draft_cache.truncate(min(r.draft_cache.length, r.draft_from + i))
+                r.drafter.observe(r.proposal, logits)  # every drafted row was verified: the draft's margin error
         if r.state.finished:
             self.finish(r)

@@ -20,6 +20,7 @@ from typing import Callable
 
 from engine.errors import EngineError
 from engine.generation.scheduler import Request, Scheduler
+from engine.generation.speculative import LOOKUP, check_draft
 from engine.generation.state import GenerationOptions
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,22 @@ class ServingLoop:
     """Runs a Scheduler on its own thread. `submit` / `cancel` / `cancel_all` / `stop` are safe from any thread.
 
     max_active: sequences in the batch at once; max_queue: more requests that may wait for a place, beyond which
-    `submit` raises QueueFullError.
+    `submit` raises QueueFullError. speculate / draft: speculative decoding for every request (Scheduler.submit); the
+    draft forwards of all requests in a step are batched.
     """
 
-    def __init__(self, model, max_active: int = 32, max_queue: int = 256, prefill_chunk: int = 256):
+    def __init__(self, model, max_active: int = 32, max_queue: int = 256, prefill_chunk: int = 256,
+                 speculate: int = 0, draft=LOOKUP):
         if max_queue < 0:
             raise EngineError(f"max_queue must be >= 0, got {max_queue}")
+        if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
+            raise EngineError(f"speculate must be an integer >= 0, got {speculate!r}")
+        check_draft(draft)
         self.model = model
         self.scheduler = Scheduler(model, prefill_chunk=prefill_chunk, max_active=max_active)
+        self.speculate, self.draft = speculate, draft  # every request's speculative decoding
+        if speculate and draft != LOOKUP:
+            self.scheduler.drafter(draft)  # load the draft model now, not inside the first request
         self.max_active = max_active
         self.max_queue = max_queue
         self._lock = threading.Lock()
@@ -190,7 +199,8 @@ class ServingLoop:
 
     def _admit(self, ticket: Ticket) -> None:
         try:
-            ticket.request = self.scheduler.submit(ticket.prompt_ids, ticket.options)
+            ticket.request = self.scheduler.submit(ticket.prompt_ids, ticket.options, speculate=self.speculate,
+                                                   draft=self.draft)
         except EngineError as error:
             self._end(ticket, error)
             return

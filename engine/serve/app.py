@@ -64,6 +64,7 @@ class ServerState:
     on_load_error: Callable[[str], None] | None = None
     max_request_bytes: int = MAX_REQUEST_BYTES
     read_timeout: float = READ_TIMEOUT
+    speculation: dict = field(default_factory=dict)  # speculate=N, draft=...: how every request is decoded
     model: object = None
     serving: ServingLoop | None = None
     strings: TokenStrings | None = None
@@ -88,7 +89,8 @@ class ServerState:
         try:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
-            serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue).start()
+            serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue,
+                                  **self.speculation).start()
         except Exception as error:  # noqa: BLE001 - the CLI shows the message and exits 1
             self.load_error = str(error) or type(error).__name__
             if not isinstance(error, (EngineError, CheckpointError, OSError)):  # not a user's error: a bug
@@ -143,15 +145,16 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                max_active: int = 32, max_queue: int = 256,
                on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
                max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
-               trace_memory_limit: int = TRACE_MEMORY_LIMIT) -> FastAPI:
+               trace_memory_limit: int = TRACE_MEMORY_LIMIT, speculation: dict | None = None) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
     may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
     `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may trace.
-    With an api_key the docs (/docs, /redoc, /openapi.json) are off.
+    `speculation`: {"speculate": N, "draft": "lookup" | "int8" | "int4"} for every request
+    (the output is plain decoding's). With an api_key the docs (/docs, /redoc, /openapi.json) are off.
     `app.state.server` is the ServerState."""
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error, max_request_bytes,
-                        read_timeout)
+                        read_timeout, speculation=dict(speculation or {}))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
