@@ -15,6 +15,7 @@ import sys
 
 from engine.cli.common import add_model_options, load
 from engine.errors import EngineError
+from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
 
@@ -38,6 +39,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                    help="on Ctrl-C, seconds requests in flight get to finish before they are cancelled "
                         "(default %(default)s)")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help="memory for the KV of earlier requests' prompts and replies, re-used by requests that start "
+                        "the same way (a conversation's history, a shared system prompt); least recently used "
+                        "blocks are evicted first (default %(default)s)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole (no prefix cache)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default %(default)s; info logs one line per request)")
 
@@ -78,6 +85,8 @@ def run_serve(args) -> int:
     for option, value, low in (("--max-active", args.max_active, 1), ("--max-queue", args.max_queue, 0)):
         if value < low:
             raise EngineError(f"{option} must be >= {low}, got {value}")
+    if args.prefix_cache_mb < 0:
+        raise EngineError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     if args.shutdown_timeout < 0:
         raise EngineError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.api_key is not None and not args.api_key.strip():
@@ -102,7 +111,8 @@ def run_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
-                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin)
+                     max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
+                     prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb)
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, lifespan="on")
     server = Server(config)
