@@ -115,7 +115,7 @@ class PrefixCache:
         self._touch(chain)
         b = self.block_tokens
         n = len(chain) * b
-        cache.reserve(n)
+        cache.reserve(len(token_ids))  # room for the whole prompt at once: its prefill then never re-allocates
         for i, block in enumerate(chain):
             cache.k[:, :, i * b:(i + 1) * b] = block.data[0]
             cache.v[:, :, i * b:(i + 1) * b] = block.data[1]

@@ -64,18 +64,22 @@ TESTS = {
     "engine/generation/scheduler.py": ["tests/test_scheduler.py", "tests/test_generate.py",
                                        "tests/test_sampling_generation.py", "tests/test_chat.py",
                                        "tests/test_readme_claims.py::"
-                                       "test_scheduler_requests_with_their_own_sampling_equal_each_alone"],
+                                       "test_scheduler_requests_with_their_own_sampling_equal_each_alone",
+                                       "tests/test_prefix_cache.py"],
+    "engine/runtime/prefix_cache.py": ["tests/test_prefix_cache.py"],
 }
 MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py",
            "numpy_backend": "engine/runtime/numpy_backend.py", "kv_cache": "engine/runtime/kv_cache.py",
            "sampling": "engine/generation/sampling.py", "state": "engine/generation/state.py",
            "stopping": "engine/text/stopping.py", "scheduler": "engine/generation/scheduler.py",
            "matmul_c": "engine/runtime/native/matmul.h", "attention_c": "engine/runtime/native/attention.h",
-           "simd_c": "engine/runtime/native/simd_avx512.h", "api_c": "engine/runtime/native/api.c"}
+           "simd_c": "engine/runtime/native/simd_avx512.h", "api_c": "engine/runtime/native/api.c",
+           "prefix_cache": "engine/runtime/prefix_cache.py"}
 
 L, R, N, K = MODULES["layers"], MODULES["rope"], MODULES["numpy_backend"], MODULES["kv_cache"]
 P, G, S, C = MODULES["sampling"], MODULES["state"], MODULES["stopping"], MODULES["scheduler"]
 XM, XA, XV, XL = MODULES["matmul_c"], MODULES["attention_c"], MODULES["simd_c"], MODULES["api_c"]
+PC = MODULES["prefix_cache"]
 
 MUTANTS = [
     # ---- the model math ----
@@ -334,6 +338,29 @@ MUTANTS = [
            "decode time includes the prefill"),
     Mutant("C13", C, "if r.prefilled < len(r.prompt_ids):\n                    continue",
            "if r.prefilled < len(r.prompt_ids) - 1:\n                    continue", "decoding starts a token early"),
+    Mutant("C14", C, "                if self.prefix_cache is not None:\n                    self.prefix_cache.store(r.cache, "
+           "r.prompt_ids)\n", "", "a prompt's blocks stored only when its request finishes (running ones not shared)"),
+    Mutant("C15", C, "f.cache.v[:, :, :n] = r.cache.v[:, :, :n]", "f.cache.v[:, :, :n] = r.cache.k[:, :, :n]",
+           "a fork's values copied from its leader's keys"),
+    Mutant("C16", C, "            self._accept(f, logits, [], now)\n", "",
+           "a fork never samples its first token from the shared prefill's logits"),
+    Mutant("C17", C, "            self._promote(request.followers)\n", "            pass\n",
+           "forks of a leader cancelled before its prefill are never run"),
+    # ---- the prefix cache ----
+    Mutant("PC1", PC, "chain = self._chain(token_ids, len(token_ids) - 1)\n        if not chain:",
+           "chain = self._chain(token_ids, len(token_ids))\n        if not chain:",
+           "a prompt cached whole is restored whole: no last token left to give logits"),
+    Mutant("PC2", PC, "block = self._index.get((-1 if parent is None else parent.id, tuple(token_ids[start:start + b])))",
+           "block = self._index.get((-1, tuple(token_ids[start:start + b])))",
+           "a lookup ignores the blocks before a block (found by its own tokens alone)"),
+    Mutant("PC3", PC, "for block in reversed(chain):", "for block in chain:",
+           "a chain touched root first: shared prefixes evicted before the leaves that extend them"),
+    Mutant("PC4", PC, "data[1] = cache.v[:, :, start:start + b]", "data[1] = cache.k[:, :, start:start + b]",
+           "a block's values stored from the keys"),
+    Mutant("PC5", PC, "if victim is None or victim.id in keep:", "if victim is None:",
+           "storing a sequence may evict its own prefix"),
+    Mutant("PC6", PC, "            for child_id in b.children:\n                stack.append(self._lru[child_id])\n", "",
+           "an evicted block's continuations stay (unreachable, holding memory)"),
 ]
 
 EQUIVALENT = {  # mutant id -> why no test can tell it from the original (documented behaviour unchanged)
