@@ -32,9 +32,11 @@ def conversation(seed: int, turns: int, system_words: int, user_words: int) -> t
 
 
 async def chat_turn(client, url: str, messages: list[dict], reply_tokens: int) -> dict:
-    """One streamed turn -> {ttft_s, reply, prompt_tokens, cached_tokens, completion_tokens, error}."""
+    """One streamed turn -> {ttft_s, reply, prompt_tokens, cached_tokens, completion_tokens, error}; the time to
+    first token is to the first chunk that counts a generated token (vLLM's continuous_usage_stats), whether or not
+    that token has text yet."""
     body = {"messages": messages, "max_tokens": reply_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     sent = time.perf_counter()
     first, reply, usage = None, [], None
     try:
@@ -47,16 +49,15 @@ async def chat_turn(client, url: str, messages: list[dict], reply_tokens: int) -
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                    if first is None and usage["completion_tokens"] > 0:  # the first token, even one with no text yet
+                        first = time.perf_counter()
                 for choice in chunk["choices"]:
-                    content = choice["delta"].get("content")
-                    if content:
-                        if first is None:
-                            first = time.perf_counter()
-                        reply.append(content)
+                    if choice["delta"].get("content"):
+                        reply.append(choice["delta"]["content"])
     except Exception as e:  # noqa: BLE001 - a benchmark counts failures
         return {"error": f"{type(e).__name__}: {e}"}
     if usage is None or first is None:
-        return {"error": "the stream ended without content or usage"}
+        return {"error": "the stream ended without tokens or usage"}
     return {"ttft_s": first - sent, "reply": "".join(reply), "prompt_tokens": usage["prompt_tokens"],
             "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
             "completion_tokens": usage["completion_tokens"], "error": None}
