@@ -23,6 +23,16 @@ prefill of all `clients` prompts together.
 3. Report: the server's tokens/s as a fraction of the in-process figure (the issue's goal: >= 85% at 32 clients on
    TinyLlama's shape, 0 errors), RSS growth from round 1 to the last (goal: within 5%). results.json under --out.
 
+Multi-turn mode (`--conversations C --turns T`): C concurrent chat conversations of T turns each, every turn
+re-sending the whole history plus a new user message (as chat UIs do) to /v1/chat/completions and streaming a reply
+of `--reply-tokens` greedy tokens (past EOS); the same seeded conversations against a server with the prefix cache
+(the default) and one with `--no-prefix-cache`, one after the other in the same run. Per turn: time to first token
+(mean over conversations), prompt tokens and `usage.prompt_tokens_details.cached_tokens`; per server: aggregate
+tokens/s (every reply token over the wall time of all conversations), the prefilled / cached prompt-token counters
+from /metrics, and an `n` = 4 request on a fresh prompt showing that four choices cost one prefill. The history
+grows by a user message of `--user-words` words and a reply per turn, after a system prompt of `--system-words`
+words (defaults: about 1,500 tokens at the 8th turn).
+
 Default model: random weights of TinyLlama-1.1B's shape (bench.checkpoints) with TinyLlama's tokenizer borrowed
 from ../shared/models (the server needs one). --quick: the small QUICK_SHAPE model, 4 clients, 3 s rounds.
 """
@@ -66,6 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                            "(weights_dtype=) in the in-process worker")
     p.add_argument("--out", help="folder for results.json (default bench/out/serve-<timestamp>)")
     p.add_argument("--quick", action="store_true", help="small model, 4 clients, 3 s rounds (under a minute)")
+    p.add_argument("--conversations", type=int, metavar="C",
+                   help="multi-turn mode: C concurrent conversations (with --turns), cache on and off")
+    p.add_argument("--turns", type=int, default=8, metavar="T", help="turns per conversation (default %(default)s)")
+    p.add_argument("--reply-tokens", type=int, default=64, help="tokens per reply in multi-turn mode "
+                                                                "(default %(default)s)")
+    p.add_argument("--system-words", type=int, default=230, help="words of the system prompt in multi-turn mode "
+                                                                 "(default %(default)s)")
+    p.add_argument("--user-words", type=int, default=60, help="words of each user message in multi-turn mode "
+                                                              "(default %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the in-process side, in its process
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -77,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.duration <= 0 or args.warmup < 0:
         p.error("--duration must be > 0 and --warmup >= 0")
+    if args.conversations is not None and min(args.conversations, args.turns, args.reply_tokens,
+                                              args.system_words, args.user_words) < 1:
+        p.error("--conversations, --turns, --reply-tokens, --system-words and --user-words must be >= 1")
     if not 0 <= args.range_ratio < 1:
         p.error("--range-ratio must be in [0, 1)")
     return args
@@ -187,11 +209,12 @@ def rss_bytes(pid: int) -> int | None:
 class Server:
     """`tinyllama serve` on a free port of 127.0.0.1, output in a log file."""
 
-    def __init__(self, args, model_ref: str):
+    def __init__(self, args, model_ref: str, *flags: str, max_active: int | None = None):
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-serve-", suffix=".log", delete=False)
+        active = max_active or args.clients
         cmd = [sys.executable, "-m", "engine", "serve", "--model", model_ref, "--port", "0", "--max-active",
-               str(args.clients), "--max-queue", str(4 * args.clients), "--log-level", "warning",
-               "--shutdown-timeout", "0"]
+               str(active), "--max-queue", str(4 * active), "--log-level", "warning",
+               "--shutdown-timeout", "0", *flags]
         if args.weights_dtype:
             cmd += ["--weights-dtype", args.weights_dtype]
         self.process = subprocess.Popen(cmd, cwd=REPO, env=thread_env(args.threads), stdout=self.log,
@@ -345,6 +368,10 @@ def main(argv=None) -> int:
     model_ref = served_model(args)
     out = Path(args.out or REPO / "bench" / "out" / time.strftime("serve-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.conversations is not None:
+        from bench.serve_conversations import run_conversations
+
+        return run_conversations(args, model_ref, out, Server)
     settings = {k: getattr(args, k) for k in ("clients", "duration", "rounds", "prompt_len", "max_tokens",
                                               "range_ratio", "warmup", "threads", "weights_dtype", "quick")}
 

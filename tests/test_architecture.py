@@ -39,7 +39,7 @@ ALLOWED = {
 }
 NOT_FOR_ANYONE_BUT_CLI = "engine.cli"
 HTTP_PACKAGES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "httpx", "h11", "anyio", "openai")
-HTTP_ROOMS = ("engine.serve", "engine.cli.serve", "bench.serve")
+HTTP_ROOMS = ("engine.serve", "engine.cli.serve", "bench.serve", "bench.serve_conversations")
 
 
 def module_name(path: Path) -> str:
@@ -208,7 +208,8 @@ def test_the_http_checker_flags_a_planted_import(tmp_path):
     planted = tmp_path / "scheduler.py"
     planted.write_text("def f():\n    from fastapi import FastAPI\n")
     assert http_imports_outside_the_server({"engine.generation.scheduler": planted}) == [
-        "engine.generation.scheduler imports fastapi (HTTP belongs to engine.serve, engine.cli.serve, bench.serve)"]
+        "engine.generation.scheduler imports fastapi (HTTP belongs to engine.serve, engine.cli.serve, bench.serve, "
+        "bench.serve_conversations)"]
     assert http_imports_outside_the_server({"engine.serve.app": planted}) == []
 
 

@@ -44,3 +44,22 @@ def test_quick_run_reports_throughput_ttft_errors_and_rss(tiny_chat_model, tmp_p
 def test_bad_arguments_exit_2():
     r = bench_serve("--clients", "0", timeout=60)
     assert r.returncode == 2 and "--clients" in r.stderr
+
+
+def test_multi_turn_mode_compares_the_prefix_cache_on_and_off(tiny_chat_model, tmp_path):
+    r = bench_serve("--model", str(tiny_chat_model), "--conversations", "2", "--turns", "3", "--reply-tokens", "6",
+                    "--system-words", "30", "--user-words", "8", "--threads", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    on, off = results["cache_on"], results["cache_off"]
+    assert on["errors"] == off["errors"] == 0 and on["tokens"] == off["tokens"] == 2 * 3 * 6
+    assert [t["cached_tokens"] for t in off["per_turn"]] == [0, 0, 0]
+    assert on["per_turn"][2]["cached_tokens"] > on["per_turn"][1]["cached_tokens"] > 0  # the history, re-used
+    prompts = sum(t["prompt_tokens"] for t in on["per_turn"]) * 2
+    assert off["counters"]["tinyllama_prompt_tokens_prefilled_total"] == prompts
+    assert (on["counters"]["tinyllama_prompt_tokens_prefilled_total"]
+            + on["counters"]["tinyllama_prompt_tokens_cached_total"]) == prompts
+    n = results["n_choices"]
+    assert n["choices"] == 4 and n["prefilled_tokens"] == n["prompt_tokens"]  # four choices, one prefill
+    for text in ("TTFT on", "TTFT off", "aggregate:", "n=4: 4 choices"):
+        assert text in r.stdout

@@ -333,7 +333,7 @@ BAD_INPUTS = [  # (path, body, status, param, code)
     (CHAT, {"messages": []}, 400, "messages", None),
     (CHAT, {}, 400, "messages", None),
     (CHAT, {"messages": "hi"}, 400, "messages", None),
-    (CHAT, {"messages": USER, "n": 2}, 400, "n", None),
+    (CHAT, {"messages": USER, "n": 129}, 400, "n", None),
     (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
     (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice", None),
     (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format", None),
@@ -405,7 +405,7 @@ def test_unknown_routes_and_methods(server):
 
 def test_the_openai_client_sees_the_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=NAME, messages=MESSAGES, n=2)
+        client.chat.completions.create(model=NAME, messages=MESSAGES, n=129)
     assert e.value.status_code == 400 and e.value.param == "n"
     with pytest.raises(openai.BadRequestError) as e:  # found before the first token: an HTTP error, not a 200 stream
         client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5000, stream=True)
@@ -454,7 +454,7 @@ def test_one_log_line_per_request(server, client):
     while r.id not in server.log and time.monotonic() < deadline:
         time.sleep(0.05)
     line = next(line for line in server.log.splitlines() if r.id in line)
-    assert "prompt 5 tokens, completion 3 tokens, first token" in line and "tok/s" in line
+    assert "prompt 5 tokens (0 cached), completion 3 tokens, first token" in line and "tok/s" in line
     assert line.endswith("finish length")
     assert "Traceback" not in server.log
 

@@ -18,6 +18,7 @@ import sys
 from engine.cli.common import add_model_options, add_speculation_options, load, speculation_options
 from engine.errors import EngineError
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
+from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
 CANCEL_MARGIN = 2.0  # seconds after the grace period for cancelled requests to send their last chunk
@@ -51,6 +52,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a client gets to send a request's headers (from connecting, or from its previous "
                         "response), and then its body (408); beyond, the connection is closed (default %(default)g)")
     add_speculation_options(p)
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help="memory for the KV of earlier requests' prompts and replies, re-used by requests that start "
+                        "the same way (a conversation's history, a shared system prompt); least recently used "
+                        "blocks are evicted first (default %(default)s)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole (no prefix cache)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default %(default)s; info logs one line per request)")
 
@@ -91,6 +98,8 @@ def run_serve(args) -> int:
     for option, value, low in (("--max-active", args.max_active, 1), ("--max-queue", args.max_queue, 0)):
         if value < low:
             raise EngineError(f"{option} must be >= {low}, got {value}")
+    if args.prefix_cache_mb < 0:
+        raise EngineError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     if args.shutdown_timeout < 0:
         raise EngineError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     for option, value in (("--max-request-mb", args.max_request_mb), ("--read-timeout", args.read_timeout)):
@@ -129,8 +138,8 @@ def run_serve(args) -> int:
     app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
                      max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
                      max_request_bytes=int(args.max_request_mb * 2 ** 20), read_timeout=args.read_timeout,
-                     trace_memory_limit=int(args.trace_memory_limit * 2**20,
-                     speculation=speculation)
+                     trace_memory_limit=int(args.trace_memory_limit * 2**20), speculation=speculation,
+                     prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb)
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             http=TimedH11Protocol.with_head_timeout(args.read_timeout),
                             timeout_graceful_shutdown=CANCEL_MARGIN, lifespan="on")

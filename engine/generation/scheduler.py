@@ -3,6 +3,12 @@
 Every step stacks the next tokens of all decoding sequences (plus, for speculative decoding, their draft tokens)
 and a budget of prompt tokens from sequences still prefilling, so a new request joins without stalling the
 others; a finished sequence leaves at once and its cache is freed (unless the caller keeps it, as chat does).
+
+With a PrefixCache (engine.runtime.prefix_cache), a request admitted to the batch starts from the longest cached
+prefix of its prompt and prefills only the rest; its prompt's blocks are stored when its prefill ends (so requests
+running at the same time share them) and the rest of its blocks when it finishes. `fork` adds more continuations
+of one prompt (OpenAI's n): they wait for the first one's prefill and start from a copy of its cache and its last
+prompt token's logits, each with its own sampling state.
 """
 from __future__ import annotations
 
@@ -47,6 +53,9 @@ class Request:
     t_first: float = 0.0
     t_last: float = 0.0
     scheduler: "Scheduler | None" = None
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache (or a forked sibling's prefill)
+    leader: "Request | None" = field(default=None, repr=False)  # a fork: the request whose prefill it waits for
+    followers: list = field(default_factory=list, repr=False)  # forks waiting for this request's prefill
 
     @property
     def finished(self) -> bool:
@@ -75,7 +84,7 @@ class Request:
             prefill_tokens=self.prefill_tokens, prefill_seconds=max(0.0, self.t_first - self.t_start),
             time_to_first_token=max(0.0, self.t_first - self.t_submit), decode_seconds=max(0.0, self.t_last - self.t_first),
             draft_tokens=self.draft_tokens, accepted_draft_tokens=self.accepted_draft_tokens,
-            logprobs=None if s.logprobs is None else list(s.logprobs),
+            logprobs=None if s.logprobs is None else list(s.logprobs), cached_tokens=self.cached_tokens,
         )
 
 
@@ -83,15 +92,17 @@ class Scheduler:
     """Runs submitted requests to completion, one batched forward per `step()`.
 
     prefill_chunk: prompt tokens per step while other sequences are decoding (a lone sequence prefills its whole
-    prompt in one pass). max_active: sequences in flight at once; more requests wait their turn.
+    prompt in one pass). max_active: sequences in flight at once; more requests wait their turn. prefix_cache: a
+    PrefixCache shared by the requests (None: every prompt is prefilled whole).
     """
 
-    def __init__(self, model, prefill_chunk: int = 256, max_active: int = 64):
+    def __init__(self, model, prefill_chunk: int = 256, max_active: int = 64, prefix_cache=None):
         if prefill_chunk < 1 or max_active < 1:
             raise EngineError("prefill_chunk and max_active must be >= 1")
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.max_active = max_active
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self._ids = itertools.count()
@@ -152,6 +163,25 @@ class Scheduler:
         if given.length >= len(ids):
             raise EngineError("the draft cache must hold a prefix of the prompt, not all of it")
         return given
+    def fork(self, request: Request, options: GenerationOptions | None = None, **overrides) -> Request:
+        """Another continuation of `request`'s prompt that shares its prefill (OpenAI's n > 1).
+
+        The fork waits until `request` has prefilled its prompt, then starts from a copy of its cache and samples
+        its first token from the same logits with its own options (its own seed): one prefill for all of them.
+        `request` must not have started decoding yet. If `request` ends before its prefill does, the first of its
+        forks prefills in its place.
+        """
+        if request.status not in (WAITING, PREFILLING) or request.leader is not None:
+            raise EngineError("fork a request that has not started decoding (and is not a fork itself)")
+        options = options if options is not None else default_options(self.model, **overrides)
+        state = SequenceState(self.model, request.prompt_ids, options, None)
+        fork = Request(next(self._ids), request.prompt_ids, state, None, speculate=request.speculate,
+                       draft_len=request.speculate, drafter=request.drafter,
+                       draft_cache=self._draft_cache(request.drafter, None, request.prompt_ids),
+                       lookup_first=request.lookup_first, t_submit=time.perf_counter(), scheduler=self,
+                       leader=request)
+        request.followers.append(fork)
+        return fork
 
     @property
     def has_work(self) -> bool:
@@ -165,11 +195,26 @@ class Scheduler:
                 while request.events:
                     yield request, request.events.popleft()
 
-    def finish(self, request: Request, cancelled: bool = False) -> None:
-        """Take a request out of the batch; its cache is dropped unless the caller keeps it."""
+    def finish(self, request: Request, cancelled: bool = False, reusable: bool = True) -> None:
+        """Take a request out of the batch; its cache is dropped unless the caller keeps it.
+
+        With a prefix cache its full blocks are stored first, unless `reusable` is False (a step that failed may
+        have left the cache half-written)."""
+        if request.finished:
+            return
         if cancelled:
             request.state.cancel()
+        was_prefilling = request.status in (WAITING, PREFILLING)
         request.status = FINISHED
+        if request.leader is not None:  # a fork that never started
+            request.leader.followers.remove(request)
+            request.leader = None
+        elif was_prefilling and request.followers:
+            self._promote(request.followers)
+        request.followers = []
+        if reusable and request.cache is not None and self.prefix_cache is not None:
+            held = (request.prompt_ids + request.state.generated)[: request.cache.length]
+            self.prefix_cache.store(request.cache, held)
         if request in self.active:
             self.active.remove(request)
         if request in self.waiting:
@@ -179,16 +224,54 @@ class Scheduler:
             request.cache = None
             request.state.cache = None
 
+    def _promote(self, forks: list[Request]) -> None:
+        """The leader of `forks` ended before its prefill did: the first fork prefills for the rest."""
+        head, rest = forks[0], forks[1:]
+        head.leader, head.followers = None, rest
+        for f in rest:
+            f.leader = head
+        head.cache = self.model.new_cache()
+        head.state.cache = head.cache
+        self.waiting.appendleft(head)
+
+    def _admit(self, request: Request) -> None:
+        request.status = PREFILLING
+        request.t_start = time.perf_counter()
+        if self.prefix_cache is not None and request.cache.length == 0:
+            request.cached_tokens = self.prefix_cache.restore(request.cache, request.prompt_ids)
+            request.prefilled = request.cache.length
+        self.active.append(request)
+
+    def _start_forks(self, r: Request, logits, now: float) -> list[Request]:
+        """`r` has prefilled its prompt: each fork waiting for it gets a copy of its cache and samples from
+        `logits` (the last prompt token's row) -> the forks started."""
+        started = []
+        n = r.cache.length
+        for f in r.followers:
+            f.cache = self.model.new_cache()
+            f.cache.reserve(n)
+            f.cache.k[:, :, :n] = r.cache.k[:, :, :n]
+            f.cache.v[:, :, :n] = r.cache.v[:, :, :n]
+            f.cache.length = n
+            f.state.cache = f.cache
+            f.leader = None
+            f.prefilled = len(f.prompt_ids)
+            f.cached_tokens = r.cached_tokens
+            f.status = DECODING
+            f.t_start = r.t_start
+            self.active.append(f)
+            self._accept(f, logits, [], now)
+            started.append(f)
+        r.followers = []
+        return started
+
     def step(self) -> list[Request]:
         """One batched forward over every active sequence's next tokens (and a chunk of waiting prompts).
 
         Returns the requests that took part (each may have new events queued, and may have finished).
         """
         while self.waiting and len(self.active) < self.max_active:
-            request = self.waiting.popleft()
-            request.status = PREFILLING
-            request.t_start = time.perf_counter()
-            self.active.append(request)
+            self._admit(self.waiting.popleft())
         if not self.active:
             return []
         decoding = [r for r in self.active if r.status == DECODING]
@@ -208,6 +291,7 @@ class Scheduler:
         steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft)) for r, tokens, draft in plan]
         outputs = self.model.forward(steps)
         now = time.perf_counter()
+        stepped = [r for r, _, _ in plan]
         for (r, tokens, draft), logits in zip(plan, outputs):
             if r.status == PREFILLING:
                 r.prefilled += len(tokens)
@@ -215,8 +299,12 @@ class Scheduler:
                 if r.prefilled < len(r.prompt_ids):
                     continue
                 r.status = DECODING
+                if self.prefix_cache is not None:
+                    self.prefix_cache.store(r.cache, r.prompt_ids)
+                if r.followers:
+                    stepped += self._start_forks(r, logits, now)
             self._accept(r, logits, draft, now)
-        return [r for r, _, _ in plan]
+        return stepped
 
     def _drafts(self, decoding: list[Request]) -> dict[int, list[int]]:
         """This step's draft tokens per speculating request id: prompt lookup where it matches (or is the only

@@ -7,6 +7,11 @@ events come back through the callback given with it, called on the serving threa
 the `GenerationResult` when the request ends (for any reason, cancellation included), or an `EngineError` instead
 when the scheduler refused it (a `StepFailedError` when a batched step raised). A callback must be quick and must
 not block: it hands the item to the submitter's own queue. Nothing here knows about HTTP.
+
+`submit_choices` runs n continuations of one prompt (OpenAI's n) with one prefill (Scheduler.fork); choice i
+samples with `choice_options(options, i)`: the request's seed + i, as vLLM does. With `prefix_cache_bytes` > 0 the
+loop's Scheduler shares a PrefixCache of that size: every request starts from the longest cached prefix of its
+prompt.
 """
 from __future__ import annotations
 
@@ -15,17 +20,19 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from engine.errors import EngineError
 from engine.generation.scheduler import Request, Scheduler
 from engine.generation.speculative import LOOKUP, check_draft
 from engine.generation.state import GenerationOptions
+from engine.runtime.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[object], None]
+DEFAULT_PREFIX_CACHE_MB = 1024  # the server's prefix cache: ~23,000 tokens of TinyLlama's KV (45 KB a token)
 
 
 class QueueFullError(EngineError):
@@ -50,6 +57,16 @@ class Ticket:
     on_event: EventCallback
     request: Request | None = field(default=None, repr=False)
     done: bool = False
+    forks: list["Ticket"] = field(default_factory=list, repr=False)  # more choices sharing this one's prefill
+
+
+def choice_options(options: GenerationOptions, index: int) -> GenerationOptions:
+    """The options of choice `index` of an n > 1 request: its seed is the request's seed + index (mod 2**64), so
+    every choice draws its own tokens and a seeded request is reproducible; without a seed each draws fresh."""
+    seed = options.sampling.seed
+    if seed is None or index == 0:
+        return options
+    return replace(options, sampling=replace(options.sampling, seed=(seed + index) % 2 ** 64))
 
 
 class ServingLoop:
@@ -57,18 +74,22 @@ class ServingLoop:
 
     max_active: sequences in the batch at once; max_queue: more requests that may wait for a place, beyond which
     `submit` raises QueueFullError. speculate / draft: speculative decoding for every request (Scheduler.submit); the
-    draft forwards of all requests in a step are batched.
+    draft forwards of all requests in a step are batched. prefix_cache_bytes: the PrefixCache's size (0: none;
+    also none on a backend whose caches are not host float32 arrays).
     """
 
     def __init__(self, model, max_active: int = 32, max_queue: int = 256, prefill_chunk: int = 256,
-                 speculate: int = 0, draft=LOOKUP):
+                 speculate: int = 0, draft=LOOKUP, prefix_cache_bytes: int = 0):
         if max_queue < 0:
             raise EngineError(f"max_queue must be >= 0, got {max_queue}")
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
             raise EngineError(f"speculate must be an integer >= 0, got {speculate!r}")
         check_draft(draft)
         self.model = model
-        self.scheduler = Scheduler(model, prefill_chunk=prefill_chunk, max_active=max_active)
+        self.prefix_cache = (PrefixCache.for_model(model, prefix_cache_bytes)
+                             if prefix_cache_bytes > 0 and PrefixCache.usable(model.new_cache()) else None)
+        self.scheduler = Scheduler(model, prefill_chunk=prefill_chunk, max_active=max_active,
+                                   prefix_cache=self.prefix_cache)
         self.speculate, self.draft = speculate, draft  # every request's speculative decoding
         if speculate and draft != LOOKUP:
             self.scheduler.drafter(draft)  # load the draft model now, not inside the first request
@@ -100,18 +121,27 @@ class ServingLoop:
         `stop`. Validate the prompt (check_prompt) and options before: errors found on the serving thread arrive as
         an EngineError event.
         """
+        return self.submit_choices(prompt_ids, [options], [on_event])[0]
+
+    def submit_choices(self, prompt_ids: list[int], options: list[GenerationOptions],
+                       on_event: list[EventCallback]) -> list[Ticket]:
+        """Queue len(options) continuations of one prompt that share one prefill (see `submit`) -> their tickets.
+
+        Each is cancelled on its own; they count as that many requests against max_active + max_queue."""
+        n = len(options)
         with self._lock:
             if self._stopping:
                 raise ServingStoppedError("the server is shutting down")
-            if self._in_flight >= self.max_active + self.max_queue:
+            if self._in_flight + n > self.max_active + self.max_queue:
                 raise QueueFullError(f"the server is busy: {self.max_active} requests running and {self.max_queue} "
                                      "waiting; try again shortly")
-            self._in_flight += 1
-            ticket = Ticket(next(self._ids), list(prompt_ids), options, on_event)
-            self._inbox.append(("submit", ticket))
-            self.waiting += 1
+            self._in_flight += n
+            tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb) for o, cb in zip(options, on_event)]
+            tickets[0].forks = tickets[1:]
+            self._inbox.append(("submit", tickets[0]))
+            self.waiting += n
             self._wake.notify()
-        return ticket
+        return tickets
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn() on the serving thread between two batched steps, so it has the model to itself (a traced forward
@@ -201,10 +231,16 @@ class ServingLoop:
         try:
             ticket.request = self.scheduler.submit(ticket.prompt_ids, ticket.options, speculate=self.speculate,
                                                    draft=self.draft)
+            for fork in ticket.forks:
+                fork.request = self.scheduler.fork(ticket.request, fork.options)
         except EngineError as error:
-            self._end(ticket, error)
+            for t in [ticket] + ticket.forks:
+                if t.request is not None:
+                    self.scheduler.finish(t.request, cancelled=True)
+                self._end(t, error)
             return
-        self._tickets[ticket.request.id] = ticket
+        for t in [ticket] + ticket.forks:
+            self._tickets[t.request.id] = t
 
     def _cancel(self, ticket: Ticket) -> None:
         if ticket.done or ticket.request is None:
@@ -232,7 +268,7 @@ class ServingLoop:
     def _fail_all(self, error: Exception) -> None:
         failure = StepFailedError(f"internal error in the batched step: {type(error).__name__}")
         for ticket in list(self._tickets.values()):
-            self.scheduler.finish(ticket.request, cancelled=True)
+            self.scheduler.finish(ticket.request, cancelled=True, reusable=False)
             self._tickets.pop(ticket.request.id, None)
             self._end(ticket, failure)
 
@@ -245,6 +281,6 @@ class ServingLoop:
 
     def _count(self) -> None:
         with self._lock:
-            pending = sum(1 for kind, _ in self._inbox if kind == "submit")
+            pending = sum(1 + len(t.forks) for kind, t in self._inbox if kind == "submit")
             self.running = len(self.scheduler.active)
             self.waiting = len(self.scheduler.waiting) + pending

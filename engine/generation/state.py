@@ -75,6 +75,7 @@ class GenerationResult:
     draft_tokens: int = 0  # speculative decoding: tokens proposed by prompt lookup
     accepted_draft_tokens: int = 0  # ... and how many of them the model confirmed
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the options asked for them
+    cached_tokens: int = 0  # prompt tokens restored from a prefix cache instead of prefilled
 
     @property
     def acceptance_rate(self) -> float:

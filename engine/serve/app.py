@@ -28,7 +28,8 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from engine.errors import EngineError
-from engine.generation.serving import QueueFullError, ServingLoop, ServingStoppedError, StepFailedError, Ticket
+from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, QueueFullError, ServingLoop, ServingStoppedError,
+                                       StepFailedError, Ticket, choice_options)
 from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
@@ -38,7 +39,7 @@ from engine.serve.metrics import ServerMetrics
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from engine.serve.responses import Answer, TokenStrings, finish_reason, sse
+from engine.serve.responses import Answer, TokenStrings, finish_reason, sse, usage
 from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
@@ -65,6 +66,7 @@ class ServerState:
     max_request_bytes: int = MAX_REQUEST_BYTES
     read_timeout: float = READ_TIMEOUT
     speculation: dict = field(default_factory=dict)  # speculate=N, draft=...: how every request is decoded
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # 0: no prefix cache
     model: object = None
     serving: ServingLoop | None = None
     strings: TokenStrings | None = None
@@ -76,7 +78,8 @@ class ServerState:
 
     def __post_init__(self):
         self.metrics = ServerMetrics(running=lambda: self.serving.running if self.serving else 0,
-                                     waiting=lambda: self.serving.waiting if self.serving else 0)
+                                     waiting=lambda: self.serving.waiting if self.serving else 0,
+                                     prefix_cache=lambda: self.serving.prefix_cache if self.serving else None)
 
     @property
     def ready(self) -> bool:
@@ -90,7 +93,8 @@ class ServerState:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue,
-                                  **self.speculation).start()
+                                  **self.speculation,
+                                  prefix_cache_bytes=int(self.prefix_cache_mb * 2 ** 20)).start()
         except Exception as error:  # noqa: BLE001 - the CLI shows the message and exits 1
             self.load_error = str(error) or type(error).__name__
             if not isinstance(error, (EngineError, CheckpointError, OSError)):  # not a user's error: a bug
@@ -145,16 +149,18 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                max_active: int = 32, max_queue: int = 256,
                on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
                max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
-               trace_memory_limit: int = TRACE_MEMORY_LIMIT, speculation: dict | None = None) -> FastAPI:
+               trace_memory_limit: int = TRACE_MEMORY_LIMIT, speculation: dict | None = None,
+               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
     may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
     `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may trace.
     `speculation`: {"speculate": N, "draft": "lookup" | "int8" | "int4"} for every request
-    (the output is plain decoding's). With an api_key the docs (/docs, /redoc, /openapi.json) are off.
+    (the output is plain decoding's); `prefix_cache_mb`: the prefix cache's size (0: none). With an api_key the docs (/docs, /redoc, /openapi.json) are off.
     `app.state.server` is the ServerState."""
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error, max_request_bytes,
-                        read_timeout, speculation=dict(speculation or {}))
+                        read_timeout, speculation=dict(speculation or {}),
+                        prefix_cache_mb=prefix_cache_mb)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -304,6 +310,8 @@ class _Timing:
 async def _answer(request: Request, state: ServerState, job: Job, answer: Answer):
     """Submit the job and answer: a stream of SSE chunks or one JSON body. Errors before the first token are HTTP
     errors; a client that goes away cancels the sequence."""
+    if job.n > 1:
+        return await _answer_choices(request, state, job, answer)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     timing = _Timing(time.perf_counter())
@@ -323,6 +331,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
         elif isinstance(item, GenerationResult):
             metrics.requests.labels(finish_reason(item)).inc()
             metrics.request_latency.observe(now - timing.arrived)
+            metrics.count_prompt(item)
             _log_request(answer, item, timing, now)
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -427,12 +436,148 @@ async def _watch_disconnect(request: Request, on_gone: Callable[[], None]) -> No
         return
 
 
-def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now: float) -> None:
-    """One line per request: id, prompt and completion tokens, time to first token, tokens/s, finish reason."""
-    n = len(result.token_ids)
+def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now: float,
+                 completion: int | None = None) -> None:
+    """One line per request: id, prompt tokens (and how many came from the prefix cache), completion tokens (all
+    choices'), time to first token, tokens/s, finish reason."""
+    n = len(result.token_ids) if completion is None else completion
     ttft = (timing.first - timing.arrived) if timing.first is not None else None
     rate = (n - 1) / (timing.last - timing.first) if n > 1 and timing.last > timing.first else 0.0
     reason = "client gone" if timing.client_gone and result.stop_reason == STOP_CANCELLED else finish_reason(result)
-    log.info("%s: prompt %d tokens, completion %d tokens, first token %s, %.1f tok/s, %.2f s, finish %s",
-             answer.id, len(result.prompt_token_ids), n, "-" if ttft is None else f"{ttft:.3f} s", rate,
+    log.info("%s: prompt %d tokens (%d cached), completion %d tokens, first token %s, %.1f tok/s, %.2f s, finish %s",
+             answer.id, len(result.prompt_token_ids), result.cached_tokens, n, "-" if ttft is None else f"{ttft:.3f} s", rate,
              now - timing.arrived, reason)
+
+
+async def _answer_choices(request: Request, state: ServerState, job: Job, answer: Answer):
+    """n > 1: n continuations of one prefill (ServingLoop.submit_choices), choice i seeded with seed + i; one
+    response (or one stream) whose choices carry their index, usage counting the prompt once."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    timing = _Timing(time.perf_counter())
+    metrics = state.metrics
+    answers = [answer] + [Answer(answer.kind, answer.model, answer.strings, answer.logprobs, answer.include_usage,
+                                 answer.continuous_usage, answer.prompt_tokens, index=i) for i in range(1, job.n)]
+    for a in answers[1:]:
+        a.id, a.created = answer.id, answer.created
+    results: dict[int, GenerationResult] = {}  # filled on the serving thread
+
+    def callback(index: int):
+        def on_event(item) -> None:  # on the serving thread
+            now = time.perf_counter()
+            if isinstance(item, TokenEvent):
+                if timing.first is None:
+                    timing.first = now
+                    metrics.time_to_first_token.observe(now - timing.arrived)
+                    metrics.prompt_tokens.inc(len(job.prompt_ids))
+                timing.last = now
+                metrics.generation_tokens.inc()
+            elif isinstance(item, GenerationResult):
+                metrics.requests.labels(finish_reason(item)).inc()
+                metrics.count_prompt(item)
+                results[index] = item
+                if len(results) == job.n:
+                    metrics.request_latency.observe(now - timing.arrived)
+                    completion = sum(len(r.token_ids) for r in results.values())
+                    _log_request(answer, _lead(results), timing, now, completion)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+            except RuntimeError:  # the event loop has closed (the server is gone)
+                pass
+        return on_event
+
+    try:
+        tickets = state.serving.submit_choices(job.prompt_ids, [choice_options(job.options, i) for i in range(job.n)],
+                                               [callback(i) for i in range(job.n)])
+    except QueueFullError as e:
+        raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
+    except ServingStoppedError as e:
+        raise APIError(503, str(e), SERVER_ERROR) from None
+
+    def cancel_all() -> None:
+        for ticket in tickets:
+            if not ticket.done:
+                state.serving.cancel(ticket)
+
+    def client_gone() -> None:
+        timing.client_gone = True
+        cancel_all()
+
+    watcher = asyncio.create_task(_watch_disconnect(request, client_gone))
+    handed_over = False
+    try:
+        first = await queue.get()
+        _raise_if_error(first[1])
+        if job.stream:
+            handed_over = True
+            return StreamingResponse(_stream_choices(answers, queue, first, cancel_all, watcher),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        events: list[list[TokenEvent]] = [[] for _ in answers]
+        ended: dict[int, GenerationResult] = {}
+        item = first
+        while True:
+            index, value = item
+            _raise_if_error(value)
+            if isinstance(value, TokenEvent):
+                events[index].append(value)
+            else:
+                ended[index] = value
+                if len(ended) == job.n:
+                    break
+            item = await queue.get()
+        if any(r.stop_reason == STOP_CANCELLED for r in ended.values()):
+            raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
+        body = answer.complete(events[0], ended[0])
+        body["choices"] = [a.complete(events[i], ended[i])["choices"][0] for i, a in enumerate(answers)]
+        body["usage"] = usage(_lead(ended), sum(len(r.token_ids) for r in ended.values()))
+        return JSONResponse(body)
+    finally:
+        if not handed_over:
+            watcher.cancel()
+            cancel_all()
+
+
+def _lead(results: dict[int, GenerationResult]) -> GenerationResult:
+    """The result of the choice that prefilled the prompt (its cached_tokens are the request's)."""
+    return max(results.values(), key=lambda r: r.prefill_tokens)
+
+
+async def _stream_choices(answers: list[Answer], queue: asyncio.Queue, first, cancel_all: Callable[[], None],
+                          watcher: asyncio.Task):
+    """The SSE body of n > 1 choices: each choice's role chunk (chat), its content deltas and finish chunk (each
+    chunk names its choice's index), then one usage chunk when asked, then [DONE]."""
+    ended: dict[int, GenerationResult] = {}
+    try:
+        for a in answers:
+            opening = a.first_chunk()
+            if opening is not None:
+                yield sse(opening)
+        pending = [first]
+        while True:
+            while not queue.empty():
+                pending.append(queue.get_nowait())
+            for i, a in enumerate(answers):
+                events = [item for index, item in pending if index == i and isinstance(item, TokenEvent)]
+                chunk = a.delta_chunk(events) if events else None
+                if chunk is not None:
+                    yield sse(chunk)
+            for index, item in pending:
+                if isinstance(item, TokenEvent):
+                    continue
+                if not isinstance(item, GenerationResult):
+                    yield sse(APIError(500, str(item), SERVER_ERROR).body())
+                    yield sse("[DONE]")
+                    return
+                ended[index] = item
+                yield sse(answers[index].final_chunk(item))
+            if len(ended) == len(answers):
+                if answers[0].include_usage:
+                    total = sum(len(r.token_ids) for r in ended.values())
+                    yield sse(dict(answers[0].usage_chunk(_lead(ended)), usage=usage(_lead(ended), total)))
+                yield sse("[DONE]")
+                return
+            pending = [await queue.get()]
+    finally:
+        watcher.cancel()
+        cancel_all()  # a no-op for the choices that ended; ends the rest when the client went away or one failed

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
@@ -16,9 +17,15 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, running: Callable[[], float], waiting: Callable[[], float]):
+    def __init__(self, running: Callable[[], float], waiting: Callable[[], float],
+                 prefix_cache: Callable[[], object] = lambda: None):
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(PrefixCacheCollector(prefix_cache))
+        self.prompt_tokens_cached = Counter("tinyllama_prompt_tokens_cached", "Prompt tokens restored from the "
+                                            "prefix cache instead of prefilled", registry=r)
+        self.prompt_tokens_prefilled = Counter("tinyllama_prompt_tokens_prefilled", "Prompt tokens run through the "
+                                               "model (a prompt shared by n choices counts once)", registry=r)
         Gauge("tinyllama_requests_running", "Sequences in the batch now", registry=r).set_function(running)
         Gauge("tinyllama_requests_waiting", "Requests waiting for a place in the batch",
               registry=r).set_function(waiting)
@@ -39,6 +46,34 @@ class ServerMetrics:
         self.request_latency = Histogram("tinyllama_request_latency_seconds", "From the request's arrival to its "
                                          "last token", buckets=REQUEST_BUCKETS, registry=r)
 
+    def count_prompt(self, result) -> None:
+        """Count a finished request's prompt tokens taken from the prefix cache and prefilled (a GenerationResult;
+        a forked choice, which prefilled nothing, shares its sibling's count)."""
+        if result.prefill_tokens:
+            self.prompt_tokens_cached.inc(result.cached_tokens)
+            self.prompt_tokens_prefilled.inc(result.prefill_tokens)
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class PrefixCacheCollector:
+    """The prefix cache's evictions (a counter) and size (bytes, blocks), read at scrape time; absent without one."""
+
+    def __init__(self, prefix_cache: Callable[[], object]):
+        self.prefix_cache = prefix_cache
+
+    def collect(self):
+        """Prometheus metric families of the current PrefixCache (none when there is none)."""
+        pool = self.prefix_cache()
+        if pool is None:
+            return
+        yield CounterMetricFamily("tinyllama_prefix_cache_evictions", "Prefix cache blocks evicted to make room",
+                                  value=pool.evictions)
+        yield GaugeMetricFamily("tinyllama_prefix_cache_bytes", "Bytes of KV blocks held by the prefix cache",
+                                value=pool.nbytes)
+        yield GaugeMetricFamily("tinyllama_prefix_cache_capacity_bytes", "The prefix cache's limit "
+                                "(--prefix-cache-mb)", value=pool.max_blocks * pool.block_nbytes)
+        yield GaugeMetricFamily("tinyllama_prefix_cache_blocks", "KV blocks held by the prefix cache",
+                                value=pool.blocks)

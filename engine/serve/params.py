@@ -16,6 +16,7 @@ from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, Samp
 from engine.text.chat_template import ROLES, ChatTemplateError, NoChatTemplateError
 
 TEXT_PARTS = ("text", "input_text")
+MAX_CHOICES = 128  # OpenAI's own limit on n
 
 
 @dataclass
@@ -28,12 +29,13 @@ class Job:
     include_usage: bool
     continuous_usage: bool  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
     logprobs: int | None  # top alternatives per token (0: the chosen token only); None: no log-probabilities
+    n: int = 1  # choices: continuations of the prompt sharing one prefill, choice i seeded with seed + i
 
 
 def refuse_unsupported(body: SamplingFields) -> None:
     """400 for a known field set to something this server cannot do (n > 1, tools, JSON mode, ...)."""
-    if body.n is not None and body.n != 1:
-        raise bad_request(f"n: only n=1 is supported, got {body.n}", "n")
+    if body.n is not None and body.n > MAX_CHOICES:
+        raise bad_request(f"n: at most {MAX_CHOICES} choices per request, got {body.n}", "n")
     if body.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
     if body.stream_options is not None and not body.stream:
@@ -211,4 +213,4 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
     options = generation_options(model, body, max_tokens, len(ids), param, logprobs)
     stream_options = body.stream_options if body.stream else None
     return Job(ids, options, bool(body.stream), bool(stream_options and stream_options.include_usage),
-               bool(stream_options and stream_options.continuous_usage_stats), logprobs)
+               bool(stream_options and stream_options.continuous_usage_stats), logprobs, body.n or 1)

@@ -26,14 +26,20 @@ def finish_reason(result: GenerationResult) -> str:
     return FINISH_REASONS.get(result.stop_reason, "stop")
 
 
-def usage(result: GenerationResult) -> dict:
-    """{"prompt_tokens", "completion_tokens", "total_tokens"}: every token of the prompt and every generated one."""
-    return usage_of(len(result.prompt_token_ids), len(result.token_ids))
+def usage(result: GenerationResult, completion: int | None = None) -> dict:
+    """{"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}}: every
+    token of the prompt (cached_tokens of them restored from the prefix cache) and every generated one
+    (`completion`: the total over n choices, default this result's)."""
+    done = len(result.token_ids) if completion is None else completion
+    return usage_of(len(result.prompt_token_ids), done, result.cached_tokens)
 
 
-def usage_of(prompt: int, completion: int) -> dict:
-    """OpenAI's usage object for these counts."""
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage_of(prompt: int, completion: int, cached: int | None = None) -> dict:
+    """OpenAI's usage object for these counts (prompt_tokens_details when the cached count is known)."""
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
 
 
 def sse(payload) -> str:
@@ -74,8 +80,10 @@ class Answer:
     """The response of one request in OpenAI's shape: `kind` 'chat' or 'completion'."""
 
     def __init__(self, kind: str, model_name: str, strings: TokenStrings, logprobs: int | None,
-                 include_usage: bool = False, continuous_usage: bool = False, prompt_tokens: int = 0):
+                 include_usage: bool = False, continuous_usage: bool = False, prompt_tokens: int = 0,
+                 index: int = 0):
         self.kind = kind
+        self.index = index  # the choice's index (n > 1: one Answer per choice, sharing `id`)
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model_name
@@ -141,8 +149,8 @@ class Answer:
     def _choice(self, text: str | None, finish: str | None, logprobs, role: bool = False) -> dict:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": self.index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
     # ---- streaming --------------------------------------------------------------------------------------------
     def first_chunk(self) -> dict | None:
@@ -170,11 +178,12 @@ class Answer:
         """The non-streamed response body."""
         logprobs = self.logprobs_block(events)
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
+            choice = {"index": self.index, "message": {"role": "assistant", "content": result.text, "refusal": None},
                       "logprobs": logprobs, "finish_reason": finish_reason(result)}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": finish_reason(result)}
+            choice = {"index": self.index, "text": result.text, "logprobs": logprobs,
+                      "finish_reason": finish_reason(result)}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": [choice], "usage": usage(result)}

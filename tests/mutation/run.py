@@ -64,13 +64,15 @@ TESTS = {
     "engine/generation/scheduler.py": ["tests/test_scheduler.py", "tests/test_generate.py",
                                        "tests/test_sampling_generation.py", "tests/test_chat.py",
                                        "tests/test_readme_claims.py::"
-                                       "test_scheduler_requests_with_their_own_sampling_equal_each_alone"],
+                                       "test_scheduler_requests_with_their_own_sampling_equal_each_alone",
+                                       "tests/test_prefix_cache.py"],
     "engine/generation/serving.py": ["tests/test_serving.py"],
     "engine/serve/inspect_routes.py": ["tests/test_inspect_endpoints.py"],
     "engine/serve/page.py": ["tests/test_inspect_endpoints.py", "tests/test_web_page.py"],
     "engine/serve/static/app.js": ["tests/test_web_page.py"],
     "engine/serve/static/draw.js": ["tests/test_web_page.py"],
     "engine/serve/static/tokens.js": ["tests/test_web_page.py"],
+    "engine/runtime/prefix_cache.py": ["tests/test_prefix_cache.py"],
 }
 MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py",
            "numpy_backend": "engine/runtime/numpy_backend.py", "kv_cache": "engine/runtime/kv_cache.py",
@@ -80,13 +82,15 @@ MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py
            "simd_c": "engine/runtime/native/simd_avx512.h", "api_c": "engine/runtime/native/api.c",
            "serving": "engine/generation/serving.py", "inspect_routes": "engine/serve/inspect_routes.py",
            "page": "engine/serve/page.py", "app_js": "engine/serve/static/app.js",
-           "draw_js": "engine/serve/static/draw.js", "tokens_js": "engine/serve/static/tokens.js"}
+           "draw_js": "engine/serve/static/draw.js", "tokens_js": "engine/serve/static/tokens.js",
+           "prefix_cache": "engine/runtime/prefix_cache.py"}
 
 L, R, N, K = MODULES["layers"], MODULES["rope"], MODULES["numpy_backend"], MODULES["kv_cache"]
 P, G, S, C = MODULES["sampling"], MODULES["state"], MODULES["stopping"], MODULES["scheduler"]
 XM, XA, XV, XL = MODULES["matmul_c"], MODULES["attention_c"], MODULES["simd_c"], MODULES["api_c"]
 WS, WI, WP = MODULES["serving"], MODULES["inspect_routes"], MODULES["page"]
 WA, WD, WT = MODULES["app_js"], MODULES["draw_js"], MODULES["tokens_js"]
+PC = MODULES["prefix_cache"]
 
 MUTANTS = [
     # ---- the model math ----
@@ -362,6 +366,29 @@ MUTANTS = [
            "heatmap: the wrong triangle masked"),
     Mutant("W09", WT, "prob.textContent = percent(alt.logprob);", "prob.textContent = percent(entry.logprob);",
            "tooltip: the chosen token's probability on every row"),
+    Mutant("C14", C, "                if self.prefix_cache is not None:\n                    self.prefix_cache.store(r.cache, "
+           "r.prompt_ids)\n", "", "a prompt's blocks stored only when its request finishes (running ones not shared)"),
+    Mutant("C15", C, "f.cache.v[:, :, :n] = r.cache.v[:, :, :n]", "f.cache.v[:, :, :n] = r.cache.k[:, :, :n]",
+           "a fork's values copied from its leader's keys"),
+    Mutant("C16", C, "            self._accept(f, logits, [], now)\n", "",
+           "a fork never samples its first token from the shared prefill's logits"),
+    Mutant("C17", C, "            self._promote(request.followers)\n", "            pass\n",
+           "forks of a leader cancelled before its prefill are never run"),
+    # ---- the prefix cache ----
+    Mutant("PC1", PC, "chain = self._chain(token_ids, len(token_ids) - 1)\n        if not chain:",
+           "chain = self._chain(token_ids, len(token_ids))\n        if not chain:",
+           "a prompt cached whole is restored whole: no last token left to give logits"),
+    Mutant("PC2", PC, "block = self._index.get((-1 if parent is None else parent.id, tuple(token_ids[start:start + b])))",
+           "block = self._index.get((-1, tuple(token_ids[start:start + b])))",
+           "a lookup ignores the blocks before a block (found by its own tokens alone)"),
+    Mutant("PC3", PC, "for block in reversed(chain):", "for block in chain:",
+           "a chain touched root first: shared prefixes evicted before the leaves that extend them"),
+    Mutant("PC4", PC, "data[1] = cache.v[:, :, start:start + b]", "data[1] = cache.k[:, :, start:start + b]",
+           "a block's values stored from the keys"),
+    Mutant("PC5", PC, "if victim is None or victim.id in keep:", "if victim is None:",
+           "storing a sequence may evict its own prefix"),
+    Mutant("PC6", PC, "            for child_id in b.children:\n                stack.append(self._lru[child_id])\n", "",
+           "an evicted block's continuations stay (unreachable, holding memory)"),
 ]
 
 EQUIVALENT = {  # mutant id -> why no test can tell it from the original (documented behaviour unchanged)
