@@ -16,6 +16,7 @@ from engine.errors import EngineError
 from engine.generation.state import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
                              default_options)
 from engine.generation.speculative import prompt_lookup_draft
+from engine.generation.constraints import MaskBatch
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
 
@@ -87,6 +88,7 @@ class Scheduler:
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.max_active = max_active
+        self.overlap_masks = True  # constrained sequences: compute the step's token masks while the forward runs
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self._ids = itertools.count()
@@ -155,6 +157,8 @@ class Scheduler:
                 context = r.prompt_ids + r.state.generated
                 room = r.state.max_length - r.cache.length - 1
                 draft = prompt_lookup_draft(context, min(r.draft_len, room)) if r.speculate and room > 0 else []
+                if draft and r.state.constraint is not None:
+                    draft = r.state.constraint.cut_draft(draft)  # cut at the first token the constraint forbids
                 plan.append((r, [r.state.generated[-1]] + draft, draft))
             elif budget is None or budget > 0:
                 todo = r.prompt_ids[r.prefilled:]
@@ -163,7 +167,11 @@ class Scheduler:
                     budget -= len(chunk)
                 plan.append((r, chunk, []))
         steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft)) for r, tokens, draft in plan]
+        masks = MaskBatch([(r.state.constraint, draft) for r, tokens, draft in plan if r.state.constraint is not None
+                           and (r.status == DECODING or r.prefilled + len(tokens) >= len(r.prompt_ids))],
+                          overlap=self.overlap_masks)  # step t's masks depend only on tokens already chosen
         outputs = self.model.forward(steps)
+        masks.wait()
         now = time.perf_counter()
         for (r, tokens, draft), logits in zip(plan, outputs):
             if r.status == PREFILLING:
