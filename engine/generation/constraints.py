@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -149,8 +150,9 @@ def make_constraint(tokenizer, vocab_size: int, eos_ids: tuple[int, ...], json_s
 
 def _one_line(message: str) -> str:
     """llguidance's error text, its lines joined (a regex error points at the spot over several lines)."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip() and set(line.strip()) != {"^"}]
-    return "; ".join(lines)
+    lines = [line.strip() for line in message.strip().splitlines()
+             if line.strip() and set(line.strip()) != {"^"} and not re.match(r"\d+ \|", line.strip())]
+    return re.sub(r"^at \d+\(\d+\): ", "", "; ".join(lines))  # positions in llguidance's own wrapping grammar
 
 
 class ConstraintState:

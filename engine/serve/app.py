@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from engine.errors import EngineError
 from engine.generation.serving import QueueFullError, ServingLoop, ServingStoppedError, StepFailedError, Ticket
-from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
+from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options
 from engine.serve.errors import SERVER_ERROR, APIError, bad_request, install_error_handlers, validation_error
 from engine.serve.metrics import ServerMetrics
 from engine.serve.params import Job, chat_job, completion_job
@@ -73,6 +73,7 @@ class ServerState:
         try:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
+            default_options(model, json_object=True)  # builds llguidance's tokenizer once (~0.3 s), not per request
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue).start()
         except Exception as error:  # noqa: BLE001 - the CLI shows the message and exits 1
             self.load_error = str(error) or type(error).__name__
