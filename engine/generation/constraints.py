@@ -24,6 +24,7 @@ import numpy as np
 
 import llguidance
 import llguidance.numpy as llg_numpy
+from llguidance.gbnf_to_lark import any_to_lark
 
 from engine.errors import EngineError
 
@@ -90,30 +91,39 @@ def grammar_for(kind: str, value, json_whitespace: str = "compact") -> str:
         if json_whitespace not in ("compact", "flexible"):
             raise ConstraintError(f"json_whitespace: 'compact' or 'flexible', got {json_whitespace!r}", kind)
         # "any JSON" ({}): OpenAI's json_object mode asks for an object, so an empty schema means one
-        schema = value if value else {"type": "object"}
-        options = {"whitespace_flexible": json_whitespace == "flexible"}
+        schema = dict(value) if value else {"type": "object"}
+        guidance = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
+        schema["x-guidance"] = {"whitespace_flexible": json_whitespace == "flexible", **guidance}
         try:
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+            return _exact("start: %json " + json.dumps(schema, ensure_ascii=False))
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"json_schema: {e}", kind) from None
     if kind == "regex":
         if not isinstance(value, str):
             raise ConstraintError(f"regex: must be a string, got {type(value).__name__}", kind)
-        return llguidance.LLMatcher.grammar_from_regex(value)
+        return _exact(json.loads(llguidance.LLMatcher.grammar_from_regex(value))["grammars"][0]["lark_grammar"])
     if kind == "choice":
         if (isinstance(value, str) or not isinstance(value, (list, tuple)) or not value
                 or not all(isinstance(c, str) and c for c in value)):
             raise ConstraintError("choice: must be a non-empty list of non-empty strings", kind)
-        return llguidance.LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+        return _exact("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
     if kind == "grammar":
         if not isinstance(value, str) or not value.strip():
             raise ConstraintError("grammar: must be a non-empty Lark or GBNF grammar", kind)
         try:
-            return llguidance.grammar_from("grammar", value)
-        except ValueError as e:
-            raise ConstraintError(f"grammar: {e}", kind) from None
+            return _exact(any_to_lark(value))
+        except Exception as e:  # noqa: BLE001 - the GBNF converter raises whatever it meets
+            raise ConstraintError(f"grammar: cannot read it as Lark or GBNF: {e}", kind) from None
     raise ConstraintError(f"unknown constraint kind {kind!r}", kind)
+
+
+def _exact(lark: str) -> str:
+    """A Lark grammar with llguidance's `no_forcing` option: where the grammar leaves one possible continuation,
+    every token that spells a prefix of it stays allowed (by default llguidance would allow only the first token of
+    its canonical tokenization), so the mask is exactly the set of tokens the grammar allows."""
+    if "%llguidance" in lark:
+        return lark  # the user's own grammar options win
+    return '%llguidance {"no_forcing": true}\n' + lark
 
 
 def make_constraint(tokenizer, vocab_size: int, eos_ids: tuple[int, ...], json_schema=None, regex=None, choice=None,
