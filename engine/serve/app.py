@@ -171,7 +171,7 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _prepare(request, state, ChatCompletionRequest)
-        job = chat_job(state.model, body)
+        job = await asyncio.to_thread(chat_job, state.model, body)  # a schema compiles off the event loop
         return await _answer(request, state, job, Answer("chat", state.served_model_name, state.strings,
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids)))
@@ -179,7 +179,7 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _prepare(request, state, CompletionRequest)
-        job = completion_job(state.model, body)
+        job = await asyncio.to_thread(completion_job, state.model, body)  # a schema compiles off the event loop
         return await _answer(request, state, job, Answer("completion", state.served_model_name, state.strings,
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids)))
