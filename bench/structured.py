@@ -106,9 +106,12 @@ def timed_steps(model, prompt_ids, batch: int, tokens: int, constrained: bool, o
     return times
 
 
-def mask_only(model, prompt_ids, batch: int, tokens: int, seed: int = 0) -> list[float]:
-    """Seconds per step of the batch's masks alone (one parallel llguidance call, no forward), replaying the tokens
-    a constrained run chose."""
+def mask_only(model, prompt_ids, batch: int, tokens: int, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Seconds per step of (the batch's masks alone: one parallel llguidance call, no forward) and of (the masks,
+    applying them to a logits row per sequence and advancing the matchers: all the constraint adds to a step),
+    replaying the tokens a constrained run chose."""
+    import numpy as np
+
     from engine.generation.constraints import MaskBatch
     from engine.generation.state import default_options
 
@@ -116,14 +119,18 @@ def mask_only(model, prompt_ids, batch: int, tokens: int, seed: int = 0) -> list
                            seed=seed + i) for i in range(batch)]
     options = default_options(model, json_schema=SCHEMA)
     states = [options.constraint.start() for _ in range(batch)]
-    times = []
+    logits = np.random.default_rng(0).standard_normal(model.config.vocab_size).astype(np.float32)
+    masks, total = [], []
     for step in range(min(len(r.token_ids) for r in runs) - 1):
         t0 = time.perf_counter()
         MaskBatch([(s, []) for s in states], overlap=False).wait()
-        times.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
         for s, r in zip(states, runs):
+            s.apply(logits)
             s.consume(r.token_ids[step])
-    return times[:tokens]
+        masks.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+    return masks[:tokens], total[:tokens]
 
 
 def mask_cost(model, prompt_ids, batch: int, tokens: int, rounds: int) -> dict:
@@ -138,10 +145,12 @@ def mask_cost(model, prompt_ids, batch: int, tokens: int, rounds: int) -> dict:
         runs["constrained"] += constrained
         runs["plain"] += timed_steps(model, prompt_ids, batch, n, False)
         runs["constrained_serial"] += timed_steps(model, prompt_ids, batch, n, True, overlap=False)
-    masks = mask_only(model, prompt_ids, batch, tokens)
+    masks, work = mask_only(model, prompt_ids, batch, tokens)
     out = {name: statistics.median(values) for name, values in runs.items()}
     out["mask_only"] = statistics.median(masks)
     out["mask_max"] = max(masks)
+    out["constraint_work"] = statistics.median(work)  # masks + applying them + advancing the matchers
+    out["constraint_work_share"] = out["constraint_work"] / out["plain"]
     out["steps_timed_per_run"] = lengths
     out["overhead"] = out["constrained"] / out["plain"] - 1
     out["overhead_serial"] = out["constrained_serial"] / out["plain"] - 1

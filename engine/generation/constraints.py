@@ -205,8 +205,8 @@ class ConstraintState:
 
     def bitmask(self) -> np.ndarray:
         """(words,) int32 bitmask of the tokens allowed next (bit t%32 of word t//32); computed now unless planned."""
-        if self._masks is None or self._used >= len(self._masks):
-            mask = self.plan([])
+        if self._masks is None or self._used >= len(self._masks) or not self._masks[self._used].any():
+            mask = self.plan([])  # not planned (or a draft position llguidance left blank): compute it now
             llg_numpy.fill_next_token_bitmask(self.matcher, mask, 0)
         return self._masks[self._used]
 
