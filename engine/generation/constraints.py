@@ -88,8 +88,10 @@ def grammar_for(kind: str, value, json_whitespace: str = "compact") -> str:
             value = {} if value else {"not": {}}
         if not isinstance(value, dict):
             raise ConstraintError(f"json_schema: must be a JSON object (a schema), got {type(value).__name__}", kind)
+        json_whitespace = json_whitespace or "compact"
         if json_whitespace not in ("compact", "flexible"):
-            raise ConstraintError(f"json_whitespace: 'compact' or 'flexible', got {json_whitespace!r}", kind)
+            raise ConstraintError(f"json_whitespace: 'compact' or 'flexible', got {json_whitespace!r}",
+                                  "json_whitespace")
         # "any JSON" ({}): OpenAI's json_object mode asks for an object, so an empty schema means one
         schema = dict(value) if value else {"type": "object"}
         guidance = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
