@@ -83,9 +83,9 @@ def parse_args(argv):
 
 # ---- 1. mask cost -----------------------------------------------------------------------------------------------
 def timed_steps(model, prompt_ids, batch: int, tokens: int, constrained: bool, overlap: bool = True,
-                seed: int = 0) -> list[float]:
+                seed: int = 0) -> tuple[list[float], list[list[int]]]:
     """Seconds of each scheduler step in which all `batch` sequences decode (prefill excluded): the first `tokens`
-    decode steps, with or without the schema."""
+    decode steps, with or without the schema; and each sequence's tokens."""
     from engine.generation.scheduler import Scheduler
 
     scheduler = Scheduler(model, max_active=batch)
@@ -103,49 +103,49 @@ def timed_steps(model, prompt_ids, batch: int, tokens: int, constrained: bool, o
     for r in requests:
         if not r.finished:
             r.cancel()
-    return times
+    return times, [list(r.state.generated) for r in requests]
 
 
-def mask_only(model, prompt_ids, batch: int, tokens: int, seed: int = 0) -> tuple[list[float], list[float]]:
+def mask_only(model, outputs: list[list[int]]) -> tuple[list[float], list[float]]:
     """Seconds per step of (the batch's masks alone: one parallel llguidance call, no forward) and of (the masks,
     applying them to a logits row per sequence and advancing the matchers: all the constraint adds to a step),
-    replaying the tokens a constrained run chose."""
+    replaying the tokens a constrained run chose (`outputs`: each sequence's tokens)."""
     import numpy as np
 
     from engine.generation.constraints import MaskBatch
     from engine.generation.state import default_options
 
-    runs = [model.complete(prompt_ids, json_schema=SCHEMA, max_new_tokens=tokens + 1, temperature=1.0,
-                           seed=seed + i) for i in range(batch)]
     options = default_options(model, json_schema=SCHEMA)
-    states = [options.constraint.start() for _ in range(batch)]
+    states = [options.constraint.start() for _ in outputs]
     logits = np.random.default_rng(0).standard_normal(model.config.vocab_size).astype(np.float32)
     masks, total = [], []
-    for step in range(min(len(r.token_ids) for r in runs) - 1):
+    for step in range(min(len(tokens) for tokens in outputs) - 1):
         t0 = time.perf_counter()
         MaskBatch([(s, []) for s in states], overlap=False).wait()
         t1 = time.perf_counter()
-        for s, r in zip(states, runs):
+        for s, tokens in zip(states, outputs):
             s.apply(logits)
-            s.consume(r.token_ids[step])
+            s.consume(tokens[step])
         masks.append(t1 - t0)
         total.append(time.perf_counter() - t0)
-    return masks[:tokens], total[:tokens]
+    return masks, total
 
 
 def mask_cost(model, prompt_ids, batch: int, tokens: int, rounds: int) -> dict:
     """Median step seconds: unconstrained, constrained (masks overlapped with the forward), constrained (masks
     computed before it), and the masks alone; runs alternated `rounds` times."""
     runs = {"plain": [], "constrained": [], "constrained_serial": []}
-    lengths = []
+    lengths, masks, work = [], [], []
     for _ in range(rounds):
-        constrained = timed_steps(model, prompt_ids, batch, tokens, True)
+        constrained, outputs = timed_steps(model, prompt_ids, batch, tokens, True)
         n = len(constrained)  # the shortest output bounds the steps every sequence decodes
         lengths.append(n)
         runs["constrained"] += constrained
-        runs["plain"] += timed_steps(model, prompt_ids, batch, n, False)
-        runs["constrained_serial"] += timed_steps(model, prompt_ids, batch, n, True, overlap=False)
-    masks, work = mask_only(model, prompt_ids, batch, tokens)
+        runs["plain"] += timed_steps(model, prompt_ids, batch, n, False)[0]
+        runs["constrained_serial"] += timed_steps(model, prompt_ids, batch, n, True, overlap=False)[0]
+        m, w = mask_only(model, outputs)
+        masks += m
+        work += w
     out = {name: statistics.median(values) for name, values in runs.items()}
     out["mask_only"] = statistics.median(masks)
     out["mask_max"] = max(masks)
