@@ -336,7 +336,7 @@ BAD_INPUTS = [  # (path, body, status, param, code)
     (CHAT, {"messages": USER, "n": 129}, 400, "n", None),
     (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
     (CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice", None),
-    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    (CHAT, {"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format.type", None),
     (CHAT, {"messages": USER, "logit_bias": {"50": 5}}, 400, "logit_bias", None),
     (CHAT, {"messages": USER, "temperature": 3}, 400, "temperature", None),
     (CHAT, {"messages": USER, "top_p": 0}, 400, "top_p", None),

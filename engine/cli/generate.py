@@ -6,6 +6,7 @@ import sys
 
 from engine.cli.common import load, sampling_overrides, speculation_options
 from engine.errors import EngineError
+from engine.generation.constraints import ConstraintError
 from engine.generation.generate import Generation
 from engine.generation.state import default_options
 
@@ -25,12 +26,33 @@ def prompt_ids_for(model, args) -> list[int]:
     return tokenizer.encode_chat(messages)
 
 
+def constraint_overrides(args) -> dict:
+    """--json-schema / --json-object / --regex / --choice / --grammar as Model.complete's keyword arguments (files
+    read here; EngineError naming the flag when one cannot be read)."""
+    out = {"regex": args.regex, "choice": args.choice, "json_object": args.json_object,
+           "json_whitespace": args.json_whitespace}
+    for flag, key in (("--json-schema", "json_schema"), ("--grammar", "grammar")):
+        path = getattr(args, key)
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    out[key] = handle.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise EngineError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    return out
+
+
 def run_generate(args) -> int:
     """The `generate` subcommand: stream the completion (or print JSON with --json) -> exit status 0."""
     speculation = speculation_options(args)
+    constraint = constraint_overrides(args)  # unreadable files fail before the model loads
     model = load(args)
-    options = default_options(model, max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
-                              **sampling_overrides(args))
+    try:
+        options = default_options(model, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                                  ignore_eos=args.ignore_eos, **sampling_overrides(args), **constraint)
+    except ConstraintError as e:  # name the flag, not the keyword argument
+        flag = "--" + e.field.replace("_", "-")
+        raise EngineError(flag + str(e)[len(e.field):] if str(e).startswith(e.field) else f"{flag}: {e}") from None
     ids = prompt_ids_for(model, args)
     gen = Generation(model, ids, options, truncate=args.truncate, **speculation)
     for event in gen:

@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--verbose", "-v", action="store_true", help="statistics on stderr")
+    g = p.add_argument_group("structured output (one of these; the text is guaranteed to match it)")
+    g.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file: the output is JSON valid against it")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
+    g.add_argument("--json-whitespace", choices=("compact", "flexible"), default="compact",
+                   help="JSON without whitespace between tokens (default) or with any amount of it")
+    g.add_argument("--regex", metavar="R", help="the output matches this regular expression (Rust regex syntax)")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these; repeat the flag")
+    g.add_argument("--grammar", metavar="FILE", help="a Lark (llguidance) or GBNF (llama.cpp) grammar file")
 
     p = sub.add_parser("chat", help="interactive chat REPL")
     add_model_options(p)

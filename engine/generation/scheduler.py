@@ -22,6 +22,7 @@ from engine.errors import EngineError
 from engine.generation.state import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
                              default_options)
 from engine.generation.speculative import LOOKUP, DraftModel, check_draft, prompt_lookup_draft, split_draft
+from engine.generation.constraints import MaskBatch
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
 
@@ -103,6 +104,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.max_active = max_active
         self.prefix_cache = prefix_cache
+        self.overlap_masks = True  # constrained sequences: compute the step's token masks while the forward runs
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self._ids = itertools.count()
@@ -281,6 +283,10 @@ class Scheduler:
         for r in self.active:
             if r.status == DECODING:
                 draft = drafts.get(r.id, [])
+                if draft and r.state.constraint is not None:
+                    draft = r.state.constraint.cut_draft(draft)  # cut at the first token the constraint forbids
+                    if r.proposal is not None and r.draft_from is not None:  # a model draft: verify only what is left
+                        r.proposal = r.proposal.cut(len(draft))
                 plan.append((r, [r.state.generated[-1]] + draft, draft))
             elif budget is None or budget > 0:
                 todo = r.prompt_ids[r.prefilled:]
@@ -289,7 +295,11 @@ class Scheduler:
                     budget -= len(chunk)
                 plan.append((r, chunk, []))
         steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft)) for r, tokens, draft in plan]
+        masks = MaskBatch([(r.state.constraint, draft) for r, tokens, draft in plan if r.state.constraint is not None
+                           and (r.status == DECODING or r.prefilled + len(tokens) >= len(r.prompt_ids))],
+                          overlap=self.overlap_masks)  # step t's masks depend only on tokens already chosen
         outputs = self.model.forward(steps)
+        masks.wait()
         now = time.perf_counter()
         stepped = [r for r, _, _ in plan]
         for (r, tokens, draft), logits in zip(plan, outputs):

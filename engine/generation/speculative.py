@@ -59,6 +59,10 @@ class Proposal:
     runner_ups: list[int] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)
 
+    def cut(self, n: int) -> "Proposal":
+        """The first n draft tokens of this proposal (what is left after a constraint cut the draft)."""
+        return Proposal(self.tokens[:n], self.runner_ups[:n], self.margins[:n])
+
 
 class DraftModel:
     """A model that proposes draft tokens greedily for many sequences at once (the draft side of self-speculation).

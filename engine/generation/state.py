@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import ContextOverflowError, EngineError
+from engine.generation.constraints import (CONSTRAINT_FIELDS, STOP_CONSTRAINT_DONE, STOP_CONSTRAINT_ERROR, Constraint,
+                                           make_constraint)
 from engine.generation.sampling import SamplingParams, make_rng, sample_token
 from engine.text.stopping import StopStringFilter
 
@@ -31,6 +33,7 @@ class GenerationOptions:
     eos_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # record each token's log-probability and this many top alternatives; None: none
+    constraint: Constraint | None = None  # structured output (engine.generation.constraints); None: free text
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -107,6 +110,8 @@ def default_options(model, **overrides) -> GenerationOptions:
     elif gen.get("repetition_penalty") is not None:
         sampling["repetition_penalty"] = gen["repetition_penalty"]
     sampling.update({k: v for k, v in overrides.items() if k in sampling_fields and v is not None})
+    constraint_fields = (*CONSTRAINT_FIELDS, "json_object", "json_whitespace")
+    wanted = {k: overrides.pop(k) for k in constraint_fields if k in overrides}
     rest = {k: v for k, v in overrides.items() if k not in sampling_fields and v is not None}
     if "stop" in rest:
         stop = rest.pop("stop")
@@ -115,7 +120,15 @@ def default_options(model, **overrides) -> GenerationOptions:
         params = SamplingParams(**sampling)
     except ValueError as e:
         raise EngineError(str(e)) from None
-    return GenerationOptions(sampling=params, **rest)
+    options = GenerationOptions(sampling=params, **rest)
+    if any(v is not None and v is not False for v in wanted.values()):
+        eos = () if options.ignore_eos else (options.eos_ids if options.eos_ids is not None else eos_ids_of(model))
+        tokenizer = _tokenizer_or_none(model)
+        if tokenizer is None:
+            raise EngineError("constraints need the model's tokenizer (tokenizer.json), which this model folder lacks")
+        constraint = make_constraint(tokenizer, model.config.vocab_size, tuple(eos), **wanted)
+        options = GenerationOptions(sampling=params, constraint=constraint, **rest)
+    return options
 
 
 def eos_ids_of(model) -> tuple[int, ...]:
@@ -151,6 +164,7 @@ class SequenceState:
         self.decoder = (tokenizer.stream_decoder(skip_special_tokens=True, context_ids=self.prompt_ids[-CONTEXT_TOKENS:])
                         if tokenizer is not None else None)
         self.stops = StopStringFilter(options.stop_strings)
+        self.constraint = options.constraint.start() if options.constraint is not None else None
 
     @property
     def finished(self) -> bool:
@@ -163,9 +177,12 @@ class SequenceState:
         context_length: tokens the logits were computed from (default: the cache's length; a verification step
         passes each row's own position).
         """
-        token = sample_token(logits, self.options.sampling, self.rng, self.prompt_ids + self.generated,
+        allowed = logits if self.constraint is None else self.constraint.apply(logits)
+        token = sample_token(allowed, self.options.sampling, self.rng, self.prompt_ids + self.generated,
                              generated_ids=self.generated)
         self.generated.append(token)
+        if self.constraint is not None:
+            self.constraint.consume(token)
         logprob = None
         if self.logprobs is not None:
             logprob = token_logprob(logits, token, self.options.logprobs)
@@ -177,12 +194,15 @@ class SequenceState:
             text, hit = self.stops.push(self.decoder.push(token))
             if hit:
                 self.stop_reason = STOP_STRING
+        if self.stop_reason is None and self.constraint is not None:
+            self.stop_reason = self.constraint.stop_reason  # complete, or (a matcher limit) no token allowed
         if self.stop_reason is None:
             if len(self.generated) >= self.options.max_new_tokens:
                 self.stop_reason = STOP_MAX_TOKENS
             elif (self.cache.length if context_length is None else context_length) >= self.max_length:
                 self.stop_reason = STOP_CONTEXT_FULL
-        if self.stop_reason in (STOP_MAX_TOKENS, STOP_CONTEXT_FULL, STOP_EOS) and self.decoder is not None:
+        if self.stop_reason in (STOP_MAX_TOKENS, STOP_CONTEXT_FULL, STOP_EOS, STOP_CONSTRAINT_DONE,
+                                STOP_CONSTRAINT_ERROR) and self.decoder is not None:
             text += self.stops.push(self.decoder.flush())[0] + self.stops.flush()
         self.text_parts.append(text)
         return TokenEvent(token, text, logprob)

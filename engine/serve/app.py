@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from engine.errors import EngineError
 from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, QueueFullError, ServingLoop, ServingStoppedError,
                                        StepFailedError, Ticket, choice_options)
-from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
+from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
@@ -92,6 +92,7 @@ class ServerState:
         try:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
+            default_options(model, json_object=True)  # builds llguidance's tokenizer once (~0.3 s), not per request
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue,
                                   **self.speculation,
                                   prefix_cache_bytes=int(self.prefix_cache_mb * 2 ** 20)).start()

@@ -13,6 +13,8 @@ from engine.errors import ContextOverflowError, EngineError
 from engine.generation.state import GenerationOptions, check_prompt, default_options
 from engine.serve.errors import bad_request
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from engine.serve.structured import ConstraintRequest, constraint_request
+from engine.generation.constraints import ConstraintError
 from engine.text.chat_template import ROLES, ChatTemplateError, NoChatTemplateError
 
 TEXT_PARTS = ("text", "input_text")
@@ -49,9 +51,6 @@ def refuse_unsupported(body: SamplingFields) -> None:
             value = getattr(body, name)
             if value not in (None, "none", "auto"):
                 raise bad_request(f"{name}: tool calling is not supported", name)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise bad_request(f"response_format: only type 'text' is supported, got {body.response_format.type!r}",
-                              "response_format")
         if body.audio is not None:
             raise bad_request("audio: audio output is not supported", "audio")
         if body.modalities and list(body.modalities) != ["text"]:
@@ -161,7 +160,7 @@ def check_fits(window: int, prompt_len: int, max_tokens: int | None, param: str,
 
 
 def generation_options(model, body: SamplingFields, max_tokens: int | None, prompt_len: int, param: str,
-                       logprobs: int | None) -> GenerationOptions:
+                       logprobs: int | None, constraint: ConstraintRequest | None = None) -> GenerationOptions:
     """Validated GenerationOptions; 400 context_length_exceeded when prompt + max_tokens does not fit the window."""
     window = model.config.max_position_embeddings
     check_fits(window, prompt_len, max_tokens, param)
@@ -180,7 +179,11 @@ def generation_options(model, body: SamplingFields, max_tokens: int | None, prom
                     seed=None if body.seed is None else body.seed % 2 ** 64)  # OpenAI's seeds may be negative
     try:
         return default_options(model, max_new_tokens=max_tokens, stop=stop, ignore_eos=bool(body.ignore_eos),
-                               logprobs=logprobs, **sampling)
+                               logprobs=logprobs, **sampling, **(constraint.kwargs if constraint else {}))
+    except ConstraintError as e:  # name the HTTP field the constraint came from, with llguidance's reason
+        name = constraint.param_for(e.field)
+        message = str(e)[len(e.field) + 2:] if str(e).startswith(e.field + ": ") else str(e)
+        raise bad_request(f"{name}: {message}", name) from None
     except EngineError as e:
         name = next((k for k in sampling if str(e).startswith(k)), None)
         raise bad_request(str(e), name) from None
@@ -210,7 +213,8 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
         pass  # reported below, with max_tokens, as context_length_exceeded
     except EngineError as e:
         raise bad_request(f"{param}: {e}", param) from None
-    options = generation_options(model, body, max_tokens, len(ids), param, logprobs)
+    constraint = constraint_request(body)
+    options = generation_options(model, body, max_tokens, len(ids), param, logprobs, constraint)
     stream_options = body.stream_options if body.stream else None
     return Job(ids, options, bool(body.stream), bool(stream_options and stream_options.include_usage),
                bool(stream_options and stream_options.continuous_usage_stats), logprobs, body.n or 1)

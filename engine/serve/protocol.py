@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +73,7 @@ class StreamOptions(_Body):
 
 class ResponseFormat(_Body):
     type: str = "text"
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict"} with type "json_schema"
 
 
 class ContentPart(_Body):
@@ -108,6 +109,14 @@ class SamplingFields(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = False
+    # structured output (engine.serve.structured): vLLM's fields, and how much whitespace JSON may have
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    json_whitespace: Literal["compact", "flexible"] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

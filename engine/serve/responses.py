@@ -14,11 +14,14 @@ import json
 import time
 import uuid
 
+from engine.generation.constraints import STOP_CONSTRAINT_DONE, STOP_CONSTRAINT_ERROR
 from engine.generation.state import (STOP_CANCELLED, STOP_CONTEXT_FULL, STOP_EOS, STOP_MAX_TOKENS, STOP_STRING,
                                      GenerationResult, TokenEvent, TokenLogprob)
 
 FINISH_REASONS = {STOP_EOS: "stop", STOP_STRING: "stop", STOP_MAX_TOKENS: "length", STOP_CONTEXT_FULL: "length",
-                  STOP_CANCELLED: "abort"}  # "abort": cancelled by the server (shutdown), vLLM's word for it
+                  STOP_CANCELLED: "abort",  # "abort": cancelled by the server (shutdown), vLLM's word for it
+                  STOP_CONSTRAINT_DONE: "stop",  # structured output complete
+                  STOP_CONSTRAINT_ERROR: "error"}  # the constraint's matcher failed (a resource limit)
 
 
 def finish_reason(result: GenerationResult) -> str:

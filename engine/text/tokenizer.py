@@ -121,6 +121,10 @@ class Tokenizer:
         self._added_ids = frozenset(hf_tokenizer.get_added_tokens_decoder())
         self._byte_level = isinstance(hf_tokenizer.decoder, _decoders.ByteLevel)
 
+    def to_json(self) -> str:
+        """The wrapped `tokenizers.Tokenizer` serialized as tokenizer.json text (for libraries that read that format)."""
+        return self._tokenizer.to_str()
+
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
         """Load tokenizer.json plus the special tokens, eos ids and chat template from a HF model folder."""
