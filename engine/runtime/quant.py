@@ -3,7 +3,7 @@
 A weight matrix W (N, K) in Hugging Face's [out, in] layout is cut into groups of GROUP = 32 consecutive columns of
 one row; each group holds integers q and one scale s (float16), W[n, k] ~ s[n, g] * q[n, k] with g = k // 32:
 - int8: q in [-127, 127], s = max|w| / 127 (llama.cpp's q8_0 grid), 34 bytes per 32 weights;
-- int4: q in [-8, 7], the scale chosen per group among candidates by least squared error (see the README), 18 bytes
+- int4: q in [-8, 7], the (signed) scale chosen per group among candidates by least squared error, 18 bytes
   per 32 weights (llama.cpp's q4_0 size).
 The scale is rounded to float16 FIRST and q is rounded against that stored scale, so dequantizing is exactly
 float(s16) * q.
@@ -76,8 +76,9 @@ def empty(kind: str, n: int, k: int) -> QuantMatrix:
 def quantize_groups(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows w (n, K) float32 -> (q (n, Kp) int8, scales (n, G) float16), K zero-padded to Kp = 32 G columns.
 
-    int8: s = float16(max|w| / 127), q = clip(rint(w / s), -127, 127); int4: the least-squares scale among
-    candidates (`int4_scales`), q = clip(rint(w / s), -8, 7). A group of zeros has s = 0, q = 0."""
+    int8: s = float16(max|w| / 127), q = clip(rint(w * (1 / s)), -127, 127) (1 / s in float32); int4: the
+    least-squares scale among candidates (`int4_scales`), q = clip(rint(w * (1 / s)), -8, 7). A group of zeros has
+    s = 0, q = 0."""
     n, k = w.shape
     kp = -(-k // GROUP) * GROUP
     if kp != k:
@@ -96,27 +97,30 @@ def _round_to(g: np.ndarray, s16: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Groups g (n, G, 32) float32 rounded against scales s16 (n, G) float16 -> int8 (n, G, 32)."""
     s = s16.astype(np.float32)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s > 0, np.rint(g / np.where(s > 0, s, np.float32(1))), np.float32(0))
+        inv = np.where(s != 0, np.float32(1) / np.where(s != 0, s, np.float32(1)), np.float32(0))
+    q = np.rint(g * inv)  # (1 / s and the product in float32, as quantize.c)
     return np.clip(q, lo, hi).astype(np.int8)
 
 
-# int4 scale candidates: s = m / d for the group's value of largest magnitude m (signed) and these divisors. d = -8
-# is llama.cpp's q4_0 (m lands on -8, the grid's far end); the others trade clipping the extreme for a finer grid.
-INT4_DIVISORS = (-8.0, -7.5, -7.0, -8.5, 7.0, 7.5, -6.5, 6.5)
+# int4 scale candidates: s = m / d for the group's value of largest magnitude m (signed) and these divisors: d = -8
+# is llama.cpp's q4_0 (m lands on -8, the grid's far end; s may be negative), -7.5 and -8.5 a step either side; the
+# least squared error wins. Measured on stories260K (512 tokens, mean KL against fp32): q4_0's alone 0.095, these
+# three 0.086, eight (adding -7, +-6.5, 7, 7.5) 0.085 at 2.7x the quantizing time: three it is.
+INT4_DIVISORS = (-8.0, -7.5, -8.5)
 
 
 def int4_scales(g: np.ndarray) -> np.ndarray:
     """The int4 scale of every group g (n, G, 32) float32 -> (n, G) float16: of the candidates m / d
-    (INT4_DIVISORS, m the group's first value of largest magnitude), each rounded to float16 (a negative one: 0), the
-    one whose grid clip(rint(w / s), -8, 7) * s has the least squared error, summed in column order in float64 (the
-    first on ties, so q4_0's when it is as good). The same arithmetic as the compiled quantizer (quantize.c)."""
+    (INT4_DIVISORS, m the group's first value of largest magnitude), each rounded to float16 (signed), the
+    one whose grid clip(rint(w * (1 / s)), -8, 7) * s has the least squared error, summed in column order in float64
+    (the first on ties, so q4_0's when it is as good). The same arithmetic as the compiled quantizer (quantize.c)."""
     idx = np.argmax(np.abs(g), axis=2)
     m = np.take_along_axis(g, idx[:, :, None], axis=2)[:, :, 0]
     best_s = np.zeros(m.shape, dtype=np.float16)
     best_err = np.full(m.shape, np.inf, dtype=np.float64)
     for d in INT4_DIVISORS:
         s16 = (m / np.float32(d)).astype(np.float16)
-        s16 = np.where(s16.astype(np.float32) <= 0, np.float16(0), s16)  # a scale is positive (m's sign picks d's)
+        s16 = np.where(s16 == 0, np.float16(0), s16)  # -0 as 0; a negative scale puts m at the grid's -8 end
         q = _round_to(g, s16, -8, 7)
         s64 = s16.astype(np.float64)
         err = np.zeros(m.shape, dtype=np.float64)

@@ -1,9 +1,9 @@
 /* A standalone check of the kernels against double-precision references, for platforms where the Python tests
  * cannot run (an aarch64 build under qemu-user, cross-compiled on x86-64): every variant this CPU runs, every weight
- * type, tile shapes and remainders, batch invariance, and attention. Prints one line per variant; exit status 1 on
- * any failure.
+ * type (int8 and int4 included), tile shapes and remainders, batch invariance, and attention. Prints one line per
+ * variant; exit status 1 on any failure.
  *
- *     cc -O2 -pthread -o selftest selftest.c api.c pool.c variant_*.c -lm && ./selftest */
+ *     cc -O2 -pthread -o selftest selftest.c api.c pool.c quantize.c variant_*.c -lm && ./selftest */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -94,6 +94,69 @@ static int check_matmul(int isa, int wtype, ptrdiff_t M, ptrdiff_t N, ptrdiff_t 
     return ok;
 }
 
+void tl_qmatmul(int isa, const float *x, ptrdiff_t ldx, const void *data, const uint16_t *scales, int kind,
+                float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads);
+void tl_quantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t K, ptrdiff_t row0, void *data,
+                 uint16_t *scales, ptrdiff_t G, int threads);
+
+/* Quantized weights (quant.h, quantize.c): the integers and scales read back by the layout's definition
+ * (engine/runtime/quant.py), the quantizer's grid checked (int8: every weight within half a step), and the product
+ * against float64 within the bound of the format: int16 activations (half a step of max|x_g| / 32767 each), exact
+ * integer group sums, G float32 group terms. The last row alone gives the same bits. */
+static int check_qmatmul(int isa, int kind, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
+{
+    const ptrdiff_t G = (K + 31) / 32, blocks = (N + 15) / 16, bytes = kind == W_Q8 ? 512 : 256;
+    float *x = malloc(sizeof(float) * M * K), *w = malloc(sizeof(float) * N * K);
+    float *out = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N);
+    char *data = calloc((size_t)(blocks * G * bytes), 1);
+    uint16_t *scales = calloc((size_t)(blocks * G * 16), 2);
+    double *wq = malloc(sizeof(double) * N * K);
+    for (ptrdiff_t i = 0; i < M * K; i++) x[i] = (float)uniform();
+    for (ptrdiff_t i = 0; i < N * K; i++) w[i] = (float)(0.05 * uniform());
+    tl_quantize(kind, w, K, N, K, 0, data, scales, G, 2);
+    int ok = 1;
+    for (ptrdiff_t n = 0; n < N; n++)
+        for (ptrdiff_t k = 0; k < K; k++) {
+            const ptrdiff_t b = n / 16, r = n % 16, g = k / 32, c = k % 32, p = c / 2, t = c % 2;
+            const double sc = f16_value(scales[(b * G + g) * 16 + r]);
+            int q;
+            if (kind == W_Q8) {
+                q = ((const int8_t *)data)[(b * G + g) * 512 + p * 32 + 2 * r + t];
+            } else {
+                const uint16_t word = ((const uint16_t *)data)[(b * G + g) * 128 + (p / 4) * 32 + 2 * r + t];
+                q = (int)((word >> (4 * (p % 4))) & 15) - 8;
+            }
+            wq[n * K + k] = sc * q;
+            if (kind == W_Q8 && fabs(w[n * K + k] - wq[n * K + k]) > fabs(sc) * (0.5 + 1e-6)) ok = 0;
+            if (kind == W_Q4 && (q < -8 || q > 7)) ok = 0;
+        }
+    tl_qmatmul(isa, x, K, data, scales, kind, out, N, M, N, K, 2);
+    double worst = 0;
+    for (ptrdiff_t i = 0; i < M; i++)
+        for (ptrdiff_t j = 0; j < N; j++) {
+            double ref = 0, mag = 0, rounding = 0;
+            for (ptrdiff_t g = 0; g < G; g++) {
+                double amax = 0, wsum = 0;
+                for (ptrdiff_t k = g * 32; k < K && k < g * 32 + 32; k++) {
+                    amax = fabs(x[i * K + k]) > amax ? fabs(x[i * K + k]) : amax;
+                    wsum += fabs(wq[j * K + k]);
+                    ref += (double)x[i * K + k] * wq[j * K + k];
+                    mag += fabs((double)x[i * K + k] * wq[j * K + k]);
+                }
+                rounding += amax / 32767 * (0.5 + 1.0 / 1024) * wsum;
+            }
+            const double err = fabs(out[i * N + j] - ref), bound = rounding + (double)(G + 4) * ldexp(1, -23) * mag;
+            worst = err / bound > worst ? err / bound : worst;
+        }
+    ok &= worst <= 1.0;
+    tl_qmatmul(isa, x + (M - 1) * K, K, data, scales, kind, one, N, 1, N, K, 2);
+    if (memcmp(one, out + (M - 1) * N, sizeof(float) * N) != 0) ok = 0;
+    if (!ok) printf("  FAIL qmatmul %s kind %d M=%td N=%td K=%td: error / bound %.2f\n", names[isa], kind, M, N, K,
+                    worst);
+    free(x); free(w); free(out); free(one); free(data); free(scales); free(wq);
+    return ok;
+}
+
 static int check_attention(int isa, ptrdiff_t T, ptrdiff_t H, ptrdiff_t Hkv, ptrdiff_t D, ptrdiff_t start)
 {
     ptrdiff_t L = start + T, cap = L + 3;
@@ -147,6 +210,9 @@ int main(void)
         for (int wtype = W_F32; wtype <= W_F16; wtype++)
             for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++, n++)
                 ok &= check_matmul(isa, wtype, shapes[s][0], shapes[s][1], shapes[s][2]);
+        for (int kind = W_Q8; kind <= W_Q4; kind++)
+            for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++, n++)
+                ok &= check_qmatmul(isa, kind, shapes[s][0], shapes[s][1], shapes[s][2]);
         for (size_t s = 0; s < sizeof att / sizeof att[0]; s++, n++)
             ok &= check_attention(isa, att[s][0], att[s][1], att[s][2], att[s][3], att[s][4]);
         printf("%s: %d checks %s\n", names[isa], n, ok ? "passed" : "FAILED");
