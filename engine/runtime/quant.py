@@ -103,9 +103,10 @@ def _round_to(g: np.ndarray, s16: np.ndarray, lo: int, hi: int) -> np.ndarray:
 
 
 # int4 scale candidates: s = m / d for the group's value of largest magnitude m (signed) and these divisors: d = -8
-# is llama.cpp's q4_0 (m lands on -8, the grid's far end; s may be negative); the others put m at -7.5 .. +7.5 (the
-# grid's other end, or clipped a little for a finer step), and the least squared error wins.
-INT4_DIVISORS = (-8.0, -7.5, -7.0, -8.5, 7.0, 7.5, -6.5, 6.5)
+# is llama.cpp's q4_0 (m lands on -8, the grid's far end; s may be negative), -7.5 and -8.5 a step either side; the
+# least squared error wins. Measured on stories260K (512 tokens, mean KL against fp32): q4_0's alone 0.095, these
+# three 0.086, eight (adding -7, +-6.5, 7, 7.5) 0.085 at 2.7x the quantizing time: three it is.
+INT4_DIVISORS = (-8.0, -7.5, -8.5)
 
 
 def int4_scales(g: np.ndarray) -> np.ndarray:

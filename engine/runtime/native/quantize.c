@@ -16,7 +16,7 @@
 #define GROUP 32
 #define ROWS 16
 
-static const float INT4_DIVISORS[] = {-8.0f, -7.5f, -7.0f, -8.5f, 7.0f, 7.5f, -6.5f, 6.5f};
+static const float INT4_DIVISORS[] = {-8.0f, -7.5f, -8.5f}; /* engine/runtime/quant.py says why */
 
 /* float32 -> float16 bits, rounded to nearest even (subnormals included; >= 65520 -> inf). */
 uint16_t tl_f32_to_f16(float f)
