@@ -132,7 +132,7 @@ def test_weights_dtype_choices(checkpoint, stories260k):
     with pytest.raises(EngineError, match=f"weights_dtype={other} but the checkpoint stores {dtype}"):
         engine.load_model(str(folder), weights_dtype=other)
     with pytest.raises(EngineError, match="weights_dtype must be one of"):
-        engine.load_model(str(folder), weights_dtype="int8")
+        engine.load_model(str(folder), weights_dtype="int3")
     stories = engine.load_model(str(stories260k))  # an fp32 checkpoint stays fp32
     assert stories.weights_dtype == "float32" and stories.weights_dtype_reason == "the checkpoint's dtype"
     with pytest.raises(EngineError, match="stores float32 weights"):
