@@ -8,8 +8,9 @@ lm_head: 2.07 GB in bf16), each a distinct array so nothing is re-read from cach
 number of rows of x it reports the best sweep time over --repeats, the weight bytes read per second (the batch-1
 figure to hold against the memory read rate measured in the same process), the arithmetic rate, and the tokens/s
 those matmuls alone would allow. int8 / int4 are the quantized formats (engine.runtime.quant: their bytes are the
-integers and the float16 scales; --layers 4 keeps their quantization short). Also OpenBLAS's float32 GEMM on the same shapes (the fallback, and the prefill path
-of float32 checkpoints), and the attention kernel at a short and a long context. All in one process, so the figures
+integers and the float16 scales; --layers 4 keeps their quantization short). Also OpenBLAS's float32 GEMM on the
+same shapes (the fallback, and the prefill path of float32 checkpoints), and the attention kernel at a short and a
+long context. All in one process, so the figures
 compare within a run (this machine's memory bandwidth drifts between runs).
 """
 from __future__ import annotations

@@ -171,9 +171,10 @@ def test_numpy_path_without_kernels_is_float32_exact_activations():
 
 @pytest.fixture(scope="module")
 def random_llama(tmp_path_factory):
-    """A small random Llama (bf16, GQA, columns not a multiple of 32: the padding) and transformers on it."""
+    """A small random Llama (bf16, GQA; rows whole groups of 32, so int4 throughout and one call for the layers) and
+    transformers on it."""
     folder = make_random_checkpoint(tmp_path_factory.mktemp("quant-llama"), dtype="bfloat16", seed=7,
-                                    hidden_size=96, intermediate_size=200, num_attention_heads=6,
+                                    hidden_size=96, intermediate_size=192, num_attention_heads=6,
                                     num_key_value_heads=2, initializer_range=0.05)
     return folder, load_reference(folder)
 
@@ -191,10 +192,10 @@ def fidelity(model, ref_model, ids) -> tuple[float, float]:
     return float(np.mean(ours.argmax(-1) == ref.argmax(-1))), float(np.mean(np.sum(np.exp(p) * (p - q), axis=-1)))
 
 
-# (least top-1 agreement, most mean KL) on these sequences; measured: stories260K int8 100% / 2.8e-4, int4 87.7% /
-# 4.4e-2; the random Llama int8 96.6% / 5.9e-5, int4 69.5% / 6.9e-3 (random weights' flat logits: see the README).
-STORIES_BOUNDS = {"int8": (0.96, 0.002), "int4": (0.75, 0.15)}
-RANDOM_BOUNDS = {"int8": (0.9, 0.001), "int4": (0.5, 0.05)}
+# (least top-1 agreement, most mean KL) on these sequences; measured: stories260K int8 100% / 2.8e-4, int4 89.2% /
+# 3.6e-2; the random Llama int8 100% / 2.4e-5, int4 72.9% / 6.6e-3 (random weights' flat logits: see the README).
+STORIES_BOUNDS = {"int8": (0.96, 0.002), "int4": (0.8, 0.1)}
+RANDOM_BOUNDS = {"int8": (0.9, 0.001), "int4": (0.55, 0.03)}
 
 
 @pytest.fixture(scope="module")
@@ -208,10 +209,12 @@ def stories_reference(stories260k):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_stories260k_close_to_transformers(stories260k, stories_reference, kind):
-    """Teacher-forced along the reference's greedy path: top-1 agreement and mean KL within the measured bounds."""
+    """Teacher-forced along the reference's greedy path: top-1 agreement and mean KL within the measured bounds. Its
+    down projection (172 wide: not whole groups) stays int8 in the int4 model, as llama.cpp's q4_0 keeps it wider."""
     ref, ids = stories_reference
     model = engine.load_model(str(stories260k), weights_dtype=kind)
     assert model.weights_dtype == kind
+    assert model.backend.weights.layers[0].w_down.kind == "int8" and model.backend.weights.layers[0].wqkv.kind == kind
     agree, kl = fidelity(model, ref, ids)
     least, most = STORIES_BOUNDS[kind]
     assert agree >= least and kl <= most, (agree, kl)
@@ -233,7 +236,7 @@ def test_random_llama_close_to_transformers_and_held_quantized(random_llama, kin
         assert isinstance(m, QuantMatrix)
         blocks, groups = -(-m.shape[0] // 16), -(-m.shape[1] // 32)
         assert m.nbytes == blocks * groups * per_block_group[m.kind]
-    assert w.lm_head.kind == "int8" and w.layers[0].wqkv.kind == kind
+    assert w.lm_head.kind == "int8" and all(m.kind == kind for m in matrices[2:])
     assert all(a.dtype in (np.int8, np.uint16, np.float16) or (a.dtype == np.float32 and a.ndim == 1)
                for a in w.arrays())
     assert w.nbytes == sum(a.nbytes for a in w.arrays())

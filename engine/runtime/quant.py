@@ -76,8 +76,9 @@ def empty(kind: str, n: int, k: int) -> QuantMatrix:
 def quantize_groups(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Rows w (n, K) float32 -> (q (n, Kp) int8, scales (n, G) float16), K zero-padded to Kp = 32 G columns.
 
-    int8: s = float16(max|w| / 127), q = clip(rint(w / s), -127, 127); int4: the least-squares scale among
-    candidates (`int4_scales`), q = clip(rint(w / s), -8, 7). A group of zeros has s = 0, q = 0."""
+    int8: s = float16(max|w| / 127), q = clip(rint(w * (1 / s)), -127, 127) (1 / s in float32); int4: the
+    least-squares scale among candidates (`int4_scales`), q = clip(rint(w * (1 / s)), -8, 7). A group of zeros has
+    s = 0, q = 0."""
     n, k = w.shape
     kp = -(-k // GROUP) * GROUP
     if kp != k:
@@ -96,7 +97,8 @@ def _round_to(g: np.ndarray, s16: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Groups g (n, G, 32) float32 rounded against scales s16 (n, G) float16 -> int8 (n, G, 32)."""
     s = s16.astype(np.float32)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s != 0, np.rint(g / np.where(s != 0, s, np.float32(1))), np.float32(0))
+        inv = np.where(s != 0, np.float32(1) / np.where(s != 0, s, np.float32(1)), np.float32(0))
+    q = np.rint(g * inv)  # (1 / s and the product in float32, as quantize.c)
     return np.clip(q, lo, hi).astype(np.int8)
 
 
@@ -109,8 +111,8 @@ INT4_DIVISORS = (-8.0, -7.5, -7.0, -8.5, 7.0, 7.5, -6.5, 6.5)
 def int4_scales(g: np.ndarray) -> np.ndarray:
     """The int4 scale of every group g (n, G, 32) float32 -> (n, G) float16: of the candidates m / d
     (INT4_DIVISORS, m the group's first value of largest magnitude), each rounded to float16 (signed), the
-    one whose grid clip(rint(w / s), -8, 7) * s has the least squared error, summed in column order in float64 (the
-    first on ties, so q4_0's when it is as good). The same arithmetic as the compiled quantizer (quantize.c)."""
+    one whose grid clip(rint(w * (1 / s)), -8, 7) * s has the least squared error, summed in column order in float64
+    (the first on ties, so q4_0's when it is as good). The same arithmetic as the compiled quantizer (quantize.c)."""
     idx = np.argmax(np.abs(g), axis=2)
     m = np.take_along_axis(g, idx[:, :, None], axis=2)[:, :, 0]
     best_s = np.zeros(m.shape, dtype=np.float16)

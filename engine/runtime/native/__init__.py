@@ -43,7 +43,8 @@ import numpy as np
 
 HERE = Path(__file__).parent
 SOURCES = ["api.c", "pool.c", "quantize.c", "variant_avx512.c", "variant_avx2.c", "variant_portable.c"]
-HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "quant.h", "simd_avx512.h", "simd_avx2.h", "simd_portable.h"]
+HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "quant.h", "simd_avx512.h", "simd_avx2.h",
+           "simd_portable.h"]
 # Never -ffast-math / -Ofast: GCC then links code that sets flush-to-zero for the whole process (subnormal weights
 # and activations would become 0), and it may reorder the sums that make results reproducible.
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread"]
@@ -573,8 +574,9 @@ class DecoderLayers:
     of a TinyLlama batch-1 step). For passes whose every matmul runs on the kernels.
 
     layers: per layer (wqkv, wo, w_gate_up, w_down, mlp_norm, next_norm): matrices (out, in) with contiguous rows in
-    one dtype (float32, uint16 bf16 bits or float16), or QuantMatrix of one kind (int8, int4), norms (H,) float32, next_norm the next layer's input norm (the
-    final norm after the last); cos, sin: (positions, head_dim) float32 tables."""
+    one dtype (float32, uint16 bf16 bits or float16), or QuantMatrix of one kind (int8, int4), norms (H,) float32,
+    next_norm the next layer's input norm (the final norm after the last); cos, sin: (positions, head_dim) float32
+    tables."""
 
     def __init__(self, layers: list[tuple], hidden: int, inter: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  eps: float, cos: np.ndarray, sin: np.ndarray):

@@ -1,15 +1,15 @@
 /* Template: y = x @ W.T for float32 activations against a quantized weight (int8 or int4, groups of 32 columns with
  * a float16 scale each; the layout of engine/runtime/quant.py). Included by each variant_*.c after its simd_*.h and
  * its quantized primitives (QTARGET, qv, qw, qv_zero, qv_set1, qv_add, qv_sub, qv_srai, qv_load, qw_int8, qw_nibble,
- * Q4_SCALE, qv_dot, qv_float; see
- * simd_*.h), with QVARIANT naming the entry points.
+ * Q4_SCALE, qv_dot, qv_float; see simd_*.h), with QV / QVARIANT naming its functions and entry points.
  *
  * Activations are rounded to int16, per row and group of 32: xs = max|x| / 32767, xq = rint(x / xs) (relative error
  * <= 2^-16 of the group's largest value, where llama.cpp rounds them to int8: 2^-8). Then per output row n and group g
  * the integer sum  S = sum_k q[n, k] xq[k]  is exact in int32 (|S| <= 32 * 127 * 32767 < 2^31), computed as pair dot
- * products (int4: of the stored nibbles u = q + 8, less 8 * sum_k xq, each nibble taken in place by one AND or shift
- * and summed apart by its place value, 1, 16 or 256, every partial sum < 2^30) (vpdpwssd with AVX512-VNNI, vpmaddwd + vpaddd otherwise) with 16 weight rows in the lanes of a vector
- * and one broadcast pair of x; each group's sum is turned to float32 once and added in group order:
+ * products (vpdpwssd with AVX512-VNNI, vpmaddwd + vpaddd otherwise) with 16 weight rows in the lanes of a vector and
+ * one broadcast pair of x (int4: of the stored nibbles u = q + 8, less 8 * sum_k xq, each nibble taken in place by
+ * one AND or shift and summed apart by its place value, 1, 16 or 256, every partial sum < 2^30); each group's sum is
+ * turned to float32 once and added in group order:
  *     y[n] = fma(float(S_g), float(s[n, g]) * xs_g, y[n])   for g = 0, 1, ..
  * The order is fixed and the integer part exact, so a row's result does not depend on M, its tile, the threads or
  * the rows beside it (the same batch invariance as the 16-bit kernels).
@@ -270,6 +270,7 @@ void QVARIANT(tl_qmatmul)(const float *x, ptrdiff_t ldx, const void *data, const
     const ptrdiff_t step = M == 1 ? QNBT_1 : kind == W_Q4 ? QNBT_N4 : QNBT_N;
     ptrdiff_t task_blocks = (blocks + 8 * threads - 1) / (8 * threads);
     task_blocks = (task_blocks + step - 1) / step * step;
-    QV(job) job = {QV(xq_buf), QV(xs_buf), QV(xsum_buf), (const char *)data, scales, kind, out, ldo, M, N, G, blocks, task_blocks};
+    QV(job) job = {QV(xq_buf), QV(xs_buf), QV(xsum_buf), (const char *)data, scales, kind, out, ldo, M, N, G, blocks,
+                   task_blocks};
     tl_parallel(QV(task), &job, (blocks + task_blocks - 1) / task_blocks, threads);
 }

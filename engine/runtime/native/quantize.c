@@ -2,11 +2,11 @@
  * float32 matrix -> int8 or int4 integers and a float16 scale per group of 32 columns. Plain C for the platform's
  * baseline (it runs once per load); rows are shared among the pool's threads.
  *
- * int8: s = f16(max|w| / 127), q = clip(rint(w / s), -127, 127).
+ * int8: s = f16(max|w| / 127), q = clip(rint(w * (1 / s)), -127, 127) (1 / s and the product in float32).
  * int4: for the group's value of largest magnitude m and each divisor d of INT4_DIVISORS, s = f16(m / d) (a scale
- * may be negative: d < 0 puts m at the grid's -8 end, as q4_0 does), q = clip(rint(w / s), -8, 7); the candidate with the least sum of (w - q s)^2 (in column
- * order, in double) is kept, the first on ties (q4_0's s = m / -8 comes first). q is always rounded against the stored float16
- * scale, so dequantizing is exactly s * q. */
+ * may be negative: d < 0 puts m at the grid's -8 end, as q4_0 does), q = clip(rint(w * (1 / s)), -8, 7); the
+ * candidate with the least sum of (w - q s)^2 (in column order, in double) is kept, the first on ties (q4_0's
+ * s = m / -8 comes first). q is always rounded against the stored float16 scale, so dequantizing is exactly s * q. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -52,20 +52,24 @@ float tl_f16_to_f32(uint16_t h)
     return (h & 0x8000u) ? -v : v;
 }
 
-/* q[k] = clip(rint(w[k] / s), lo, hi) for a group; returns the sum of (w - q s)^2 in column order, in double (each
- * difference and square is exact there, so fused or separate multiply-adds give the same sum). */
+/* q[k] = clip(rint(w[k] * (1 / s)), lo, hi) for a group; returns the sum of (w - q s)^2 in column order, in double
+ * (each difference and square is exact there, so fused or separate multiply-adds give the same sum). The first loop
+ * vectorises: a multiply, a clamp to +-256 (which clips the same) and rounding to the nearest even integer by adding
+ * and subtracting 1.5 * 2^23 (exact in float32 below 2^22; no libm call). */
 static double round_group(const float *w, float s, int lo, int hi, int8_t *q)
 {
+    const float inv = s != 0.0f ? 1.0f / s : 0.0f, flo = (float)lo, fhi = (float)hi;
+    float t[GROUP];
+    for (int k = 0; k < GROUP; k++) {
+        float v = w[k] * inv;
+        v = v < -256.0f ? -256.0f : v > 256.0f ? 256.0f : v;
+        v = (v + 12582912.0f) - 12582912.0f;
+        t[k] = v < flo ? flo : v > fhi ? fhi : v;
+    }
     double err = 0.0;
     for (int k = 0; k < GROUP; k++) {
-        /* rint(w / s) clipped to [lo, hi]: the quotient clamped to +-256 first (which clips the same), then rounded to
-         * the nearest even integer by adding and subtracting 1.5 * 2^23 (exact in float32 below 2^22; no libm call) */
-        float t = s != 0.0f ? w[k] / s : 0.0f;
-        t = t < -256.0f ? -256.0f : t > 256.0f ? 256.0f : t;
-        t = (t + 12582912.0f) - 12582912.0f;
-        t = t < (float)lo ? (float)lo : t > (float)hi ? (float)hi : t;
-        q[k] = (int8_t)t;
-        const double d = (double)w[k] - (double)t * (double)s;
+        q[k] = (int8_t)t[k];
+        const double d = (double)w[k] - (double)t[k] * (double)s;
         err += d * d;
     }
     return err;
