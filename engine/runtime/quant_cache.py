@@ -157,6 +157,9 @@ def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray]) -> bool:
                 for i in range(0, flat.size, READ_CHUNK_BYTES):
                     f.write(memoryview(flat[i : i + READ_CHUNK_BYTES]))
             f.truncate(total)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
         os.replace(tmp, path)
         return True
     except OSError as e:
