@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The suite leaves the user's cache of quantized weights alone (tests/test_quant_cache.py turns it on in a tmp folder).
+os.environ.setdefault("TINYLLAMA_QUANT_CACHE", "0")
 
 
 def shared_models_dir() -> Path:

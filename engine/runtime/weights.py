@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import EngineError
-from engine.runtime import quant
+from engine.runtime import quant, quant_cache
 from engine.runtime.quant import QuantMatrix
 from weights.checkpoint import Checkpoint
 
@@ -188,19 +188,64 @@ def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str =
                         dtype=dtype)
 
 
+# Bump when the quantized bytes change for the same weights (the cache's entries written before are then not used).
+QUANT_FORMAT_VERSION = 1
+
+
+def quant_settings() -> dict:
+    """Everything besides the checkpoint that decides the quantized bytes (the on-disk cache's key)."""
+    return {"format_version": QUANT_FORMAT_VERSION, "group": quant.GROUP, "block_rows": quant.BLOCK_ROWS,
+            "int4_divisors": list(quant.INT4_DIVISORS), "lm_head_kind": LM_HEAD_KIND,
+            "int4_whole_groups_only": INT4_WHOLE_GROUPS_ONLY}
+
+
 def load_quantized(checkpoint: Checkpoint, config: ModelConfig, kind: str) -> ModelWeights:
     """The weights of a validated checkpoint with every matrix quantized to `kind` ("int8" | "int4"; the lm_head and
     a tied embedding table to LM_HEAD_KIND[kind]), norms float32. Each tensor is read as float32 on its own, then
-    quantized straight into its rows of the fused QuantMatrix: never a float32 copy of more than one tensor."""
+    quantized straight into its rows of the fused QuantMatrix: never a float32 copy of more than one tensor.
+
+    The result is kept on disk (engine/runtime/quant_cache.py, keyed by the checkpoint's files and the quantizer's
+    settings): a later load of the same checkpoint reads the integers and scales back instead of quantizing."""
+    if not quant_cache.enabled():
+        return _quantize_checkpoint(checkpoint, config, kind, None)
+    path = quant_cache.entry_path(checkpoint.folder, kind)
+    try:
+        key = quant_cache.entry_key([f.path for f in checkpoint.files], kind, quant_settings())
+    except OSError:
+        return _quantize_checkpoint(checkpoint, config, kind, None)
+    entry = quant_cache.open_entry(path, key)
+    if entry is not None:
+        with entry:
+            try:
+                return _quantize_checkpoint(checkpoint, config, kind, None, entry)
+            except (ValueError, OSError):
+                pass  # an entry that does not hold these matrices: quantize and rewrite it
+    matrices: dict[str, QuantMatrix] = {}
+    weights = _quantize_checkpoint(checkpoint, config, kind, matrices)
+    arrays = {}
+    for label, m in matrices.items():
+        arrays[label + ".data"], arrays[label + ".scales"] = m.data, m.scales
+    quant_cache.write_entry(path, key, arrays)
+    return weights
+
+
+def _quantize_checkpoint(checkpoint: Checkpoint, config: ModelConfig, kind: str,
+                         made: dict[str, QuantMatrix] | None, entry: quant_cache.Entry | None = None) -> ModelWeights:
+    """load_quantized's weights: each matrix quantized from the checkpoint (and recorded in `made` under its label),
+    or, given a cache `entry`, read from it (ValueError when the entry does not hold it in this kind and shape)."""
     shapes, _ = expected_tensors(config)
 
-    def quantized(names: list[str], as_kind: str = kind) -> QuantMatrix:
+    def quantized(label: str, names: list[str], as_kind: str = kind) -> QuantMatrix:
         """Tensors `names` quantized and stacked row-wise into one QuantMatrix (rows, in_features); int4 rows whose
         length is not a multiple of the group stay int8 (INT4_WHOLE_GROUPS_ONLY)."""
         rows, cols = sum(shapes[n][0] for n in names), shapes[names[0]][1]
         if as_kind == "int4" and cols % quant.GROUP and INT4_WHOLE_GROUPS_ONLY:
             as_kind = "int8"
         out = quant.empty(as_kind, rows, cols)
+        if entry is not None:
+            entry.read_into(label + ".data", out.data)
+            entry.read_into(label + ".scales", out.scales)
+            return out
         start = 0
         for name in names:
             tensor = np.empty(shapes[name], dtype=np.float32)
@@ -208,6 +253,8 @@ def load_quantized(checkpoint: Checkpoint, config: ModelConfig, kind: str) -> Mo
             quant.quantize_into(out, start, tensor)
             start += shapes[name][0]
             del tensor
+        if made is not None:
+            made[label] = out
         return out
 
     def norm(name: str) -> np.ndarray:
@@ -217,22 +264,22 @@ def load_quantized(checkpoint: Checkpoint, config: ModelConfig, kind: str) -> Mo
 
     layers = []
     for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
+        p, q = f"model.layers.{i}.", f"layers.{i}."
         layers.append(
             LayerWeights(
                 attn_norm=norm(p + "input_layernorm.weight"),
-                wqkv=quantized([p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-                                p + "self_attn.v_proj.weight"]),
-                wo=quantized([p + "self_attn.o_proj.weight"]),
+                wqkv=quantized(q + "wqkv", [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                                            p + "self_attn.v_proj.weight"]),
+                wo=quantized(q + "wo", [p + "self_attn.o_proj.weight"]),
                 mlp_norm=norm(p + "post_attention_layernorm.weight"),
-                w_gate_up=quantized([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                w_down=quantized([p + "mlp.down_proj.weight"]),
+                w_gate_up=quantized(q + "w_gate_up", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                w_down=quantized(q + "w_down", [p + "mlp.down_proj.weight"]),
             )
         )
     head_kind = LM_HEAD_KIND[kind]
     if config.tie_word_embeddings:
-        embed = lm_head = quantized(["model.embed_tokens.weight"], head_kind)
+        embed = lm_head = quantized("embed", ["model.embed_tokens.weight"], head_kind)
     else:
-        embed = quantized(["model.embed_tokens.weight"])
-        lm_head = quantized(["lm_head.weight"], head_kind)
+        embed = quantized("embed", ["model.embed_tokens.weight"])
+        lm_head = quantized("lm_head", ["lm_head.weight"], head_kind)
     return ModelWeights(embed=embed, layers=layers, final_norm=norm("model.norm.weight"), lm_head=lm_head, dtype=kind)
