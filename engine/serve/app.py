@@ -307,6 +307,18 @@ class _Timing:
     last: float | None = None
     client_gone: bool = False
 
+    def token(self, metrics: ServerMetrics, prompt_tokens: int, now: float, between_tokens: bool) -> None:
+        """Count a generated token at `now` (serving thread): the first one records time to first token and the
+        prompt's tokens; later ones the time since the previous token when `between_tokens`."""
+        if self.first is None:
+            self.first = now
+            metrics.time_to_first_token.observe(now - self.arrived)
+            metrics.prompt_tokens.inc(prompt_tokens)
+        elif between_tokens:
+            metrics.time_per_output_token.observe(now - self.last)
+        self.last = now
+        metrics.generation_tokens.inc()
+
 
 async def _answer(request: Request, state: ServerState, job: Job, answer: Answer):
     """Submit the job and answer: a stream of SSE chunks or one JSON body. Errors before the first token are HTTP
@@ -321,14 +333,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
     def on_event(item) -> None:  # on the serving thread
         now = time.perf_counter()
         if isinstance(item, TokenEvent):
-            if timing.first is None:
-                timing.first = now
-                metrics.time_to_first_token.observe(now - timing.arrived)
-                metrics.prompt_tokens.inc(len(job.prompt_ids))
-            else:
-                metrics.time_per_output_token.observe(now - timing.last)
-            timing.last = now
-            metrics.generation_tokens.inc()
+            timing.token(metrics, len(job.prompt_ids), now, between_tokens=True)
         elif isinstance(item, GenerationResult):
             metrics.requests.labels(finish_reason(item)).inc()
             metrics.request_latency.observe(now - timing.arrived)
@@ -457,22 +462,14 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
     queue: asyncio.Queue = asyncio.Queue()
     timing = _Timing(time.perf_counter())
     metrics = state.metrics
-    answers = [answer] + [Answer(answer.kind, answer.model, answer.strings, answer.logprobs, answer.include_usage,
-                                 answer.continuous_usage, answer.prompt_tokens, index=i) for i in range(1, job.n)]
-    for a in answers[1:]:
-        a.id, a.created = answer.id, answer.created
+    answers = [answer] + [answer.choice(i) for i in range(1, job.n)]
     results: dict[int, GenerationResult] = {}  # filled on the serving thread
 
     def callback(index: int):
         def on_event(item) -> None:  # on the serving thread
             now = time.perf_counter()
-            if isinstance(item, TokenEvent):
-                if timing.first is None:
-                    timing.first = now
-                    metrics.time_to_first_token.observe(now - timing.arrived)
-                    metrics.prompt_tokens.inc(len(job.prompt_ids))
-                timing.last = now
-                metrics.generation_tokens.inc()
+            if isinstance(item, TokenEvent):  # the choices share one clock: no time between tokens
+                timing.token(metrics, len(job.prompt_ids), now, between_tokens=False)
             elif isinstance(item, GenerationResult):
                 metrics.requests.labels(finish_reason(item)).inc()
                 metrics.count_prompt(item)

@@ -99,6 +99,14 @@ class Answer:
         self.text_offset = 0  # completions' text_offset runs on across stream chunks
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # completions' tokens: characters across tokens
 
+    def choice(self, index: int) -> "Answer":
+        """The Answer of another choice of the same response (n > 1): the same id, time and settings, its own index
+        and per-choice state."""
+        other = Answer(self.kind, self.model, self.strings, self.logprobs, self.include_usage, self.continuous_usage,
+                       self.prompt_tokens, index=index)
+        other.id, other.created = self.id, self.created
+        return other
+
     # ---- pieces -----------------------------------------------------------------------------------------------
     def _top(self, logprob: TokenLogprob) -> list[dict]:
         out = []
