@@ -765,3 +765,35 @@ def test_a_new_user_gets_a_streamed_reply_from_stories260k(browser, stories_serv
         assert not w.problems and not w.dialogs
     finally:
         w.close()
+
+
+SLOW_LOAD = """import time, engine.cli.common as common
+_load = common.load
+def _slow(args):
+    time.sleep(8)
+    return _load(args)
+common.load = _slow"""
+
+
+def test_a_message_sent_while_the_model_loads_waits_for_it(browser, stories260k):
+    """A new user opens the page as soon as the server prints its address: the model may still be loading (the
+    first start also builds the compiled kernels). The page says so, and a message waits for the model."""
+    s = ServerProcess("--model", str(stories260k), env=ONE_THREAD, preamble=SLOW_LOAD)
+    try:
+        deadline = time.monotonic() + 120
+        while not re.search(r"listening on (http://127\.0\.0\.1:\d+)", s.log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s.url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", s.log).group(1)
+        w = Watched(browser, s.url, DESKTOP)
+        page = w.page
+        assert "loading the model" in page.text_content("#model-name")
+        send(page, "Once upon a time")
+        page.wait_for_selector("article.assistant .body:has-text('trying again in')")  # the server's 503, said
+        reply = wait_reply(page, 1)
+        assert len(reply.locator(".body").text_content()) > 100
+        assert "completes text" in page.text_content("#model-name")  # learnt once loaded: no chat template
+        assert w.bodies("v1/completions")[-1]["prompt"] == "Once upon a time"
+        assert [p for p in w.problems if "503" not in p] == [] and not w.dialogs
+        w.close()
+    finally:
+        s.stop()

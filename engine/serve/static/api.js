@@ -3,11 +3,12 @@
 // fetch closes the connection, which makes the server cancel the sequence.
 
 export class APIError extends Error {
-  constructor(message, status, code = null) {
+  constructor(message, status, code = null, retryAfter = null) {
     super(message);
     this.name = "APIError";
     this.status = status;
     this.code = code; // OpenAI's error code, e.g. "context_length_exceeded"
+    this.retryAfter = retryAfter; // seconds, from a 503's Retry-After (the model still loading, a full queue)
   }
 }
 
@@ -24,7 +25,8 @@ async function errorOf(response) {
     if (body && body.error && body.error.message) message = body.error.message;
     if (body && body.error && body.error.code) code = body.error.code;
   } catch (_) { /* not JSON: keep the status line */ }
-  return new APIError(message, response.status, code);
+  const retryAfter = Number(response.headers.get("Retry-After")) || null;
+  return new APIError(message, response.status, code, retryAfter);
 }
 
 export async function getJSON(path, apiKey) {

@@ -345,6 +345,18 @@ async function generate() {
       await streamReply(chat, reply, fit, body, clock, controller.signal);
       reply.meta.state = "done";
     } catch (error) {
+      if (error instanceof APIError && error.status === 503 && error.retryAfter && !reply.content) {
+        // the model is still loading (or the queue is full): wait as the server asks, then send again
+        body.textContent = `${error.message} (trying again in ${error.retryAfter} s…)`;
+        if (await pause(error.retryAfter * 1000, controller.signal)) {
+          body.textContent = "";
+          await showModel(); // once loaded: its window, and whether it chats or completes text
+          fit = fitWindow(chat.messages, end, chat.from || 0, systemPrompt(), state.model.window, maxTokens);
+          reply.meta.system = systemPrompt();
+          continue;
+        }
+        error = new DOMException("stopped", "AbortError");
+      }
       const next = nextTurn(chat.messages, fit.from, end);
       if (error instanceof APIError && error.code === "context_length_exceeded" && !reply.content && next !== null) {
         fit = fitWindow(chat.messages, end, next, system, state.model.window, maxTokens); // the server's count decides
@@ -376,6 +388,15 @@ async function generate() {
   measure(reply, clock);
   learnCosts(chat.messages, end);
   finish();
+}
+
+// Waits `ms` -> true, or false as soon as `signal` aborts (Stop).
+function pause(ms, signal) {
+  return new Promise((resolve) => {
+    if (signal.aborted) { resolve(false); return; }
+    const timer = setTimeout(() => resolve(true), ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(false); }, { once: true });
+  });
 }
 
 // A reply that failed (or was stopped) before its first token: it goes, with the message it answered, whose text
@@ -589,14 +610,16 @@ async function showModel() {
     card = (await getJSON("/v1/models", state.apiKey)).data[0];
   } catch (_) { /* the server is not there yet: asked again below */ }
   if (!card || !card.max_model_len) {
-    setTimeout(showModel, 2000);
+    clearTimeout(state.modelTimer);
+    state.modelTimer = setTimeout(showModel, 2000);
     if (!card) return;
   }
   const window = card.max_model_len || null;
   const chat = card.capabilities ? card.capabilities.includes("chat") : true;
   const changed = state.model.chat !== chat;
   state.model = { id: card.id, window, chat };
-  $("model-name").textContent = `· ${card.id}${window ? ` · ${window}-token window` : ""}${chat ? "" : " · completes text"}`;
+  $("model-name").textContent = `· ${card.id}`
+    + (window ? ` · ${window}-token window${chat ? "" : " · completes text"}` : " · loading the model…");
   if (window) {
     const room = Math.floor(window / 4);
     $("window-hint").textContent = `The model's window holds ${window} tokens: the conversation and the reply `
