@@ -487,6 +487,7 @@ def test_a_ten_turn_chat_past_the_window_leaves_out_its_oldest_turns(browser, sm
         assert notices.count() >= 1 and notices.first.is_visible()
         assert "turn" in notices.first.text_content()
         assert page.locator(".window-divider").count() == 1 and page.locator("article.outside").count() >= 2
+        page.locator(".window-divider").scroll_into_view_if_needed()
         screenshot(page, "desktop-window.png")
         assert not w.problems and not w.dialogs
     finally:
