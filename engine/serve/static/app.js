@@ -235,8 +235,10 @@ function samplingFields(maxTokens) {
   return body;
 }
 
+// The system prompt sent: the setting, for a chat model only ("" when none).
 function systemPrompt() {
-  return state.model.chat ? state.settings.system.trim() ? state.settings.system : "" : "";
+  if (!state.model.chat || !state.settings.system.trim()) return "";
+  return state.settings.system;
 }
 
 // The conversation as the API takes it, for a reply at `end` sent from `from`: the system prompt, then every
