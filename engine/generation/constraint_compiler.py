@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import queue
 import select
@@ -79,11 +80,11 @@ class ConstraintCompiler:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> "ConstraintCompiler":
-        """Start the compile threads (each starts its worker process at once, in the background)."""
+        """Start the compile threads (each starts its worker process when it gets its first compile, ~0.5-1.5 s)."""
         setup = None
         if self.isolate:
             setup = {"tokenizer": self.tokenizer.to_json(), "n_vocab": self.vocab_size, "eos": list(self.eos_ids),
-                     "stack_mb": WORKER_STACK_MB,
+                     "stack_mb": WORKER_STACK_MB, "cpu_limit_s": math.ceil(self.time_limit) + 1,
                      "memory_mb": self.memory_mb}
         for i in range(self.workers):
             process = _WorkerProcess(setup, self.time_limit) if self.isolate else None
@@ -155,9 +156,9 @@ class ConstraintCompiler:
 
     def _serve(self, process: "_WorkerProcess | None") -> None:
         while not self._stopped:
-            if process is not None and not process.closed:
+            if process is not None and process.used and not process.closed:
                 try:
-                    process.ensure_started()  # at once, and again after a worker died: not on a request's time
+                    process.ensure_started()  # again after a worker died: not on the next request's time
                 except (RuntimeError, OSError) as error:
                     log.error("%s", error)
             item = self._queue.get()
@@ -202,13 +203,15 @@ class _WorkerProcess:
         self.time_limit = time_limit
         self.process: subprocess.Popen | None = None
         self.closed = False
+        self.used = False  # started on first use (a server that never compiles a constraint starts none)
 
     def ensure_started(self) -> None:
         """Start the worker and wait for its ready message (WORKER_START_TIMEOUT); RuntimeError when it fails."""
         if self.process is not None and self.process.poll() is None:
             return
+        self.used = True
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
-        self.process = subprocess.Popen([sys.executable, "-s", str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
         try:
             write_message(self.process.stdin, self.setup)

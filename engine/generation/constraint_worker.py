@@ -5,7 +5,8 @@ Run as a script (`python constraint_worker.py`, never imported by the engine: it
 and llguidance, so it starts in a fraction of a second). It speaks length-prefixed JSON on stdin / stdout
 (4-byte big-endian length, then UTF-8 JSON):
 
-    -> {"tokenizer": tokenizer.json text, "n_vocab": int, "eos": [usual ids], "stack_mb": int, "memory_mb": int}
+    -> {"tokenizer": tokenizer.json text, "n_vocab": int, "eos": [usual ids], "stack_mb": int, "memory_mb": int,
+        "cpu_limit_s": int}
     <- {"ready": true}
     -> {"grammar": llguidance grammar text, "eos": [ids]}        (any number of times)
     <- {"error": "", "empty": bool}  compiled, the first mask computed (empty: the grammar admits no text)
@@ -14,12 +15,14 @@ and llguidance, so it starts in a fraction of a second). It speaks length-prefix
 Before the tokenizer is built the worker caps its address space at `memory_mb` (RLIMIT_AS) and turns core dumps
 off; each grammar is compiled on a thread with a `stack_mb` stack (smaller than the server's compile threads, so a
 grammar that fits here fits there) and its first mask is computed on an llguidance executor thread, as the server
-computes masks. The parent enforces the time limit (it kills a worker that does not answer in time).
+computes masks. The parent enforces the time limit (it kills a worker that does not answer in time); a CPU-time
+limit a little past it (RLIMIT_CPU, set before each grammar) ends a worker whose parent died meanwhile.
 """
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import resource
 import struct
@@ -111,6 +114,12 @@ def main() -> int:
         if request is None:
             return 0
         eos = tuple(request["eos"])
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = math.ceil(used.ru_utime + used.ru_stime) + setup["cpu_limit_s"]
+        hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        if hard != resource.RLIM_INFINITY:
+            cpu = min(cpu, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, hard))  # SIGXCPU past it, orphaned or not
         try:
             ll_tokenizer = tokenizer(eos)
             reply = on_thread(lambda: compile_and_mask(llguidance, ll_tokenizer, executor, request["grammar"],
