@@ -12,7 +12,8 @@ seen before (each gets a new `title`, so nothing is cached):
   then the in-process compile;
 - cached: ConstraintCompiler.compile of a schema compiled before (what a client sending its schema again pays).
 
-The systems alternate in blocks (`--rounds` x `--per-block` compiles each), so load changes hit them alike. The
+The systems alternate in blocks (`--rounds` x `--per-block` compiles each, the order rotating every round), so load
+changes hit them alike. The
 tokenizer is TinyLlama's real one (32,000 tokens); the schema is bench.structured's nested 20-field one. Results:
 JSON on stdout and in --out.
 """
@@ -62,8 +63,11 @@ def main(argv=None) -> int:
         "cached": lambda g: cached.compile("json_schema", warm, eos),
     }
     times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(args.rounds):
-        for name, run in systems.items():
+    names = list(systems)
+    for round_number in range(args.rounds):
+        order = names[round_number % len(names):] + names[:round_number % len(names)]  # each system leads in turn
+        for name in order:
+            run = systems[name]
             for _ in range(args.per_block):
                 grammar = fresh()
                 started = time.perf_counter()
