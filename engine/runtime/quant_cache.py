@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import sys
@@ -44,20 +45,25 @@ def cache_folder() -> Path:
     return native.cache_dir() / "quantized"
 
 
-def file_fingerprint(path: Path) -> dict:
-    """A cheap fingerprint of one checkpoint file: name, size, mtime_ns and the SHA-256 of its header bytes."""
+def file_fingerprint(path: Path, header_bytes: int | None = None) -> dict:
+    """A cheap fingerprint of one checkpoint file: name, size, mtime_ns and the SHA-256 of its header bytes (a
+    safetensors header, or the first `header_bytes` bytes: a GGUF file's metadata and tensor table)."""
     st = path.stat()
     with open(path, "rb") as f:
+        if header_bytes is not None:
+            digest = hashlib.sha256(f.read(min(header_bytes, MAX_HEADER_BYTES))).hexdigest()
+            return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest}
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         digest = hashlib.sha256(head + f.read(min(n, MAX_HEADER_BYTES))).hexdigest()
     return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest}
 
 
-def entry_key(files: list[Path], kind: str, settings: dict) -> dict:
+def entry_key(files: list[Path], kind: str, settings: dict, header_bytes: int | None = None) -> dict:
     """The key an entry must carry to be used: the checkpoint files' fingerprints, the kind and the quantizer's
-    `settings` (format version, group size, ... : JSON values)."""
-    return {"kind": kind, "settings": settings, "files": [file_fingerprint(Path(p)) for p in files]}
+    `settings` (format version, group size, ... : JSON values); header_bytes: as in file_fingerprint."""
+    return {"kind": kind, "settings": settings,
+            "files": [file_fingerprint(Path(p), header_bytes) for p in files]}
 
 
 def entry_path(folder: Path, kind: str) -> Path:
@@ -75,6 +81,20 @@ class Entry:
 
     def __init__(self, path: Path, f, arrays: dict[str, dict]):
         self.path, self._f, self._arrays = path, f, arrays
+        self._map: mmap.mmap | None = None
+
+    def view(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The stored array `name` as a read-only array on a memory map of the entry (no copy: its pages are read
+        when touched, and shared with every process mapping the same entry). ValueError when the entry does not
+        hold it in this dtype and shape. The mapping lives as long as any array viewing it."""
+        dtype = np.dtype(dtype)
+        info = self._arrays.get(name)
+        if info is None or info["dtype"] != dtype.str or tuple(info["shape"]) != tuple(shape):
+            raise ValueError(f"{self.path}: no array {name!r} of {dtype} {tuple(shape)}")
+        if self._map is None:
+            self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=info["offset"]).reshape(shape)
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         """Copy the stored array `name` into `out` (C-contiguous, the stored dtype and shape), piece by piece from
@@ -93,6 +113,7 @@ class Entry:
             done += got
 
     def close(self) -> None:
+        """Close the file (arrays handed out by `view` keep their mapping)."""
         self._f.close()
 
     def __enter__(self):
