@@ -1,0 +1,260 @@
+"""GGUF files (llama.cpp's format) run by this engine: the same logits and tokens as the same checkpoint's
+safetensors run for the float types, the file's exact meaning (its tensors dequantized by gguf-py, run in float64)
+within the int16-activation bound for Q8_0 / Q4_0, the tokenizer from the file alone, the repacked weights cached,
+every bad file one clear error. Files are written with gguf-py's GGUFWriter here (tests/gguf_support.py: always
+runs); those made by llama.cpp's own converter and quantizer are in tests/test_gguf_llamacpp.py."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType, quants  # noqa: E402
+
+import engine  # noqa: E402
+from engine.runtime import ggml_formats, quant_cache  # noqa: E402
+from engine.runtime.quant import QuantMatrix  # noqa: E402
+from tests.conftest import REPO, make_random_checkpoint  # noqa: E402
+from tests.gguf_support import copy_with, write_gguf  # noqa: E402
+from tests.test_quant import kernel_bound  # noqa: E402
+from weights import CheckpointError  # noqa: E402
+
+IDS = [1, 17, 200, 31, 5, 99, 120, 7, 64, 3, 250, 11]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, stories260k):
+    """Random Llamas (GQA, untied) stored as float32, float16 and bfloat16, with stories260K's tokenizer."""
+    root = tmp_path_factory.mktemp("gguf-ckpt")
+    return {dtype: make_random_checkpoint(root / dtype, dtype=dtype, tokenizer_from=stories260k, seed=3)
+            for dtype in ("float32", "float16", "bfloat16")}
+
+
+@pytest.mark.parametrize("dtype,type_name", [("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")])
+def test_float_types_equal_the_safetensors_run(checkpoints, tmp_path, dtype, type_name):
+    folder = checkpoints[dtype]
+    path = write_gguf(folder, tmp_path / f"m-{type_name}.gguf", type_name)
+    ours = engine.load_model(str(path))
+    theirs = engine.load_model(str(folder))
+    assert ours.weights_dtype == theirs.weights_dtype == dtype
+    a, b = ours.logits(IDS), theirs.logits(IDS)
+    assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b))
+    assert ours.generate(IDS[:4], max_new_tokens=12, ignore_eos=True) == \
+        theirs.generate(IDS[:4], max_new_tokens=12, ignore_eos=True)
+    assert ours.tokenizer.encode("Once upon a time") == theirs.tokenizer.encode("Once upon a time")
+
+
+@pytest.mark.parametrize("type_name,kind", [("Q8_0", "int8"), ("Q4_0", "int4")])
+def test_quantized_types_run_the_files_exact_meaning(checkpoints, tmp_path, type_name, kind):
+    """Each repacked matrix multiplies as the file's dequantized values within the kernels' int16-activation bound
+    (tests/test_quant.py), and the whole model stays within 1e-3 of the logit scale of the file's exact meaning:
+    gguf-py's dequantized tensors in transformers run in float64."""
+    torch = pytest.importorskip("torch")
+    from engine.compare import gguf_reference
+
+    path = write_gguf(checkpoints["float32"], tmp_path / f"m-{type_name}.gguf", type_name)
+    model = engine.load_model(str(path))
+    assert model.weights_dtype == kind
+    w = model.backend.weights.layers[0].wqkv
+    assert isinstance(w, QuantMatrix) and w.kind == kind
+    from weights.gguf_file import GGUFFile
+
+    with GGUFFile(path) as f:
+        raw = f.rows("model.layers.0.mlp.up_proj.weight")
+        up = quants.dequantize(np.ascontiguousarray(raw), GGMLQuantizationType[type_name]).reshape(raw.shape[0], -1)
+    inter = model.config.intermediate_size
+    repacked = model.backend.weights.layers[0].w_gate_up
+    np.testing.assert_array_equal(repacked.dequantize(slice(inter, 2 * inter)), up)
+    x = np.random.default_rng(0).standard_normal((3, up.shape[1])).astype(np.float32)
+    from engine.runtime.layers import linear
+
+    got = linear(x, repacked)[:, inter:]
+    assert np.all(np.abs(got - x.astype(np.float64) @ up.astype(np.float64).T) <= kernel_bound(x, up))
+    reference = gguf_reference(path).double()
+    with torch.no_grad():
+        exact = reference(torch.tensor([IDS])).logits[0].numpy()
+    ours = model.logits(IDS)
+    assert np.max(np.abs(ours - exact)) <= 1e-3 * np.max(np.abs(exact))
+    assert np.array_equal(ours.argmax(-1), exact.argmax(-1))
+
+
+def test_stories260k_q8_0_with_its_own_tokenizer_and_check_cli(stories260k, tmp_path):
+    """The real tiny model: the tokenizer from the file alone gives the folder's ids, generation runs, and `check`
+    compares it with its file's exact meaning (the engine's KL there is far below llama.cpp's 3.7e-4)."""
+    path = write_gguf(stories260k, tmp_path / "stories260K-q8_0.gguf", "Q8_0")
+    model = engine.load_model(str(path))
+    folder_model = engine.load_model(str(stories260k))
+    text = "Once upon a time, there was a little girl.\n\nShe liked 3 cats: Tom, Tim & Kit!"
+    assert model.tokenizer.encode(text) == folder_model.tokenizer.encode(text)
+    assert model.tokenizer.decode(model.tokenizer.encode(text), skip_special_tokens=True) == text
+    out = subprocess.run([sys.executable, "-m", "engine", "check", "--model", str(path), "--steps", "8", "--json",
+                          "--no-llama-cpp"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert "exact meaning" in report["reference"] and report["weights_dtype"] == "int8"
+    assert report["fidelity"]["top1_agreement"] == 1.0 and report["fidelity"]["kl_mean"] < 1e-6
+    gen = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", str(path), "--max-new-tokens", "6",
+                          "Once upon a time"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    tokens = subprocess.run([sys.executable, "-m", "engine", "inspect", "tokens", "--model", str(path), "Once upon"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert tokens.returncode == 0 and "▁Once" in tokens.stdout, tokens.stderr
+
+
+def test_tinyllama_vocabulary_from_the_file_equals_hugging_face(tinyllama_tokenizer_dir, tmp_path):
+    """TinyLlama's real 32000-token SentencePiece vocabulary (tokens, scores, types read from its tokenizer.model as
+    llama.cpp's converter reads them) built from the file alone: the same ids as its tokenizer.json over spaces,
+    newlines, digits, unicode and special tokens; the special ids and chat template too."""
+    pytest.importorskip("sentencepiece")
+    from engine.text.tokenizer import Tokenizer
+    from tests.gguf_support import vocabulary
+
+    tokens, scores, types = vocabulary(tinyllama_tokenizer_dir)
+    template = json.loads((tinyllama_tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.padding_token_id": 2,
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": template}
+    ours = Tokenizer.from_gguf_metadata(meta)
+    hf = Tokenizer.from_folder(tinyllama_tokenizer_dir)
+    for text in CORPUS:
+        assert ours.encode(text) == hf.encode(text), text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf.encode(text))
+    assert (ours.bos_id, ours.eos_ids) == (1, (2,))
+    chat = [{"role": "user", "content": "Hi there!\nWho are you?"}]
+    assert ours.encode_chat(chat) == hf.encode_chat(chat)
+
+
+CORPUS = [
+    "The capital of France is Paris.", "  two  spaces,\ttab and trailing   ", "line one\nline two\n\n\nthree",
+    "digits 0 7 42 1234567 3.14159 2024-01-01", "unicode: café naïve Ærø 日本語 한국어 Привет 😀🚀 ∑∫",
+    "<s>special</s> tokens <unk> inside text", "<|user|>\nHello!</s>\n<|assistant|>\n", "", " ", "\n", "a",
+    "mixed\u00a0nbsp and zero\u200bwidth", "tabs\t\tand\r\nCRLF",
+]
+
+
+# -- the cache of repacked weights ------------------------------------------------------------------------------
+
+def test_repacked_weights_are_cached_and_memory_mapped(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLAMA_QUANT_CACHE", "1")
+    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(checkpoints["float32"], tmp_path / "m.gguf", "Q4_0")
+    first = engine.load_model(str(path))
+    entries = list((tmp_path / "cache" / "quantized").glob("*-gguf.bin"))
+    assert len(entries) == 1
+
+    def no_repacking(*args, **kwargs):
+        raise AssertionError("a cached load repacked a tensor")
+
+    monkeypatch.setattr(type(ggml_formats.lookup("Q4_0")), "repack_into", no_repacking)
+    second = engine.load_model(str(path))
+    w = second.backend.weights.layers[1].w_gate_up
+    assert not w.data.flags.writeable and not w.data.flags.owndata  # a view of the mapped entry
+    np.testing.assert_array_equal(first.logits(IDS), second.logits(IDS))
+    path.touch()  # a changed file (time): the entry is stale, repacked again
+    with pytest.raises(AssertionError, match="repacked"):
+        engine.load_model(str(path))
+
+
+# -- bad files: one line, non-zero exit --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_file(checkpoints, tmp_path_factory):
+    return write_gguf(checkpoints["float32"], tmp_path_factory.mktemp("good") / "m.gguf", "Q8_0")
+
+
+def load_error(path) -> str:
+    with pytest.raises(CheckpointError) as e:
+        engine.load_model(str(path))
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_truncated_file(good_file, tmp_path):
+    data = good_file.read_bytes()
+    for size in (6, 200, len(data) - 100):
+        cut = tmp_path / f"cut-{size}.gguf"
+        cut.write_bytes(data[:size])
+        assert "truncated" in load_error(cut)
+
+
+def test_wrong_magic_and_version(good_file, tmp_path):
+    assert "not a GGUF file" in load_error(copy_with(good_file, tmp_path / "magic.gguf", 0, b"GGML"))
+    message = load_error(copy_with(good_file, tmp_path / "version.gguf", 4, struct.pack("<I", 9)))
+    assert "version 9" in message and "2, 3" in message
+
+
+def test_other_architecture_names_what_runs(checkpoints, tmp_path):
+    path = write_gguf(checkpoints["float32"], tmp_path / "qwen.gguf", "F32", arch="qwen2")
+    message = load_error(path)
+    assert "'qwen2'" in message and "llama" in message
+
+
+def test_tensor_shape_against_metadata(checkpoints, tmp_path):
+    def wider(meta):
+        meta["feed_forward_length"] += 32
+
+    message = load_error(write_gguf(checkpoints["float32"], tmp_path / "shape.gguf", "F32", edit_metadata=wider))
+    assert "ffn_gate.weight" in message and "shape" in message
+
+
+def test_missing_metadata_and_tokenizer(checkpoints, tmp_path):
+    def no_eps(meta):
+        del meta["attention.layer_norm_rms_epsilon"]
+
+    assert "llama.attention.layer_norm_rms_epsilon" in load_error(
+        write_gguf(checkpoints["float32"], tmp_path / "eps.gguf", "F32", edit_metadata=no_eps))
+    assert "tokenizer.ggml" in load_error(write_gguf(checkpoints["float32"], tmp_path / "tok.gguf", "F32",
+                                                     tokenizer=False))
+
+
+def test_unsupported_type_names_type_tensor_and_what_runs(checkpoints, tmp_path):
+    """A tensor of a type no format runs is refused before anything is read: IQ4_NL has Q4_0's block size (32 values
+    in 18 bytes), so a Q4_0 file with one tensor relabelled IQ4_NL in its tensor table is a well-formed file."""
+    import gguf
+
+    q4 = write_gguf(checkpoints["float32"], tmp_path / "q4.gguf", "Q4_0")
+    reader = gguf.GGUFReader(q4)
+    t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    type_offset = t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:4])  # name len, name, n_dims, dims
+    del reader
+    assert gguf.GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_NL] == gguf.GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
+    bad = copy_with(q4, tmp_path / "iq4.gguf", type_offset, struct.pack("<I", GGMLQuantizationType.IQ4_NL.value))
+    message = load_error(bad)
+    assert "IQ4_NL" in message and "blk.0.ffn_down.weight" in message and "Q4_0" in message and "F16" in message
+
+
+def test_cli_bad_file_is_one_line_and_exit_1(good_file, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good_file.read_bytes()[:300])
+    for command in (["generate", "--model", str(cut), "hi"], ["inspect", "tokens", "--model", str(cut), "hi"],
+                    ["check", "--model", str(tmp_path / "missing.gguf")]):
+        out = subprocess.run([sys.executable, "-m", "engine", *command], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and "tinyllama: error:" in out.stderr, out.stderr
+
+
+def test_weights_dtype_and_backend_a_gguf_does_not_take(good_file):
+    with pytest.raises(engine.EngineError, match="GGUF"):
+        engine.load_model(str(good_file), weights_dtype="int4")
+    with pytest.raises(engine.EngineError, match="numpy"):
+        engine.load_model(str(good_file), backend="triton")
+    widened = engine.load_model(str(good_file), weights_dtype="float32")
+    assert widened.weights_dtype == "float32"
+    np.testing.assert_allclose(widened.logits(IDS), engine.load_model(str(good_file)).logits(IDS), rtol=0,
+                               atol=2e-3 * np.abs(widened.logits(IDS)).max())
+
+
+def test_quant_cache_key_uses_the_gguf_header(good_file):
+    """The cache fingerprints a GGUF by its metadata and tensor table, not by a safetensors header length."""
+    from weights.gguf_file import GGUFFile
+
+    with GGUFFile(good_file) as f:
+        key = quant_cache.entry_key([good_file], "gguf", {}, header_bytes=f.header_bytes)
+    assert key["files"][0]["size"] == good_file.stat().st_size
