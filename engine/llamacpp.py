@@ -42,12 +42,14 @@ def _amx_build(L) -> bool:
 class LlamaCpp:
     """A GGUF file loaded by llama.cpp (vocabulary and weights), with one context of `n_ctx` positions."""
 
-    def __init__(self, path, n_ctx: int = 512, threads: int | None = None):
+    def __init__(self, path, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False):
+        """vocab_only: load the vocabulary alone (for `tokenize`; no weights, no context)."""
         import llama_cpp as L
 
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        mp.vocab_only = vocab_only
         if hasattr(mp, "use_extra_bufts") and _amx_build(L):
             mp.use_extra_bufts = False
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
@@ -55,6 +57,9 @@ class LlamaCpp:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.ctx = None
+        if vocab_only:
+            return
         p = L.llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = p.n_ubatch = min(512, n_ctx)

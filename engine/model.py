@@ -29,12 +29,12 @@ class Model:
 
     def __init__(self, config: ModelConfig, backend, folder: Path | None = None, generation_config: dict | None = None,
                  weights_dtype: str | None = None, weights_dtype_reason: str = "", gguf_path: Path | None = None,
-                 tokenizer_metadata: dict | None = None):
+                 tokenizer_loader=None):
         self.config = config
         self.backend = backend
         self.folder = folder
         self.gguf_path = gguf_path  # the GGUF file the weights came from (None for a safetensors folder)
-        self._tokenizer_metadata = tokenizer_metadata  # a GGUF file's tokenizer.* metadata
+        self._tokenizer_loader = tokenizer_loader  # () -> Tokenizer: a GGUF file's own (built on first use)
         self.generation_config = generation_config or {}
         self._weights_dtype = weights_dtype
         self.weights_dtype_reason = weights_dtype_reason  # why the weights are held as `weights_dtype`
@@ -72,20 +72,15 @@ class Model:
     @property
     def has_tokenizer(self) -> bool:
         """Whether the model has a tokenizer: a folder's tokenizer.json, or a GGUF file's vocabulary."""
-        return self._tokenizer is not None or self._tokenizer_metadata is not None or \
+        return self._tokenizer is not None or self._tokenizer_loader is not None or \
             (self.folder is not None and (self.folder / "tokenizer.json").exists())
 
     @property
     def tokenizer(self):
         """The model's tokenizer (tokenizer.json in the model folder, or the GGUF file's own vocabulary);
         CheckpointError when there is none."""
-        if self._tokenizer is None and self._tokenizer_metadata is not None:
-            from engine.text.gguf_tokenizer import GGUFTokenizerError
-
-            try:
-                self._tokenizer = Tokenizer.from_gguf_metadata(self._tokenizer_metadata)
-            except GGUFTokenizerError as e:
-                raise CheckpointError(f"{self.gguf_path}: {e}") from None
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
         if self._tokenizer is None:
             if self.folder is None or not (self.folder / "tokenizer.json").exists():
                 raise CheckpointError(f"{self.folder}: no tokenizer.json in the model folder")
@@ -199,34 +194,62 @@ GGUF_WEIGHTS_DTYPES = ("auto", "float32")
 
 def load_gguf_model(path: Path, backend: str = "numpy", weights_dtype: str = "auto", **backend_options) -> Model:
     """Load a GGUF file: config and tokenizer from its metadata, each tensor in its ggml type (engine.runtime.
-    ggml_formats; weights_dtype="float32": every matrix dequantized to float32). NumPy backend; CheckpointError
-    (one line) for anything wrong with the file, EngineError for options a GGUF model does not take."""
+    ggml_formats; weights_dtype="float32": every matrix dequantized to float32). A file whose repacked weights are
+    cached (engine.runtime.gguf_weights.load_cached) is not read at all: weights, config and tokenizer come from the
+    mapped entry. NumPy backend; CheckpointError (one line) for anything wrong with the file, EngineError for
+    options a GGUF model does not take."""
+    from engine.runtime import gguf_weights
     from engine.runtime.ggml_formats import UnsupportedTypeError
-    from engine.runtime.gguf_weights import load_gguf_weights
+    from engine.text import gguf_tokenizer
 
     if backend != "numpy":
         raise EngineError(f"a GGUF file runs on the numpy backend (its compiled kernels), not {backend}")
     if weights_dtype not in GGUF_WEIGHTS_DTYPES:
         raise EngineError(f"weights_dtype={weights_dtype} does not apply to a GGUF file: its tensors run in their own "
                           f"types (auto), or dequantized to float32 (float32)")
-    with GGUFFile(path) as f:
-        config = ModelConfig.from_dict(f.config_dict(), source=str(path))
-        meta = f.tokenizer_metadata()
-        kernels = native.status()
-        if notice := native.fallback_notice("bfloat16"):
-            print(notice, file=sys.stderr)
-        widen = weights_dtype == "float32" or not kernels.available
+    path = Path(path)
+    kernels = native.status()
+    if notice := native.fallback_notice("bfloat16"):
+        print(notice, file=sys.stderr)
+    widen = weights_dtype == "float32" or not kernels.available
+    cached = None if widen else gguf_weights.load_cached(path)
+    if cached is not None:
+        config, weights, extra = cached
+        label = extra.get("label", "")
+        built = extra.get("tokenizer")
+        meta = None
+    else:
+        with GGUFFile(path) as f:
+            config = ModelConfig.from_dict(f.config_dict(), source=str(path))
+            meta = f.tokenizer_metadata()
+            label = f.dtype_label()
+            try:  # built now so that the cache keeps it (a later load then skips the vocabulary's merges)
+                hf, facts = gguf_tokenizer.build(meta)
+                built = {"json": hf.to_str(), "facts": facts}
+            except gguf_tokenizer.GGUFTokenizerError:
+                built = None  # an error on first use of the tokenizer; ids still run
+            try:
+                weights = gguf_weights.load_gguf_weights(f, config, widen=widen,
+                                                         extra={"label": label, "tokenizer": built})
+            except UnsupportedTypeError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+
+    def tokenizer() -> Tokenizer:
+        """The file's tokenizer: as built at the first load, or built from its metadata now."""
+        if built is not None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            return Tokenizer(HFTokenizer.from_str(built["json"]), **built["facts"])
         try:
-            weights = load_gguf_weights(f, config, widen=widen)
-        except UnsupportedTypeError as e:
+            return Tokenizer.from_gguf_metadata(meta)
+        except gguf_tokenizer.GGUFTokenizerError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        label = f.dtype_label()
+
     reason = (f"the GGUF file's own types ({label or weights.dtype})" if not widen else
               "dequantized to float32 at load" + ("" if weights_dtype == "float32" else
                                                   f": the compiled kernels are not available ({kernels.detail})"))
-    model = Model(config, NumpyBackend(config, weights, **backend_options), folder=None, weights_dtype=weights.dtype,
-                  weights_dtype_reason=reason, gguf_path=Path(path), tokenizer_metadata=meta)
-    return model
+    return Model(config, NumpyBackend(config, weights, **backend_options), folder=None, weights_dtype=weights.dtype,
+                 weights_dtype_reason=reason, gguf_path=path, tokenizer_loader=tokenizer)
 
 
 def share_equal_arrays(source, target) -> int:

@@ -141,24 +141,31 @@ CORPUS = [
 # -- the cache of repacked weights ------------------------------------------------------------------------------
 
 def test_repacked_weights_are_cached_and_memory_mapped(checkpoints, tmp_path, monkeypatch):
+    """A second load maps the entry and reads nothing of the file (not even its metadata: the GGUF reader is never
+    called), with the same logits and the same tokenizer; a changed file is repacked again."""
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(quant_cache, "cache_folder", lambda: folder)
     monkeypatch.setenv("TINYLLAMA_QUANT_CACHE", "1")
-    monkeypatch.setenv("TINYLLAMA_CACHE", str(tmp_path / "cache"))
     path = write_gguf(checkpoints["float32"], tmp_path / "m.gguf", "Q4_0")
     first = engine.load_model(str(path))
-    entries = list((tmp_path / "cache" / "quantized").glob("*-gguf.bin"))
-    assert len(entries) == 1
+    assert len(list(folder.glob("*-gguf.bin"))) == 1
 
-    def no_repacking(*args, **kwargs):
-        raise AssertionError("a cached load repacked a tensor")
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a cached load read the GGUF file")
 
-    monkeypatch.setattr(type(ggml_formats.lookup("Q4_0")), "repack_into", no_repacking)
-    second = engine.load_model(str(path))
+    with monkeypatch.context() as m:
+        m.setattr("weights.gguf_file.GGUFFile.__init__", no_reading)
+        second = engine.load_model(str(path))
     w = second.backend.weights.layers[1].w_gate_up
     assert not w.data.flags.writeable and not w.data.flags.owndata  # a view of the mapped entry
     np.testing.assert_array_equal(first.logits(IDS), second.logits(IDS))
+    assert second.tokenizer.encode("Once upon a time") == first.tokenizer.encode("Once upon a time")
+    assert second.config == first.config
     path.touch()  # a changed file (time): the entry is stale, repacked again
-    with pytest.raises(AssertionError, match="repacked"):
-        engine.load_model(str(path))
+    with monkeypatch.context() as m:
+        m.setattr(type(ggml_formats.lookup("Q4_0")), "repack_into", no_reading)
+        with pytest.raises(AssertionError, match="read the GGUF"):
+            engine.load_model(str(path))
 
 
 # -- bad files: one line, non-zero exit --------------------------------------------------------------------------

@@ -7,11 +7,14 @@ and at most one tensor of the file. The rows of q_proj and k_proj are read in Hu
 converter interleaves each head's halves; rows are whole blocks, so putting them back is exact for every type) and
 the rotary embedding runs as it does for a safetensors checkpoint.
 
-Repacked weights are kept on disk (engine/runtime/quant_cache.py, keyed by the file's size, time and header and the
-registered formats' versions) when some matrix is not a plain float type: a later load memory-maps the entry and
-touches neither the file's quantized blocks nor any repacking.
+Repacked weights are kept on disk (engine/runtime/quant_cache.py) when some matrix is not a plain float type, with
+everything else a load needs beside them (the config, the tensors' types, the norms and what the caller adds: the
+tokenizer): a later load of the same file (same size, time and first PREFIX_BYTES) memory-maps the entry and reads
+nothing of the GGUF file at all (`load_cached`).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -22,8 +25,11 @@ from engine.runtime.weights import LayerWeights, ModelWeights, expected_tensors
 from weights.gguf_file import GGUFFile, gguf_name
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-# Bump when the loader's cached bytes change for the same file and formats.
+# Bump when the loader's cached bytes or extras change for the same file and formats.
 GGUF_CACHE_VERSION = 1
+# The file's fingerprint hashes its first bytes (the metadata and tensor table of any GGUF lie well within), beside
+# its size and modification time.
+PREFIX_BYTES = 16 << 20
 
 
 def matrix_types(f: GGUFFile, config: ModelConfig) -> dict[str, str]:
@@ -39,53 +45,72 @@ def weights_label(types: dict[str, str]) -> str:
     return max(set(kinds), key=kinds.count) if kinds else "float32"
 
 
-def load_gguf_weights(f: GGUFFile, config: ModelConfig, widen: bool = False) -> ModelWeights:
-    """The weights of the GGUF file `f` for `config` (from f.config_dict()): validated against the config, every
-    matrix in its ggml type's runtime object (widen=True: every matrix as float32, dequantized exactly: the path
-    without compiled kernels for 16-bit types, or weights_dtype=float32), norms float32.
-
-    UnsupportedTypeError (a ValueError) for a tensor of a type no format runs, before anything is read."""
-    shapes, optional = expected_tensors(config)
-    f.validate(shapes, optional)
-    types = matrix_types(f, config)
-    for name, type_name in types.items():
-        ggml_formats.lookup(type_name, gguf_name(name))
-    raw_config = {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
-    cached = not widen and any(t not in FLOAT_TYPES for t in types.values()) and quant_cache.enabled()
-    entry, made = None, None
-    if cached:
-        path = quant_cache.entry_path(f.path, "gguf")
-        try:
-            key = quant_cache.entry_key([f.path], "gguf", cache_settings(), header_bytes=f.header_bytes)
-        except OSError:
-            cached = False
-        else:
-            entry = quant_cache.open_entry(path, key)
-            if entry is not None:
-                with entry:  # the arrays keep their mapping after the file is closed
-                    try:
-                        return _assemble(f, config, shapes, raw_config, widen, entry, None)
-                    except (ValueError, OSError):
-                        pass  # an entry that does not hold these matrices: repack and rewrite it
-            made = {}
-    weights = _assemble(f, config, shapes, raw_config, widen, None, made)
-    if cached and made is not None:
-        quant_cache.write_entry(path, key, made)
-    return weights
-
-
 def cache_settings() -> dict:
-    """Everything besides the file that decides the repacked bytes: the loader's and each format's version."""
+    """Everything besides the file that decides the cached bytes: the loader's and each format's version."""
     return {"gguf_cache_version": GGUF_CACHE_VERSION,
             "formats": {name: [ggml_formats.lookup(name).kind, getattr(ggml_formats.lookup(name), "version", 1)]
                         for name in ggml_formats.registered()}}
 
 
-def _assemble(f: GGUFFile, config: ModelConfig, shapes: dict, raw_config: dict, widen: bool,
-              entry: quant_cache.Entry | None, made: dict | None) -> ModelWeights:
-    """The ModelWeights, every matrix repacked from the file (its arrays recorded in `made` by label) or, given a
-    cache `entry`, mapped from it (ValueError when the entry does not hold it)."""
+def _cache_key(path: Path) -> tuple[Path, dict] | None:
+    if not quant_cache.enabled():
+        return None
+    try:
+        return quant_cache.entry_path(path, "gguf"), quant_cache.entry_key([path], "gguf", cache_settings(),
+                                                                           header_bytes=PREFIX_BYTES)
+    except OSError:
+        return None
+
+
+def load_cached(path) -> tuple[ModelConfig, ModelWeights, dict] | None:
+    """(config, weights, extra) of the GGUF file at `path` from its cache entry, every array a read-only view of the
+    mapped entry, or None when there is no valid entry (then load with load_gguf_weights). `extra` holds what the
+    first load's caller kept (`load_gguf_weights(..., extra=...)`)."""
+    found = _cache_key(Path(path))
+    if found is None:
+        return None
+    entry = quant_cache.open_entry(*found)
+    if entry is None:
+        return None
+    with entry:  # the arrays keep their mapping after the file is closed
+        extra = dict(entry.extra)
+        try:
+            config = ModelConfig.from_dict(extra["config"], source=str(path))
+            weights = _assemble(config, extra["types"], False, entry=entry)
+        except (KeyError, TypeError, ValueError, OSError):
+            return None  # an entry that does not hold this model: the caller loads the file and rewrites it
+    return config, weights, extra
+
+
+def load_gguf_weights(f: GGUFFile, config: ModelConfig, widen: bool = False, extra: dict | None = None) \
+        -> ModelWeights:
+    """The weights of the GGUF file `f` for `config` (from f.config_dict()): validated against the config, every
+    matrix in its ggml type's runtime object (widen=True: every matrix as float32, dequantized exactly: the path
+    without compiled kernels for 16-bit types, or weights_dtype=float32), norms float32.
+
+    When some matrix is quantized (and not widened) the result is written to the cache with f.config_dict(), the
+    types and `extra` (JSON values) beside it, for `load_cached`. UnsupportedTypeError (a ValueError) for a tensor of
+    a type no format runs, before anything is read."""
+    shapes, optional = expected_tensors(config)
+    f.validate(shapes, optional)
+    types = matrix_types(f, config)
+    for name, type_name in types.items():
+        ggml_formats.lookup(type_name, gguf_name(name))
+    found = None if widen or all(t in FLOAT_TYPES for t in types.values()) else _cache_key(f.path)
+    made = {} if found is not None else None
+    weights = _assemble(config, types, widen, f=f, made=made)
+    if found is not None:
+        quant_cache.write_entry(*found, made, {**(extra or {}), "config": f.config_dict(), "types": types})
+    return weights
+
+
+def _assemble(config: ModelConfig, types: dict[str, str], widen: bool, f: GGUFFile | None = None,
+              entry: quant_cache.Entry | None = None, made: dict | None = None) -> ModelWeights:
+    """The ModelWeights: every matrix repacked from the file `f` (its arrays, and the norms, recorded in `made` by
+    label) or, given a cache `entry`, mapped from it (ValueError when the entry does not hold it)."""
+    shapes, _ = expected_tensors(config)
     float32 = ggml_formats.lookup("F32")
+    rotary = {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
 
     def part(label: str, fmt: GGMLFormat, names: list[str]):
         """One weight object of `fmt` holding tensors `names` stacked row-wise."""
@@ -98,8 +123,8 @@ def _assemble(f: GGUFFile, config: ModelConfig, shapes: dict, raw_config: dict, 
         weight = fmt.build(rows, cols, arrays)
         start = 0
         for name in names:
-            blocks = f.rows(name, f.hf_row_order(name, raw_config))
-            own = ggml_formats.lookup(f.tensors[name].type_name, f.tensors[name].file_name)
+            blocks = f.rows(name, f.hf_row_order(name, rotary))
+            own = ggml_formats.lookup(types[name], gguf_name(name))
             if fmt is own:
                 fmt.repack_into(weight, start, blocks)
             else:  # widened: the tensor in its own format, then its exact float32 values
@@ -115,9 +140,8 @@ def _assemble(f: GGUFFile, config: ModelConfig, shapes: dict, raw_config: dict, 
         return weight
 
     def matrix(label: str, names: list[str]):
-        """Tensors `names` (one ggml type: one object; several: a RowStack of one object per type run)."""
-        fmts = [float32 if widen else ggml_formats.lookup(f.tensors[n].type_name, f.tensors[n].file_name)
-                for n in names]
+        """Tensors `names` (one ggml type: one object; several: a RowStack of one object per run of a type)."""
+        fmts = [float32 if widen else ggml_formats.lookup(types[n], gguf_name(n)) for n in names]
         if all(fmt is fmts[0] for fmt in fmts):
             return part(label, fmts[0], names)
         parts, i = [], 0
@@ -130,12 +154,18 @@ def _assemble(f: GGUFFile, config: ModelConfig, shapes: dict, raw_config: dict, 
         return RowStack(parts, (sum(shapes[n][0] for n in names), shapes[names[0]][1]))
 
     def vector(name: str) -> np.ndarray:
+        """A norm's weights as float32 (H,)."""
+        if entry is not None:
+            return entry.view(f"norm.{name}", np.float32, shapes[name])
         t = f.tensors[name]
         fmt = ggml_formats.lookup(t.type_name, t.file_name)
         piece = ggml_formats.empty(fmt, 1, shapes[name][0])
         fmt.repack_into(piece, 0, f.rows(name))
         f.release(name)
-        return np.ascontiguousarray(dequantized(piece).reshape(shapes[name]), dtype=np.float32)
+        out = np.ascontiguousarray(dequantized(piece).reshape(shapes[name]), dtype=np.float32)
+        if made is not None:
+            made[f"norm.{name}"] = out
+        return out
 
     layers = []
     for i in range(config.num_hidden_layers):
@@ -151,6 +181,6 @@ def _assemble(f: GGUFFile, config: ModelConfig, shapes: dict, raw_config: dict, 
         ))
     embed = matrix("embed", ["model.embed_tokens.weight"])
     lm_head = embed if config.tie_word_embeddings else matrix("lm_head", ["lm_head.weight"])
-    label = "float32" if widen else weights_label(matrix_types(f, config))
+    label = "float32" if widen else weights_label(types)
     return ModelWeights(embed=embed, layers=layers, final_norm=vector("model.norm.weight"), lm_head=lm_head,
                         dtype=label)

@@ -79,8 +79,9 @@ def _warn(what: str) -> None:
 class Entry:
     """An open, validated cache entry: `read_into(name, out)` fills `out` with the array stored under `name`."""
 
-    def __init__(self, path: Path, f, arrays: dict[str, dict]):
+    def __init__(self, path: Path, f, arrays: dict[str, dict], extra: dict | None = None):
         self.path, self._f, self._arrays = path, f, arrays
+        self.extra = extra or {}  # what the writer kept beside the arrays (JSON values)
         self._map: mmap.mmap | None = None
 
     def view(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -145,26 +146,28 @@ def open_entry(path: Path, key: dict) -> Entry | None:
             nbytes = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(info["dtype"]).itemsize
             if info["nbytes"] != nbytes or info["offset"] + nbytes > size:
                 raise ValueError("array out of the file")
-        return Entry(path, f, arrays)
+        return Entry(path, f, arrays, header.get("extra"))
     except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError):
         f.close()
         return None
 
 
-def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray]) -> bool:
+def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray], extra: dict | None = None) -> bool:
     """Write `arrays` (name -> C-contiguous array) under `key` to `path` atomically (a temporary file renamed over
-    it). A failure is one warning line on stderr and False, never an error."""
+    it), with `extra` (JSON values: Entry.extra) in the header. A failure is one warning line on stderr and False,
+    never an error."""
     layout, offset = {}, 0
     for name, a in arrays.items():
         layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "nbytes": a.nbytes, "offset": offset}
         offset += -(-a.nbytes // ALIGN) * ALIGN
     # the header's own length moves the data; fix the start at a page boundary past a generous header estimate
-    probe = json.dumps({"key": key, "arrays": layout, "total_bytes": 0}).encode()
+    extra = extra or {}
+    probe = json.dumps({"key": key, "arrays": layout, "total_bytes": 0, "extra": extra}).encode()
     start = -(-(16 + len(probe) + 1024 + 40 * len(layout)) // HEADER_ALIGN) * HEADER_ALIGN
     for info in layout.values():
         info["offset"] += start
     total = start + offset
-    header = json.dumps({"key": key, "arrays": layout, "total_bytes": total}).encode()
+    header = json.dumps({"key": key, "arrays": layout, "total_bytes": total, "extra": extra}).encode()
     assert 16 + len(header) <= start
     tmp = None
     try:
