@@ -126,9 +126,9 @@ def resolve_gguf_file(ref: str, gguf_file: str | None = None, revision: str | No
 def _repo_gguf_files(ref: str, revision: str | None) -> str:
     """The .gguf file names of a Hub repo, comma-separated ("unknown" when the Hub cannot list them)."""
     try:
-        from huggingface_hub import list_repo_files
+        from huggingface_hub import HfApi
 
-        names = sorted(n for n in list_repo_files(ref, revision=revision) if n.endswith(".gguf"))
+        names = sorted(n for n in HfApi().list_repo_files(ref, revision=revision) if n.endswith(".gguf"))
     except Exception:  # listing is a courtesy: any failure leaves the message without it
         return "unknown"
     return ", ".join(names) or "none"
