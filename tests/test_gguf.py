@@ -265,3 +265,73 @@ def test_quant_cache_key_uses_the_gguf_header(good_file):
     with GGUFFile(good_file) as f:
         key = quant_cache.entry_key([good_file], "gguf", {}, header_bytes=f.header_bytes)
     assert key["files"][0]["size"] == good_file.stat().st_size
+
+
+# -- memory: the load holds the repacked weights, not the file's pages beside them -----------------------------------
+
+MEMORY_SHAPE = dict(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                    num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+GGUF_LOAD_PEAK_RATIO = 1.1  # docs/gguf.md: the load's peak within 1.1x the file's size, plus a fixed part:
+FIXED_MB = 40  # gguf-py's parse of the metadata (a 16000-token vocabulary here: ~26 MB at its peak) and the tokenizer
+
+WRITE_Q8_0_FILE = """
+import json, sys
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as T, quants
+from engine.config import ModelConfig
+from tests.gguf_support import gguf_name, llamacpp_permute
+
+path, shape = sys.argv[1], json.loads(sys.argv[2])
+config = ModelConfig.from_dict(dict(shape, architectures=["LlamaForCausalLM"], model_type="llama"))
+w = gguf.GGUFWriter(path, "llama")
+for key, value in (("context_length", config.max_position_embeddings), ("embedding_length", config.hidden_size),
+                   ("feed_forward_length", config.intermediate_size), ("block_count", config.num_hidden_layers),
+                   ("attention.head_count", config.num_attention_heads),
+                   ("attention.head_count_kv", config.num_key_value_heads)):
+    w.add_uint32("llama." + key, value)
+w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+w.add_tokenizer_model("llama")
+w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(config.vocab_size - 3)])
+w.add_token_scores([0.0] * config.vocab_size)
+w.add_token_types([2, 3, 3] + [1] * (config.vocab_size - 3))
+block = (0.02 * np.random.default_rng(0).standard_normal(1 << 20)).astype(np.float32)
+for name, s in config.tensor_shapes().items():
+    values = np.resize(block, s)
+    w.add_tensor(gguf_name(name), values if len(s) == 1 else quants.quantize(values, T.Q8_0),
+                 raw_dtype=None if len(s) == 1 else T.Q8_0)
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+"""
+
+GGUF_LOAD_PROBE = """
+import json, sys
+import engine
+
+def status(field):  # this process's resident set (VmRSS) or its peak (VmHWM), in bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+before = status("VmRSS")
+model = engine.load_model(sys.argv[1])
+print(json.dumps({"before": before, "peak": status("VmHWM"), "weight_bytes": int(model.backend.weights.nbytes)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmRSS / VmHWM from /proc (Linux)")
+def test_load_peak_stays_within_the_files_size(tmp_path):
+    """A Q8_0 file (~80 MB) loaded in a fresh process: RSS peak less the RSS before the load, against the file's size
+    (the tensors are repacked a few MB at a time and the file's pages dropped as they are done; holding the file's
+    pages beside the repacked copy, or a tensor's temporaries, would show as 1.3x-2x)."""
+    path = tmp_path / "big.gguf"
+    done = subprocess.run([sys.executable, "-c", WRITE_Q8_0_FILE, str(path), json.dumps(MEMORY_SHAPE)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-c", GGUF_LOAD_PROBE, str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "TINYLLAMA_QUANT_CACHE": "0"})
+    assert done.returncode == 0, done.stderr
+    m = json.loads(done.stdout)
+    size = path.stat().st_size
+    assert m["weight_bytes"] > 0.95 * size  # the repacked weights: the file's bytes in our layout
+    ratio = (m["peak"] - m["before"] - FIXED_MB * 2**20) / size
+    assert ratio <= GGUF_LOAD_PEAK_RATIO, f"load peak {ratio:.3f}x the file's size (+ {FIXED_MB} MB)"

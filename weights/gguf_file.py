@@ -87,6 +87,7 @@ class GGUFFile:
         self.metadata = {name: _field_value(field) for name, field in self._reader.fields.items()
                          if not name.startswith("GGUF.")}
         self.version = int(self._reader.fields["GGUF.version"].parts[0][0])
+        self._reader.fields.clear()  # a vocabulary's fields are ~3 small arrays per token: kept as `metadata` instead
         self.tensors = self._tensor_table()
 
     # -- structure ---------------------------------------------------------------------------------------------
@@ -244,16 +245,25 @@ class GGUFFile:
         raw = self._reader.data[t.begin : t.end].reshape(count, -1)
         return raw if rows is None else raw[rows]
 
-    def release(self, name: str) -> None:
-        """Drop the pages of tensor `name` from this process's memory (MADV_DONTNEED on the read-only mapping; they
-        are read again from the page cache if touched): a load holds what it made, not the file too."""
+    def release(self, name: str, rows: slice | None = None) -> None:
+        """Drop the pages of tensor `name` (or of its `rows`) from this process's memory (MADV_DONTNEED on the
+        read-only mapping; they are read again from the page cache if touched): a load holds what it made, not the
+        file too."""
         t = self.tensors[name]
         mapping = getattr(self._reader.data, "_mmap", None)
         if mapping is None:
             return
-        start = t.begin - t.begin % PAGE
+        begin, end = t.begin, t.end
+        if rows is not None:
+            count = t.shape[0] if len(t.shape) > 1 else 1
+            row_bytes = (t.end - t.begin) // count
+            first, last, _ = rows.indices(count)
+            begin, end = t.begin + first * row_bytes, t.begin + last * row_bytes
+        start = begin - begin % PAGE
+        if end <= start:
+            return
         try:
-            mapping.madvise(mmap.MADV_DONTNEED, start, t.end - start)
+            mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (OSError, ValueError):
             pass
 

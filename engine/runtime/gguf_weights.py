@@ -30,6 +30,8 @@ GGUF_CACHE_VERSION = 1
 # The file's fingerprint hashes its first bytes (the metadata and tensor table of any GGUF lie well within), beside
 # its size and modification time.
 PREFIX_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20  # file bytes repacked at a time
+ROW_ALIGN = 16  # pieces start on whole blocks of the kernel layout's rows (QuantMatrix: 16)
 
 
 def matrix_types(f: GGUFFile, config: ModelConfig) -> dict[str, str]:
@@ -123,18 +125,25 @@ def _assemble(config: ModelConfig, types: dict[str, str], widen: bool, f: GGUFFi
         weight = fmt.build(rows, cols, arrays)
         start = 0
         for name in names:
-            blocks = f.rows(name, f.hf_row_order(name, rotary))
+            order = f.hf_row_order(name, rotary)
             own = ggml_formats.lookup(types[name], gguf_name(name))
-            if fmt is own:
-                fmt.repack_into(weight, start, blocks)
-            else:  # widened: the tensor in its own format, then its exact float32 values
-                piece = ggml_formats.empty(own, len(blocks), cols)
-                own.repack_into(piece, 0, blocks)
-                fmt.repack_into(weight, start, dequantized(piece).view(np.uint8))
-                del piece
-            del blocks
+            n = shapes[name][0]
+            step = max(ROW_ALIGN, CHUNK_BYTES // own.row_bytes(cols) // ROW_ALIGN * ROW_ALIGN)
+            for r in range(0, n, step):  # pieces of rows: the repack's temporaries stay a few MB
+                rows = slice(r, min(n, r + step))
+                blocks = f.rows(name, order[rows] if order is not None else rows)
+                if fmt is own:
+                    fmt.repack_into(weight, start + r, blocks)
+                else:  # widened: the rows in their own format, then their exact float32 values
+                    piece = ggml_formats.empty(own, len(blocks), cols)
+                    own.repack_into(piece, 0, blocks)
+                    fmt.repack_into(weight, start + r, dequantized(piece).view(np.uint8))
+                    del piece
+                del blocks
+                if order is None:
+                    f.release(name, rows)
             f.release(name)
-            start += shapes[name][0]
+            start += n
         if made is not None:
             made.update({f"{label}.{a}": v for a, v in arrays.items()})
         return weight
