@@ -214,7 +214,7 @@ class ComparisonReport:
                              f"agreement {100 * c.text_fidelity.top1_agreement:.1f}%, KL mean "
                              f"{c.text_fidelity.kl_mean:.3g} max {c.text_fidelity.kl_max:.3g}")
             if g.kl_mean > 0:
-                lines.append(f"engine / llama.cpp mean KL: {f.kl_mean / g.kl_mean:.2f}x; top-1 agreement "
+                lines.append(f"engine / llama.cpp mean KL: {f.kl_mean / g.kl_mean:.2g}x; top-1 agreement "
                              f"{100 * f.top1_agreement:.1f}% vs {100 * g.top1_agreement:.1f}%")
         return lines
 

@@ -223,9 +223,12 @@ def load_gguf_model(path: Path, backend: str = "numpy", weights_dtype: str = "au
             config = ModelConfig.from_dict(f.config_dict(), source=str(path))
             meta = f.tokenizer_metadata()
             label = f.dtype_label()
+            ready = None
             try:  # built now so that the cache keeps it (a later load then skips the vocabulary's merges)
                 hf, facts = gguf_tokenizer.build(meta)
                 built = {"json": hf.to_str(), "facts": facts}
+                ready = Tokenizer(hf, **facts)  # the model's: built once
+                meta = None  # the vocabulary's lists are not needed again
             except gguf_tokenizer.GGUFTokenizerError:
                 built = None  # an error on first use of the tokenizer; ids still run
             try:
@@ -248,8 +251,11 @@ def load_gguf_model(path: Path, backend: str = "numpy", weights_dtype: str = "au
     reason = (f"the GGUF file's own types ({label or weights.dtype})" if not widen else
               "dequantized to float32 at load" + ("" if weights_dtype == "float32" else
                                                   f": the compiled kernels are not available ({kernels.detail})"))
-    return Model(config, NumpyBackend(config, weights, **backend_options), folder=None, weights_dtype=weights.dtype,
-                 weights_dtype_reason=reason, gguf_path=path, tokenizer_loader=tokenizer)
+    model = Model(config, NumpyBackend(config, weights, **backend_options), folder=None, weights_dtype=weights.dtype,
+                  weights_dtype_reason=reason, gguf_path=path, tokenizer_loader=tokenizer)
+    if cached is None:
+        model._tokenizer = ready
+    return model
 
 
 def share_equal_arrays(source, target) -> int:
