@@ -335,3 +335,35 @@ def test_load_peak_stays_within_the_files_size(tmp_path):
     assert m["weight_bytes"] > 0.95 * size  # the repacked weights: the file's bytes in our layout
     ratio = (m["peak"] - m["before"] - FIXED_MB * 2**20) / size
     assert ratio <= GGUF_LOAD_PEAK_RATIO, f"load peak {ratio:.3f}x the file's size (+ {FIXED_MB} MB)"
+
+
+# -- the server ----------------------------------------------------------------------------------------------------
+
+def test_serve_a_gguf_file_with_its_own_chat_template(tiny_chat_model, tmp_path):
+    """`tinyllama serve --model file.gguf`: the file's chat template and tokenizer answer the OpenAI route, the same
+    reply as the safetensors folder's; a broken file ends the server at start with one line and exit 1."""
+    import httpx
+
+    from tests.serve_support import ServerProcess
+
+    template = json.loads((tiny_chat_model / "tokenizer_config.json").read_text())["chat_template"]
+    path = write_gguf(tiny_chat_model, tmp_path / "chat.gguf", "F32", chat_template=template)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 6, "temperature": 0}
+    replies = []
+    for ref in (str(path), str(tiny_chat_model)):
+        server = ServerProcess("--model", ref, "--served-model-name", "m").wait_ready(timeout=300)
+        try:
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            replies.append(r.json()["choices"][0]["message"]["content"])
+        finally:
+            server.stop()
+    folder_model = engine.load_model(str(tiny_chat_model))
+    chat = [{"role": "user", "content": "Hi!"}]
+    assert engine.load_model(str(path)).tokenizer.encode_chat(chat) == folder_model.tokenizer.encode_chat(chat)
+    assert replies[0] and replies[0] == replies[1]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:4000])
+    out = subprocess.run([sys.executable, "-m", "engine", "serve", "--port", "0", "--model", str(cut)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "truncated" in out.stderr.strip().splitlines()[-1], out.stderr
