@@ -68,9 +68,10 @@ def vocabulary(folder: Path) -> tuple[list[str], list[float], list[int]]:
 
 
 def write_gguf(folder, out, type_name: str = "F32", arch: str = "llama", tokenizer: bool = True,
-               edit_metadata=None, chat_template: str | None = None) -> Path:
+               edit_metadata=None, chat_template: str | None = None, bpe: dict | None = None) -> Path:
     """The checkpoint in `folder` as the GGUF file `out` with every matrix in `type_name` (norms F32).
-    edit_metadata(dict) may change the `llama.*` values (arch key prefix left off) before they are written."""
+    edit_metadata(dict) may change the `llama.*` values (arch key prefix left off) before they are written.
+    bpe: a byte-level BPE vocabulary to write instead of the folder's ({tokens, types, merges, pre, bos})."""
     folder, out = Path(folder), Path(out)
     config, ckpt = open_checkpoint(folder)
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
@@ -90,7 +91,16 @@ def write_gguf(folder, out, type_name: str = "F32", arch: str = "llama", tokeniz
         else:
             writer.add_uint32(f"{arch}.{key}", int(value))
     writer.add_file_type(0)
-    if tokenizer:
+    if bpe is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(bpe["pre"])
+        writer.add_token_list(bpe["tokens"])
+        writer.add_token_types(bpe["types"])
+        writer.add_token_merges(bpe["merges"])
+        writer.add_bos_token_id(bpe["bos"])
+        writer.add_eos_token_id(bpe["bos"] + 1)
+        writer.add_add_bos_token(False)
+    elif tokenizer:
         tokens, scores, types = vocabulary(folder)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
@@ -142,3 +152,28 @@ def copy_with(path: Path, out: Path, offset: int, data: bytes) -> Path:
         f.seek(offset)
         f.write(data)
     return out
+
+
+def trained_byte_level_bpe(vocab_size: int = 400):
+    """A small byte-level BPE (GPT-2's pre-tokenizer: tokenizers' ByteLevel with its regex) trained by `tokenizers`
+    on a corpus of words, digits, spaces, newlines and unicode, with two special tokens first -> (the tokenizers
+    Tokenizer, its vocabulary as GGUF writes it: tokens, types, merges "a b", bos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["The capital of France is Paris. Hello world! It's 12345 numbers, 3.14 and 2024-01-01.",
+              "  spaces\n\nnewlines\ttabs café naïve 日本語 😀 don't we'll they've"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for piece, i in vocab.items():
+        tokens[i] = piece
+    special = {t["id"] for t in data["added_tokens"]}
+    merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    return tok, {"tokens": tokens, "types": [3 if i in special else 1 for i in range(len(tokens))],
+                 "merges": merges, "bos": vocab["<|begin_of_text|>"]}

@@ -130,6 +130,26 @@ def test_tinyllama_vocabulary_from_the_file_equals_hugging_face(tinyllama_tokeni
     assert ours.encode_chat(chat) == hf.encode_chat(chat)
 
 
+def test_byte_level_bpe_vocabulary_equals_tokenizers_gpt2_pipeline():
+    """tokenizer.ggml.model "gpt2" (tokens and merges, pre-tokenizer "gpt-2"): the ids of the `tokenizers` pipeline
+    GPT-2 uses (ByteLevel with its regex) over the same vocabulary, and its decoding; special tokens in the text."""
+    from engine.text.tokenizer import Tokenizer
+    from tests.gguf_support import trained_byte_level_bpe
+
+    reference, vocab = trained_byte_level_bpe()
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": vocab["tokens"],
+            "tokenizer.ggml.token_type": vocab["types"], "tokenizer.ggml.merges": vocab["merges"],
+            "tokenizer.ggml.bos_token_id": vocab["bos"], "tokenizer.ggml.add_bos_token": False}
+    ours = Tokenizer.from_gguf_metadata(meta)
+    for text in CORPUS + ["<|begin_of_text|>Hello<|end_of_text|> it's"]:
+        ids = reference.encode(text).ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False)
+    assert ours.bos_id == vocab["bos"] and ours.encode("hi")[0] != vocab["bos"]  # add_bos_token False
+    with pytest.raises(engine.EngineError, match="tokenizer.ggml.pre 'qwen9'"):
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": "qwen9"})
+
+
 CORPUS = [
     "The capital of France is Paris.", "  two  spaces,\ttab and trailing   ", "line one\nline two\n\n\nthree",
     "digits 0 7 42 1234567 3.14159 2024-01-01", "unicode: café naïve Ærø 日本語 한국어 Привет 😀🚀 ∑∫",

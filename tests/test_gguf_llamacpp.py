@@ -75,3 +75,18 @@ def test_half_of_llama_cpps_drift_from_the_files_exact_meaning(stories260k, outt
     assert ours.kl_mean <= 0.5 * theirs.kl_mean, (ours, theirs)
     assert ours.top1_agreement >= theirs.top1_agreement
     assert "llama.cpp" in report.summary()
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "smollm", "default"])
+def test_byte_level_bpe_ids_equal_llama_cpps_own(tmp_path, pre):
+    """A byte-level BPE vocabulary ("gpt2": tokens and merges) with GPT-2's and Llama 3's pre-tokenizers: our ids
+    are llama.cpp's on the same file."""
+    from tests.gguf_support import trained_byte_level_bpe, write_gguf
+
+    _, vocab = trained_byte_level_bpe()
+    folder = make_random_checkpoint(tmp_path / "ckpt", vocab_size=len(vocab["tokens"]), seed=5)
+    path = write_gguf(folder, tmp_path / f"bpe-{pre}.gguf", "F32", bpe=dict(vocab, pre=pre))
+    model = engine.load_model(str(path))
+    with llamacpp.LlamaCpp(path, vocab_only=True) as lc:
+        for text in CORPUS + ["<|begin_of_text|>Hello<|end_of_text|> it's 1234567"]:
+            assert model.tokenizer.encode(text) == lc.tokenize(text), (pre, text)

@@ -7,7 +7,8 @@ Two vocabularies llama.cpp writes for Llama-architecture models:
   normalizer "prepend U+2581, spaces to U+2581", and the SentencePiece decoder. Control and unknown tokens are
   special added tokens, user-defined ones plain added tokens.
 - `tokenizer.ggml.model` = "gpt2": a byte-level BPE vocabulary (tokens and merges) with the pre-tokenizer named by
-  `tokenizer.ggml.pre` (PRE_TOKENIZER_PATTERNS: the regexes llama.cpp itself uses for these names).
+  `tokenizer.ggml.pre` (PRE_TOKENIZER_PATTERNS: the regexes llama.cpp itself uses for these names; Llama 3's
+  "llama-bpe", GPT-2's "gpt-2", SmolLM's "smollm", "default").
 BOS is added by the post-processor when `tokenizer.ggml.add_bos_token` says so (the default: "llama" yes, "gpt2"
 no), the special ids come from `tokenizer.ggml.{bos,eos,unknown,padding}_token_id`, and the chat template from
 `tokenizer.chat_template`. engine.text.tokenizer.Tokenizer wraps the result as it wraps a tokenizer.json.
@@ -23,13 +24,19 @@ from engine.errors import EngineError
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 MODELS = ("llama", "gpt2")
-# tokenizer.ggml.pre -> the pre-tokenizer's split regex (llama.cpp's llama-vocab.cpp for the same names)
+# tokenizer.ggml.pre -> the regexes llama.cpp's llama-vocab.cpp splits the text with for that name, applied one after
+# the other to every piece (as a Sequence of tokenizers' Split pre-tokenizers does), before the byte-level mapping.
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-PRE_TOKENIZER_PATTERNS = {"llama-bpe": _LLAMA3, "llama3": _LLAMA3, "default": _GPT2, "gpt2": _GPT2}
-# BPE vocabularies whose whole-word entries win before merges (Llama 3's tokenizer.json says ignore_merges)
-IGNORE_MERGES = ("llama-bpe", "llama3")
+PRE_TOKENIZER_PATTERNS = {
+    **{name: [_LLAMA3] for name in ("llama3", "llama-v3", "llama-bpe", "falcon3")},
+    **{name: [_GPT2] for name in ("gpt-2", "phi-2", "mpt", "olmo")},
+    "smollm": [r"\p{N}", _GPT2],
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
+}
+# BPE vocabularies whose whole-word entries win before merges (llama.cpp's ignore_merges; Llama 3's tokenizer.json)
+IGNORE_MERGES = ("llama3", "llama-v3", "llama-bpe", "falcon3")
 
 
 class GGUFTokenizerError(EngineError):
@@ -153,8 +160,8 @@ def _byte_level_bpe(meta: dict, tokens: list[str], types: list[int]) -> dict:
         raise GGUFTokenizerError("missing tokenizer metadata 'tokenizer.ggml.merges' (a byte-level BPE vocabulary "
                                  "needs its merges)")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    pattern = PRE_TOKENIZER_PATTERNS.get(pre)
-    if pattern is None:
+    patterns = PRE_TOKENIZER_PATTERNS.get(pre)
+    if patterns is None:
         raise GGUFTokenizerError(f"tokenizer.ggml.pre {pre!r} is not supported (supported: "
                                  f"{', '.join(PRE_TOKENIZER_PATTERNS)})")
     vocab = {}
@@ -165,7 +172,7 @@ def _byte_level_bpe(meta: dict, tokens: list[str], types: list[int]) -> dict:
         "added_tokens": _added_tokens(tokens, types, (CONTROL, UNKNOWN)),
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            *({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in patterns),
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
         "post_processor": _post_processor(meta, tokens, False),
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
