@@ -19,7 +19,7 @@ from engine.text.tokenizer import Tokenizer
 from weights.checkpoint import open_checkpoint, read_json
 from weights.errors import CheckpointError
 from weights.gguf_file import GGUFFile, is_gguf_path
-from weights.hub import DEFAULT_MODEL, resolve_gguf_file, resolve_model_folder
+from weights.hub import DEFAULT_MODEL, folder_gguf, resolve_gguf_file, resolve_model_folder
 
 BACKENDS = ("numpy", "triton")
 
@@ -165,6 +165,8 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if gguf_file is not None or is_gguf_path(ref):
         return load_gguf_model(resolve_gguf_file(ref, gguf_file, revision), backend, weights_dtype, **backend_options)
+    if (lone := folder_gguf(ref)) is not None:
+        return load_gguf_model(lone, backend, weights_dtype, **backend_options)
     folder = resolve_model_folder(ref, revision)
     raw_config, checkpoint = open_checkpoint(folder)
     with checkpoint:

@@ -267,6 +267,18 @@ def test_cli_bad_file_is_one_line_and_exit_1(good_file, tmp_path):
         assert out.returncode == 1 and out.stderr.count("\n") == 1 and "tinyllama: error:" in out.stderr, out.stderr
 
 
+def test_a_folder_of_gguf_files(good_file, tmp_path):
+    """A folder holding one .gguf file and no safetensors is that file; with several, one line names them."""
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "m.Q8_0.gguf").symlink_to(good_file)
+    assert engine.load_model(str(folder)).gguf_path.name == "m.Q8_0.gguf"
+    (folder / "m.Q4_0.gguf").symlink_to(good_file)
+    message = load_error(folder)
+    assert "m.Q4_0.gguf, m.Q8_0.gguf" in message and "--gguf-file" in message
+    assert engine.load_model(str(folder), gguf_file="m.Q4_0.gguf").gguf_path.name == "m.Q4_0.gguf"
+
+
 def test_weights_dtype_and_backend_a_gguf_does_not_take(good_file):
     with pytest.raises(engine.EngineError, match="GGUF"):
         engine.load_model(str(good_file), weights_dtype="int4")

@@ -132,3 +132,16 @@ def _repo_gguf_files(ref: str, revision: str | None) -> str:
     except Exception:  # listing is a courtesy: any failure leaves the message without it
         return "unknown"
     return ", ".join(names) or "none"
+
+
+def folder_gguf(ref: str) -> Path | None:
+    """The GGUF file a local folder stands for when it holds .gguf files and no safetensors (a folder downloaded from
+    a GGUF repo): its one .gguf file; CheckpointError naming them when there are several; None for anything else."""
+    folder = Path(ref).expanduser()
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise CheckpointError(f"{folder}: several GGUF files ({', '.join(p.name for p in found)}); pick one with "
+                              "--gguf-file NAME")
+    return found[0] if found else None
