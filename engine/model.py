@@ -27,6 +27,9 @@ BACKENDS = ("numpy", "triton")
 class Model:
     """A Llama model ready to run: `config`, a backend (`numpy` or `triton`), and the tokenizer when the folder has one."""
 
+    gguf_path: Path | None = None  # the GGUF file the weights came from (None for a safetensors folder)
+    _tokenizer_loader = None  # () -> Tokenizer: a GGUF file's own (built on first use)
+
     def __init__(self, config: ModelConfig, backend, folder: Path | None = None, generation_config: dict | None = None,
                  weights_dtype: str | None = None, weights_dtype_reason: str = "", gguf_path: Path | None = None,
                  tokenizer_loader=None):
