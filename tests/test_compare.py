@@ -136,14 +136,14 @@ def test_bad_arguments_are_engine_errors(stories, monkeypatch):
         engine.compare_with_transformers(stories, "x", steps=2)
 
 
-def test_readme_example_runs(stories260k):
-    """The README's example of a user's own pytest test, run as written (with the model path filled in)."""
-    text = (REPO / "README.md").read_text()
+def test_the_docs_example_of_your_own_test_runs(stories260k):
+    """docs/python-api.md's example of a user's own pytest test, run as written (with the model path filled in)."""
+    text = (REPO / "docs" / "python-api.md").read_text()
     block = re.search(r"```python\n(# test_my_weights\.py.*?)```", text, re.S)
-    assert block, "README lost its compare_with_transformers example"
+    assert block, "docs/python-api.md lost its compare_with_transformers example"
     code = block.group(1).replace('"path/to/model"', repr(str(stories260k)))
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/python-api.md", "exec"), namespace)
     tests = [f for name, f in namespace.items() if name.startswith("test_")]
     assert tests
     for test in tests:

@@ -86,7 +86,7 @@ def test_attention_pngs(stories260k, tmp_path):
                    str(tmp_path / "maps"), STORY)
     files = [Path(f) for f in out["files"]]
     assert [f.name for f in files] == ["layer1.png", "layer1-head3.png", "heads.png"]
-    # the documented sizes (engine/inspect/plots.py, README): stories260K has 8 heads, 4 KV heads (2 per group)
+    # the documented sizes (engine/inspect/plots.py, docs/inspection.md): stories260K has 8 heads, 4 KV heads (2 per group)
     assert [png_size(f) for f in files] == [(900, 4 * 240 + 130), (1000, 900), (1800, 650)]
     model = load_model(str(stories260k))
     trace = model.trace(out["token_ids"], attentions=True)

@@ -1,9 +1,9 @@
-"""The compiled kernels on the machines users have (README "Platforms"): warning-free builds with GCC and with the
-oldest Clang here, the ARM build run under qemu-user, compile-only builds for macOS against stand-in SDK headers, and
-every way the kernels can be missing (no compiler, a compile error, a variant that does not compile, no os.uname, a
-library that does not load, a CPU without the features, a platform without a compiler) ending in NumPy with one line
-on stderr when a model loads. The toolchains are Debian packages `.ci/run` installs (clang, gcc-aarch64-linux-gnu,
-qemu-user); a test whose toolchain is missing skips with the reason."""
+"""The compiled kernels on the machines users have (docs/kernels.md, "Platforms"): warning-free builds with GCC and
+with the oldest Clang here, the ARM build run under qemu-user, compile-only builds for macOS against stand-in SDK
+headers, and every way the kernels can be missing (no compiler, a compile error, a variant that does not compile, no
+os.uname, a library that does not load, a CPU without the features, a platform without a compiler) ending in NumPy
+with one line on stderr when a model loads. The toolchains are Debian packages `.ci/run` installs (clang,
+gcc-aarch64-linux-gnu, qemu-user); a test whose toolchain is missing skips with the reason."""
 from __future__ import annotations
 
 import json

@@ -193,7 +193,7 @@ def fidelity(model, ref_model, ids) -> tuple[float, float]:
 
 
 # (least top-1 agreement, most mean KL) on these sequences; measured: stories260K int8 100% / 2.8e-4, int4 90.8% /
-# 3.1e-2; the random Llama int8 100% / 2.4e-5, int4 67.8% / 7.0e-3 (random weights' flat logits: see the README).
+# 3.1e-2; the random Llama int8 100% / 2.4e-5, int4 67.8% / 7.0e-3 (random weights' flat logits: see docs/weights.md).
 STORIES_BOUNDS = {"int8": (0.96, 0.002), "int4": (0.8, 0.1)}
 RANDOM_BOUNDS = {"int8": (0.9, 0.001), "int4": (0.55, 0.03)}
 

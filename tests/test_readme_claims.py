@@ -1,7 +1,7 @@
-"""Claims the README makes that no other test held it to: thread-count precedence, the OpenBLAS kernel choice and
-TINYLLAMA_BLAS_KERNEL, `generate --verbose` naming the kernel, scheduler batches of requests with their own sampling,
-the load peak against the weight bytes, `/set min_p` / `/set repetition_penalty` in the REPL, and that the structured
-output examples end (the constraint complete) on the model they name."""
+"""Claims the README and its docs/ pages make that no other test held them to: thread-count precedence, the OpenBLAS
+kernel choice and TINYLLAMA_BLAS_KERNEL, `generate --verbose` naming the kernel, scheduler batches of requests with
+their own sampling, the load peak against the weight bytes, `/set min_p` / `/set repetition_penalty` in the REPL, and
+that the structured output examples end (the constraint complete) on the model they name."""
 from __future__ import annotations
 
 import io
@@ -157,7 +157,7 @@ def test_scheduler_requests_with_their_own_sampling_equal_each_alone(stories260k
 
 # ---- the load peak against the weight bytes ------------------------------------------------------------------------
 
-LOAD_PEAK_RATIO = 1.05  # the README: "the load peak stays within 1.05x of it" (the weight bytes after load)
+LOAD_PEAK_RATIO = 1.05  # docs/benchmarks.md: "the load peak stays within 1.05x of the weight bytes" (after load)
 CHECKPOINT_DTYPE = "float32"  # the dtype the checkpoint is saved in
 # ~330 MB in fp32, big enough for the ratio to mean something; as in TinyLlama, the embedding table and lm_head are
 # the largest tensors (the peak once held a whole tensor's file pages beside its copy: 1.2x here, 1.06x for TinyLlama)
@@ -212,7 +212,8 @@ def test_load_peak_is_within_the_stated_ratio_of_the_weights(tmp_path):
     assert m["weight_bytes"] == file_bytes * 4 // np.dtype(CHECKPOINT_DTYPE).itemsize  # held as fp32
     ratio = (m["peak"] - m["before"]) / m["weight_bytes"]
     assert 0.95 < ratio <= LOAD_PEAK_RATIO, f"load peak {ratio:.3f}x the weight bytes"
-    assert f"within {LOAD_PEAK_RATIO}x" in (REPO / "README.md").read_text()  # the claim this test holds
+    claim = f"within {LOAD_PEAK_RATIO}x of the weight bytes"  # the claim this test holds
+    assert claim in (REPO / "docs" / "benchmarks.md").read_text()
 
 
 def test_the_chunked_copy_is_exact_across_chunk_and_page_boundaries(tmp_path, monkeypatch):
@@ -269,9 +270,9 @@ def test_repl_set_changes_the_reply_as_the_api_does(tiny_chat_model, name, value
 
 # ---- structured output: every example ends on the model it names; the unbounded one is cut off, and said so ---------
 def structured_block() -> str:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "structured-output.md").read_text()
     block = re.search(r"```python\n(model = engine\.load_model\(\"\.\./shared/models/stories260K\"\).*?)```", text, re.S)
-    assert block, "README lost its structured-output example"
+    assert block, "docs/structured-output.md lost its example"
     return block.group(1)
 
 
@@ -279,19 +280,19 @@ def test_the_structured_output_examples_end_on_the_model_they_name(stories260k):
     model = engine.load_model(str(stories260k))
     calls = []
 
-    class Recording:  # the README's `model`, keeping each call's keywords and result
+    class Recording:  # the example's `model`, keeping each call's keywords and result
         def complete(self, prompt, **options):
             result = model.complete(prompt, **options)
             calls.append((options, result))
             return result
 
     names = {"engine": type("E", (), {"load_model": staticmethod(lambda ref: Recording())}), "json": json}
-    exec(compile(structured_block(), "README.md", "exec"), names)
+    exec(compile(structured_block(), "docs/structured-output.md", "exec"), names)
     assert len(calls) == 4
     for options, result in calls:
         assert result.stop_reason == "constraint_done", (options, result.text)  # ended by the constraint itself
     assert set(json.loads(calls[0][1].text)) == {"name", "age"}
-    # the README: json_object=True has no bounds, so on stories260K it runs to max_new_tokens
+    # the page: json_object=True has no bounds, so on stories260K it runs to max_new_tokens
     r = model.complete("Once upon a time", json_object=True, max_new_tokens=32)
     assert r.stop_reason == "max_new_tokens" and len(r.token_ids) == 32
 
@@ -301,11 +302,11 @@ def test_generate_says_when_a_constrained_output_was_cut_off(stories260k, tmp_pa
 
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 150}},
-              "required": ["name", "age"], "additionalProperties": False}  # the README's, as a schema.json
+              "required": ["name", "age"], "additionalProperties": False}  # the page's, as a schema.json
     assert 'additionalProperties": False' in structured_block() and '"maxLength": 20' in structured_block()
     (tmp_path / "schema.json").write_text(json.dumps(schema))
     for flags in (["--json-schema", str(tmp_path / "schema.json"), "A user as JSON:"],
-                  ["--choice", "yes", "--choice", "no", "Is the sky blue?"]):  # the README's two command lines
+                  ["--choice", "yes", "--choice", "no", "Is the sky blue?"]):  # the page's two command lines
         assert main(["generate", "--model", str(stories260k), "--json", *flags]) == 0
         out, err = capsys.readouterr()
         data = json.loads(out)
