@@ -34,6 +34,8 @@ from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
+from engine.inspect.embeddings import DEFAULT_POOLING, check_pooling
+from engine.serve.embeddings import add_embedding_routes
 from engine.serve.inspect_routes import add_inspect_routes
 from engine.serve.metrics import ServerMetrics
 from engine.serve.page import add_page_routes
@@ -67,6 +69,8 @@ class ServerState:
     read_timeout: float = READ_TIMEOUT
     speculation: dict = field(default_factory=dict)  # speculate=N, draft=...: how every request is decoded
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # 0: no prefix cache
+    pooling: str = DEFAULT_POOLING  # how /v1/embeddings pools the last hidden state (engine.inspect.embeddings)
+    model_aliases: tuple[str, ...] = ()  # more names the model answers to (--served-model-name A B ...)
     model: object = None
     serving: ServingLoop | None = None
     strings: TokenStrings | None = None
@@ -139,9 +143,14 @@ class ServerState:
             raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            param=None, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name the model answers to: the served name first, then its aliases."""
+        return (self.served_model_name, *(a for a in self.model_aliases if a != self.served_model_name))
+
     def check_model(self, name: str | None) -> None:
-        """404 model_not_found for a model name other than the one served (an absent name means that one)."""
-        if name is not None and name != self.served_model_name:
+        """404 model_not_found for a model name other than the served ones (an absent name means the first)."""
+        if name is not None and name not in self.model_names:
             raise APIError(404, f"the model {name!r} does not exist: this server serves {self.served_model_name!r}",
                            param="model", code="model_not_found")
 
@@ -151,17 +160,21 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
                max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
                trace_memory_limit: int = TRACE_MEMORY_LIMIT, speculation: dict | None = None,
-               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
+               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, pooling: str = DEFAULT_POOLING,
+               model_aliases: tuple[str, ...] = ()) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
     may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
     `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may trace.
     `speculation`: {"speculate": N, "draft": "lookup" | "int8" | "int4"} for every request
-    (the output is plain decoding's); `prefix_cache_mb`: the prefix cache's size (0: none). With an api_key the docs (/docs, /redoc, /openapi.json) are off.
+    (the output is plain decoding's); `prefix_cache_mb`: the prefix cache's size (0: none); `pooling`: how
+    /v1/embeddings pools ("mean" or "last"); `model_aliases`: more names the model answers to. With an api_key the
+    docs (/docs, /redoc, /openapi.json) are off.
     `app.state.server` is the ServerState."""
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error, max_request_bytes,
                         read_timeout, speculation=dict(speculation or {}),
-                        prefix_cache_mb=prefix_cache_mb)
+                        prefix_cache_mb=prefix_cache_mb, pooling=check_pooling(pooling),
+                        model_aliases=tuple(model_aliases))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -189,22 +202,26 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     async def metrics():
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    def model_card() -> dict:
-        card = {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": OWNER}
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": state.created, "owned_by": OWNER}
         if state.model is not None:
             card["max_model_len"] = state.model.config.max_position_embeddings
         return card
 
+    # OpenAI's routes answer under /v1 and, as llama.cpp's do, without it
     @app.get("/v1/models")
+    @app.get("/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
 
     @app.get("/v1/models/{name:path}")
+    @app.get("/models/{name:path}")
     async def model(name: str):
         state.check_model(name)
-        return model_card()
+        return model_card(name)
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request):
         job = await _prepare(request, state, ChatCompletionRequest, chat_job)
         return await _answer(request, state, job, Answer("chat", state.served_model_name, state.strings,
@@ -212,6 +229,7 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                                                          len(job.prompt_ids)))
 
     @app.post("/v1/completions")
+    @app.post("/completions")
     async def completions(request: Request):
         job = await _prepare(request, state, CompletionRequest, completion_job)
         return await _answer(request, state, job, Answer("completion", state.served_model_name, state.strings,
@@ -220,6 +238,7 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
 
     add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
                        trace_memory_limit)
+    add_embedding_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
     add_page_routes(app)  # the web page at /
     return app
 
