@@ -128,7 +128,14 @@ class ServingLoop:
         """Queue len(options) continuations of one prompt that share one prefill (see `submit`) -> their tickets.
 
         Each is cancelled on its own; they count as that many requests against max_active + max_queue."""
-        n = len(options)
+        return self.submit_groups([(prompt_ids, options, on_event)])[0]
+
+    def submit_groups(self, groups: list[tuple[list[int], list[GenerationOptions], list[EventCallback]]]
+                      ) -> list[list[Ticket]]:
+        """Queue several prompts at once (a completions request's list), each with its choices as in
+        `submit_choices` -> each group's tickets. All are admitted or none: QueueFullError when they do not all fit
+        in max_active + max_queue beside the requests in flight."""
+        n = sum(len(options) for _, options, _ in groups)
         with self._lock:
             if self._stopping:
                 raise ServingStoppedError("the server is shutting down")
@@ -136,12 +143,15 @@ class ServingLoop:
                 raise QueueFullError(f"the server is busy: {self.max_active} requests running and {self.max_queue} "
                                      "waiting; try again shortly")
             self._in_flight += n
-            tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb) for o, cb in zip(options, on_event)]
-            tickets[0].forks = tickets[1:]
-            self._inbox.append(("submit", tickets[0]))
+            out = []
+            for prompt_ids, options, on_event in groups:
+                tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb) for o, cb in zip(options, on_event)]
+                tickets[0].forks = tickets[1:]
+                self._inbox.append(("submit", tickets[0]))
+                out.append(tickets)
             self.waiting += n
             self._wake.notify()
-        return tickets
+        return out
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn() on the serving thread between two batched steps, so it has the model to itself (a traced forward

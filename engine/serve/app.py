@@ -41,7 +41,7 @@ from engine.serve.metrics import ServerMetrics
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from engine.serve.responses import Answer, TokenStrings, finish_reason, sse, usage
+from engine.serve.responses import Answer, Echo, TokenStrings, finish_reason, sse, usage, usage_of
 from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
@@ -234,7 +234,7 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
         job = await _prepare(request, state, CompletionRequest, completion_job)
         return await _answer(request, state, job, Answer("completion", state.served_model_name, state.strings,
                                                          job.logprobs, job.include_usage, job.continuous_usage,
-                                                         len(job.prompt_ids)))
+                                                         len(job.prompt_ids), echo=_echo(job, 0)))
 
     add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
                        trace_memory_limit)
@@ -342,7 +342,7 @@ class _Timing:
 async def _answer(request: Request, state: ServerState, job: Job, answer: Answer):
     """Submit the job and answer: a stream of SSE chunks or one JSON body. Errors before the first token are HTTP
     errors; a client that goes away cancels the sequence."""
-    if job.n > 1:
+    if job.n > 1 or len(job.prompts) > 1:
         return await _answer_choices(request, state, job, answer)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -474,26 +474,41 @@ def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now:
              now - timing.arrived, reason)
 
 
+def _echo(job: Job, prompt: int) -> Echo | None:
+    """What the choices of the job's prompt number `prompt` put before their text (None: nothing)."""
+    if job.echo_texts is None and job.prompt_logprobs is None:
+        return None
+    return Echo(None if job.echo_texts is None else job.echo_texts[prompt], job.prompts[prompt], job.echo_logprobs,
+                job.prompt_logprobs)
+
+
 async def _answer_choices(request: Request, state: ServerState, job: Job, answer: Answer):
-    """n > 1: n continuations of one prefill (ServingLoop.submit_choices), choice i seeded with seed + i; one
-    response (or one stream) whose choices carry their index, usage counting the prompt once."""
+    """n > 1 or several prompts: for each prompt, n continuations of one prefill (ServingLoop.submit_groups, all
+    admitted together), choice i seeded with seed + i; one response (or one stream) whose choices carry their index
+    (prompt p's choice i is p * n + i), usage counting each prompt once."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     timing = _Timing(time.perf_counter())
     metrics = state.metrics
-    answers = [answer] + [answer.choice(i) for i in range(1, job.n)]
+    total = len(job.prompts) * job.n
+    if total > state.serving.max_active + state.serving.max_queue:
+        raise bad_request(f"prompt: {len(job.prompts)} prompts x {job.n} choices are more requests than this server "
+                          f"takes at once ({state.serving.max_active + state.serving.max_queue}): send fewer",
+                          "prompt")
+    answers = [answer if i == 0 else answer.choice(i, _echo(job, i // job.n)) for i in range(total)]
     results: dict[int, GenerationResult] = {}  # filled on the serving thread
+    prompt_tokens = sum(len(ids) for ids in job.prompts)
 
     def callback(index: int):
         def on_event(item) -> None:  # on the serving thread
             now = time.perf_counter()
             if isinstance(item, TokenEvent):  # the choices share one clock: no time between tokens
-                timing.token(metrics, len(job.prompt_ids), now, between_tokens=False)
+                timing.token(metrics, prompt_tokens, now, between_tokens=False)
             elif isinstance(item, GenerationResult):
                 metrics.requests.labels(finish_reason(item)).inc()
                 metrics.count_prompt(item)
                 results[index] = item
-                if len(results) == job.n:
+                if len(results) == total:
                     metrics.request_latency.observe(now - timing.arrived)
                     completion = sum(len(r.token_ids) for r in results.values())
                     _log_request(answer, _lead(results), timing, now, completion)
@@ -503,9 +518,12 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                 pass
         return on_event
 
+    n = job.n
     try:
-        tickets = state.serving.submit_choices(job.prompt_ids, [choice_options(job.options, i) for i in range(job.n)],
-                                               [callback(i) for i in range(job.n)])
+        groups = state.serving.submit_groups([
+            (ids, [choice_options(options, i) for i in range(n)], [callback(p * n + i) for i in range(n)])
+            for p, (ids, options) in enumerate(zip(job.prompts, job.prompt_options))])
+        tickets = [t for group in groups for t in group]
     except QueueFullError as e:
         raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
     except ServingStoppedError as e:
@@ -527,7 +545,7 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
         _raise_if_error(first[1])
         if job.stream:
             handed_over = True
-            return StreamingResponse(_stream_choices(answers, queue, first, cancel_all, watcher),
+            return StreamingResponse(_stream_choices(answers, queue, first, cancel_all, watcher, n),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         events: list[list[TokenEvent]] = [[] for _ in answers]
@@ -540,14 +558,15 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                 events[index].append(value)
             else:
                 ended[index] = value
-                if len(ended) == job.n:
+                if len(ended) == total:
                     break
             item = await queue.get()
         if any(r.stop_reason == STOP_CANCELLED for r in ended.values()):
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
-        body = answer.complete(events[0], ended[0])
-        body["choices"] = [a.complete(events[i], ended[i])["choices"][0] for i, a in enumerate(answers)]
-        body["usage"] = usage(_lead(ended), sum(len(r.token_ids) for r in ended.values()))
+        bodies = [a.complete(events[i], ended[i]) for i, a in enumerate(answers)]  # once each: they keep offsets
+        body = bodies[0]
+        body["choices"] = [b["choices"][0] for b in bodies]
+        body["usage"] = _total_usage(ended, n)
         return JSONResponse(body)
     finally:
         if not handed_over:
@@ -560,10 +579,18 @@ def _lead(results: dict[int, GenerationResult]) -> GenerationResult:
     return max(results.values(), key=lambda r: r.prefill_tokens)
 
 
+def _total_usage(ended: dict[int, GenerationResult], n: int) -> dict:
+    """The usage of choices 0..len(ended)-1, n per prompt: each prompt's tokens (and cached ones) counted once,
+    every choice's generated tokens."""
+    leads = [_lead({i: ended[i] for i in range(p, p + n)}) for p in range(0, len(ended), n)]
+    return usage_of(sum(len(r.prompt_token_ids) for r in leads), sum(len(r.token_ids) for r in ended.values()),
+                    sum(r.cached_tokens for r in leads))
+
+
 async def _stream_choices(answers: list[Answer], queue: asyncio.Queue, first, cancel_all: Callable[[], None],
-                          watcher: asyncio.Task):
-    """The SSE body of n > 1 choices: each choice's role chunk (chat), its content deltas and finish chunk (each
-    chunk names its choice's index), then one usage chunk when asked, then [DONE]."""
+                          watcher: asyncio.Task, n: int):
+    """The SSE body of several choices (n per prompt): each choice's role chunk (chat), its content deltas and
+    finish chunk (each chunk names its choice's index), then one usage chunk when asked, then [DONE]."""
     ended: dict[int, GenerationResult] = {}
     try:
         for a in answers:
@@ -590,8 +617,7 @@ async def _stream_choices(answers: list[Answer], queue: asyncio.Queue, first, ca
                 yield sse(answers[index].final_chunk(item))
             if len(ended) == len(answers):
                 if answers[0].include_usage:
-                    total = sum(len(r.token_ids) for r in ended.values())
-                    yield sse(dict(answers[0].usage_chunk(_lead(ended)), usage=usage(_lead(ended), total)))
+                    yield sse(dict(answers[0].usage_chunk(_lead(ended)), usage=_total_usage(ended, n)))
                 yield sse("[DONE]")
                 return
             pending = [await queue.get()]
