@@ -105,6 +105,7 @@ class ServingLoop:
         self._thread: threading.Thread | None = None
         self.running = 0  # sequences in the batch, as of the last step (read from any thread)
         self.waiting = 0  # requests submitted but not yet in the batch
+        self.kv_tokens = 0  # tokens held in the KV caches of the sequences in the batch, as of the last step
         self.steps = 0  # batched forwards run so far
 
     # ---- any thread -------------------------------------------------------------------------------------------
@@ -293,4 +294,5 @@ class ServingLoop:
         with self._lock:
             pending = sum(1 + len(t.forks) for kind, t in self._inbox if kind == "submit")
             self.running = len(self.scheduler.active)
+            self.kv_tokens = sum(r.cache.length for r in self.scheduler.active if r.cache is not None)
             self.waiting = len(self.scheduler.waiting) + pending

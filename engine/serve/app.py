@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health and /metrics.
+"""The FastAPI app: OpenAI's /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models (each also without
+/v1, as llama.cpp serves them), /tokenize and /detokenize, plus /health and /metrics.
 
 The model loads on a thread of its own when the app starts (/health answers 503 until it is ready); then a
 ServingLoop's thread steps the batch. Each request submits its prompt and options to the loop and receives its
@@ -37,6 +38,7 @@ from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.inspect.embeddings import DEFAULT_POOLING, check_pooling
 from engine.serve.embeddings import add_embedding_routes
 from engine.serve.inspect_routes import add_inspect_routes
+from engine.serve.tokenize_routes import add_tokenize_routes
 from engine.serve.metrics import ServerMetrics
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
@@ -83,7 +85,14 @@ class ServerState:
     def __post_init__(self):
         self.metrics = ServerMetrics(running=lambda: self.serving.running if self.serving else 0,
                                      waiting=lambda: self.serving.waiting if self.serving else 0,
-                                     prefix_cache=lambda: self.serving.prefix_cache if self.serving else None)
+                                     prefix_cache=lambda: self.serving.prefix_cache if self.serving else None,
+                                     kv_cache_usage=self.kv_cache_usage, model_name=lambda: self.served_model_name)
+
+    def kv_cache_usage(self) -> float:
+        """The fraction (0..1) of the KV the batch can hold (max_active sequences of a full window) held now."""
+        if self.serving is None:
+            return 0.0
+        return self.serving.kv_tokens / (self.max_active * self.model.config.max_position_embeddings)
 
     @property
     def ready(self) -> bool:
@@ -239,6 +248,7 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
                        trace_memory_limit)
     add_embedding_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
+    add_tokenize_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
     add_page_routes(app)  # the web page at /
     return app
 
