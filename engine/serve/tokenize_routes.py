@@ -5,7 +5,9 @@
 The answer carries both servers' fields: `tokens` (ids; with `with_pieces`, llama.cpp's [{"id", "piece"}] where a
 piece is the token's text, or its bytes as a list of ints when they are not valid UTF-8 alone), and vLLM's `count`,
 `max_model_len` and `token_strs` (the vocabulary pieces, when asked). /detokenize takes `tokens` and answers the
-text as llama.cpp's `content` and vLLM's `prompt` (special tokens kept, as both do).
+text as llama.cpp's `content` and vLLM's `prompt` (special tokens kept, as both do). `GET /tokenizer_info` is
+vLLM's description of the tokenizer (its special tokens and chat template): with it and /tokenize, lm-evaluation-
+harness' API models tokenize through the server (no local copy of the tokenizer needed).
 """
 from __future__ import annotations
 
@@ -90,6 +92,15 @@ def detokenize(model, body: DetokenizeRequest) -> dict:
     return {"content": text, "prompt": text}
 
 
+def tokenizer_description(model) -> dict:
+    """vLLM's /tokenizer_info: the special tokens' texts (None where the tokenizer has none), the chat template and
+    the window."""
+    tokenizer = model.tokenizer
+    info = {name: tokenizer.special_tokens.get(name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return {"tokenizer_class": "PreTrainedTokenizerFast", **info, "chat_template": tokenizer.chat_template,
+            "model_max_length": model.config.max_position_embeddings}
+
+
 def add_tokenize_routes(app: FastAPI, state, prepare) -> None:
     """Mount POST /tokenize and /detokenize. `prepare(request, body_class)`: the app's authorize + parse + validate +
     model and readiness check."""
@@ -98,6 +109,12 @@ def add_tokenize_routes(app: FastAPI, state, prepare) -> None:
     async def tokenize_route(request: Request):
         body = await prepare(request, TokenizeRequest)
         return await asyncio.to_thread(tokenize, state.model, body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        state.authorize(request)
+        state.check_ready()
+        return tokenizer_description(state.model)
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request):
