@@ -14,6 +14,8 @@ import numpy as np
 
 from engine.generation.state import TokenLogprob
 
+SLICE_ROWS = 256  # logits rows scored at once: bounds the float temporaries (256 x 32000 x 4 bytes = 33 MB each)
+
 
 def score_rows(logits: np.ndarray, targets, top: int = 0) -> list[TokenLogprob]:
     """logits (n, vocab) float32, targets (n,) token ids (row i's next token) -> n TokenLogprob (logprob, top, rank).
@@ -72,7 +74,8 @@ class PromptScorer:
             raise ValueError(f"prompt chunks out of order: expected one starting at {len(self.entries) - 1}, "
                              f"got {start}")
         targets = self.prompt_ids[start + 1 : start + 1 + len(logits)]
-        self.entries.extend(score_rows(logits, targets, self.top))
+        for row in range(0, len(targets), SLICE_ROWS):  # a few temporaries of (SLICE_ROWS, vocab) at a time
+            self.entries.extend(score_rows(logits[row : row + SLICE_ROWS], targets[row : row + SLICE_ROWS], self.top))
 
     @property
     def complete(self) -> bool:
