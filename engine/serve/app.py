@@ -43,7 +43,7 @@ from engine.serve.metrics import ServerMetrics
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from engine.serve.responses import Answer, Echo, TokenStrings, finish_reason, sse, usage, usage_of
+from engine.serve.responses import Answer, Echo, TokenStrings, finish_reason, sse, usage_of
 from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
@@ -506,6 +506,8 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                           f"takes at once ({state.serving.max_active + state.serving.max_queue}): send fewer",
                           "prompt")
     answers = [answer if i == 0 else answer.choice(i, _echo(job, i // job.n)) for i in range(total)]
+    for i, a in enumerate(answers):
+        a.prompt_tokens = len(job.prompts[i // job.n])  # continuous usage: each choice's own prompt
     results: dict[int, GenerationResult] = {}  # filled on the serving thread
     prompt_tokens = sum(len(ids) for ids in job.prompts)
 
