@@ -133,6 +133,14 @@ def test_a_list_of_prompts_is_one_choice_each_in_order_batched(server, client, m
     assert events[-1]["usage"]["prompt_tokens"] == sum(map(len, prompts))
 
 
+def test_every_prompt_of_a_list_is_constrained(server):
+    r = post(server, "/v1/completions", {"prompt": ["Is it red?", "Is it blue?"], "guided_choice": ["yes", "no"],
+                                         "n": 2, "temperature": 1, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert {c["text"] for c in r.json()["choices"]} <= {"yes", "no"}
+
+
 def test_a_list_of_prompts_counts_toward_admission(server):
     too_many = [[1, 450]] * (MAX_ACTIVE + MAX_QUEUE + 1)
     r = post(server, "/v1/completions", {"prompt": too_many, "max_tokens": 1})
@@ -266,9 +274,9 @@ def test_embeddings_with_the_openai_client_match_transformers(client, server, mo
     np.testing.assert_allclose(decoded, expected(ids[0]), atol=1e-5)
     plain = post(server, "/v1/embeddings", {"input": ids[0], "normalize": False}).json()["data"][0]["embedding"]
     assert np.linalg.norm(plain) != pytest.approx(1, abs=1e-3)
-    for body, param in (({"input": ""}, "input"), ({"input": []}, "input"), ({"input": [[1, 2], [1, 32000]]}, "input[1]"),
-                        ({"input": "x", "dimensions": 8}, "dimensions"), ({"input": "x", "encoding_format": "hex"},
-                                                                          "encoding_format")):
+    bad = (({"input": ""}, "input"), ({"input": []}, "input"), ({"input": [[1, 2], [1, 32000]]}, "input[1]"),
+           ({"input": "x", "dimensions": 8}, "dimensions"), ({"input": "x", "encoding_format": "hex"}, "encoding_format"))
+    for body, param in bad:
         r = post(server, "/v1/embeddings", body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 

@@ -11,6 +11,7 @@ field; with either, `max_tokens: 0` scores the prompt and generates nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from engine.errors import ContextOverflowError, EngineError
 from engine.generation.state import GenerationOptions, check_prompt, default_options
 from engine.serve.errors import bad_request
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from engine.serve.structured import ConstraintRequest, constraint_request
+from engine.serve.structured import ConstraintRequest, PendingConstraint, constraint_request, pending_constraint
 from engine.generation.constraints import ConstraintError
 from engine.text.chat_template import ROLES, ChatTemplateError, NoChatTemplateError
 
@@ -38,15 +39,24 @@ class Job:
     continuous_usage: bool  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
     logprobs: int | None  # top alternatives per token (0: the chosen token only); None: no log-probabilities
     n: int = 1  # choices: continuations of the prompt sharing one prefill, choice i seeded with seed + i
-    # several prompts (a completions request's list): each prompt's ids and options; [] means [prompt_ids], [options]
-    prompts: list[list[int]] = field(default_factory=list)
-    prompt_options: list[GenerationOptions] = field(default_factory=list)
+    constraint: PendingConstraint | None = None  # still to compile (engine.serve.structured.attach_constraint)
+    # several prompts (a completions request's list): each prompt's ids and options (see options_for)
+    prompts: list[list[int]] = field(default_factory=list)  # [] means [prompt_ids]
+    prompt_options: list[GenerationOptions] = field(default_factory=list)  # [] means [options]
     echo_texts: list[str] | None = None  # echo: each prompt's text, put before its choices' text
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: its field in each choice, this many alternatives
 
     def __post_init__(self):
         if not self.prompts:
-            self.prompts, self.prompt_options = [self.prompt_ids], [self.options]
+            self.prompts = [self.prompt_ids]
+
+    def options_for(self, prompt: int) -> GenerationOptions:
+        """Prompt number `prompt`'s options, with the constraint compiled into `options` (one compiled constraint
+        serves every prompt: each sequence starts its own matcher from it)."""
+        own = self.prompt_options[prompt] if self.prompt_options else self.options
+        if own.constraint is self.options.constraint:
+            return own
+        return dataclasses.replace(own, constraint=self.options.constraint)
 
     @property
     def echo_logprobs(self) -> bool:
@@ -274,9 +284,10 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
     except EngineError as e:
         raise bad_request(f"{param}: {e}", param) from None
     constraint = constraint_request(body)
-    options = generation_options(model, body, max_tokens, len(ids), param, logprobs, constraint, prompt_logprobs)
+    options = generation_options(model, body, max_tokens, len(ids), param, logprobs, prompt_logprobs=prompt_logprobs)
+    pending = pending_constraint(model, options, constraint)  # checked here; compiled by the app, off this thread
     stream_options = body.stream_options if body.stream else None
     include_usage = bool(stream_options and stream_options.include_usage)
     # vLLM's continuous_usage_stats: usage in every chunk, but only when include_usage asks for usage at all
     continuous = include_usage and bool(stream_options.continuous_usage_stats)
-    return Job(ids, options, bool(body.stream), include_usage, continuous, logprobs, body.n or 1)
+    return Job(ids, options, bool(body.stream), include_usage, continuous, logprobs, body.n or 1, pending)
