@@ -15,6 +15,7 @@ from engine.runtime.numpy_backend import NumpyBackend
 from engine.runtime import native
 from engine.runtime.trace import TRACE_MEMORY_LIMIT, Trace, TraceRecorder
 from engine.runtime.weights import choose_weights_dtype, load_model_weights, stored_dtype
+from engine.text.chat_templates import resolve_chat_template
 from engine.text.tokenizer import Tokenizer
 from weights.checkpoint import open_checkpoint, read_json
 from weights.errors import CheckpointError
@@ -35,6 +36,7 @@ class Model:
         self._weights_dtype = weights_dtype
         self.weights_dtype_reason = weights_dtype_reason  # why the weights are held as `weights_dtype`
         self._tokenizer = None
+        self._chat_template = None  # a ChatTemplate chosen by the caller (use_chat_template), applied to the tokenizer
         self._drafts: dict[str, "Model"] = {}
 
     def draft_model(self, kind: str) -> "Model":
@@ -66,7 +68,16 @@ class Model:
             if self.folder is None or not (self.folder / "tokenizer.json").exists():
                 raise CheckpointError(f"{self.folder}: no tokenizer.json in the model folder")
             self._tokenizer = Tokenizer.from_folder(self.folder)
+            if self._chat_template is not None:
+                self._tokenizer.use_chat_template(self._chat_template)
         return self._tokenizer
+
+    def use_chat_template(self, template) -> None:
+        """Chat with `template` instead of the model's own (or where it has none): a name ("chatml", "zephyr",
+        "llama-2"), a Jinja file's path, Jinja text, or a ChatTemplate. EngineError when it is none of these."""
+        self._chat_template = resolve_chat_template(template)
+        if self._tokenizer is not None:
+            self._tokenizer.use_chat_template(self._chat_template)
 
     def new_cache(self):
         """An empty KV cache for one sequence on this model's backend."""
@@ -133,15 +144,18 @@ class Model:
 
 
 def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str | None = None,
-               weights_dtype: str = "auto", **backend_options) -> Model:
+               weights_dtype: str = "auto", chat_template=None, **backend_options) -> Model:
     """Load a Llama checkpoint (local folder or Hub repo id) onto `backend` ("numpy" or "triton").
 
     weights_dtype: "auto" keeps a bf16/fp16 checkpoint's matrices 16-bit where the backend's kernels widen them exactly
     (the NumPy backend's compiled kernels, the Triton kernels), else float32; "float32" widens them at load;
     "int8" / "int4" quantize them at load, groups of 32 with float16 scales (NumPy backend only; an inexact mode:
-    see the README's "Quantized weights")."""
+    see the README's "Quantized weights").
+    chat_template: chat with this template instead of the model's own, or where it has none (see
+    Model.use_chat_template)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    template = resolve_chat_template(chat_template) if chat_template is not None else None
     folder = resolve_model_folder(ref, revision)
     raw_config, checkpoint = open_checkpoint(folder)
     with checkpoint:
@@ -162,8 +176,11 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         from tinyllama_kernels.triton_backend import TritonBackend
 
         impl = TritonBackend(config, weights, **backend_options)
-    return Model(config, impl, folder=folder, generation_config=generation_config,
-                 weights_dtype=dtype, weights_dtype_reason=reason)
+    model = Model(config, impl, folder=folder, generation_config=generation_config,
+                  weights_dtype=dtype, weights_dtype_reason=reason)
+    if template is not None:
+        model.use_chat_template(template)
+    return model
 
 
 def share_equal_arrays(source, target) -> int:
