@@ -40,6 +40,7 @@ from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse, usage
+from engine.serve.tools import ToolAnswer
 from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
@@ -207,9 +208,10 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         job = await _prepare(request, state, ChatCompletionRequest, chat_job)
-        return await _answer(request, state, job, Answer("chat", state.served_model_name, state.strings,
-                                                         job.logprobs, job.include_usage, job.continuous_usage,
-                                                         len(job.prompt_ids)))
+        settings = (state.served_model_name, state.strings, job.logprobs, job.include_usage, job.continuous_usage,
+                    len(job.prompt_ids))
+        answer = ToolAnswer(job.tool_calling, *settings) if job.tool_calling else Answer("chat", *settings)
+        return await _answer(request, state, job, answer)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -366,7 +368,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
         if job.stream:
             handed_over = True
             return StreamingResponse(_stream(state, ticket, queue, first, answer, watcher),
-                                     media_type="text/event-stream",
+                                     media_type=answer.media_type,
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         events, item = [], first
         while isinstance(item, TokenEvent):
@@ -394,13 +396,13 @@ def _raise_if_error(item) -> None:
 
 async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, first, answer: Answer,
                   watcher: asyncio.Task):
-    """The SSE body: role chunk, content deltas (all events queued at a time in one chunk), the finish chunk, the
-    usage chunk when asked, then [DONE]."""
+    """The stream's body, framed by the answer (OpenAI: server-sent events): the opening chunk, content deltas (all
+    events queued at a time in one chunk), the finish chunk, the usage chunk when asked, then the end marker."""
     ended = False
     try:
         opening = answer.first_chunk()
         if opening is not None:
-            yield sse(opening)
+            yield answer.frame(opening)
         pending = [first]
         while True:
             while not queue.empty():
@@ -409,17 +411,18 @@ async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, firs
             end = next((item for item in pending if not isinstance(item, TokenEvent)), None)
             chunk = answer.delta_chunk(events)
             if chunk is not None:
-                yield sse(chunk)
+                yield answer.frame(chunk)
             if end is not None:
                 ended = True
                 if isinstance(end, GenerationResult):
-                    yield sse(answer.final_chunk(end))
+                    yield answer.frame(answer.final_chunk(end))
                     if answer.include_usage:
-                        yield sse(answer.usage_chunk(end))
+                        yield answer.frame(answer.usage_chunk(end))
                 else:
-                    failure = APIError(500, str(end), SERVER_ERROR)
-                    yield sse(failure.body())
-                yield sse("[DONE]")
+                    yield answer.frame(answer.error_payload(APIError(500, str(end), SERVER_ERROR)))
+                closing = answer.end_of_stream()
+                if closing:
+                    yield closing
                 return
             pending = [await queue.get()]
     finally:
