@@ -36,6 +36,7 @@ from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.serve.inspect_routes import add_inspect_routes
 from engine.serve.metrics import ServerMetrics
+from engine.serve.ollama import add_ollama_routes
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
@@ -222,6 +223,8 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
 
     add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
                        trace_memory_limit)
+    add_ollama_routes(app, state, lambda request, body_class, make_job: _prepare(request, state, body_class, make_job),
+                      lambda request, job, answer: _answer(request, state, job, answer))
     add_page_routes(app)  # the web page at /
     return app
 
