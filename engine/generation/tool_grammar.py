@@ -6,8 +6,9 @@ JSON Schema), so a call always names a given function and its arguments are vali
 - a named function: one call of that function;
 - "auto": either text that does not start with a call block, or call blocks as above.
 
-The blocks are engine.text.tool_calls' format. Objects in the arguments' schemas are closed where they leave
-`additionalProperties` out (no keys beyond `properties`), as OpenAI's strict mode and vLLM do; `true` keeps one open.
+The blocks are engine.text.tool_calls' format. The arguments' schemas are prepared as every JSON Schema constraint
+is (engine.generation.json_schemas.prepare_schema): objects that leave `additionalProperties` out are closed, as
+OpenAI's strict mode and vLLM read them, and integers are bounded to what a float64 holds exactly.
 """
 from __future__ import annotations
 
@@ -17,39 +18,10 @@ from typing import Any, Mapping, Sequence
 import llguidance
 
 from engine.generation.constraints import ConstraintError
+from engine.generation.json_schemas import prepare_schema
 from engine.text.tool_calls import CALL_CLOSE, CALL_OPEN, CALL_SEPARATOR, ITEM_SEPARATOR, KEY_SEPARATOR, function_of
 
 AUTO, REQUIRED = "auto", "required"
-SCHEMA_CHILDREN = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
-                   "unevaluatedItems", "unevaluatedProperties")
-SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-def closed_objects(schema: Any) -> Any:
-    """A copy of a JSON Schema where every object schema that does not say `additionalProperties` says false."""
-    if isinstance(schema, list):
-        return [closed_objects(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in SCHEMA_CHILDREN:
-        if isinstance(out.get(key), (dict, list)):
-            out[key] = closed_objects(out[key])
-    for key in SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [closed_objects(s) for s in out[key]]
-    for key in SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
-    if isinstance(out.get("additionalProperties"), dict):
-        out["additionalProperties"] = closed_objects(out["additionalProperties"])
-    kind = out.get("type")
-    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or (
-        kind is None and "properties" in out)
-    if is_object and "additionalProperties" not in out and "$ref" not in out:
-        out["additionalProperties"] = False
-    return out
 
 
 def _lark_string(text: str) -> str:
@@ -57,8 +29,9 @@ def _lark_string(text: str) -> str:
 
 
 def call_schema(tools: Sequence[Mapping[str, Any]], only: str | None = None) -> dict:
-    """The JSON Schema of one call's JSON: {"name": <a tool's name>, "arguments": <that tool's parameters>}, an anyOf
-    over the tools (just `only` when given)."""
+    """The JSON Schema of one call's JSON: {"name": <a tool's name>, "arguments": <that tool's parameters, as the
+    constraint compiler prepares a schema>}, an anyOf over the tools (just `only` when given). ConstraintError for
+    parameters that cannot be generated (see prepare_schema)."""
     options = []
     for tool in tools:
         function = function_of(tool)
@@ -66,7 +39,7 @@ def call_schema(tools: Sequence[Mapping[str, Any]], only: str | None = None) -> 
             continue
         options.append({"type": "object",
                         "properties": {"name": {"const": function["name"]},
-                                       "arguments": closed_objects(function["parameters"])},
+                                       "arguments": _prepared(function["parameters"], "tools")},
                         "required": ["name", "arguments"], "additionalProperties": False})
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ITEM_SEPARATOR,
@@ -78,8 +51,8 @@ def check_parameters(tools: Sequence[Mapping[str, Any]], field_format: str = "to
     """ConstraintError (its field: `field_format` with the tool's index) for a tool whose parameters llguidance
     cannot compile."""
     for i, tool in enumerate(tools):
-        schema = closed_objects(function_of(tool)["parameters"])
         try:
+            schema = prepare_schema(function_of(tool)["parameters"])
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
             error = llguidance.LLMatcher.validate_grammar(grammar)
         except (ValueError, TypeError) as e:
@@ -102,6 +75,17 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: str = REQUIRED
     if choice == AUTO:
         lines.append(f"TEXT: /(.|\\n)*/ & ~/{_regex_literal(CALL_OPEN)}(.|\\n)*/")
     return "\n".join(lines) + "\n"
+
+
+def _prepared(schema: Any, field: str) -> Any:
+    """prepare_schema(schema) for a dict (other JSON Schemas, true / false, as they are); ConstraintError naming
+    `field` when it cannot be generated."""
+    if not isinstance(schema, dict):
+        return schema
+    try:
+        return prepare_schema(schema)
+    except ValueError as e:
+        raise ConstraintError(f"{field}: {e}", field) from None
 
 
 def _regex_literal(text: str) -> str:
