@@ -27,6 +27,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"utc": {"type": "boolean"}}}}}
 USER = [{"role": "user", "content": "Weather in Paris?"}]
+DEEP = {"type": "string"}
+for _ in range(300):
+    DEEP = {"type": "object", "properties": {"x": DEEP}}
 CLOSED = {name: dict(schema, additionalProperties=False) for name, schema in
           (("get_weather", WEATHER_PARAMETERS), ("get_time", TIME["function"]["parameters"]))}
 
@@ -153,12 +156,13 @@ def test_legacy_functions_answer_with_function_call(server):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1]"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]},
      "tools[0].function.parameters"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
      "response_format"),
     ({"tools": [WEATHER], "functions": [WEATHER["function"]]}, "functions"),
-], ids=["unknown-name", "bad-choice", "required-without-tools", "bad-name", "duplicate", "bad-schema",
+], ids=["unknown-name", "bad-choice", "required-without-tools", "bad-name", "duplicate", "bad-schema", "too-deep",
         "with-response-format", "tools-and-functions"])
 def test_bad_tool_fields_are_400_naming_the_field(server, fields, param):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": USER, **fields}, timeout=60)

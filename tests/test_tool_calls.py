@@ -71,12 +71,19 @@ def test_the_grammar_holds_exactly_valid_replies(stories_tokenizer, choice, para
     assert accepts(stories_tokenizer, grammar, text) is expected
 
 
-def test_a_schema_llguidance_cannot_compile_names_its_tool():
-    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-                                                                       "properties": {"x": {"type": "nonsense"}}}}}
+def deep_schema(levels: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+def test_a_schema_past_the_limits_names_its_tool():
+    """Checked before any compiler sees it (a chain this deep would overflow llguidance's stack)."""
+    deep = {"type": "function", "function": {"name": "f", "parameters": deep_schema(300)}}
     with pytest.raises(ConstraintError) as error:
-        check_parameters([WEATHER, bad])
-    assert error.value.field == "tools[1].function.parameters"
+        check_parameters([WEATHER, deep])
+    assert error.value.field == "tools[1].function.parameters" and "deep" in str(error.value)
 
 
 REPLIES = [

@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
-import llguidance
-
+from engine.generation.constraint_limits import check_schema, check_size
 from engine.generation.constraints import ConstraintError
 from engine.generation.json_schemas import prepare_schema
 from engine.text.tool_calls import CALL_CLOSE, CALL_OPEN, CALL_SEPARATOR, ITEM_SEPARATOR, KEY_SEPARATOR, function_of
@@ -48,18 +47,20 @@ def call_schema(tools: Sequence[Mapping[str, Any]], only: str | None = None) -> 
 
 
 def check_parameters(tools: Sequence[Mapping[str, Any]], field_format: str = "tools[{}].function.parameters") -> None:
-    """ConstraintError (its field: `field_format` with the tool's index) for a tool whose parameters llguidance
-    cannot compile."""
+    """ConstraintError (its field: `field_format` with the tool's index) for a tool whose parameters are past a limit
+    of engine.generation.constraint_limits (nested too deep, too large) or cannot be generated (prepare_schema):
+    checks without the compiler, which the server runs in a worker process of its own."""
     for i, tool in enumerate(tools):
+        field = field_format.format(i)
+        schema = function_of(tool)["parameters"]
         try:
-            schema = prepare_schema(function_of(tool)["parameters"])
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
-            error = llguidance.LLMatcher.validate_grammar(grammar)
-        except (ValueError, TypeError) as e:
-            error = str(e)
-        if error:
-            field = field_format.format(i)
-            raise ConstraintError(f"{field}: {error.strip().splitlines()[0]}", field)
+            check_schema(schema)
+            check_size(json.dumps(schema, ensure_ascii=False), "the schema")
+            prepare_schema(schema)
+        except ValueError as e:
+            raise ConstraintError(f"{field}: {e}", field) from None
+        except RecursionError:
+            raise ConstraintError(f"{field}: nested too deeply", field) from None
 
 
 def tool_call_grammar(tools: Sequence[Mapping[str, Any]], choice: str = REQUIRED, parallel: bool = True) -> str:

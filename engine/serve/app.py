@@ -30,7 +30,8 @@ from starlette.requests import ClientDisconnect
 from engine.errors import EngineError
 from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, QueueFullError, ServingLoop, ServingStoppedError,
                                        StepFailedError, Ticket, choice_options)
-from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options
+from engine.generation.constraint_compiler import ConstraintCompiler
+from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options, eos_ids_of
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
@@ -41,6 +42,7 @@ from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse, usage
+from engine.serve.structured import attach_constraint
 from engine.serve.tools import ToolAnswer
 from weights.errors import CheckpointError
 
@@ -71,6 +73,7 @@ class ServerState:
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # 0: no prefix cache
     model: object = None
     serving: ServingLoop | None = None
+    constraints: ConstraintCompiler | None = None  # compiles constraints off the event loop, isolated
     strings: TokenStrings | None = None
     load_error: str | None = None
     draining: bool = False
@@ -95,6 +98,7 @@ class ServerState:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
             default_options(model, json_object=True)  # builds llguidance's tokenizer once (~0.3 s), not per request
+            constraints = ConstraintCompiler(model.tokenizer, model.config.vocab_size, eos_ids_of(model)).start()
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue,
                                   **self.speculation,
                                   prefix_cache_bytes=int(self.prefix_cache_mb * 2 ** 20)).start()
@@ -105,7 +109,7 @@ class ServerState:
             if self.on_load_error is not None:
                 self.on_load_error(self.load_error)
             return
-        self.model, self.strings, self.serving = model, strings, serving
+        self.model, self.strings, self.serving, self.constraints = model, strings, serving, constraints
         startup_log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once)",
                  time.perf_counter() - started, self.served_model_name, model.config.max_position_embeddings,
                  self.max_active)
@@ -121,6 +125,8 @@ class ServerState:
             self.grace_over.set()  # requests still uploading their body are answered 503 and closed
             if self.serving is not None:
                 self.serving.cancel_all()
+            if self.constraints is not None:
+                self.constraints.stop()  # compiles waiting or running end in a 503; none is waited for
 
         asyncio.get_running_loop().call_later(max(0.0, grace), over)
 
@@ -169,6 +175,8 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load_model, name="tinyllama-load", daemon=True).start()
         yield
+        if state.constraints is not None:
+            state.constraints.stop()
         if state.serving is not None:
             state.serving.stop()
 
@@ -245,7 +253,8 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
         state.check_ready()
         return make_job(state.model, body) if make_job is not None else body
 
-    return await asyncio.to_thread(job)
+    prepared = await asyncio.to_thread(job)
+    return await attach_constraint(state.constraints, prepared) if make_job is not None else prepared
 
 
 async def _read_body(request: Request, state: ServerState) -> bytes:

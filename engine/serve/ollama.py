@@ -10,6 +10,7 @@ is complete. Errors are Ollama's {"error": "..."} with the HTTP status.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -27,6 +28,7 @@ from engine.serve.ollama_protocol import (OllamaChatRequest, OllamaGenerateReque
                                           generate_request)
 from engine.serve.params import chat_job, completion_job
 from engine.serve.responses import Answer, finish_reason
+from engine.serve.structured import attach_constraint
 from engine.text.tool_calls import ReplyStream, parse_reply
 
 OLLAMA_API_VERSION = "0.9.0"  # the version of Ollama's API whose shapes these routes follow
@@ -187,8 +189,9 @@ def model_listing(state) -> dict:
 
 
 def add_ollama_routes(app: FastAPI, state, prepare: Callable, answer: Callable) -> None:
-    """Mount Ollama's routes. `prepare(request, body_class, make_job)`: the app's authorize + read + validate (on a
-    worker thread) + model and readiness check; `answer(request, job, answer)`: submit and answer (stream or not)."""
+    """Mount Ollama's routes. `prepare(request, body_class, None)`: the app's authorize + read + validate (on a
+    worker thread) + model and readiness check -> the body; `answer(request, job, answer)`: submit and answer (stream
+    or not)."""
 
     async def guarded(work):
         try:
@@ -202,17 +205,18 @@ def add_ollama_routes(app: FastAPI, state, prepare: Callable, answer: Callable) 
                 "done_reason": "load", **({"message": {"role": "assistant", "content": ""}}
                                           if isinstance(body, OllamaChatRequest) else {"response": ""})}
 
+    async def job_for(body, make_job: Callable):
+        """The engine's Job for a validated body: built on a worker thread (tokenizing), its constraint compiled."""
+        job = await asyncio.to_thread(make_job, state.model, body)
+        return await attach_constraint(state.constraints, job)
+
     @app.post("/api/chat")
     async def chat(request: Request):
         async def work():
-            def make(model, body: OllamaChatRequest):
-                if not body.messages:
-                    return body, None
-                return body, chat_job(model, chat_request(body))
-
-            body, job = await prepare(request, OllamaChatRequest, make)
-            if job is None:
+            body = await prepare(request, OllamaChatRequest, None)
+            if not body.messages:
                 return loaded(body)
+            job = await job_for(body, lambda model, b: chat_job(model, chat_request(b)))
             return await answer(request, job, OllamaAnswer("chat", body.model or state.served_model_name,
                                                            state.strings, job.logprobs, len(job.prompt_ids),
                                                            job.tool_calling))
@@ -221,16 +225,15 @@ def add_ollama_routes(app: FastAPI, state, prepare: Callable, answer: Callable) 
     @app.post("/api/generate")
     async def generate(request: Request):
         async def work():
-            def make(model, body: OllamaGenerateRequest):
-                if not body.prompt:
-                    return body, None
-                templated = not body.raw and model.tokenizer.chat_template is not None
-                openai_body = generate_request(body, templated)
-                return body, (chat_job if templated else completion_job)(model, openai_body)
-
-            body, job = await prepare(request, OllamaGenerateRequest, make)
-            if job is None:
+            body = await prepare(request, OllamaGenerateRequest, None)
+            if not body.prompt:
                 return loaded(body)
+
+            def make(model, b: OllamaGenerateRequest):
+                templated = not b.raw and model.tokenizer.chat_template is not None
+                return (chat_job if templated else completion_job)(model, generate_request(b, templated))
+
+            job = await job_for(body, make)
             return await answer(request, job, OllamaAnswer("generate", body.model or state.served_model_name,
                                                            state.strings, job.logprobs, len(job.prompt_ids)))
         return await guarded(work)

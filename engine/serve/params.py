@@ -13,7 +13,7 @@ from engine.errors import ContextOverflowError, EngineError
 from engine.generation.state import GenerationOptions, check_prompt, default_options
 from engine.serve.errors import bad_request
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from engine.serve.structured import ConstraintRequest, constraint_request
+from engine.serve.structured import ConstraintRequest, PendingConstraint, constraint_request, pending_constraint
 from engine.generation.constraints import ConstraintError
 from engine.serve.tools import ToolCalling, history_tool_calls, legacy_function_call, tool_calling
 from engine.text.chat_template import ROLES, ChatTemplateError, NoChatTemplateError
@@ -34,6 +34,7 @@ class Job:
     continuous_usage: bool  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
     logprobs: int | None  # top alternatives per token (0: the chosen token only); None: no log-probabilities
     n: int = 1  # choices: continuations of the prompt sharing one prefill, choice i seeded with seed + i
+    constraint: PendingConstraint | None = None  # still to compile (engine.serve.structured.attach_constraint)
     tool_calling: ToolCalling | None = None  # a chat request whose reply may be tool calls
 
 
@@ -236,7 +237,8 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
             other = next(iter(constraint.params.values()))
             raise bad_request(f"{other}: cannot be combined with tool calling (tool_choice 'none' allows it)", other)
         constraint = tool_constraint
-    options = generation_options(model, body, max_tokens, len(ids), param, logprobs, constraint, chat_stop)
+    options = generation_options(model, body, max_tokens, len(ids), param, logprobs, chat_stop=chat_stop)
+    pending = pending_constraint(model, options, constraint)  # checked here; compiled by the app, off this thread
     stream_options = body.stream_options if body.stream else None
     return Job(ids, options, bool(body.stream), bool(stream_options and stream_options.include_usage),
-               bool(stream_options and stream_options.continuous_usage_stats), logprobs, body.n or 1)
+               bool(stream_options and stream_options.continuous_usage_stats), logprobs, body.n or 1, pending)
