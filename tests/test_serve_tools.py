@@ -27,9 +27,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"utc": {"type": "boolean"}}}}}
 USER = [{"role": "user", "content": "Weather in Paris?"}]
-DEEP = {"type": "string"}
-for _ in range(300):
-    DEEP = {"type": "object", "properties": {"x": DEEP}}
+# flat JSON (under the body's nesting limit) whose $refs chain 300 deep: past the constraint limits
+DEEP = {"$ref": "#/$defs/d0", "$defs": {**{f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}}
+                                          for i in range(300)}, "d300": {"type": "string"}}}
 CLOSED = {name: dict(schema, additionalProperties=False) for name, schema in
           (("get_weather", WEATHER_PARAMETERS), ("get_time", TIME["function"]["parameters"]))}
 
