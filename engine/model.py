@@ -176,11 +176,31 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         from tinyllama_kernels.triton_backend import TritonBackend
 
         impl = TritonBackend(config, weights, **backend_options)
+        if (notice := interpreter_notice(impl)) is not None:
+            print(notice, file=sys.stderr)  # once per process, like the compiled kernels' fallback
     model = Model(config, impl, folder=folder, generation_config=generation_config,
                   weights_dtype=dtype, weights_dtype_reason=reason)
     if template is not None:
         model.use_chat_template(template)
     return model
+
+
+_interpreter_noticed = False
+INTERPRETER_NOTICE = ("tinyllama: no CUDA GPU: the triton backend runs in Triton's CPU interpreter, at a small "
+                      "fraction of the numpy backend's speed (~1/1000 or less: for testing the kernels; use "
+                      "--backend numpy)")
+
+
+def interpreter_notice(backend) -> str | None:
+    """The one line a model load prints on stderr when the Triton backend runs in Triton's CPU interpreter (no CUDA
+    GPU), the first time only; None on a GPU, or after the first."""
+    global _interpreter_noticed
+    if _interpreter_noticed or not getattr(getattr(backend, "target", None), "interpret", False):
+        return None
+    if getattr(getattr(backend, "device", None), "type", "cpu") == "meta":
+        return None  # recording launches for a named GPU (tinyllama_kernels.aot): nothing runs
+    _interpreter_noticed = True
+    return INTERPRETER_NOTICE
 
 
 def share_equal_arrays(source, target) -> int:

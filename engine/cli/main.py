@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--verbose", "-v", action="store_true", help="statistics on stderr")
-    g = p.add_argument_group("structured output (one of these; the text is guaranteed to match it)")
+    g = p.add_argument_group("structured output (one of these; the text is guaranteed to match it unless cut off "
+                                 "by --max-new-tokens, a --stop string or a full window: then a warning on stderr "
+                                 "says so, and --json's constraint_complete is false)")
     g.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file: the output is JSON valid against it")
     g.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
     g.add_argument("--json-whitespace", choices=("compact", "flexible"), default="compact",

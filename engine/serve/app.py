@@ -188,12 +188,14 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.ready and not state.draining:
             return {"status": "ok"}
         status = "shutting down" if state.draining else "loading"
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": RETRY_AFTER_LOADING})
+
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # one operation id in /openapi.json
 
     @app.get("/metrics")
     async def metrics():
@@ -201,8 +203,9 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
 
     def model_card() -> dict:
         card = {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": OWNER}
-        if state.model is not None:
+        if state.model is not None:  # what the web page needs: the window, and whether the model can chat
             card["max_model_len"] = state.model.config.max_position_embeddings
+            card["capabilities"] = ["completion"] + (["chat"] if state.model.tokenizer.chat_template else [])
         return card
 
     @app.get("/v1/models")
@@ -333,6 +336,19 @@ class _Timing:
         self.last = now
         metrics.generation_tokens.inc()
 
+    def rate(self, n: int) -> float:
+        """Generated tokens per second from the first token to the last ((n - 1) intervals; 0.0 below two)."""
+        return (n - 1) / (self.last - self.first) if n > 1 and self.last > self.first else 0.0
+
+    def timings(self, prompt_tokens: int, n: int) -> dict:
+        """The server's clock for a response, in llama.cpp's `timings` shape: prompt_ms from arrival to the first
+        token (queueing included), predicted_ms from the first token to the last, predicted_per_second (the log
+        line's tok/s)."""
+        ttft = (self.first - self.arrived) if self.first is not None else 0.0
+        decode = (self.last - self.first) if self.first is not None else 0.0
+        return {"prompt_n": prompt_tokens, "prompt_ms": 1e3 * ttft, "predicted_n": n, "predicted_ms": 1e3 * decode,
+                "predicted_per_second": self.rate(n)}
+
 
 async def _answer(request: Request, state: ServerState, job: Job, answer: Answer):
     """Submit the job and answer: a stream of SSE chunks or one JSON body. Errors before the first token are HTTP
@@ -379,7 +395,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
         _raise_if_error(first)
         if job.stream:
             handed_over = True
-            return StreamingResponse(_stream(state, ticket, queue, first, answer, watcher),
+            return StreamingResponse(_stream(state, ticket, queue, first, answer, watcher, timing),
                                      media_type=answer.media_type,
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         events, item = [], first
@@ -391,7 +407,10 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
             if timing.client_gone:
                 raise ClientGone  # nobody to answer; counted and logged as a client gone, not as an error
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
-        return JSONResponse(answer.complete(events, item))
+        body = answer.complete(events, item)
+        if answer.server_timings:
+            body["timings"] = timing.timings(len(item.prompt_token_ids), len(item.token_ids))
+        return JSONResponse(body)
     finally:
         if not handed_over:
             watcher.cancel()
@@ -407,9 +426,10 @@ def _raise_if_error(item) -> None:
 
 
 async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, first, answer: Answer,
-                  watcher: asyncio.Task):
+                  watcher: asyncio.Task, timing: _Timing):
     """The stream's body, framed by the answer (OpenAI: server-sent events): the opening chunk, content deltas (all
-    events queued at a time in one chunk), the finish chunk, the usage chunk when asked, then the end marker."""
+    events queued at a time in one chunk), the finish chunk, the usage chunk when asked (with the server's
+    `timings`, as llama.cpp's server sends them), then the end marker."""
     ended = False
     try:
         opening = answer.first_chunk()
@@ -429,7 +449,8 @@ async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, firs
                 if isinstance(end, GenerationResult):
                     yield answer.frame(answer.final_chunk(end))
                     if answer.include_usage:
-                        yield answer.frame(answer.usage_chunk(end))
+                        yield answer.frame(dict(answer.usage_chunk(end), timings=timing.timings(
+                            len(end.prompt_token_ids), len(end.token_ids))))
                 else:
                     yield answer.frame(answer.error_payload(APIError(500, str(end), SERVER_ERROR)))
                 closing = answer.end_of_stream()
@@ -463,7 +484,7 @@ def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now:
     choices'), time to first token, tokens/s, finish reason."""
     n = len(result.token_ids) if completion is None else completion
     ttft = (timing.first - timing.arrived) if timing.first is not None else None
-    rate = (n - 1) / (timing.last - timing.first) if n > 1 and timing.last > timing.first else 0.0
+    rate = timing.rate(n)
     reason = "client gone" if timing.client_gone and result.stop_reason == STOP_CANCELLED else finish_reason(result)
     log.info("%s: prompt %d tokens (%d cached), completion %d tokens, first token %s, %.1f tok/s, %.2f s, finish %s",
              answer.id, len(result.prompt_token_ids), result.cached_tokens, n, "-" if ttft is None else f"{ttft:.3f} s", rate,

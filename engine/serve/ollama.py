@@ -61,6 +61,7 @@ class OllamaAnswer(Answer):
     the calls are held back and sent whole in one object when the reply ends."""
 
     media_type = "application/x-ndjson"
+    server_timings = False  # Ollama's own counts and durations instead
 
     def __init__(self, kind: str, model_name: str, strings, logprobs: int | None, prompt_tokens: int,
                  tool_calling=None):

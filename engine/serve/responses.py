@@ -165,6 +165,7 @@ class Answer:
 
     # ---- streaming --------------------------------------------------------------------------------------------
     media_type = "text/event-stream"  # OpenAI's streams are server-sent events
+    server_timings = True  # llama.cpp's `timings` beside `usage` (OpenAI's clients ignore the extra field)
 
     def frame(self, payload) -> str:
         """One piece of the stream on the wire: a server-sent event."""
