@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (exit 1) when the teacher-forced top-1 agreement is below F (a fraction, e.g. 0.95)")
     p.add_argument("--max-kl", type=float, metavar="NATS",
                    help="fail (exit 1) when the mean KL(transformers || engine) per token is above NATS")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="with a GGUF file: leave out llama.cpp's figures on the same file (reported beside ours when "
+                        "llama-cpp-python is installed)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
