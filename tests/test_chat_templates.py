@@ -89,3 +89,16 @@ def test_generate_chat_takes_the_flag(stories260k, tmp_path):
 def test_serve_refuses_a_bad_template_before_listening(stories260k):
     error = one_line_error(tinyllama("serve", "--model", str(stories260k), "--port", "0", "--chat-template", "nope"))
     assert error.startswith("tinyllama: error: --chat-template:")
+
+
+def test_a_gguf_model_takes_the_template_too(stories260k, tmp_path):
+    """A GGUF file's tokenizer comes from its own metadata (no tokenizer_config.json): the chosen template still
+    applies, and the GGUF model chats with it as the folder's model does."""
+    from tests.gguf_support import write_gguf
+
+    path = write_gguf(stories260k, tmp_path / "stories.gguf", "F32")
+    model = engine.load_model(str(path), chat_template="zephyr")
+    folder = engine.load_model(str(stories260k), chat_template="zephyr")
+    assert model.tokenizer.chat_template == NAMED["zephyr"].text
+    hello = [{"role": "user", "content": "Hello"}]
+    assert model.tokenizer.encode_chat(hello) == folder.tokenizer.encode_chat(hello)
