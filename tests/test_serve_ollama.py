@@ -138,3 +138,23 @@ def test_errors_are_ollamas(client, call, status, field):
 def test_an_error_is_one_json_object_with_the_message(server):
     r = httpx.post(server.url + "/api/chat", json={"model": NAME, "messages": HELLO, "format": "yaml"})
     assert r.status_code == 400 and list(r.json()) == ["error"] and r.json()["error"].startswith("format:")
+
+
+def test_embed_is_the_openai_routes_embedding(server, client):
+    """Ollama's /api/embed and OpenAI's /v1/embeddings pool the same vectors (unit length); the older
+    /api/embeddings gives one vector, not normalized."""
+    texts = ["Once upon a time", "there was a cat"]
+    theirs = client.embed(model=NAME, input=texts)
+    openai_client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    ours = openai_client.embeddings.create(model=NAME, input=texts, encoding_format="float")
+    assert len(theirs.embeddings) == 2 and theirs.prompt_eval_count == ours.usage.prompt_tokens
+    for mine, reference in zip(theirs.embeddings, ours.data):
+        assert mine == pytest.approx(reference.embedding, abs=1e-6)
+        assert sum(x * x for x in mine) == pytest.approx(1.0, abs=1e-5)
+    legacy = client.embeddings(model=NAME, prompt=texts[0]).embedding
+    norm = sum(x * x for x in legacy) ** 0.5
+    assert [x / norm for x in legacy] == pytest.approx(theirs.embeddings[0], abs=1e-5)
+    with pytest.raises(ollama.ResponseError) as error:
+        client.embed(model=NAME, input="word " * 600, truncate=False)
+    assert error.value.status_code == 400 and "input" in error.value.error
+    assert len(client.embed(model=NAME, input="word " * 600).embeddings[0]) == len(theirs.embeddings[0])

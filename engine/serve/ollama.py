@@ -1,29 +1,32 @@
 """Ollama's API beside OpenAI's, on the same server and scheduler: POST /api/chat, /api/generate, /api/show,
-/api/embed; GET /api/tags, /api/ps, /api/version.
+/api/embed (and the older /api/embeddings); GET /api/tags, /api/ps, /api/version.
 
 A chat or generate request is translated into the OpenAI request it means (engine.serve.ollama_protocol) and runs
 the same way (validation, chat template, tools, constraints, the serving loop); the answer is written in Ollama's
 shape: newline-delimited JSON objects when streaming (the default), one object with `stream: false`, each with
 `model`, `created_at` and `done`; the last one with `done_reason` and Ollama's counts and durations (nanoseconds).
 Tool calls come as `message.tool_calls` ({"function": {"name", "arguments": object}}) in one object once the reply
-is complete. Errors are Ollama's {"error": "..."} with the HTTP status.
+is complete. /api/embed gives one unit-length vector per input, pooled as the server's --pooling says (the older
+/api/embeddings: one vector, not normalized, as Ollama's). Errors are Ollama's {"error": "..."} with the HTTP status.
 """
 from __future__ import annotations
 
+import asyncio
 import asyncio
 import hashlib
 import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from engine.generation.state import GenerationResult, TokenEvent
-from engine.serve.errors import APIError
+from engine.serve.embeddings import compute_embeddings
+from engine.serve.errors import APIError, bad_request
 from engine.serve.ollama_protocol import (OllamaChatRequest, OllamaGenerateRequest, bare_name, chat_request,
                                           generate_request)
 from engine.serve.params import chat_job, completion_job
@@ -54,6 +57,46 @@ class OllamaShowRequest(BaseModel):
     @classmethod
     def _bare(cls, value):
         return bare_name(value)
+
+
+class OllamaEmbedRequest(BaseModel):
+    """POST /api/embed (`input`: a text or a list of texts) and the older /api/embeddings (`prompt`: one text)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: Union[str, list[str], None] = None
+    prompt: str | None = None
+    truncate: bool | None = True
+    dimensions: int | None = None
+    options: dict | None = None
+    keep_alive: object = None
+
+    @field_validator("model")
+    @classmethod
+    def _bare(cls, value):
+        return bare_name(value)
+
+
+def embed_inputs(model, texts: list[str], truncate: bool, dimensions: int | None) -> list[list[int]]:
+    """Texts -> token ids (BOS added, as /v1/embeddings and /v1/completions tokenize), cut to the window when
+    `truncate` (Ollama's default), else a 400 for one too long; 400 for an empty text or other `dimensions`."""
+    hidden, window = model.config.hidden_size, model.config.max_position_embeddings
+    if dimensions is not None and dimensions != hidden:
+        raise bad_request(f"dimensions: this model's embeddings have {hidden} dimensions, got {dimensions}",
+                          "dimensions")
+    out = []
+    for i, text in enumerate(texts):
+        param = "input" if len(texts) == 1 else f"input[{i}]"
+        if not text:
+            raise bad_request(f"{param}: an input cannot be empty", param)
+        ids = model.tokenizer.encode(text, threaded=True)
+        if len(ids) > window:
+            if not truncate:
+                raise bad_request(f"{param}: {len(ids)} tokens, more than this model's context window of {window} "
+                                  "(truncate: true cuts it)", param, "context_length_exceeded")
+            ids = ids[:window]
+        out.append(ids)
+    return out
 
 
 class OllamaAnswer(Answer):
@@ -238,6 +281,28 @@ def add_ollama_routes(app: FastAPI, state, prepare: Callable, answer: Callable) 
             return await answer(request, job, OllamaAnswer("generate", body.model or state.served_model_name,
                                                            state.strings, job.logprobs, len(job.prompt_ids)))
         return await guarded(work)
+
+    async def embeddings(request: Request, legacy: bool):
+        started = time.perf_counter()
+        body = await prepare(request, OllamaEmbedRequest, None)
+        texts = [body.prompt or ""] if legacy else ([body.input] if isinstance(body.input, str) else body.input or [])
+        inputs = await asyncio.to_thread(embed_inputs, state.model, texts, body.truncate is not False,
+                                         body.dimensions)
+        vectors = await compute_embeddings(state, inputs, normalize=not legacy) if inputs else []
+        if legacy:
+            return {"embedding": [float(x) for x in vectors[0]]}
+        return {"model": body.model or state.served_model_name,
+                "embeddings": [[float(x) for x in v] for v in vectors],
+                "total_duration": int((time.perf_counter() - started) * NS), "load_duration": 0,
+                "prompt_eval_count": sum(len(ids) for ids in inputs)}
+
+    @app.post("/api/embed")
+    async def embed(request: Request):
+        return await guarded(lambda: embeddings(request, legacy=False))
+
+    @app.post("/api/embeddings")
+    async def embeddings_legacy(request: Request):
+        return await guarded(lambda: embeddings(request, legacy=True))
 
     @app.get("/api/tags")
     async def tags():

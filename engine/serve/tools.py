@@ -198,8 +198,9 @@ class ToolAnswer(Answer):
         self._args = args
         self._kwargs = kwargs
 
-    def choice(self, index: int) -> "ToolAnswer":
-        """The Answer of another choice of the same response (n > 1), with its own reader and call ids."""
+    def choice(self, index: int, echo=None) -> "ToolAnswer":
+        """The Answer of another choice of the same response (n > 1), with its own reader and call ids (chat has
+        no echo)."""
         other = ToolAnswer(self.calling, *self._args, **{**self._kwargs, "index": index})
         other.id, other.created = self.id, self.created
         return other
