@@ -21,7 +21,7 @@ from engine.serve.tools import ToolCalling  # noqa: E402
 from engine.text.tool_calls import prompt_messages  # noqa: E402
 from tests.serve_support import ServerProcess  # noqa: E402 - needs httpx
 
-NAME = "stories"
+NAME, ALIAS = "stories", "tiny-stories"
 ONE_THREAD = {"TINYLLAMA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 HELLO = [{"role": "user", "content": "Tell me a story."}]
 SCHEMA = {"type": "object", "properties": {"happy": {"type": "boolean"},
@@ -33,7 +33,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
 
 @pytest.fixture(scope="module")
 def server(stories260k):
-    s = ServerProcess("--model", str(stories260k), "--chat-template", "zephyr", "--served-model-name", NAME,
+    s = ServerProcess("--model", str(stories260k), "--chat-template", "zephyr", "--served-model-name", NAME, ALIAS,
                       env=ONE_THREAD)
     try:
         yield s.wait_ready()
@@ -48,11 +48,11 @@ def client(server):
 
 def test_list_ps_show_and_version(server, client, stories260k):
     listed = client.list().models
-    assert [m.model for m in listed] == [NAME]
+    assert [m.model for m in listed] == [NAME, ALIAS]  # the aliases too, as /v1/models lists them
     assert listed[0].details.family == "llama" and listed[0].size > 0 and len(listed[0].digest) == 64
     running = client.ps().models
     assert [m.model for m in running] == [NAME] and running[0].context_length == 512
-    shown = client.show(NAME + ":latest")  # Ollama's clients add the tag
+    shown = client.show(ALIAS + ":latest")  # Ollama's clients add the tag
     config = json.loads((stories260k / "config.json").read_text())
     assert shown.modelinfo["llama.context_length"] == config["max_position_embeddings"]
     assert shown.modelinfo["llama.block_count"] == config["num_hidden_layers"]

@@ -217,15 +217,16 @@ def model_details(model) -> dict:
             "quantization_level": model.weights_dtype.upper()}
 
 
-def model_listing(state) -> dict:
-    """One model as /api/tags and /api/ps list it."""
+def model_listing(state, name: str | None = None) -> dict:
+    """The served model as /api/tags and /api/ps list it, under `name` (default: its served name; an alias
+    otherwise)."""
     model = state.model
     folder = Path(model.folder) if model.folder is not None else None
     files = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES] if folder and folder.is_dir() else []
     config = folder / "config.json" if folder else None
     modified = config.stat().st_mtime if config and config.is_file() else state.created
     identity = (str(folder) + (config.read_text(errors="replace") if config and config.is_file() else "")).encode()
-    name = state.served_model_name
+    name = name or state.served_model_name
     return {"name": name, "model": name,
             "modified_at": datetime.fromtimestamp(modified, timezone.utc).isoformat().replace("+00:00", "Z"),
             "size": sum(p.stat().st_size for p in files), "digest": hashlib.sha256(identity).hexdigest(),
@@ -306,7 +307,7 @@ def add_ollama_routes(app: FastAPI, state, prepare: Callable, answer: Callable) 
 
     @app.get("/api/tags")
     async def tags():
-        return {"models": [model_listing(state)] if state.ready else []}
+        return {"models": [model_listing(state, name) for name in state.model_names] if state.ready else []}
 
     @app.get("/api/ps")
     async def ps():
