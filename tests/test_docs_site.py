@@ -144,15 +144,12 @@ def test_the_tour_runs_on_the_bundled_model(stories260k, tmp_path):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "models").mkdir()
     (tmp_path / "shared" / "models" / "stories260K").symlink_to(stories260k, target_is_directory=True)
-    ran, waiting = [], []
+    ran = []
     for line in tour():
         words = shlex.split(line.split("  #")[0])
         if "../shared/models/stories260K" not in line or words[:2] == ["tinyllama", "serve"] or \
                 words[:2] == ["tinyllama", "check"]:
             continue  # the server: tests/test_web_page.py (a new user's first reply); check: tests/test_compare.py
-        if "--chat-template" in words and not chat_template_flag():
-            waiting.append(line)  # the flag lands with the tools-and-Ollama work: then this line runs too
-            continue
         command = [sys.executable, "-m", "engine", *words[1:]] if words[0] == "tinyllama" else \
             [sys.executable, *words[1:]]
         done = subprocess.run(command, cwd=work, input="Hello!\n", capture_output=True, text=True, timeout=300,
@@ -161,15 +158,5 @@ def test_the_tour_runs_on_the_bundled_model(stories260k, tmp_path):
         assert done.stdout.strip(), line
         ran.append(words[1] if words[0] == "tinyllama" else "python")
     assert (work / "lens.png").stat().st_size > 10_000
-    if waiting:
-        assert sorted(set(ran)) == ["generate", "inspect", "python"]
-        pytest.xfail(f"`tinyllama chat` has no --chat-template yet: {waiting}")
     assert sorted(set(ran)) == ["chat", "generate", "inspect", "python"]
 
-
-def chat_template_flag() -> bool:
-    """Whether `tinyllama chat` takes --chat-template (the README's tour uses it)."""
-    from engine.cli.main import build_parser
-
-    chat = build_parser()._subparsers._group_actions[0].choices["chat"]
-    return any("--chat-template" in action.option_strings for action in chat._actions)
