@@ -87,10 +87,15 @@ void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
 static tl_qmatmul_fn qmatmul_for(int isa)
 {
     (void)isa; /* (only the x86 variants have a choice) */
-#if HAVE_AVX512 /* leaf 7 EBX bit 30: AVX512BW, ECX bit 11: AVX512_VNNI (cpuid, as x86_runs) */
-    unsigned a, b, c, d;
-    __cpuid_count(7, 0, a, b, c, d);
-    if (isa == ISA_AVX512 && ((b >> 30) & 1u)) return (c >> 11) & 1u ? tl_qmatmul_avx512vnni : tl_qmatmul_avx512;
+#if HAVE_AVX512 /* leaf 7 EBX bit 30: AVX512BW, ECX bit 11: AVX512_VNNI (cpuid, as x86_runs), asked once: cpuid
+                 * traps to the hypervisor in a VM (~4 us, more than a small matmul) */
+    static int features = -1; /* bit 0: AVX512BW, bit 1: AVX512_VNNI (a race only writes the same value twice) */
+    if (features < 0) {
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        features = (int)(((b >> 30) & 1u) | (((c >> 11) & 1u) << 1));
+    }
+    if (isa == ISA_AVX512 && (features & 1)) return features & 2 ? tl_qmatmul_avx512vnni : tl_qmatmul_avx512;
 #endif
 #if HAVE_AVX2
     if (isa == ISA_AVX512 || isa == ISA_AVX2) return tl_qmatmul_avx2;

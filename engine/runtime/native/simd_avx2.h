@@ -43,6 +43,8 @@ TARGET INLINE float vf_hmax(vf v)
     return _mm_cvtss_f32(s);
 }
 #define KEEP(v) __asm__("" : "+x"(v))
+/* Each lane rounded to the nearest integer, ties to even (rintf in the default rounding mode). */
+TARGET INLINE vf vf_rint(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 /* 2*VL bf16 at p (one 32-byte load) -> the even elements / the odd elements as float32 (exact). */
 TARGET INLINE vf bf16_even(const uint16_t *p)

@@ -38,6 +38,8 @@ TARGET INLINE float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
 TARGET INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
 /* Keep v in a register: GCC would otherwise fold the load into each FMA that uses it (one load per FMA). */
 #define KEEP(v) __asm__("" : "+v"(v))
+/* Each lane rounded to the nearest integer, ties to even (rintf in the default rounding mode). */
+TARGET INLINE vf vf_rint(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 /* 2*VL bfloat16 values at p (one 64-byte load) widened exactly to float32: a bf16 is the top half of the float32 of
  * the same value. The low half of each 32-bit lane is the even element, the high half the odd one. */

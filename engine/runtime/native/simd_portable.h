@@ -34,6 +34,22 @@ INLINE float vf_hmax(vf v)
     return a > b ? a : b;
 }
 #define KEEP(v) ((void)0)
+/* Each lane rounded to the nearest integer, ties to even, for |v| < 2^22: adding and subtracting 1.5 * 2^23 rounds
+ * exactly there. The empty asm makes v a value of its own first, so the compiler cannot fuse the multiply that made
+ * it into the addition (GCC contracts a * b + c to an FMA across statements where the target has one: ARM). */
+#if defined(__x86_64__) || defined(__i386__)
+#define KEEP_VALUE(v) __asm__("" : "+x"(v))
+#elif defined(__aarch64__) || defined(__arm__)
+#define KEEP_VALUE(v) __asm__("" : "+w"(v))
+#else
+#define KEEP_VALUE(v) __asm__("" : "+m"(v))
+#endif
+INLINE vf vf_rint(vf v)
+{
+    const vf magic = vf_set1(12582912.0f);
+    KEEP_VALUE(v);
+    return (v + magic) - magic;
+}
 
 /* float lanes -> int32 lanes (truncating): __builtin_convertvector where the compiler has it (Clang, GCC 9+), else
  * lane by lane (GCC 8 and older: RHEL 8, Amazon Linux 2). TL_NO_CONVERTVECTOR forces the fallback (for the tests). */
