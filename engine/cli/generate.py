@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.cli.common import load, sampling_overrides, speculation_options
+from engine.cli.common import NO_TEMPLATE_HINT, chat_template_of, load, sampling_overrides, speculation_options
 from engine.errors import EngineError
-from engine.generation.constraints import ConstraintError
+from engine.generation.constraints import STOP_CONSTRAINT_ERROR, ConstraintError
 from engine.generation.generate import Generation
-from engine.generation.state import default_options
+from engine.generation.state import STOP_CONTEXT_FULL, STOP_MAX_TOKENS, STOP_STRING, default_options
+
+CUT_OFF_BY = {STOP_MAX_TOKENS: "--max-new-tokens ({n})", STOP_CONTEXT_FULL: "the end of the model's context window",
+              STOP_STRING: "a --stop string", STOP_CONSTRAINT_ERROR: "a limit of the constraint's matcher"}
 
 
 def prompt_ids_for(model, args) -> list[int]:
@@ -20,7 +23,8 @@ def prompt_ids_for(model, args) -> list[int]:
             raise EngineError("--system needs --chat")
         return tokenizer.encode(text)
     if tokenizer.chat_template is None:
-        raise EngineError(f"{args.model} has no chat template; run without --chat for plain completion")
+        raise EngineError(f"{args.model} has no chat template: {NO_TEMPLATE_HINT}, or run without --chat for plain "
+                          "completion")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": text}]
     return tokenizer.encode_chat(messages)
@@ -42,13 +46,36 @@ def constraint_overrides(args) -> dict:
     return out
 
 
+def constraint_flag(args) -> str | None:
+    """The structured-output flag given (--json-schema, --json-object, --regex, --choice, --grammar), or None."""
+    for flag in ("json_schema", "json_object", "regex", "choice", "grammar"):
+        if getattr(args, flag):
+            return "--" + flag.replace("_", "-")
+    return None
+
+
+def cut_off_warning(args, stop_reason: str) -> str | None:
+    """The one stderr line for a constrained output that stopped before its constraint was complete, else None."""
+    flag = constraint_flag(args)
+    if flag is None or stop_reason not in CUT_OFF_BY:
+        return None  # no constraint, or it completed (EOS is only allowed once it accepts)
+    cause = CUT_OFF_BY[stop_reason].format(n=args.max_new_tokens)
+    return (f"tinyllama: warning: the output was cut off by {cause} before it completed {flag}: it does not match "
+            f"it" + ("; raise --max-new-tokens or bound the output (maxLength, maxItems, ...)"
+                     if stop_reason == STOP_MAX_TOKENS else ""))
+
+
 def run_generate(args) -> int:
     """The `generate` subcommand: stream the completion (or print JSON with --json) -> exit status 0."""
     speculation = speculation_options(args)
     constraint = constraint_overrides(args)  # unreadable files fail before the model loads
+    if args.chat_template and not args.chat:
+        raise EngineError("--chat-template needs --chat")
+    chat_template_of(args)
     model = load(args)
+    stop = list(args.stop) + (list(model.tokenizer.chat_stop) if args.chat else [])
     try:
-        options = default_options(model, max_new_tokens=args.max_new_tokens, stop=args.stop,
+        options = default_options(model, max_new_tokens=args.max_new_tokens, stop=stop,
                                   ignore_eos=args.ignore_eos, **sampling_overrides(args), **constraint)
     except ConstraintError as e:  # name the flag, not the keyword argument
         flag = "--" + e.field.replace("_", "-")
@@ -60,11 +87,18 @@ def run_generate(args) -> int:
             sys.stdout.write(event.text)
             sys.stdout.flush()
     r = gen.result
+    warning = cut_off_warning(args, r.stop_reason)
     if args.json:
-        print(json.dumps(result_json(r), ensure_ascii=False))
+        out = result_json(r)
+        if constraint_flag(args) is not None:
+            out["constraint_complete"] = warning is None
+        out["warnings"] = [warning] if warning else []
+        print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if warning:
+        print(warning, file=sys.stderr)
     if args.verbose:
         from engine.runtime.layers import matmul_kernel_name
 
