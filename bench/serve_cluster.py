@@ -9,8 +9,11 @@ Each configuration is a cluster of its own (a local Ray instance started by `tin
 next starts), driven by bench.serve's --url mode (bench.serve_conversations): C conversations at once, each turn
 re-sending the history. Per configuration: aggregate tokens/s, the mean time to first token of turns 2..T, the share
 of turns 2..T whose prompt came partly from a replica's prefix cache (cached_tokens > 0: the turn reached a replica
-holding some of its history) and the share of their prompt tokens that did, how often a conversation changed replica, the router's decisions and the errors. results.json
-under --out. On a shared machine the tokens/s and TTFT move with the load; the cached share does not.
+holding some of its history) and the share of their prompt tokens that did, how often a conversation changed
+replica, the router's decisions, the errors, and the CPU time each kind of process spent per 1,000 generated tokens
+(Ray Serve's proxy and the ingress relay every token: their cost is the cluster's overhead, whatever the model).
+results.json under --out. On a shared machine the tokens/s and TTFT move with the load; the cached shares and the
+CPU time per token much less.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ from bench.serve import REPO, Server
 from bench.serve_conversations import counters, drive_conversations, summarize
 
 DEFAULT_CONFIGS = "1:prefix,2:prefix,2:pow2"
+ROLE_MARKS = (("proxy", "ProxyActor"), ("ingress", ":Ingress"), ("replicas", ":ModelReplica"),
+              ("controller", "ServeController"))
+ROLES = ("proxy", "ingress", "replicas", "controller", "ray", "cli")
 STOP_TIMEOUT = 300  # seconds a cluster gets to drain and stop Ray
 
 
@@ -76,6 +82,23 @@ class ClusterServer(Server):
         except psutil.NoSuchProcess:
             return []
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the server's processes, by role: proxy (Ray Serve's HTTP proxy),
+        ingress, replicas, controller, ray (GCS, raylet, agents) and cli (the `tinyllama serve` process)."""
+        import psutil
+
+        self.tree += [p for p in self.descendants() if p not in self.tree]
+        out = dict.fromkeys(ROLES, 0.0)
+        for p in [psutil.Process(self.process.pid)] + self.tree:
+            try:
+                title = " ".join(p.cmdline())
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            role = next((r for r, mark in ROLE_MARKS if mark in title), "ray")
+            out["cli" if p.pid == self.process.pid else role] += t.user + t.system
+        return out
+
     def stop(self) -> int:
         self.tree += [p for p in self.descendants() if p not in self.tree]
         if self.process.poll() is None:
@@ -102,10 +125,12 @@ def run_config(args, replicas: int, router: str) -> dict:
     args.threads = args.replica_threads  # bench.serve.Server's environment (the CLI process's own threads)
     server = ClusterServer(args, replicas, router)
     try:
-        before = counters(server.url)
+        before, cpu = counters(server.url), server.cpu_seconds()
         summary = summarize(asyncio.run(drive_conversations(server.url, args)), args.turns)
-        after = counters(server.url)
+        after, cpu_after = counters(server.url), server.cpu_seconds()
         summary["counters"] = {k: after[k] - before.get(k, 0.0) for k in after if not k.endswith("_bytes")}
+        summary["cpu_s_per_ktok"] = {role: 1000 * (cpu_after[role] - cpu[role]) / max(summary["tokens"], 1)
+                                     for role in ROLES}
     finally:
         summary_exit = server.stop()
     summary.update(replicas=replicas, router=router, server_exit_status=summary_exit)
@@ -130,6 +155,11 @@ def report(results: dict) -> str:
         tokens = "-" if r["cached_token_share"] is None else f"{100 * r['cached_token_share']:.0f}%"
         lines.append(f"{r['replicas']:>8}  {r['router']:<6} {r['tok_s']:6.1f}  {r['later_ttft_s'] or 0:7.2f} s  "
                      f"{share:>13}  {tokens:>13}  {r['replica_switches']:>8}  {decisions:>29}  {r['errors']:>6}")
+    lines.append("CPU seconds per 1,000 generated tokens, by process (user + system; the relay's cost is proxy + "
+                 "ingress):")
+    for r in results["runs"]:
+        cost = r["cpu_s_per_ktok"]
+        lines.append(f"  {r['replicas']} x {r['router']:<6} " + "  ".join(f"{k} {cost[k]:.2f}" for k in ROLES))
     return "\n".join(lines)
 
 

@@ -84,22 +84,23 @@ async def stream_one(client, url: str, prompt: str, max_tokens: int) -> dict:
 
 
 async def load(url: str, clients: int, seconds: float, max_tokens: int, during=None) -> list[dict]:
-    """`clients` closed-loop streaming clients for `seconds`; `during(elapsed)` is awaited once a second."""
+    """`clients` closed-loop streaming clients for up to `seconds`; `during(elapsed)` is awaited once a second, and
+    when it returns True the clients stop (each after its request in flight)."""
     results: list[dict] = []
-    end = time.monotonic() + seconds
+    end = [time.monotonic() + seconds]
     async with httpx.AsyncClient(timeout=httpx.Timeout(HANG, connect=30)) as client:
         async def loop(i):
             n = 0
-            while time.monotonic() < end:
+            while time.monotonic() < end[0]:
                 results.append(await stream_one(client, url, f"Client {i} story {n}: once upon a time", max_tokens))
                 n += 1
 
         async def watch():
             started = time.monotonic()
-            while time.monotonic() < end:
+            while time.monotonic() < end[0]:
                 await asyncio.sleep(1)
-                if during is not None:
-                    await during(time.monotonic() - started)
+                if during is not None and await during(time.monotonic() - started):
+                    end[0] = time.monotonic()
 
         await asyncio.gather(watch(), *(loop(i) for i in range(clients)))
     return results
@@ -117,6 +118,7 @@ def test_a_replica_killed_under_load_fails_only_its_own_requests_fast_and_is_rep
                 victim = server.replicas()[0]
                 killed["at"] = time.monotonic()
                 victim.kill()  # kill -9 the replica's worker process
+            return False
 
         results = asyncio.run(load(server.url, clients=16, seconds=60, max_tokens=200, during=kill_one))
         full_again = wait_for(lambda: replicas_up(server.url) == 2 and cluster_metrics(server.url)[
@@ -155,12 +157,13 @@ def test_autoscaling_adds_a_replica_under_a_sustained_queue_and_removes_it_when_
         wait_for(lambda: replicas_up(server.url) == 1, 120, "the first replica's metrics")
         seen: dict = {}
 
-        async def until_two(elapsed):
+        async def until_two(elapsed):  # then 15 s more, so that the new replica takes requests
             if "two" not in seen and await asyncio.to_thread(replicas_up, server.url) == 2:
                 seen["two"] = elapsed
+            return "two" in seen and elapsed > seen["two"] + 15
 
-        busy = asyncio.run(load(server.url, clients=8, seconds=150, max_tokens=300, during=until_two))
-        assert "two" in seen, "no second replica under 8 clients for 150 s"
+        busy = asyncio.run(load(server.url, clients=8, seconds=300, max_tokens=300, during=until_two))
+        assert "two" in seen, "no second replica under 8 clients for 300 s"
         served_by = {r["replica"] for r in busy if r["replica"]}
         # one client keeps streaming while the autoscaler goes back to 1: the replica removed finishes its streams
         down: dict = {}
@@ -168,11 +171,12 @@ def test_autoscaling_adds_a_replica_under_a_sustained_queue_and_removes_it_when_
         async def until_one(elapsed):
             if "one" not in down and await asyncio.to_thread(replicas_up, server.url) == 1:
                 down["one"] = elapsed
+            return "one" in down and elapsed > down["one"] + 5
 
-        quiet = asyncio.run(load(server.url, clients=1, seconds=240, max_tokens=300, during=until_one))
+        quiet = asyncio.run(load(server.url, clients=1, seconds=300, max_tokens=300, during=until_one))
         print(f"\nscaled to 2 after {seen['two']:.0f} s of load; back to 1 after {down.get('one', -1):.0f} s of a "
               f"single client; {len(busy) + len(quiet)} requests")
-        assert "one" in down, "still 2 replicas after 240 s of a single client"
+        assert "one" in down, "still 2 replicas after 300 s of a single client"
         assert len(served_by) == 2  # both replicas served
         failed = [r for r in busy + quiet if r["error_code"] is not None or r["tokens"] != 300]
         assert failed == []
