@@ -52,10 +52,10 @@ def run_system(spec: dict) -> int:
     try:
         import numpy as np
 
-        from weights.checkpoint import read_json
+        from bench.systems import model_config
 
         runner = make_runner(name, folder, spec["threads"])
-        config = read_json(Path(folder) / "config.json")
+        config = model_config(folder)
         # the long-context run holds exactly `long_context` tokens (long_context_row); some slack, within the window
         runner.room = min(max(max(prompt_lens) + new_tokens + WARMUP_DECODE_STEPS, long_context) + 8,
                           config.get("max_position_embeddings", 2048))

@@ -7,6 +7,7 @@ import sys
 from engine.errors import EngineError
 from engine.model import load_model
 from engine.runtime.weights import WEIGHTS_DTYPE_CHOICES
+from engine.text.chat_templates import NAMED, resolve_chat_template
 from weights.errors import CheckpointError
 from weights.hub import DEFAULT_MODEL
 
@@ -22,7 +23,11 @@ def fail(message: str, code: int = 1) -> int:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Add --model, --revision, --backend and --weights-dtype to `p`."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+                   help=f"local folder, Hugging Face repo id (default {DEFAULT_MODEL}) or a GGUF file "
+                        "(path/to/model.gguf: llama.cpp's format, run in its own types)")
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="the GGUF file NAME in the --model repo or folder (e.g. tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf; "
+                        "downloaded into the Hugging Face cache)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--backend", choices=("numpy", "triton"), default="numpy", help="forward implementation")
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPE_CHOICES, default="auto",
@@ -73,6 +78,24 @@ def sampling_overrides(args) -> dict:
             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
+def add_chat_template_option(p: argparse.ArgumentParser) -> None:
+    """Add --chat-template FILE|NAME to `p`."""
+    p.add_argument("--chat-template", metavar="FILE|NAME",
+                   help=f"chat with this template instead of the model's own, or where it has none: a name "
+                        f"({', '.join(NAMED)}) or a Jinja file (transformers' chat-template dialect)")
+
+
+def chat_template_of(args):
+    """--chat-template resolved (a ChatTemplate), or None when not given; EngineError naming the flag."""
+    value = getattr(args, "chat_template", None)
+    return None if value is None else resolve_chat_template(value, "--chat-template")
+
+
+NO_TEMPLATE_HINT = (f"give one with --chat-template ({', '.join(NAMED)}, or a Jinja file)")
+
+
 def load(args):
-    """Load the model named by --model/--revision/--backend/--weights-dtype."""
-    return load_model(args.model, backend=args.backend, revision=args.revision, weights_dtype=args.weights_dtype)
+    """Load the model named by --model/--gguf-file/--revision/--backend/--weights-dtype (with --chat-template where
+    given)."""
+    return load_model(args.model, backend=args.backend, revision=args.revision, weights_dtype=args.weights_dtype,
+                      gguf_file=getattr(args, "gguf_file", None), chat_template=chat_template_of(args))
