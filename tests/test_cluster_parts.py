@@ -61,6 +61,21 @@ def test_prompt_ids_are_those_the_app_runs(tiny_chat_model):
         assert prompt_ids(view, path, raw) is None  # routed by load; the replica answers the error
 
 
+def test_prompt_ids_follow_the_chat_template_and_the_tools_the_replicas_use(stories260k):
+    """--chat-template reaches the ingress's tokenizer as it reaches the replicas (a model with no template of its
+    own would otherwise have no routing key, or keys of the wrong template); tools are rendered into the prompt."""
+    view = tokenizer_model(str(stories260k), chat_template="chatml")
+    loaded = engine.load_model(str(stories260k), chat_template="chatml")
+    messages = [{"role": "user", "content": "Name three colours."}]
+    assert prompt_ids(tokenizer_model(str(stories260k)), "/v1/chat/completions",
+                      json.dumps({"messages": messages}).encode()) is None  # no template of its own
+    assert prompt_ids(view, "/v1/chat/completions", json.dumps({"messages": messages}).encode()) == \
+        loaded.tokenizer.encode_chat(messages)
+    tool = {"type": "function", "function": {"name": "paint", "parameters": {"type": "object", "properties": {}}}}
+    with_tools = prompt_ids(view, "/v1/chat/completions", json.dumps({"messages": messages, "tools": [tool]}).encode())
+    assert with_tools is not None and with_tools != loaded.tokenizer.encode_chat(messages)
+
+
 def test_digests_chain_the_whole_prefix():
     a = list(range(100, 100 + 3 * B + 5))
     assert len(block_digests(a)) == 3 and block_digests(a[:B - 1]) == ()
@@ -308,16 +323,19 @@ def test_cluster_metrics_carry_every_replica_sample_labelled_with_its_replica():
 def test_settings_from_a_config_files_args_and_their_errors():
     s = ClusterSettings.from_dict({"model": "m", "replicas": 1, "max_replicas": 3, "threads": 2, "router": "pow2"})
     assert s.autoscaling and s.most_replicas == 3 and s.thread_env()["TINYLLAMA_NUM_THREADS"] == "2"
-    assert s.model_options() == {"ref": "m", "backend": "numpy", "revision": None, "weights_dtype": "auto"}
+    assert s.model_options() == {"ref": "m", "backend": "numpy", "revision": None, "weights_dtype": "auto",
+                                 "chat_template": None}
     assert ClusterSettings.from_dict(s.to_dict()) == s
     for values, name in (({"replica": 2}, "replica"), ({"replicas": 0}, "replicas"), ({"router": "x"}, "router"),
                          ({"replicas": 3, "max_replicas": 2}, "max_replicas"), ({"draft": "int8"}, "draft"),
-                         ({"weights_dtype": "int3"}, "weights_dtype"), ({"max_queue": -1}, "max_queue")):
+                         ({"weights_dtype": "int3"}, "weights_dtype"), ({"max_queue": -1}, "max_queue"),
+                         ({"model": "m.gguf"}, "GGUF"), ({"chat_template": "no-such-template"}, "chat_template"),
+                         ({"pooling": "max"}, "pooling"), ({"served_model_name": []}, "served_model_name")):
         with pytest.raises(EngineError, match=name):
             ClusterSettings.from_dict(values)
 
 
-def test_the_serve_flags_map_onto_the_cluster_settings():
+def test_the_serve_flags_map_onto_the_cluster_settings(tmp_path):
     from engine.cli.main import build_parser
     from engine.cli.serve import cluster_settings
 
@@ -329,8 +347,17 @@ def test_the_serve_flags_map_onto_the_cluster_settings():
     assert (s.model, s.replicas, s.max_replicas, s.router, s.threads) == ("m", 2, 4, "pow2", 2)
     assert (s.max_active, s.max_queue, s.prefix_cache_mb, s.name, s.shutdown_timeout) == (8, 9, 0, "n", 7.0)
     assert s.app_options()["speculation"] == {"speculate": 3, "draft": "lookup"}
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    for value, passed in (("chatml", "chatml"), (str(template), template.read_text())):
+        s = cluster_settings(build_parser().parse_args(["serve", "--model", "m", "--replicas", "2", "--chat-template",
+                                                        value, "--served-model-name", "a", "b", "--pooling", "last"]))
+        assert s.model_options()["chat_template"] == passed  # a file's text: the file need not be on every node
+        options = s.app_options()
+        assert (options["served_model_name"], options["model_aliases"], options["pooling"]) == ("a", ("b",), "last")
     for flags, message in ((["--replicas", "0"], "--replicas"), (["--replicas", "2", "--max-replicas", "1"],
-                                                                 "--max-replicas")):
+                                                                 "--max-replicas"),
+                           (["--replicas", "2", "--gguf-file", "x.gguf"], "--gguf-file")):
         with pytest.raises(EngineError, match=message):
             cluster_settings(build_parser().parse_args(["serve", *flags]))
 

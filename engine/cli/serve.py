@@ -18,6 +18,7 @@ import sys
 from engine.cli.common import (add_chat_template_option, add_model_options, add_speculation_options, chat_template_of,
                                load, speculation_options)
 from engine.errors import EngineError
+from engine.text.chat_templates import NAMED
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
 from engine.inspect.embeddings import DEFAULT_POOLING, POOLINGS
@@ -211,9 +212,16 @@ def cluster_settings(args):
             raise EngineError(f"{option} must be >= 1, got {value}")
     if args.max_replicas is not None and args.max_replicas < replicas:
         raise EngineError(f"--max-replicas must be >= --replicas ({replicas}), got {args.max_replicas}")
+    if getattr(args, "gguf_file", None) is not None:
+        raise EngineError("--gguf-file: a GGUF file cannot be served as replicas yet (the router tokenizes prompts "
+                          "with the checkpoint's tokenizer.json); give --model a checkpoint folder or Hub repo id")
+    template = chat_template_of(args)  # the replicas get the text (or the name): a file need not exist on each node
     settings = ClusterSettings(
         model=args.model, revision=args.revision, backend=args.backend, weights_dtype=args.weights_dtype,
-        served_model_name=args.served_model_name, threads=args.replica_threads, replicas=replicas,
+        served_model_name=list(args.served_model_name) if args.served_model_name else None,
+        chat_template=None if template is None else (args.chat_template if args.chat_template in NAMED
+                                                     else template.text),
+        pooling=args.pooling, threads=args.replica_threads, replicas=replicas,
         max_replicas=args.max_replicas, router=args.router, max_active=args.max_active, max_queue=args.max_queue,
         max_request_mb=args.max_request_mb, read_timeout=args.read_timeout,
         trace_memory_mb=args.trace_memory_limit, speculate=args.speculate, draft=args.draft,

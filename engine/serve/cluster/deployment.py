@@ -119,7 +119,7 @@ class Ingress:
         bind_internal_grpc_to_loopback()
         self.replicas = replicas
         self.api_key = s.api_key
-        self.tokens = await asyncio.to_thread(tokenizer_model, s.model, s.revision)
+        self.tokens = await asyncio.to_thread(tokenizer_model, s.model, s.revision, s.chat_template)
         self.metrics = ClusterMetrics(self._replicas_running, self._decisions)
         self._app = IngressApp(self._forward, self._keys_of, classify, self._replicas_running, self._cluster_metrics,
                               max_body_bytes=int(s.max_request_mb * 2 ** 20),

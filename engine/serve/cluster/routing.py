@@ -17,8 +17,9 @@ import logging
 from engine.config import ModelConfig
 from engine.model import Model
 from engine.runtime.prefix_cache import PREFIX_BLOCK_TOKENS
-from engine.serve.params import chat_prompt_ids, completion_prompt_ids
+from engine.serve.params import chat_prompt_ids, completion_prompts
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from engine.serve.tools import tool_calling
 from weights.checkpoint import read_json
 from weights.hub import resolve_model_folder
 
@@ -28,12 +29,16 @@ PROMPT_ROUTES = {"/v1/chat/completions": (ChatCompletionRequest, "chat"),
                  "/v1/completions": (CompletionRequest, "completion")}
 
 
-def tokenizer_model(ref: str, revision: str | None = None) -> Model:
-    """A Model of `ref` with its configuration and tokenizer and no weights (backend None): enough to turn a request
-    into the prompt token ids a loaded replica would compute. CheckpointError for a missing folder or config."""
+def tokenizer_model(ref: str, revision: str | None = None, chat_template: str | None = None) -> Model:
+    """A Model of `ref` with its configuration and tokenizer and no weights (backend None), chatting with
+    `chat_template` where given (as the replicas do): enough to turn a request into the prompt token ids a loaded
+    replica would compute. CheckpointError for a missing folder or config."""
     folder = resolve_model_folder(ref, revision)
     config = ModelConfig.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
-    return Model(config, None, folder=folder)
+    model = Model(config, None, folder=folder)
+    if chat_template is not None:
+        model.use_chat_template(chat_template)
+    return model
 
 
 def prompt_ids(model: Model, path: str, raw: bytes) -> list[int] | None:
@@ -45,7 +50,10 @@ def prompt_ids(model: Model, path: str, raw: bytes) -> list[int] | None:
     model_class, kind = route
     try:
         body = model_class.model_validate(parse_body(raw))
-        return chat_prompt_ids(model, body) if kind == "chat" else completion_prompt_ids(model, body)
+        if kind == "chat":
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            return chat_prompt_ids(model, body, max_tokens, tool_calling(body))
+        return completion_prompts(model, body)[0][0]  # a list of prompts: routed by its first
     except Exception as error:  # noqa: BLE001 - a bad request is the replica's to refuse; here it only has no key
         log.debug("no routing key for a request to %s: %s", path, error)
         return None

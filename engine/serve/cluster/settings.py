@@ -11,10 +11,13 @@ from dataclasses import dataclass, field, fields
 
 from engine.errors import EngineError
 from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
+from engine.inspect.embeddings import DEFAULT_POOLING, POOLINGS
 from engine.generation.speculative import DRAFT_CHOICES
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.runtime.weights import WEIGHTS_DTYPE_CHOICES
-from weights.hub import DEFAULT_MODEL
+from engine.text.chat_templates import resolve_chat_template
+from weights.gguf_file import is_gguf_path
+from weights.hub import DEFAULT_MODEL, folder_gguf
 
 ROUTERS = ("prefix", "pow2")  # prefix-cache affinity (ours), Ray Serve's default power of two choices
 APP_NAME = "tinyllama"  # the Ray Serve application's name
@@ -30,7 +33,9 @@ class ClusterSettings:
     revision: str | None = None
     backend: str = "numpy"
     weights_dtype: str = "auto"
-    served_model_name: str | None = None  # default: the model value
+    served_model_name: str | list[str] | None = None  # default: the model value; a list: the name, then aliases
+    chat_template: str | None = None  # a template name (chatml, zephyr, llama-2) or Jinja text (--chat-template)
+    pooling: str = DEFAULT_POOLING  # how /v1/embeddings pools the last hidden state
     threads: int = 1  # compute threads of each replica (and the CPUs Ray reserves for it)
     replicas: int = 1  # the count; with max_replicas above it, the autoscaler's minimum
     max_replicas: int | None = None  # > replicas: autoscale between the two on ongoing requests
@@ -78,6 +83,16 @@ class ClusterSettings:
                 raise EngineError(f"cluster setting {message}")
 
         need(isinstance(self.model, str) and bool(self.model), f"model: a folder or Hub repo id, got {self.model!r}")
+        need(not is_gguf_path(self.model) and folder_gguf(self.model) is None,
+             f"model: a GGUF file cannot be served as replicas yet (the router tokenizes prompts with the "
+             f"checkpoint's tokenizer.json); give a checkpoint folder or Hub repo id, got {self.model!r}")
+        names = self.served_model_name
+        need(names is None or (isinstance(names, str) and bool(names.strip())) or
+             (isinstance(names, list) and bool(names) and all(isinstance(n, str) and n.strip() for n in names)),
+             f"served_model_name: a name or a list of names, got {names!r}")
+        if self.chat_template is not None:
+            resolve_chat_template(self.chat_template, "cluster setting chat_template")
+        need(self.pooling in POOLINGS, f"pooling: one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         need(self.backend in ("numpy", "triton"), f"backend: numpy or triton, got {self.backend!r}")
         need(self.weights_dtype in WEIGHTS_DTYPE_CHOICES,
              f"weights_dtype: one of {', '.join(WEIGHTS_DTYPE_CHOICES)}, got {self.weights_dtype!r}")
@@ -109,8 +124,15 @@ class ClusterSettings:
 
     @property
     def name(self) -> str:
-        """The model's name in the API."""
-        return self.served_model_name or self.model
+        """The model's name in the API (the first of served_model_name, else the model value)."""
+        names = self.served_model_name
+        return (names if isinstance(names, str) else names[0]) if names else self.model
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """The other names the model answers to (served_model_name's after the first)."""
+        names = self.served_model_name
+        return tuple(names[1:]) if isinstance(names, list) else ()
 
     @property
     def autoscaling(self) -> bool:
@@ -125,11 +147,12 @@ class ClusterSettings:
     def model_options(self) -> dict:
         """engine.load_model's keyword arguments (`ref` included)."""
         return {"ref": self.model, "backend": self.backend, "revision": self.revision,
-                "weights_dtype": self.weights_dtype}
+                "weights_dtype": self.weights_dtype, "chat_template": self.chat_template}
 
     def app_options(self) -> dict:
         """engine.serve.create_app's keyword arguments but `load` and `on_load_error`: the single server's options."""
-        return {"served_model_name": self.name, "api_key": self.api_key, "max_active": self.max_active,
+        return {"served_model_name": self.name, "model_aliases": self.aliases, "pooling": self.pooling,
+                "api_key": self.api_key, "max_active": self.max_active,
                 "max_queue": self.max_queue, "allowed_origins": list(self.allowed_origins),
                 "max_request_bytes": int(self.max_request_mb * 2 ** 20), "read_timeout": self.read_timeout,
                 "trace_memory_limit": int(self.trace_memory_mb * 2 ** 20),
