@@ -42,6 +42,9 @@ TARGET INLINE float vf_hmax(vf v)
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+/* a * b + c for one float, rounded once: written out where attention.h needs a row's bits not to depend on which
+ * copy of a kernel computes it (the compiler fuses a plain a * b + c in some copies and not in others). */
+TARGET INLINE float sf_fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 #define KEEP(v) __asm__("" : "+x"(v))
 
 /* 2*VL bf16 at p (one 32-byte load) -> the even elements / the odd elements as float32 (exact). */
