@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(model=folder, blocks=args.blocks, tokens=args.tokens, prompt_len=args.prompt_len,
                   threads=args.threads, kernels={n: r.info().get("kernel") for n, r in runners.items()},
                   speculation={n: {k: r.info().get(k) for k in ("draft", "speculate", "acceptance_rate",
-                                                                 "identical_tokens")}
+                                                                 "identical_tokens", "draft_steps", "plain_steps")}
                                for n, r in runners.items() if hasattr(r, "decode_block")})
     base = result["ratios_to"]
     print(f"batch-1 decode, {args.blocks} alternating blocks of {args.tokens} tokens after {args.prompt_len} "
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         gbs = f"{s['read_gbs_at_median']:.1f} GB/s" if s["read_gbs_at_median"] else "-"
         info = result["speculation"].get(n)
         kept = f", {100 * info['acceptance_rate']:.0f}% of drafts kept" if info and info["acceptance_rate"] else ""
+        if info:
+            kept += f", {info['draft_steps']} drafting / {info['plain_steps']} plain steps"
         print(f"{n:<28} {s['median_tok_s']:6.1f} [{s['min_tok_s']:.1f}-{s['max_tok_s']:.1f}]  {gbs:>10}  "
               f"{s['ratio']:.2f}x  ({result['kernels'][n]}{kept})")
     if args.out:

@@ -155,7 +155,8 @@ class EngineRunner(Runner):
         one_s, verify_s = self.verify_cost(prompt, draft)
         out = {"plain_tok_s": plain.generated_tokens_per_s, "speculative_tok_s": fast.generated_tokens_per_s,
                "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt),
-               "step_s": one_s, "verify_step_s": verify_s, "draft": source}
+               "step_s": one_s, "verify_step_s": verify_s, "draft": source,
+               "draft_steps": fast.draft_steps, "plain_steps": fast.plain_steps}
         if source != "lookup":
             kind = source.split("+")[0]
             out["draft_step_s"] = step_cost(self.model.draft_model(kind), prompt)
@@ -219,7 +220,7 @@ class SpeculativeEngineRunner(EngineRunner):
                  draft: str = "int8"):
         super().__init__(folder, backend, isa, weights_dtype)
         self.draft = draft
-        self.stats = []  # per block: (drafted, accepted, target steps)
+        self.stats = []  # per block: (drafted, accepted, tokens, drafting steps, plain steps)
 
     def load(self):
         super().load()
@@ -266,7 +267,7 @@ class SpeculativeEngineRunner(EngineRunner):
     def decode_block(self, tokens: int) -> float:
         """Seconds for `tokens` tokens after the first (whose step is a plain one)."""
         r = self.generate(tokens)
-        self.stats.append((r.draft_tokens, r.accepted_draft_tokens, len(r.token_ids)))
+        self.stats.append((r.draft_tokens, r.accepted_draft_tokens, len(r.token_ids), r.draft_steps, r.plain_steps))
         return r.decode_seconds
 
     def decode_reset(self):
@@ -277,9 +278,10 @@ class SpeculativeEngineRunner(EngineRunner):
 
     def info(self) -> dict:
         out = super().info()
-        drafted = sum(d for d, _, _ in self.stats)
+        drafted = sum(s[0] for s in self.stats)
         out.update(draft=self.draft, speculate=self.speculate, identical_tokens=getattr(self, "identical_tokens", 0),
-                   acceptance_rate=sum(a for _, a, _ in self.stats) / drafted if drafted else None)
+                   acceptance_rate=sum(s[1] for s in self.stats) / drafted if drafted else None,
+                   draft_steps=sum(s[3] for s in self.stats), plain_steps=sum(s[4] for s in self.stats))
         if self.draft_model is not None:
             from engine.runtime.layers import matmul_kernel_name
 

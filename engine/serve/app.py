@@ -537,7 +537,7 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
         body = answer.complete(events[0], ended[0])
         body["choices"] = [a.complete(events[i], ended[i])["choices"][0] for i, a in enumerate(answers)]
-        body["usage"] = usage(_lead(ended), sum(len(r.token_ids) for r in ended.values()))
+        body["usage"] = usage(_lead(ended), sum(len(r.token_ids) for r in ended.values()), ended.values())
         return JSONResponse(body)
     finally:
         if not handed_over:
@@ -581,7 +581,8 @@ async def _stream_choices(answers: list[Answer], queue: asyncio.Queue, first, ca
             if len(ended) == len(answers):
                 if answers[0].include_usage:
                     total = sum(len(r.token_ids) for r in ended.values())
-                    yield sse(dict(answers[0].usage_chunk(_lead(ended)), usage=usage(_lead(ended), total)))
+                    yield sse(dict(answers[0].usage_chunk(_lead(ended)), usage=usage(_lead(ended), total,
+                                                                                      ended.values())))
                 yield sse("[DONE]")
                 return
             pending = [await queue.get()]

@@ -29,12 +29,24 @@ def finish_reason(result: GenerationResult) -> str:
     return FINISH_REASONS.get(result.stop_reason, "stop")
 
 
-def usage(result: GenerationResult, completion: int | None = None) -> dict:
+def usage(result: GenerationResult, completion: int | None = None, choices=()) -> dict:
     """{"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}}: every
     token of the prompt (cached_tokens of them restored from the prefix cache) and every generated one
-    (`completion`: the total over n choices, default this result's)."""
+    (`completion`: the total over n choices, default this result's). Where the server speculates, also what
+    speculation did for the choices (`choices`: every choice's result; default `result` alone): OpenAI's
+    completion_tokens_details.accepted_prediction_tokens / rejected_prediction_tokens (draft tokens kept / not kept)
+    and "speculation": the decode steps that drafted and those that ran plain (drafting did not pay, or found
+    nothing)."""
     done = len(result.token_ids) if completion is None else completion
-    return usage_of(len(result.prompt_token_ids), done, result.cached_tokens)
+    out = usage_of(len(result.prompt_token_ids), done, result.cached_tokens)
+    results = list(choices) or [result]
+    steps = {"draft_steps": sum(r.draft_steps for r in results), "plain_steps": sum(r.plain_steps for r in results)}
+    if steps["draft_steps"] or steps["plain_steps"]:
+        accepted, drafted = sum(r.accepted_draft_tokens for r in results), sum(r.draft_tokens for r in results)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+        out["speculation"] = steps
+    return out
 
 
 def usage_of(prompt: int, completion: int, cached: int | None = None) -> dict:
