@@ -19,6 +19,8 @@ TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K_M")
 ENGINE_WEIGHTS = ("float32", "int8", "int4")  # beside auto (the checkpoint's own dtype)
 DRAFT_SUFFIX = "draft"  # engine-numpy-draft-int8: batch-1 decode with speculation from the int8 copy
+NO_DRAFT = "none"  # engine-numpy-draft-none: the same generation loop without speculation (its plain baseline)
+_LOADED: dict = {}  # (folder, backend, weights_dtype) -> Model: the systems of one process share a loaded model
 
 
 class Unavailable(Exception):
@@ -118,7 +120,10 @@ class EngineRunner(Runner):
             except ImportError as e:
                 raise Unavailable(f"tinyllama_kernels.triton_backend does not import ({e})") from None
         self.Step = SequenceStep
-        self.model = engine.load_model(self.folder, backend=self.backend_name, weights_dtype=self.weights_dtype)
+        key = (self.folder, self.backend_name, self.weights_dtype)  # bench.interleave: several systems, one model
+        if key not in _LOADED:
+            _LOADED[key] = engine.load_model(self.folder, backend=self.backend_name, weights_dtype=self.weights_dtype)
+        self.model = _LOADED[key]
         self.dtype = self.model.weights_dtype
         self.weight_bytes = int(self.model.backend.weights.nbytes)
         self.decode_bytes = int(self.model.backend.weights.decode_bytes())
@@ -209,9 +214,10 @@ def step_cost(model, prompt: list[int], rows: int = 1, trials: int = 3) -> float
 
 
 class SpeculativeEngineRunner(EngineRunner):
-    """Batch-1 greedy decoding with speculation from the model's own `draft` copy (int8, int4, or lookup), timed as
-    bench.interleave times a decode block: `decode_block(tokens)` -> seconds for `tokens` new tokens after the
-    first, the prompt's caches (the model's and the draft's) kept between blocks as a chat keeps them."""
+    """Batch-1 greedy decoding with speculation from the model's own `draft` copy (int8, int4, int8+lookup, ...) or
+    prompt lookup, timed as bench.interleave times a decode block: `decode_block(tokens)` -> seconds for `tokens`
+    new tokens after the first, the prompt's caches (the model's and the draft's) kept between blocks as a chat keeps
+    them. Draft "none": the same loop (Generation, sampling, text) without speculation, the fair plain baseline."""
 
     speculate = 4  # most draft tokens per step (bench.interleave --speculate sets it)
     check_tokens = 32  # greedy tokens compared with plain decoding at setup (must be identical)
@@ -225,7 +231,7 @@ class SpeculativeEngineRunner(EngineRunner):
     def load(self):
         super().load()
         kind = self.draft.split("+")[0]
-        self.draft_model = self.model.draft_model(kind) if kind != "lookup" else None
+        self.draft_model = self.model.draft_model(kind) if kind not in ("lookup", NO_DRAFT) else None
         if self.draft_model is not None:
             self.weight_bytes += int(self.draft_model.backend.weights.nbytes)
 
@@ -258,8 +264,9 @@ class SpeculativeEngineRunner(EngineRunner):
             self.draft_cache.truncate(min(self.draft_cache.length, len(self.ids) - 1))
         options = default_options(self.model, max_new_tokens=tokens + 1, ignore_eos=True, temperature=0.0,
                                   repetition_penalty=1.0)
-        gen = Generation(self.model, self.ids, options, cache=self.cache, speculate=self.speculate, draft=self.draft,
-                         draft_cache=self.draft_cache)
+        plain = self.draft == NO_DRAFT
+        gen = Generation(self.model, self.ids, options, cache=self.cache, speculate=0 if plain else self.speculate,
+                         draft="lookup" if plain else self.draft, draft_cache=self.draft_cache)
         for _ in gen:
             pass
         return gen.result

@@ -15,7 +15,7 @@ import engine
 from engine.cli.main import main
 from engine.generation import scheduler as scheduler_module
 from engine.generation.scheduler import Scheduler
-from engine.generation.draft_payoff import (Acceptance, CostTable, DraftPayoff, Pace, describe,
+from engine.generation.draft_payoff import (Acceptance, CostTable, DraftPayoff, DraftSource, Pace, describe,
                                             expected_extra_tokens)
 from engine.generation.speculative import DRAFT_CHOICES
 from engine.runtime import native
@@ -300,8 +300,9 @@ def test_cost_table_interpolates_never_decreases_and_follows_the_load():
 
 
 def payoff(acceptance: float, forward: CostTable, draft: CostTable | None = None, speculate: int = 4) -> DraftPayoff:
-    """A request's DraftPayoff whose acceptance estimate sits at `acceptance` (a prior that is certain)."""
-    p = DraftPayoff(speculate, forward, draft, Acceptance(0.98, prior=acceptance))
+    """A request's DraftPayoff (a DraftSource of its own) whose acceptance estimate sits at `acceptance` (a prior
+    that is certain)."""
+    p = DraftPayoff(speculate, forward, draft, DraftSource())
     p.acceptance = Acceptance(DraftPayoff.DECAY, prior=acceptance, prior_weight=1e9)
     return p
 
@@ -317,7 +318,7 @@ def test_payoff_picks_the_fastest_length_and_plain_where_nothing_pays():
     assert payoff(0.86, forward, draft).plan(room=8) == 0  # 86% is not enough at this draft cost ...
     cheap = table(pace, r1=0.030, r2=0.032)
     assert payoff(0.86, forward, cheap).plan(room=8) >= 2  # ... at 0.3x it is
-    rates = payoff(0.86, forward, draft).rates(4, 1, 1, 1, 1, None, 0.100)
+    rates = payoff(0.86, forward, draft).rates(4, 1, 1, 1, 1, None, 0.100, 0.86)
     extra = expected_extra_tokens(0.86, 1)
     assert rates[1] == pytest.approx((1 + extra) / (0.110 + 0.080))  # one draft pass, 2 verification rows
 
@@ -325,15 +326,30 @@ def test_payoff_picks_the_fastest_length_and_plain_where_nothing_pays():
 def test_payoff_measures_first_then_probes_with_a_doubling_interval():
     pace = Pace()
     forward = CostTable(pace)
-    p = payoff(0.0, forward, CostTable(pace))
+    p = payoff(0.05, forward, CostTable(pace))
     assert p.plan(room=4) == 0  # nothing measured: a plain step first ...
     forward.add(1, 0.1)
     assert p.plan(room=4) == 4 and p.probes == 1  # ... then the draft model, whose cost is only known by running it
-    p.draft_costs.add(1, 0.05)
-    forward.add(5, 0.2)
+    p.draft_costs.add(1, 0.01)
+    forward.add(5, 0.11)  # 5% acceptance does not pay; 52% (half the rejections) would: worth probing
     decisions = [p.plan(room=4) for _ in range(8 + 16 + 32)]
-    drafted = [i for i, k in enumerate(decisions) if k]
-    assert drafted == [7, 7 + 16, 7 + 16 + 32] and p.probes == 4  # after 8 plain steps, 16, 32
+    assert [i for i, k in enumerate(decisions) if k] == [7, 7 + 16, 7 + 16 + 32]  # after 8 plain steps, 16, 32
+    again = payoff(0.05, forward, p.draft_costs)
+    again.source = p.source  # a later request drafting from the same source goes on with its schedule
+    assert [i for i, k in enumerate(again.plan(room=4) for _ in range(64)) if k] == [63]
+
+
+def test_payoff_skips_hopeless_probes():
+    """No probe where drafting could not pay even with half the rejections: a draft model too slow for its
+    acceptance, or one so far behind that catching up would cost more than the request has left to gain."""
+    pace = Pace()
+    slow = payoff(0.0, table(pace, r1=0.1, r5=0.2), table(pace, r1=0.05))
+    assert not any(slow.plan(room=4) for _ in range(1000))
+    forward, draft = table(pace, r1=0.1, r5=0.11), table(pace, r1=0.01, r2=0.011, r64=0.2)
+    near, far = payoff(0.05, forward, draft), payoff(0.05, forward, draft)
+    near = [near.plan(room=4, behind=2, remaining=100) for _ in range(8)]
+    far = [far.plan(room=4, behind=500, remaining=20) for _ in range(8)]
+    assert near[-1] > 0 and not any(near[:-1]) and not any(far)
 
 
 def test_payoff_counts_what_a_draft_model_must_catch_up_on():
@@ -381,7 +397,7 @@ def test_text_that_repeats_keeps_drafting(stories, monkeypatch):
     fixed = table(Pace(), r1=1.0, r2=1.05, r3=1.10, r4=1.15, r5=1.20)
     monkeypatch.setattr(CostTable, "of", classmethod(lambda cls, model: fixed))
     monkeypatch.setattr(CostTable, "add", lambda self, rows, seconds: None)
-    monkeypatch.setattr(scheduler_module, "lookup_acceptance", lambda model: Acceptance(decay=0.98))
+    monkeypatch.setattr(scheduler_module, "lookup_source", lambda model: DraftSource())
     passage = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
                "One day, she saw a big, red ball.")
     prompt = passage + "\nOnce upon a time"  # stories260K goes on with the passage's words for a while

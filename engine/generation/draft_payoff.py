@@ -9,9 +9,12 @@ forward pass by its row count (a table per model, see CostTable) — and every s
 that gives the batch the most expected tokens per second, k = 0 being plain decoding. Verification is exact, so the
 choice changes the speed only, never the tokens.
 
-While plain decoding wins, a request probes now and then (one drafting step after 8 plain steps, then after 16, 32,
-... up to 128) so that a text that turns repetitive, or a lighter load, is noticed. A draft model that sat out must
-first catch up on the tokens it has not seen (one forward pass over them), a cost the decision to resume counts.
+While plain decoding wins, the draft source probes now and then (one drafting step after 8 plain decisions, then
+after 16, 32, ... up to 128; the count is shared by the requests drafting from it, across generations) so that a
+text that turns repetitive, or a lighter load, is noticed. A draft model that sat out must first catch up on the
+tokens it has not seen (one forward pass over them): the decision to resume counts that cost, and a probe is skipped
+where drafting could not pay even with half the rejections, that cost counted (a draft model too slow for this
+machine is then not run again in this process).
 TINYLLAMA_DRAFT_ALWAYS=1 turns the estimate off (every step drafts the most it may). docs/speculation.md has the
 rule, its measurements and what `usage` reports.
 """
@@ -21,7 +24,7 @@ import os
 import weakref
 
 _FORWARD_COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its CostTable
-_LOOKUP_ACCEPTANCE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> lookup's long-run Acceptance
+_LOOKUP_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> prompt lookup's DraftSource
 
 
 class Pace:
@@ -143,12 +146,40 @@ class Acceptance:
         return (self.kept + self.prior_weight * prior) / (self.kept + self.rejected + self.prior_weight)
 
 
-def lookup_acceptance(model) -> Acceptance:
-    """The long-run acceptance of prompt-lookup drafts on `model`: the prior of each new request's estimate."""
-    acceptance = _LOOKUP_ACCEPTANCE.get(model)
-    if acceptance is None:
-        acceptance = _LOOKUP_ACCEPTANCE[model] = Acceptance(decay=0.98)
-    return acceptance
+class DraftSource:
+    """What every request drafting from one source (a draft model; prompt lookup on one model) shares, across
+    requests and generations: the source's long-run acceptance (each new request's prior) and the probe schedule —
+    plain decisions counted since the last probe, and how many are due before the next (FIRST_PROBE, doubling after
+    each probe that finds drafting still does not pay, up to LAST_PROBE; back to FIRST_PROBE once it pays)."""
+
+    FIRST_PROBE, LAST_PROBE = 8, 128
+
+    def __init__(self):
+        self.acceptance = Acceptance(decay=0.98)
+        self.plain_run = 0
+        self.probe_after = self.FIRST_PROBE
+
+    def probe_due(self) -> bool:
+        """Count one plain decision -> whether a probe is due now (then the count starts again, and the next is due
+        after twice as many)."""
+        self.plain_run += 1
+        if self.plain_run < self.probe_after:
+            return False
+        self.plain_run = 0
+        self.probe_after = min(2 * self.probe_after, self.LAST_PROBE)
+        return True
+
+    def pays(self) -> None:
+        """Drafting pays: the next plain spell probes early again."""
+        self.plain_run, self.probe_after = 0, self.FIRST_PROBE
+
+
+def lookup_source(model) -> DraftSource:
+    """Prompt lookup's DraftSource on `model`."""
+    source = _LOOKUP_SOURCES.get(model)
+    if source is None:
+        source = _LOOKUP_SOURCES[model] = DraftSource()
+    return source
 
 
 def expected_extra_tokens(acceptance: float, k: int) -> float:
@@ -164,28 +195,26 @@ class DraftPayoff:
     plain (drafting did not pay, a probe was not due, or prompt lookup found nothing).
 
     forward: the CostTable of the model's forward passes; draft_costs: the draft model's (None: prompt lookup, free);
-    long_run: the draft source's long-run Acceptance, updated by every request and the prior of this one's.
+    source: the DraftSource (long-run acceptance, probe schedule) this request shares with the others drafting
+    from the same place.
     """
 
     # False (TINYLLAMA_DRAFT_ALWAYS=1): every step drafts the most it may, paying or not (what the tests of the
     # drafting mechanics and an acceptance measurement need).
     adaptive = os.environ.get("TINYLLAMA_DRAFT_ALWAYS", "") not in ("1", "true", "yes")
     MARGIN = 0.03  # drafting must promise this much more than plain decoding's rate
-    FIRST_PROBE, LAST_PROBE = 8, 128  # plain steps before a probe: doubling from the first to the last
     HORIZON = 64  # tokens over which a draft model's catch-up is paid back, at most
     DECAY = 0.85  # per verified step, of the request's own acceptance counts
 
-    def __init__(self, speculate: int, forward: CostTable, draft_costs: CostTable | None, long_run: Acceptance):
+    def __init__(self, speculate: int, forward: CostTable, draft_costs: CostTable | None, source: DraftSource):
         self.speculate = speculate
         self.forward = forward
         self.draft_costs = draft_costs
-        self.long_run = long_run
-        self.acceptance = Acceptance(self.DECAY, prior=long_run)
+        self.source = source
+        self.acceptance = Acceptance(self.DECAY, prior=source.acceptance)
         self.draft_steps = 0
         self.plain_steps = 0
         self.probes = 0
-        self._plain_run = 0
-        self._probe_after = self.FIRST_PROBE
 
     def plan(self, room: int, tokens: int = 1, rows: int = 1, behind: int = 1, sharing: int = 1,
              remaining: int | None = None) -> int:
@@ -206,21 +235,22 @@ class DraftPayoff:
             return 0  # measure what a plain step of this batch costs first
         if self.draft_costs is not None and self.draft_costs.empty:
             return self._probe(n)  # the draft model has never run: its cost is only known by running it
-        rates = self.rates(n, tokens, rows, behind, sharing, remaining, plain)
+        a = self.acceptance.value
+        rates = self.rates(n, tokens, rows, behind, sharing, remaining, plain, a)
         best = max(range(1, n + 1), key=lambda k: rates[k])
         if rates[best] > rates[0] * (1 + self.MARGIN):
-            self._plain_run, self._probe_after = 0, self.FIRST_PROBE
+            self.source.pays()
             return best
-        self._plain_run += 1
-        if self._plain_run >= self._probe_after:
-            self._probe_after = min(2 * self._probe_after, self.LAST_PROBE)
-            return self._probe(best)
-        return 0
+        if not self.source.probe_due():
+            return 0
+        optimistic = self.rates(n, tokens, rows, behind, sharing, remaining, plain, 1 - (1 - a) / 2)
+        if max(optimistic[1:]) <= optimistic[0] * (1 + self.MARGIN):
+            return 0  # could not pay even with half the rejections (a draft model's catch-up counted): no probe
+        return self._probe(best)
 
     def rates(self, n: int, tokens: int, rows: int, behind: int, sharing: int, remaining: int | None,
-              plain: float) -> list[float]:
-        """Expected tokens per second of the step for draft lengths 0..n (index k)."""
-        a = self.acceptance.value
+              plain: float, a: float) -> list[float]:
+        """Expected tokens per second of the step for draft lengths 0..n (index k), at acceptance `a`."""
         out = [tokens / plain]
         per_draft_pass, catch_up = self._draft_seconds(rows=sharing, behind=behind)
         for k in range(1, n + 1):
@@ -254,7 +284,7 @@ class DraftPayoff:
         self.draft_steps += 1
         rejected = kept < drafted and not ended
         self.acceptance.add(drafted, kept, rejected)
-        self.long_run.add(drafted, kept, rejected)
+        self.source.acceptance.add(drafted, kept, rejected)
 
 
 def describe(draft_tokens: int, accepted: int, draft_steps: int, plain_steps: int) -> str:

@@ -22,7 +22,7 @@ from engine.errors import EngineError
 from engine.generation.state import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
                              default_options)
 from engine.generation.speculative import LOOKUP, DraftModel, check_draft, prompt_lookup_draft, split_draft
-from engine.generation.draft_payoff import CostTable, DraftPayoff, lookup_acceptance
+from engine.generation.draft_payoff import CostTable, DraftPayoff, lookup_source
 from engine.generation.constraints import MaskBatch
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
@@ -137,8 +137,8 @@ class Scheduler:
         draft, lookup_first = split_draft(draft)
         drafter = self.drafter(draft) if speculate and draft != LOOKUP else None
         request = Request(next(self._ids), ids, state, cache, speculate=speculate,
-                          payoff=self._payoff(speculate, drafter), drafter=drafter, draft_cache=self._draft_cache(drafter, draft_cache, ids),
-                          lookup_first=lookup_first,
+                          payoff=self._payoff(speculate, drafter), drafter=drafter,
+                          draft_cache=self._draft_cache(drafter, draft_cache, ids), lookup_first=lookup_first,
                           keep_cache=keep_cache, prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
         self.waiting.append(request)
         return request
@@ -164,8 +164,8 @@ class Scheduler:
         if not speculate:
             return None
         if drafter is None:
-            return DraftPayoff(speculate, CostTable.of(self.model), None, lookup_acceptance(self.model))
-        return DraftPayoff(speculate, CostTable.of(self.model), drafter.costs, drafter.acceptance)
+            return DraftPayoff(speculate, CostTable.of(self.model), None, lookup_source(self.model))
+        return DraftPayoff(speculate, CostTable.of(self.model), drafter.costs, drafter.source)
 
     @staticmethod
     def _draft_cache(drafter: DraftModel | None, given, ids: list[int]):
@@ -292,7 +292,7 @@ class Scheduler:
         budget = self.prefill_chunk if decoding else None  # a lone prefill runs whole
         plan: list[tuple[Request, list[int], list[int]]] = []  # (request, tokens fed, draft part)
         prefill_rows = sum(len(r.prompt_ids) - r.prefilled for r in self.active if r.status == PREFILLING)
-        drafts = self._drafts(decoding, len(decoding) + (min(prefill_rows, budget) if budget else prefill_rows))
+        drafts = self._drafts(decoding, len(decoding) + min(prefill_rows, self.prefill_chunk))
         for r in self.active:
             if r.status == DECODING:
                 draft = drafts.get(r.id, [])

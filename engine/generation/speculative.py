@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import EngineError
-from engine.generation.draft_payoff import Acceptance, CostTable
+from engine.generation.draft_payoff import CostTable, DraftSource
 from engine.runtime.batch import SequenceStep
 
 LOOKUP = "lookup"
@@ -88,7 +88,7 @@ class DraftModel:
         self.forwards = 0  # draft forwards run (one per draft position per scheduler step)
         self.rows = 0  # token rows they ran
         self.costs = CostTable()  # seconds of its forwards by rows, measured as they run (DraftPayoff's input)
-        self.acceptance = Acceptance(decay=0.98)  # long-run share of its tokens kept: each new request's prior
+        self.source = DraftSource()  # its long-run acceptance and probe schedule, shared by the requests it serves
         self.sharing = 1  # sequences its last proposal served (they share the cost of each forward)
         self._error_sq = 0.0
         self._observed = 0
