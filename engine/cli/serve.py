@@ -15,7 +15,8 @@ import signal
 import socket
 import sys
 
-from engine.cli.common import add_model_options, add_speculation_options, load, speculation_options
+from engine.cli.common import (add_chat_template_option, add_model_options, add_speculation_options, chat_template_of,
+                               load, speculation_options)
 from engine.errors import EngineError
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
@@ -57,6 +58,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a client gets to send a request's headers (from connecting, or from its previous "
                         "response), and then its body (408); beyond, the connection is closed (default %(default)g)")
     add_speculation_options(p)
+    add_chat_template_option(p)
     p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
                    help="memory for the KV of earlier requests' prompts and replies, re-used by requests that start "
                         "the same way (a conversation's history, a shared system prompt); least recently used "
@@ -115,6 +117,7 @@ def run_serve(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
     speculation = speculation_options(args)
+    chat_template_of(args)  # a bad --chat-template fails before the socket opens
     sock = listening_socket(args.host, args.port)
     import uvicorn
 

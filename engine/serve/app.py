@@ -41,11 +41,13 @@ from engine.serve.embeddings import add_embedding_routes
 from engine.serve.inspect_routes import add_inspect_routes
 from engine.serve.tokenize_routes import add_tokenize_routes
 from engine.serve.metrics import ServerMetrics
+from engine.serve.ollama import add_ollama_routes
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from engine.serve.responses import Answer, Echo, TokenStrings, finish_reason, speculation_usage, sse, usage_of
 from engine.serve.structured import attach_constraint
+from engine.serve.tools import ToolAnswer
 from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
@@ -244,9 +246,10 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
         job = await _prepare(request, state, ChatCompletionRequest, chat_job)
-        return await _answer(request, state, job, Answer("chat", state.served_model_name, state.strings,
-                                                         job.logprobs, job.include_usage, job.continuous_usage,
-                                                         len(job.prompt_ids)))
+        settings = (state.served_model_name, state.strings, job.logprobs, job.include_usage, job.continuous_usage,
+                    len(job.prompt_ids))
+        answer = ToolAnswer(job.tool_calling, *settings) if job.tool_calling else Answer("chat", *settings)
+        return await _answer(request, state, job, answer)
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -260,6 +263,8 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                        trace_memory_limit)
     add_embedding_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
     add_tokenize_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
+    add_ollama_routes(app, state, lambda request, body_class, make_job: _prepare(request, state, body_class, make_job),
+                      lambda request, job, answer: _answer(request, state, job, answer))
     add_page_routes(app)  # the web page at /
     return app
 
@@ -420,7 +425,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
         if job.stream:
             handed_over = True
             return StreamingResponse(_stream(state, ticket, queue, first, answer, watcher, timing),
-                                     media_type="text/event-stream",
+                                     media_type=answer.media_type,
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         events, item = [], first
         while isinstance(item, TokenEvent):
@@ -431,8 +436,10 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
             if timing.client_gone:
                 raise ClientGone  # nobody to answer; counted and logged as a client gone, not as an error
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
-        return JSONResponse(dict(answer.complete(events, item),
-                                 timings=timing.timings(len(item.prompt_token_ids), len(item.token_ids))))
+        body = answer.complete(events, item)
+        if answer.server_timings:
+            body["timings"] = timing.timings(len(item.prompt_token_ids), len(item.token_ids))
+        return JSONResponse(body)
     finally:
         if not handed_over:
             watcher.cancel()
@@ -449,13 +456,14 @@ def _raise_if_error(item) -> None:
 
 async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, first, answer: Answer,
                   watcher: asyncio.Task, timing: _Timing):
-    """The SSE body: role chunk, content deltas (all events queued at a time in one chunk), the finish chunk, the
-    usage chunk when asked (with the server's `timings`, as llama.cpp's server sends them), then [DONE]."""
+    """The stream's body, framed by the answer (OpenAI: server-sent events): the opening chunk, content deltas (all
+    events queued at a time in one chunk), the finish chunk, the usage chunk when asked (with the server's
+    `timings`, as llama.cpp's server sends them), then the end marker."""
     ended = False
     try:
         opening = answer.first_chunk()
         if opening is not None:
-            yield sse(opening)
+            yield answer.frame(opening)
         pending = [first]
         while True:
             while not queue.empty():
@@ -464,18 +472,19 @@ async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, firs
             end = next((item for item in pending if not isinstance(item, TokenEvent)), None)
             chunk = answer.delta_chunk(events)
             if chunk is not None:
-                yield sse(chunk)
+                yield answer.frame(chunk)
             if end is not None:
                 ended = True
                 if isinstance(end, GenerationResult):
-                    yield sse(answer.final_chunk(end))
+                    yield answer.frame(answer.final_chunk(end))
                     if answer.include_usage:
-                        yield sse(dict(answer.usage_chunk(end),
-                                       timings=timing.timings(len(end.prompt_token_ids), len(end.token_ids))))
+                        yield answer.frame(dict(answer.usage_chunk(end), timings=timing.timings(
+                            len(end.prompt_token_ids), len(end.token_ids))))
                 else:
-                    failure = APIError(500, str(end), SERVER_ERROR)
-                    yield sse(failure.body())
-                yield sse("[DONE]")
+                    yield answer.frame(answer.error_payload(APIError(500, str(end), SERVER_ERROR)))
+                closing = answer.end_of_stream()
+                if closing:
+                    yield closing
                 return
             pending = [await queue.get()]
     finally:

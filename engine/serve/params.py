@@ -22,7 +22,9 @@ from engine.serve.errors import bad_request
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from engine.serve.structured import ConstraintRequest, PendingConstraint, constraint_request, pending_constraint
 from engine.generation.constraints import ConstraintError
+from engine.serve.tools import ToolCalling, history_tool_calls, legacy_function_call, tool_calling
 from engine.text.chat_template import ROLES, ChatTemplateError, NoChatTemplateError
+from engine.text.tool_calls import prompt_messages
 
 TEXT_PARTS = ("text", "input_text")
 MAX_CHOICES = 128  # OpenAI's own limit on n
@@ -45,6 +47,7 @@ class Job:
     prompt_options: list[GenerationOptions] = field(default_factory=list)  # [] means [options]
     echo_texts: list[str] | None = None  # echo: each prompt's text, put before its choices' text
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: its field in each choice, this many alternatives
+    tool_calling: ToolCalling | None = None  # a chat request whose reply may be tool calls
 
     def __post_init__(self):
         if not self.prompts:
@@ -71,14 +74,6 @@ def refuse_unsupported(body: SamplingFields) -> None:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options: only allowed with stream=true", "stream_options")
     if isinstance(body, ChatCompletionRequest):
-        if body.tools:
-            raise bad_request("tools: tool calling is not supported", "tools")
-        if body.functions:
-            raise bad_request("functions: function calling is not supported", "functions")
-        for name in ("tool_choice", "function_call"):
-            value = getattr(body, name)
-            if value not in (None, "none", "auto"):
-                raise bad_request(f"{name}: tool calling is not supported", name)
         if body.audio is not None:
             raise bad_request("audio: audio output is not supported", "audio")
         if body.modalities and list(body.modalities) != ["text"]:
@@ -98,25 +93,31 @@ def refuse_unsupported(body: SamplingFields) -> None:
             raise bad_request(f"best_of: only best_of=1 is supported, got {body.best_of}", "best_of")
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The request's messages as the chat template takes them: {role, content} with text content."""
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """The request's messages as the chat template takes them (transformers' convention): {role, content} with
+    text content; an assistant's `tool_calls` (or legacy `function_call`) with their arguments as objects; `tool`
+    (and legacy `function`) results with the name of the call they answer."""
     if not body.messages:
         raise bad_request("messages: give at least one message", "messages")
-    messages = []
+    messages, call_names = [], {}
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
-        if role in ("tool", "function"):
-            raise bad_request(f"messages[{i}].role: {role!r} messages are not supported (no tool calling)",
+        if role not in ROLES + ("tool", "function"):
+            raise bad_request(f"messages[{i}].role: must be one of {', '.join(ROLES + ('tool',))}, got {m.role!r}",
                               f"messages[{i}].role")
-        if role not in ROLES:
-            raise bad_request(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {m.role!r}",
-                              f"messages[{i}].role")
-        if m.tool_calls:
-            raise bad_request(f"messages[{i}].tool_calls: tool calling is not supported", f"messages[{i}].tool_calls")
+        calls = None
+        if m.tool_calls is not None or m.function_call is not None:
+            if role != "assistant":
+                field = "tool_calls" if m.tool_calls is not None else "function_call"
+                raise bad_request(f"messages[{i}].{field}: only an assistant message makes calls",
+                                  f"messages[{i}].{field}")
+            calls = (history_tool_calls(m.tool_calls, f"messages[{i}].tool_calls") if m.tool_calls is not None
+                     else legacy_function_call(m.function_call, f"messages[{i}].function_call"))
+            call_names.update({c["id"]: c["function"]["name"] for c in calls})
         if m.content is None:
             if role != "assistant":
                 raise bad_request(f"messages[{i}].content: required for a {role} message", f"messages[{i}].content")
-            content = ""
+            content = None if calls else ""
         elif isinstance(m.content, str):
             content = m.content
         else:
@@ -128,19 +129,29 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
                     raise bad_request(f"messages[{i}].content[{j}].text: a {part.type!r} part needs its 'text' field",
                                       f"messages[{i}].content[{j}].text")
             content = "\n".join(part.text for part in m.content)
-        messages.append({"role": role, "content": content})
+        message = {"role": "tool" if role == "function" else role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if role in ("tool", "function"):
+            name = m.name if role == "function" else call_names.get(m.tool_call_id, m.name)
+            message.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", name)) if v is not None})
+        messages.append(message)
     return messages
 
 
-def chat_prompt_ids(model, body: ChatCompletionRequest, max_tokens: int | None = None) -> list[int]:
-    """The messages rendered with the model's own chat template and tokenized (as `generate --chat` does); a
-    rendering too long for the window is refused before it is tokenized (see refuse_long_text)."""
-    messages = chat_messages(body)
+def chat_prompt_ids(model, body: ChatCompletionRequest, max_tokens: int | None = None,
+                    calling: ToolCalling | None = None) -> list[int]:
+    """The messages rendered with the model's chat template (the tools shown as engine.text.tool_calls writes them)
+    and tokenized (as `generate --chat` does); a rendering too long for the window is refused before it is
+    tokenized (see refuse_long_text)."""
     tokenizer = model.tokenizer
+    messages, tools = prompt_messages(tokenizer.chat_template, chat_messages(body),
+                                      calling.shown_tools if calling else None)
     try:
-        prompt = tokenizer.apply_chat_template(messages)
+        prompt = tokenizer.apply_chat_template(messages, tools=tools)
     except NoChatTemplateError:
-        raise bad_request("this model has no chat template: use /v1/completions", "messages") from None
+        raise bad_request("this model has no chat template: use /v1/completions, or start the server with "
+                          "--chat-template (chatml, zephyr, llama-2 or a Jinja file)", "messages") from None
     except ChatTemplateError as e:
         raise bad_request(f"messages: {e}", "messages") from None
     refuse_long_text(model, prompt, max_tokens, "messages")
@@ -218,8 +229,9 @@ def check_fits(window: int, prompt_len: int, max_tokens: int | None, param: str,
 
 def generation_options(model, body: SamplingFields, max_tokens: int | None, prompt_len: int, param: str,
                        logprobs: int | None, constraint: ConstraintRequest | None = None,
-                       prompt_logprobs: int | None = None) -> GenerationOptions:
-    """Validated GenerationOptions; 400 context_length_exceeded when prompt + max_tokens does not fit the window."""
+                       prompt_logprobs: int | None = None, chat_stop: tuple = ()) -> GenerationOptions:
+    """Validated GenerationOptions; 400 context_length_exceeded when prompt + max_tokens does not fit the window.
+    `chat_stop`: the chat template's end-of-turn stop strings, added to the request's."""
     window = model.config.max_position_embeddings
     check_fits(window, prompt_len, max_tokens, param)
     if max_tokens is None:
@@ -230,6 +242,7 @@ def generation_options(model, body: SamplingFields, max_tokens: int | None, prom
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if "" in stop:
         raise bad_request("stop: a stop string cannot be empty", "stop")
+    stop += [text for text in chat_stop if text not in stop]
     sampling = dict(temperature=temperature, top_p=body.top_p, min_p=body.min_p,
                     top_k=None if body.top_k is None else max(body.top_k, 0),
                     repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
@@ -251,10 +264,14 @@ def generation_options(model, body: SamplingFields, max_tokens: int | None, prom
 def chat_job(model, body: ChatCompletionRequest) -> Job:
     """Validate a chat request -> Job (400 APIError naming the field otherwise)."""
     refuse_unsupported(body)
+    calling = tool_calling(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    ids = chat_prompt_ids(model, body, max_tokens)
+    ids = chat_prompt_ids(model, body, max_tokens, calling)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return _job(model, body, ids, max_tokens, "messages", logprobs)
+    job = _job(model, body, ids, max_tokens, "messages", logprobs, tool_constraint=calling.constraint(),
+               chat_stop=model.tokenizer.chat_stop)
+    job.tool_calling = calling if calling.active else None
+    return job
 
 
 def completion_job(model, body: CompletionRequest) -> Job:
@@ -276,7 +293,8 @@ def completion_job(model, body: CompletionRequest) -> Job:
 
 
 def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, param: str,
-         logprobs: int | None, prompt_logprobs: int | None = None) -> Job:
+         logprobs: int | None, prompt_logprobs: int | None = None, tool_constraint: ConstraintRequest | None = None,
+         chat_stop: tuple = ()) -> Job:
     try:
         check_prompt(model, ids, max_new_tokens=1 if max_tokens is None else max_tokens)  # ids inside the vocabulary
     except ContextOverflowError:
@@ -284,7 +302,13 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
     except EngineError as e:
         raise bad_request(f"{param}: {e}", param) from None
     constraint = constraint_request(body)
-    options = generation_options(model, body, max_tokens, len(ids), param, logprobs, prompt_logprobs=prompt_logprobs)
+    if tool_constraint is not None:
+        if constraint.kwargs:
+            other = next(iter(constraint.params.values()))
+            raise bad_request(f"{other}: cannot be combined with tool calling (tool_choice 'none' allows it)", other)
+        constraint = tool_constraint
+    options = generation_options(model, body, max_tokens, len(ids), param, logprobs, prompt_logprobs=prompt_logprobs,
+                                 chat_stop=chat_stop)
     pending = pending_constraint(model, options, constraint)  # checked here; compiled by the app, off this thread
     stream_options = body.stream_options if body.stream else None
     include_usage = bool(stream_options and stream_options.include_usage)

@@ -119,7 +119,9 @@ class ChatMessage(_Body):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: Any = None
+    tool_call_id: str | None = None
+    function_call: Any = None  # the legacy form of one assistant tool call
 
 
 class SamplingFields(_Body):
@@ -171,6 +173,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None

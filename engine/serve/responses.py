@@ -259,6 +259,21 @@ class Answer:
         return {"index": self.index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
     # ---- streaming --------------------------------------------------------------------------------------------
+    media_type = "text/event-stream"  # OpenAI's streams are server-sent events
+    server_timings = True  # llama.cpp's `timings` beside `usage` (OpenAI's clients ignore the extra field)
+
+    def frame(self, payload) -> str:
+        """One piece of the stream on the wire: a server-sent event."""
+        return sse(payload)
+
+    def end_of_stream(self) -> str | None:
+        """What closes the stream after the last chunk: 'data: [DONE]'."""
+        return sse("[DONE]")
+
+    def error_payload(self, error) -> dict:
+        """The stream chunk that reports a failure after the stream began (an APIError): OpenAI's error body."""
+        return error.body()
+
     def first_chunk(self) -> dict | None:
         """Chat's opening chunk, whose delta carries the role; None for completions."""
         return self._chunk([self._choice(None, None, None, role=True)]) if self.kind == "chat" else None
