@@ -6,12 +6,8 @@ import sys
 
 from engine.cli.common import NO_TEMPLATE_HINT, chat_template_of, load, sampling_overrides, speculation_options
 from engine.errors import EngineError
-<<<<<<< HEAD
-from engine.generation.constraints import ConstraintError
-from engine.generation.draft_payoff import describe
-=======
 from engine.generation.constraints import STOP_CONSTRAINT_ERROR, ConstraintError
->>>>>>> main
+from engine.generation.draft_payoff import describe
 from engine.generation.generate import Generation
 from engine.generation.state import STOP_CONTEXT_FULL, STOP_MAX_TOKENS, STOP_STRING, default_options
 
