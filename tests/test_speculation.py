@@ -352,6 +352,24 @@ def test_payoff_skips_hopeless_probes():
     assert near[-1] > 0 and not any(near[:-1]) and not any(far)
 
 
+def test_probes_wait_until_the_plain_steps_pay_for_them():
+    """A probe of a draft model far behind costs its catch-up (here ~1.2 plain steps for 40 tokens): it waits until
+    PROBE_BUDGET (2%) of the plain steps' seconds since the last probe covers it, where one in step probes after 8
+    plain steps. On the 3-layer model of TinyLlama's width an int4 draft (29% kept) cost 0.94x plain decoding
+    through probes that each caught up ~16 tokens."""
+    pace = Pace()
+    forward, draft = table(pace, r1=0.1, r5=0.11), table(pace, r1=0.01, r64=0.2)
+    near, far = payoff(0.05, forward, draft), payoff(0.05, forward, draft)
+    near = [i for i, k in enumerate(near.plan(room=4, behind=2) for _ in range(400)) if k]
+    far_plans = [far.plan(room=4, behind=40) for _ in range(400)]
+    far = [i for i, k in enumerate(far_plans) if k]
+    assert near[0] == 7
+    catch_up = draft.seconds(40) - draft.seconds(2)
+    probe_seconds = forward.seconds(1 + far_plans[far[0]]) - 0.1 + far_plans[far[0]] * 0.01 + catch_up
+    assert far and far[0] + 1 >= probe_seconds / (DraftSource.PROBE_BUDGET * 0.1) > 8
+    assert len(far) * probe_seconds <= DraftSource.PROBE_BUDGET * 0.1 * 400  # probing: <= 2% of the plain time
+
+
 def test_payoff_counts_what_a_draft_model_must_catch_up_on():
     pace = Pace()
     forward = table(pace, r1=0.100, r2=0.110, r3=0.120, r5=0.160)

@@ -10,8 +10,9 @@ that gives the batch the most expected tokens per second, k = 0 being plain deco
 choice changes the speed only, never the tokens.
 
 While plain decoding wins, the draft source probes now and then (one drafting step after 8 plain decisions, then
-after 16, 32, ... up to 128; the count is shared by the requests drafting from it, across generations) so that a
-text that turns repetitive, or a lighter load, is noticed. A draft model that sat out must first catch up on the
+after 16, 32, ... up to 128, and only once 2% of the plain steps' seconds since the last probe pay for the probe's
+extra cost; the counts are shared by the requests drafting from it, across generations) so that a text that turns
+repetitive, or a lighter load, is noticed. A draft model that sat out must first catch up on the
 tokens it has not seen (one forward pass over them): the decision to resume counts that cost, and a probe is skipped
 where drafting could not pay even with half the rejections, that cost counted (a draft model too slow for this
 machine is then not run again in this process).
@@ -150,28 +151,35 @@ class DraftSource:
     """What every request drafting from one source (a draft model; prompt lookup on one model) shares, across
     requests and generations: the source's long-run acceptance (each new request's prior) and the probe schedule —
     plain decisions counted since the last probe, and how many are due before the next (FIRST_PROBE, doubling after
-    each probe that finds drafting still does not pay, up to LAST_PROBE; back to FIRST_PROBE once it pays)."""
+    each probe that finds drafting still does not pay, up to LAST_PROBE; back to FIRST_PROBE once it pays) — and the
+    seconds those plain decisions' steps took: a probe is due only once PROBE_BUDGET of them pays for what it costs
+    beyond a plain step (a draft model's catch-up on the tokens it sat out included), so probing costs at most that
+    share of the time decoding spends plain, however dear the draft."""
 
     FIRST_PROBE, LAST_PROBE = 8, 128
+    PROBE_BUDGET = 0.02
 
     def __init__(self):
         self.acceptance = Acceptance(decay=0.98)
         self.plain_run = 0
+        self.plain_seconds = 0.0
         self.probe_after = self.FIRST_PROBE
 
-    def probe_due(self) -> bool:
-        """Count one plain decision -> whether a probe is due now (then the count starts again, and the next is due
-        after twice as many)."""
+    def probe_due(self, step_seconds: float = 0.0, probe_seconds: float = 0.0) -> bool:
+        """Count one plain decision whose step takes `step_seconds` (this request's share) -> whether a probe that
+        would cost `probe_seconds` more than that step is due now (then the counts start again, and the next is due
+        after twice as many decisions)."""
         self.plain_run += 1
-        if self.plain_run < self.probe_after:
+        self.plain_seconds += step_seconds
+        if self.plain_run < self.probe_after or self.plain_seconds * self.PROBE_BUDGET < probe_seconds:
             return False
-        self.plain_run = 0
+        self.plain_run, self.plain_seconds = 0, 0.0
         self.probe_after = min(2 * self.probe_after, self.LAST_PROBE)
         return True
 
     def pays(self) -> None:
         """Drafting pays: the next plain spell probes early again."""
-        self.plain_run, self.probe_after = 0, self.FIRST_PROBE
+        self.plain_run, self.plain_seconds, self.probe_after = 0, 0.0, self.FIRST_PROBE
 
 
 def lookup_source(model) -> DraftSource:
@@ -241,7 +249,9 @@ class DraftPayoff:
         if rates[best] > rates[0] * (1 + self.MARGIN):
             self.source.pays()
             return best
-        if not self.source.probe_due():
+        per_draft_pass, catch_up = self._draft_seconds(rows=sharing, behind=behind)
+        probe_seconds = self.forward.seconds(rows + best) - plain + best * per_draft_pass + catch_up  # all of it
+        if not self.source.probe_due(plain / max(1, tokens), probe_seconds):
             return 0
         optimistic = self.rates(n, tokens, rows, behind, sharing, remaining, plain, 1 - (1 - a) / 2)
         if max(optimistic[1:]) <= optimistic[0] * (1 + self.MARGIN):
@@ -271,7 +281,6 @@ class DraftPayoff:
         return one, catch_up
 
     def _probe(self, k: int) -> int:
-        self._plain_run = 0
         self.probes += 1
         return k
 
