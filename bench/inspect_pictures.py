@@ -1,4 +1,4 @@
-"""Regenerate the README's `tinyllama inspect` pictures from stories260K (../shared/models, or
+"""Regenerate the `tinyllama inspect` pictures of docs/inspection.md from stories260K (../shared/models, or
 $TINYLLAMA_SHARED_MODELS) by running the commands a user would:
 
     python -m bench.inspect_pictures [--out bench/results/inspect-stories260k]
