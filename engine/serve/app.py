@@ -9,6 +9,10 @@ A request body is read with a size cap (413 past it) and a deadline (408), then 
 worker thread (the tokenizer releases the GIL there), so a huge or slow request never stalls the event loop. An
 exception no handler takes is a 500 in OpenAI's shape that leaves the keep-alive connection usable. On shutdown the
 server drains: /health and new requests answer 503 while the requests in flight get the grace period.
+
+The prefix cache is partitioned by client: with several API keys each key's requests only ever find their own
+prompts, and a request's `cache_salt` (vLLM's field) narrows its partition further; a server with one key or none
+shares one partition, so clients that must not learn each other's prompts get keys or salts of their own.
 """
 from __future__ import annotations
 
@@ -28,13 +32,14 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from engine.errors import EngineError
-from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, QueueFullError, ServingLoop, ServingStoppedError,
-                                       StepFailedError, Ticket, choice_options)
+from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, NeverFitsError, QueueFullError, ServingLoop,
+                                       ServingStoppedError, StepFailedError, Ticket, choice_options)
 from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options
+from engine.serve.disconnect import watch_disconnect as _watch_disconnect
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
-from engine.runtime.trace import TRACE_MEMORY_LIMIT
-from engine.serve.inspect_routes import add_inspect_routes
+from engine.inspect.sliced import INSPECTION_MEMORY_LIMIT
+from engine.serve.inspect_routes import MAX_INSPECTIONS, add_inspect_routes
 from engine.serve.metrics import ServerMetrics
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
@@ -59,7 +64,7 @@ class ServerState:
 
     load: Callable[[], object]
     served_model_name: str
-    api_key: str | None
+    api_key: str | tuple[str, ...] | None  # one key or several (each its own prefix cache partition)
     max_active: int
     max_queue: int
     on_load_error: Callable[[str], None] | None = None
@@ -130,14 +135,24 @@ class ServerState:
             raise APIError(503, "the model is still loading; retry shortly", SERVER_ERROR,
                            headers={"Retry-After": RETRY_AFTER_LOADING})
 
-    def authorize(self, request: Request) -> None:
-        """401 unless the request carries 'Authorization: Bearer <api key>' (when the server has a key)."""
-        if self.api_key is None:
-            return
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys a request may carry (none: the API is open)."""
+        return () if self.api_key is None else (self.api_key,) if isinstance(self.api_key, str) else self.api_key
+
+    def authorize(self, request: Request) -> int | None:
+        """401 unless the request carries 'Authorization: Bearer <api key>' (when the server has keys) -> the index
+        of its key among several (None with one key or none: every client is the same one)."""
+        keys = self.api_keys
+        if not keys:
+            return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+        given = token.strip().encode()
+        matches = [secrets.compare_digest(given, key.encode()) for key in keys]  # every key compared: no timing
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            param=None, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return matches.index(True) if len(keys) > 1 else None
 
     def check_model(self, name: str | None) -> None:
         """404 model_not_found for a model name other than the one served (an absent name means that one)."""
@@ -150,12 +165,13 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                max_active: int = 32, max_queue: int = 256,
                on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
                max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
-               trace_memory_limit: int = TRACE_MEMORY_LIMIT, speculation: dict | None = None,
-               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
+               trace_memory_limit: int = INSPECTION_MEMORY_LIMIT, speculation: dict | None = None,
+               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, max_inspections: int = MAX_INSPECTIONS) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
     may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
-    `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may trace.
+    `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may take (its
+    answer included); `max_inspections`: /v1/inspect requests running at once (503 beyond).
     `speculation`: {"speculate": N, "draft": "lookup" | "int8" | "int4"} for every request
     (the output is plain decoding's); `prefix_cache_mb`: the prefix cache's size (0: none). With an api_key the docs (/docs, /redoc, /openapi.json) are off.
     `app.state.server` is the ServerState."""
@@ -218,8 +234,8 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids)))
 
-    add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
-                       trace_memory_limit)
+    add_inspect_routes(app, state, lambda request, body_class, make: _prepare(request, state, body_class, make),
+                       trace_memory_limit, max_inspections)
     add_page_routes(app)  # the web page at /
     return app
 
@@ -228,7 +244,7 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
     """Authorize, read the body (413 / 408 / 503 when draining), then on a worker thread parse and validate it (400
     naming the field), check the model name and readiness, and build the Job (tokenizing the prompt) -> the Job, or
     the validated body when there is no `make_job`."""
-    state.authorize(request)
+    key = state.authorize(request)
     raw = await _read_body(request, state)
 
     def job() -> Job:
@@ -238,9 +254,18 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
             raise validation_error(e.errors()) from None
         state.check_model(body.model)
         state.check_ready()
-        return make_job(state.model, body) if make_job is not None else body
+        made = make_job(state.model, body) if make_job is not None else body
+        if isinstance(made, Job):
+            made.cache_salt = cache_partition(key, made.cache_salt)
+        return made
 
     return await asyncio.to_thread(job)
+
+
+def cache_partition(key: int | None, salt: str | None):
+    """The prefix cache partition of a request: its API key's (when the server has several) and its cache_salt;
+    None (the shared partition) when it has neither."""
+    return None if key is None and salt is None else (key, salt)
 
 
 async def _read_body(request: Request, state: ServerState) -> bytes:
@@ -345,7 +370,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
             pass
 
     try:
-        ticket = state.serving.submit(job.prompt_ids, job.options, on_event)
+        ticket = state.serving.submit(job.prompt_ids, job.options, on_event, cache_salt=job.cache_salt)
     except QueueFullError as e:
         raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
     except ServingStoppedError as e:
@@ -428,20 +453,6 @@ async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, firs
             state.serving.cancel(ticket)
 
 
-async def _watch_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
-    """Call on_gone() when the client disconnects (uvicorn answers receive() with http.disconnect)."""
-    try:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                on_gone()
-                return
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # noqa: BLE001 - a server without disconnect messages: the stream's own end cancels
-        return
-
-
 def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now: float,
                  completion: int | None = None) -> None:
     """One line per request: id, prompt tokens (and how many came from the prefix cache), completion tokens (all
@@ -486,7 +497,10 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
 
     try:
         tickets = state.serving.submit_choices(job.prompt_ids, [choice_options(job.options, i) for i in range(job.n)],
-                                               [callback(i) for i in range(job.n)])
+                                               [callback(i) for i in range(job.n)], cache_salt=job.cache_salt)
+    except NeverFitsError as e:
+        raise bad_request(f"n: {e} (--max-active {state.max_active}): ask for at most {state.max_active} choices",
+                          "n") from None
     except QueueFullError as e:
         raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
     except ServingStoppedError as e:
@@ -498,7 +512,10 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                 state.serving.cancel(ticket)
 
     def client_gone() -> None:
+        if all(ticket.done for ticket in tickets):
+            return
         timing.client_gone = True
+        metrics.clients_gone.labels("streaming" if handed_over else "waiting").inc()
         cancel_all()
 
     watcher = asyncio.create_task(_watch_disconnect(request, client_gone))
@@ -525,6 +542,8 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                     break
             item = await queue.get()
         if any(r.stop_reason == STOP_CANCELLED for r in ended.values()):
+            if timing.client_gone:
+                raise ClientGone  # nobody to answer; counted and logged as a client gone, not as an error
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
         body = answer.complete(events[0], ended[0])
         body["choices"] = [a.complete(events[i], ended[i])["choices"][0] for i, a in enumerate(answers)]

@@ -32,6 +32,7 @@ class Job:
     continuous_usage: bool  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
     logprobs: int | None  # top alternatives per token (0: the chosen token only); None: no log-probabilities
     n: int = 1  # choices: continuations of the prompt sharing one prefill, choice i seeded with seed + i
+    cache_salt: object = None  # the prefix cache partition: the request's cache_salt, then the app's (key, salt)
 
 
 def refuse_unsupported(body: SamplingFields) -> None:
@@ -217,4 +218,5 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
     options = generation_options(model, body, max_tokens, len(ids), param, logprobs, constraint)
     stream_options = body.stream_options if body.stream else None
     return Job(ids, options, bool(body.stream), bool(stream_options and stream_options.include_usage),
-               bool(stream_options and stream_options.continuous_usage_stats), logprobs, body.n or 1)
+               bool(stream_options and stream_options.continuous_usage_stats), logprobs, body.n or 1,
+               body.cache_salt)

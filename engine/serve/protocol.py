@@ -117,6 +117,8 @@ class SamplingFields(_Body):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
     json_whitespace: Literal["compact", "flexible"] | None = None
+    # vLLM's prefix cache partition: only requests with the same salt (and API key) share cached prompt blocks
+    cache_salt: str | None = Field(None, min_length=1)
 
 
 class ChatCompletionRequest(SamplingFields):
