@@ -291,8 +291,8 @@ class Scheduler:
         end with the same error."""
         if request.finished:
             return
-        log.error("request %d failed in its step (%s: %s); the rest of the batch goes on", request.id,
-                  type(error).__name__, error, exc_info=(type(error), error, error.__traceback__))
+        log.error("request %d failed in its step; the rest of the batch goes on", request.id,
+                  exc_info=(type(error), error, error.__traceback__))
         waiting_forks = list(request.followers) if request.status in (WAITING, PREFILLING) else []
         request.followers = []
         for r in [request] + waiting_forks:

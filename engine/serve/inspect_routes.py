@@ -72,10 +72,11 @@ Prepare = Callable[[Request, type, Callable], Awaitable[object]]
 
 
 class Slots:
-    """A count of inspections running, up to a limit (taken on the event loop, given back from any thread)."""
+    """A count of inspections running, up to a limit (taken on the event loop, given back from any thread), shown
+    by `gauge` (a prometheus Gauge) when given."""
 
-    def __init__(self, limit: int):
-        self.limit, self.running = limit, 0
+    def __init__(self, limit: int, gauge=None):
+        self.limit, self.running, self.gauge = limit, 0, gauge
         self._lock = threading.Lock()
 
     def take(self) -> bool:
@@ -84,12 +85,16 @@ class Slots:
             if self.running >= self.limit:
                 return False
             self.running += 1
-            return True
+        if self.gauge is not None:
+            self.gauge.inc()
+        return True
 
     def give_back(self) -> None:
         """Return a slot taken with `take`."""
         with self._lock:
             self.running -= 1
+        if self.gauge is not None:
+            self.gauge.dec()
 
 
 def add_inspect_routes(app: FastAPI, state, prepare: Prepare, max_bytes: int,
@@ -97,7 +102,7 @@ def add_inspect_routes(app: FastAPI, state, prepare: Prepare, max_bytes: int,
     """Mount the inspection routes. `state`: the app's ServerState; `prepare(request, body_class, make)`: the app's
     authorize + read + (on a worker thread) parse, validate, readiness check and make(model, body); `max_bytes`: the
     most memory one inspection may take (answer included); `max_inspections`: inspections running at once."""
-    slots = Slots(max_inspections)
+    slots = Slots(max_inspections, state.metrics.inspections_running)
 
     @app.post("/v1/inspect/attention")
     async def attention(request: Request):
