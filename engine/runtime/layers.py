@@ -172,7 +172,8 @@ def runs_on_kernels(rows: int, prompt_from: int, weight_dtype) -> bool:
 
 def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 | uint16 (bf16 bits) | float16 (HF layout) -> (M, out)
-    float32. prompt_from: rows from there on belong to long prompt chunks (the backend stacks those last).
+    float32; w may also be a QuantMatrix or any weight object of engine.runtime.ggml_formats' protocol (its own
+    `linear`). prompt_from: rows from there on belong to long prompt chunks (the backend stacks those last).
 
     With the compiled kernels (engine.runtime.native), which widen 16-bit weights exactly in registers, every row
     runs on the kernel, whose sums do not depend on the batch, except where the variant in use hands long prompts to
@@ -187,6 +188,8 @@ def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     m = x.shape[0]
     if isinstance(w, QuantMatrix):
         return linear_quantized(x, w)
+    if not isinstance(w, np.ndarray):  # a weight object of another format (engine.runtime.ggml_formats' protocol)
+        return w.linear(np.ascontiguousarray(x, dtype=np.float32))
     if runs_on_kernels(m, prompt_from, w.dtype):
         return native.matmul_xwt(np.ascontiguousarray(x), w)
     if w.dtype != np.float32:

@@ -18,6 +18,7 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.errors import EngineError
 from engine.runtime import quant, quant_cache
+from engine.runtime.ggml_formats import held_arrays
 from engine.runtime.quant import QuantMatrix
 from weights.checkpoint import Checkpoint
 
@@ -66,7 +67,7 @@ class ModelWeights:
             held += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
         arrays = []
         for a in held:
-            arrays += [a.data, a.scales] if isinstance(a, QuantMatrix) else [a]
+            arrays += held_arrays(a)
         return arrays
 
     @property
@@ -84,7 +85,7 @@ class ModelWeights:
 def widen(a: np.ndarray) -> np.ndarray:
     """A weight array (float32, uint16 bf16 bits, float16, or a QuantMatrix) as float32 with the same values (a copy
     unless float32; a QuantMatrix dequantized)."""
-    if isinstance(a, QuantMatrix):
+    if not isinstance(a, np.ndarray):  # a QuantMatrix, or another format's weight object (ggml_formats' protocol)
         return a.dequantize()
     if a.dtype == np.uint16:
         return (a.astype(np.uint32) << 16).view(np.float32)
@@ -94,7 +95,7 @@ def widen(a: np.ndarray) -> np.ndarray:
 def embed_rows(table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """Rows of the embedding table (vocab, H) in its storage dtype -> (len(token_ids), H) float32, widened exactly
     (a quantized table: those rows dequantized)."""
-    if isinstance(table, QuantMatrix):
+    if not isinstance(table, np.ndarray):  # a QuantMatrix, or another format's weight object
         return table.dequantize(np.asarray(token_ids))
     return widen(table[token_ids])
 
