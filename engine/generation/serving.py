@@ -236,6 +236,11 @@ class ServingLoop:
         return self._in_flight
 
     # ---- the serving thread -----------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is running, waiting or sliced (read from any thread: a hint, not a lock)."""
+        return not self._inbox and not self.scheduler.has_work and not self.works
+
     def _run(self) -> None:
         while True:
             with self._lock:

@@ -10,6 +10,10 @@ worker thread (the tokenizer releases the GIL there), so a huge or slow request 
 exception no handler takes is a 500 in OpenAI's shape that leaves the keep-alive connection usable. On shutdown the
 server drains: /health and new requests answer 503 while the requests in flight get the grace period.
 
+Once no request has arrived for a second and the batch is idle, the memory requests freed (parsed bodies, compiled
+constraints, answers) is given back to the OS (engine.runtime.memory), so the resident size after a burst is what
+the server still holds.
+
 The prefix cache is partitioned by client: with several API keys each key's requests only ever find their own
 prompts, and a request's `cache_salt` (vLLM's field) narrows its partition further; a server with one key or none
 shares one partition, so clients that must not learn each other's prompts get keys or salts of their own.
@@ -39,6 +43,7 @@ from engine.serve.disconnect import watch_disconnect as _watch_disconnect
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
 from engine.inspect.sliced import INSPECTION_MEMORY_LIMIT
+from engine.runtime.memory import release_free_memory
 from engine.serve.inspect_routes import MAX_INSPECTIONS, add_inspect_routes
 from engine.serve.metrics import ServerMetrics
 from engine.serve.page import add_page_routes
@@ -56,6 +61,7 @@ RETRY_AFTER_LOADING = "5"
 MAX_REQUEST_BYTES = 8 * 2 ** 20  # the default body cap (--max-request-mb 8)
 READ_TIMEOUT = 30.0  # the default seconds a request's body may take to arrive (--read-timeout)
 DISCARD_BYTES = 64 * 2 ** 20  # past the cap, read and dropped so the client can read its 413 before the close
+IDLE_RELEASE_SECONDS = 1.0  # no request for this long, and an idle batch: freed memory goes back to the OS
 
 
 @dataclass
@@ -79,6 +85,7 @@ class ServerState:
     draining: bool = False
     grace_over: asyncio.Event = field(default_factory=asyncio.Event)  # set when the shutdown grace period ends
     created: int = field(default_factory=lambda: int(time.time()))
+    arrivals: int = 0  # requests that reached the API (event loop)
     metrics: ServerMetrics = field(init=False)
 
     def __post_init__(self):
@@ -98,6 +105,7 @@ class ServerState:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
             default_options(model, json_object=True)  # builds llguidance's tokenizer once (~0.3 s), not per request
+            model.tokenizer.max_chars_per_token()  # the length bound huge prompts are refused by (~0.7 s once)
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue,
                                   **self.speculation,
                                   prefix_cache_bytes=int(self.prefix_cache_mb * 2 ** 20)).start()
@@ -182,7 +190,9 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load_model, name="tinyllama-load", daemon=True).start()
+        releaser = asyncio.create_task(_release_memory_when_idle(state))
         yield
+        releaser.cancel()
         if state.serving is not None:
             state.serving.stop()
 
@@ -244,6 +254,7 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
     """Authorize, read the body (413 / 408 / 503 when draining), then on a worker thread parse and validate it (400
     naming the field), check the model name and readiness, and build the Job (tokenizing the prompt) -> the Job, or
     the validated body when there is no `make_job`."""
+    state.arrivals += 1
     key = state.authorize(request)
     raw = await _read_body(request, state)
 
@@ -260,6 +271,18 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
         return made
 
     return await asyncio.to_thread(job)
+
+
+async def _release_memory_when_idle(state: ServerState) -> None:
+    """Every IDLE_RELEASE_SECONDS: when requests arrived since the last release, none in the last interval, and the
+    batch is idle, give the memory they freed back to the OS (on a worker thread)."""
+    released = 0
+    while True:
+        seen = state.arrivals
+        await asyncio.sleep(IDLE_RELEASE_SECONDS)
+        if state.arrivals == seen != released and state.serving is not None and state.serving.idle:
+            released = seen
+            await asyncio.to_thread(release_free_memory)
 
 
 def cache_partition(key: int | None, salt: str | None):

@@ -11,20 +11,21 @@ template) or a `prompt` (text or token ids), with the strict types of the other 
 - the trace runs on the serving thread cut into slices between batched steps (engine.inspect.sliced through
   ServingLoop.submit_work: each slice about half a step's time), so streams keep their pace; a client that leaves
   cancels it before its next slice;
-- the JSON answer is written a row at a time on worker threads as it is sent.
+- the JSON answer is written a row at a time on worker threads as it is sent (orjson: a float32 in its shortest form,
+  which reads back as the same float32).
 
 NumPy backend only (400 naming the backend otherwise).
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
 from typing import Awaitable, Callable, Iterator, Union
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,7 +46,8 @@ MIN_TOKENS = 2  # the head summary averages over queries 1..T-1
 MAX_INSPECTIONS = 2  # inspections running at once (--max-inspections)
 RETRY_AFTER_BUSY = "1"
 TOKEN_JSON_BYTES = 256  # the most one entry of "tokens" takes: {"id", "piece", "text", "special"}, escapes and all
-NUMBER_JSON_BYTES = 25  # the most one float takes in JSON, with its comma: -1.2345678901234567e-300,
+NUMBER_JSON_BYTES = 25  # the most one float64 takes in JSON, with its comma: -1.2345678901234567e-300,
+FLOAT32_JSON_BYTES = 16  # the most one float32 takes (its shortest form), with its comma: -1.2345678e-38,
 PIECE_JSON_BYTES = 100  # the most one entry of "top_pieces" takes (a 16-character piece, every character escaped)
 JSON_CHUNK_BYTES = 1 << 18  # the answer is sent in pieces of about this size
 
@@ -125,7 +127,7 @@ def attention_job(model, body: AttentionRequest, max_bytes: int) -> AttentionIns
         raise bad_request(f"head: this model has heads 0..{c.num_attention_heads - 1}, got {body.head}", "head")
     ids, param = inspected_ids(model, body)
     t = len(ids)
-    answer = t * TOKEN_JSON_BYTES + t * t * NUMBER_JSON_BYTES
+    answer = t * TOKEN_JSON_BYTES + t * t * FLOAT32_JSON_BYTES
     if body.summary:
         answer += 3 * c.num_hidden_layers * c.num_attention_heads * NUMBER_JSON_BYTES
     try:
@@ -296,43 +298,39 @@ class Rows:
 
 
 def json_chunks(value) -> Iterator[bytes]:
-    """`value` as compact JSON (FastAPI's encoding: the same numbers), in pieces of about JSON_CHUNK_BYTES: dicts,
-    NumPy arrays written a row at a time, Rows made as they are written, anything else json.dumps takes."""
-    pending: list[str] = []
+    """`value` as compact JSON in pieces of about JSON_CHUNK_BYTES: dicts, NumPy arrays written a row at a time
+    (float32 in its shortest form, float64 as Python writes it: both read back as the same number), Rows made as
+    they are written, anything else orjson takes."""
+    pending: list[bytes] = []
     size = 0
     for piece in _json_pieces(value):
         pending.append(piece)
         size += len(piece)
         if size >= JSON_CHUNK_BYTES:
-            yield "".join(pending).encode()
+            yield b"".join(pending)
             pending, size = [], 0
     if pending:
-        yield "".join(pending).encode()
+        yield b"".join(pending)
 
 
-def _dumps(value) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _json_pieces(value) -> Iterator[str]:
+def _json_pieces(value) -> Iterator[bytes]:
     if isinstance(value, dict):
-        yield "{"
+        yield b"{"
         for i, (key, item) in enumerate(value.items()):
-            yield ("," if i else "") + _dumps(key) + ":"
+            yield (b"," if i else b"") + orjson.dumps(key) + b":"
             yield from _json_pieces(item)
-        yield "}"
+        yield b"}"
     elif isinstance(value, np.ndarray) and value.ndim > 1:
-        yield "["
+        yield b"["
         for i, row in enumerate(value):
-            yield ("," if i else "")
-            yield from _json_pieces(row)
-        yield "]"
+            yield (b"," if i else b"") + orjson.dumps(np.ascontiguousarray(row), option=orjson.OPT_SERIALIZE_NUMPY)
+        yield b"]"
     elif isinstance(value, np.ndarray):
-        yield _dumps(value.tolist())
+        yield orjson.dumps(np.ascontiguousarray(value), option=orjson.OPT_SERIALIZE_NUMPY)
     elif isinstance(value, Rows):
-        yield "["
+        yield b"["
         for i, item in enumerate(value.items):
-            yield ("," if i else "") + _dumps(item)
-        yield "]"
+            yield (b"," if i else b"") + orjson.dumps(item)
+        yield b"]"
     else:
-        yield _dumps(value)
+        yield orjson.dumps(value)

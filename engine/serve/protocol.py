@@ -44,7 +44,7 @@ def _check_values(data: dict) -> None:
     while stack:
         path, value, depth = stack.pop()
         if isinstance(value, str):
-            if LONE_SURROGATE.search(value):
+            if not value.isascii() and LONE_SURROGATE.search(value):  # isascii: a flag, O(1); the search is O(n)
                 where = path or "the request body"
                 raise bad_request(f"{where}: the text holds a lone surrogate (e.g. \\ud800 without its pair), which is "
                                   f"not valid Unicode", path or None)
