@@ -12,6 +12,7 @@ from engine.errors import EngineError
 from engine.generation.sampling import SamplingParams
 from engine.inspect.attention import AttentionInspection, head_summary, summarise_heads
 from engine.inspect.lens import lens_logits, logit_lens
+from engine.inspect.sliced import SLICE_ALIGN
 from engine.inspect.neighbours import nearest_tokens, token_for_word
 from engine.inspect.next_token import next_tokens
 from engine.inspect.perplexity import perplexity, sliding_windows
@@ -250,8 +251,8 @@ def test_head_summaries_equal_float64_sums_over_transformers_attentions(stories)
     ids = model.tokenizer.encode(STORY)[:24]
     attentions = [a[0].double().numpy() for a in torch_forward(ref, ids, output_attentions=True).attentions]
     summary = head_summary(model, ids)
-    smallest_slices = AttentionInspection(model, ids).bytes_needed  # the least memory it runs in: 8 rows a slice
-    assert AttentionInspection(model, ids, max_bytes=smallest_slices).max_rows == 8
+    smallest_slices = AttentionInspection(model, ids).bytes_needed  # the least memory it runs in: 4 rows a slice
+    assert AttentionInspection(model, ids, max_bytes=smallest_slices).max_rows == SLICE_ALIGN == 4
     slice_by_slice = head_summary(model, ids, max_bytes=smallest_slices)
     with pytest.raises(EngineError, match="limit"):
         head_summary(model, ids, max_bytes=smallest_slices - 1)

@@ -11,9 +11,9 @@ batch go on). A callback must be quick and must not block: it hands the item to 
 here knows about HTTP.
 
 Sliced work (`submit_work`) shares the thread with the batch without stalling it: between two batched steps a job
-runs one slice sized, from its measured cost per unit, to about WORK_SHARE of a step's time (IDLE_SLICE_SECONDS when
-nothing decodes), so a stream's time between tokens grows by about that share at most; jobs take turns. Cancelling
-its Future drops a job before its next slice.
+runs one slice of about WORK_SHARE of a step's time (IDLE_SLICE_SECONDS when nothing decodes; the job sizes its
+pieces to fit), so a stream's time between tokens grows by about that share; jobs take turns. Cancelling its Future
+drops a job before its next slice.
 
 `submit_choices` runs n continuations of one prompt (OpenAI's n) with one prefill (Scheduler.fork); choice i
 samples with `choice_options(options, i)`: the request's seed + i, as vLLM does. With `prefix_cache_bytes` > 0 the
@@ -66,11 +66,10 @@ class NeverFitsError(EngineError):
 
 @dataclass(eq=False)
 class _Work:
-    """A sliced job on the serving thread: `run_slice(units) -> finished?`, then `result()`; its cost per unit."""
+    """A sliced job on the serving thread: `run_slice(seconds) -> finished?`, then `result()`."""
 
     job: object
     future: Future
-    seconds_per_unit: float | None = None
 
 
 @dataclass(eq=False)
@@ -196,9 +195,8 @@ class ServingLoop:
     def submit_work(self, job) -> Future:
         """Run a sliced job on the serving thread between batched steps -> a Future of its result (or exception).
 
-        job.run_slice(units) does about `units` units of its work (at least one) and returns whether it has
-        finished; then job.result() is the Future's result. Slices are sized to the job's measured cost per unit
-        (see the module docstring). Cancel the Future to drop the job before its next slice. Raises
+        job.run_slice(seconds) works for about that long (at least one smallest piece) and returns whether it has
+        finished; then job.result() is the Future's result (see the module docstring for the seconds). Cancel the Future to drop the job before its next slice. Raises
         ServingStoppedError after `stop`.
         """
         future: Future = Future()
@@ -293,15 +291,11 @@ class ServingLoop:
             self._end_work(work)
             return
         budget = WORK_SHARE * self.step_seconds if self.scheduler.has_work else IDLE_SLICE_SECONDS
-        units = 1 if work.seconds_per_unit is None else max(1, int(budget / max(work.seconds_per_unit, 1e-9)))
-        started = time.perf_counter()
         try:
-            finished = work.job.run_slice(units)
+            finished = work.job.run_slice(budget)
         except BaseException as error:  # noqa: BLE001 - handed to the caller, who waits on the future
             self._end_work(work, error=error)
             return
-        cost = (time.perf_counter() - started) / units
-        work.seconds_per_unit = cost if work.seconds_per_unit is None else 0.5 * (work.seconds_per_unit + cost)
         if not finished:
             self._works.append(work)  # its next turn after the others'
             return

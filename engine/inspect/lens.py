@@ -2,9 +2,10 @@
 prediction form layer by layer. Row i reads hidden_states[i] (transformers' convention: row 0 the embeddings, row i
 the output of layer i-1); the last row is the model's logits (its hidden state is already final-normed).
 
-`LensInspection` computes the table a slice of positions at a time (engine.inspect.sliced), each slice's rows read
-through the lens as soon as the forward hands them over: it holds the table and one slice's (rows, vocab)
-probabilities, never the whole (T, vocab) logits nor every layer's hidden states."""
+`LensInspection` computes the table a slice of positions at a time (engine.inspect.sliced): a forward piece keeps the
+slice's residual stream at every layer, then pending pieces read it through the lens a row at a time (each a few
+positions' (rows, vocab) probabilities), so it never holds the whole (T, vocab) logits nor every layer's hidden
+states, and its pieces stay small beside a decode step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class LensInspection(SlicedTrace):
     def __init__(self, model: Model, ids, max_bytes: int = TRACE_MEMORY_LIMIT, answer_bytes: int = 0):
         super().__init__(model, ids, max_bytes, answer_bytes)
         self.top_ids = self.top_probs = self.next_probs = None
+        self.hidden: list = []  # the last forward piece's hidden states, index 0..L: (rows, hidden) float32 each
+        self.read = (0, 0)  # the next pending piece: (index, row of the slice)
 
     def allocate(self) -> None:
         """The table's three arrays."""
@@ -71,11 +74,31 @@ class LensInspection(SlicedTrace):
         return (self.config.num_hidden_layers + 1) * len(self.ids) * 3 * FLOAT64_BYTES
 
     def row_bytes(self) -> int:
-        """One position's lens logits and their float64 softmax, with room for a temporary."""
-        return self.config.vocab_size * (FLOAT32_BYTES + 2 * FLOAT64_BYTES)
+        """One position's hidden state at every layer, its lens logits and their float64 softmax (with room for a
+        temporary)."""
+        c = self.config
+        return (c.num_hidden_layers + 1) * c.hidden_size * FLOAT32_BYTES + c.vocab_size * (
+            FLOAT32_BYTES + 2 * FLOAT64_BYTES)
 
     def reduce_hidden(self, index: int, x: np.ndarray) -> None:
-        """Read this slice's hidden_states[index] (rows, hidden) through the lens into row `index` of the table."""
+        """Keep this slice's hidden_states[index] (rows, hidden) for the pending pieces."""
+        if index == 0:
+            self.hidden = []
+            self.read = (0, 0)
+        self.hidden.append(np.array(x, dtype=np.float32, copy=True))
+
+    def pending_rows(self) -> int:
+        """(index, position) pairs of the last slice not yet read through the lens."""
+        if not self.hidden:
+            return 0
+        index, row = self.read
+        n = self.hidden[0].shape[0]
+        return (len(self.hidden) - index) * n - row
+
+    def reduce_pending(self, rows: int) -> None:
+        """Read up to `rows` positions of one row of the table (hidden state `index`) through the lens."""
+        index, row = self.read
+        x = self.hidden[index][row:row + rows]
         weights = self.model.backend.weights
         if index == self.config.num_hidden_layers:  # already final-normed: these are the model's logits
             logits = linear(x, weights.lm_head)
@@ -83,12 +106,18 @@ class LensInspection(SlicedTrace):
             logits = linear(rms_norm(x, weights.final_norm, self.model.backend.eps), weights.lm_head)
         probs = softmax64(logits)
         del logits
-        n, start = x.shape[0], self.start
+        n, start = x.shape[0], self.start + row
         top = probs.argmax(axis=1)
         self.top_ids[index, start:start + n] = top
         self.top_probs[index, start:start + n] = probs[np.arange(n), top]
         following = self.ids[start + 1:start + n + 1]  # the real next token of each position that has one
         self.next_probs[index, start:start + len(following)] = probs[np.arange(len(following)), following]
+        row += n
+        if row >= self.hidden[index].shape[0]:
+            index, row = index + 1, 0
+        self.read = (index, row)
+        if index == len(self.hidden):
+            self.hidden = []  # the slice is read: its states go
 
     def result(self) -> LogitLens:
         """The finished table."""

@@ -1,14 +1,19 @@
 """A traced forward pass run a slice of positions at a time, reduced as it goes: the base of the inspections.
 
-`SlicedTrace` runs a prompt through the model `rows` positions per call (`run_slice`), over a KV cache of its own
-(the same computation as one whole pass, to the bit with the compiled kernels: slices start at multiples of
-SLICE_ALIGN positions, as the attention kernel's tiles of queries do in one pass), and hands each slice's intermediates (the residual stream after every layer, the attention probabilities
-of the layers asked for) to its own `reduce_*` methods, which keep only what the answer needs. So an inspection
-holds its answer and one slice's work, never every layer's (n_heads, T, T) attention or a (T, vocab) table, and a
-server can run it between two decode steps (engine.generation.serving.ServingLoop.submit_work) without stalling
-them. `bytes_needed` is the memory it will take, answer included, checked against `max_bytes` before it starts.
+`SlicedTrace` runs a prompt through the model a few positions at a time over a KV cache of its own (the same
+computation as one whole pass, to the bit with the compiled kernels: slices start at multiples of SLICE_ALIGN
+positions, as the attention kernel's tiles of queries do in one pass), and hands each slice's intermediates (the
+residual stream after every layer, the attention probabilities of the layers asked for) to its own `reduce_*`
+methods, which keep only what the answer needs, or leave work for later (`pending_rows` / `reduce_pending`: the
+lens reads each layer's rows apart). `run_slice(budget)` works for about `budget` seconds, in pieces sized from
+their measured cost per row (at least one smallest piece). So an inspection holds its answer and one slice's work,
+never every layer's (n_heads, T, T) attention or a (T, vocab) table, and a server can run it between two decode
+steps (engine.generation.serving.ServingLoop.submit_work) without stalling them. `bytes_needed` is the memory it will take, answer included, checked against `max_bytes` before it starts.
 """
 from __future__ import annotations
+
+import math
+import time
 
 import numpy as np
 
@@ -20,7 +25,8 @@ FLOAT32_BYTES, FLOAT64_BYTES = 4, 8
 INSPECTION_MEMORY_LIMIT = 512 << 20  # the server's default --trace-memory-limit: a whole 2,048-token window of
 # TinyLlama (attention map and summary, or lens) takes about half of it
 DEFAULT_ROWS = 256  # positions per slice when nobody asks for fewer (a library call runs them back to back)
-SLICE_ALIGN = 8  # a slice's positions: a multiple of this (the last excepted), so its rows' bits are one pass's
+SLICE_ALIGN = 4  # a slice's positions: a multiple of this (the last excepted), so its rows' bits are one pass's
+COST_WEIGHT = 0.5  # the weight of the latest piece in the running cost per row
 
 
 class SlicedTrace:
@@ -52,6 +58,7 @@ class SlicedTrace:
         self.cache = None  # allocated by the first slice (a job may wait its turn holding nothing)
         self.done = 0  # positions traced so far
         self.start = 0  # the first position of the slice running now
+        self.costs: dict[str, float] = {}  # seconds per row of a forward piece and of a pending piece
 
     @staticmethod
     def kv_bytes(config, n_tokens: int) -> int:
@@ -72,15 +79,57 @@ class SlicedTrace:
 
     @property
     def finished(self) -> bool:
-        """Whether every position has been traced."""
-        return self.done >= len(self.ids)
+        """Whether every position has been traced and reduced."""
+        return self.done >= len(self.ids) and not self.pending_rows()
 
-    def run_slice(self, rows: int = DEFAULT_ROWS) -> bool:
-        """Trace the next `rows` positions (rounded down to a multiple of SLICE_ALIGN, at least that, at most
-        max_rows) -> whether every position is now traced."""
-        if self.finished:
-            return True
-        n = min(max(SLICE_ALIGN, rows // SLICE_ALIGN * SLICE_ALIGN), self.max_rows, len(self.ids) - self.done)
+    def pending_rows(self) -> int:
+        """Rows of reduction left from the last forward piece (0: none; see reduce_pending)."""
+        return 0
+
+    def reduce_pending(self, rows: int) -> None:
+        """Do about `rows` rows of the pending reduction."""
+
+    def run_slice(self, budget: float = math.inf) -> bool:
+        """Work for about `budget` seconds (at least one smallest piece: SLICE_ALIGN positions, or one row of a
+        pending reduction), in pieces sized from their measured cost -> whether everything is done."""
+        started = time.perf_counter()
+        first = True
+        while not self.finished:
+            left = budget - (time.perf_counter() - started)
+            pending = self.pending_rows()
+            kind = "pending" if pending else "forward"
+            if pending:
+                rows = self._rows_within(left, kind, 1, pending)
+            else:
+                rows = self._rows_within(left, kind, SLICE_ALIGN, min(self.max_rows, len(self.ids) - self.done))
+                if rows < len(self.ids) - self.done:
+                    rows = rows // SLICE_ALIGN * SLICE_ALIGN
+            if not rows:
+                if not first:
+                    break
+                rows = 1 if pending else min(SLICE_ALIGN, len(self.ids) - self.done)
+            t = time.perf_counter()
+            if pending:
+                self.reduce_pending(rows)
+            else:
+                self._forward(rows)
+            cost = (time.perf_counter() - t) / rows
+            self.costs[kind] = cost if kind not in self.costs else cost + COST_WEIGHT * (self.costs[kind] - cost)
+            first = False
+        return self.finished
+
+    def _rows_within(self, left: float, kind: str, smallest: int, most: int) -> int:
+        """Rows of a `kind` piece that fit `left` seconds (0 when not even `smallest` do; the smallest piece while
+        its cost is unknown)."""
+        if kind not in self.costs:
+            return min(smallest, most)
+        if math.isinf(left):
+            return most
+        fit = int(left / max(self.costs[kind], 1e-9))
+        return min(fit, most) if fit >= min(smallest, most) else 0
+
+    def _forward(self, n: int) -> None:
+        """The traced forward of the next n positions."""
         if self.done == 0:
             self.cache = self.model.new_cache()
             self.cache.reserve(len(self.ids))  # all at once: no growth (and no copy) while slices run
@@ -89,14 +138,12 @@ class SlicedTrace:
         step = SequenceStep(self.cache, self.ids[self.done:self.done + n])
         self.model.backend.forward([step], recorder=self)
         self.done += n
-        if self.finished:
+        if self.done >= len(self.ids):
             self.cache = None  # the KV is no longer needed: give it back before the answer is built
-        return self.finished
 
     def run(self):
-        """Run every slice -> result()."""
-        while not self.run_slice():
-            pass
+        """Run every piece back to back -> result()."""
+        self.run_slice()
         return self.result()
 
     def result(self):
