@@ -155,7 +155,9 @@ def run_worker(args, model_ref: str) -> dict:
 
     options = {"weights_dtype": args.weights_dtype} if args.weights_dtype else {}
     model = engine.load_model(model_ref, **options)
-    scheduler = engine.Scheduler(model, max_active=args.clients)
+    from engine.generation.serving import PREFILL_SHARE
+
+    scheduler = engine.Scheduler(model, max_active=args.clients, prefill_share=PREFILL_SHARE)  # as the server's
     source = requests(args.prompt_len, args.max_tokens, args.range_ratio, model.config.vocab_size)
 
     def submit():

@@ -337,3 +337,38 @@ def test_forks_count_toward_max_active(random_model):
     assert most == 4
     assert late.result.token_ids == random_model.generate([1, 9], max_new_tokens=4, ignore_eos=True)
     assert all(len(f.result.token_ids) == 5 for f in forks)
+
+
+def test_prefill_share_holds_prompt_chunks_to_a_share_of_a_decode_step(random_model, monkeypatch):
+    """On a clock the forwards move (a decode-only step 1 s, each prompt token 1/16 s more): with prefill_share 2 a
+    late prompt is taken 32 tokens a step (2 s of prompt beside a 1 s step), not prefill_chunk's 48; the tokens are
+    those of a run without it."""
+    from engine.generation import scheduler as scheduler_module
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(scheduler_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    forward = random_model.forward
+    chunks = []
+
+    def timed_forward(steps):
+        prompt = sum(len(s.token_ids) for s in steps if len(s.token_ids) > 1)
+        chunks.append(prompt)
+        clock.now += 1.0 + prompt / 16
+        return forward(steps)
+
+    monkeypatch.setattr(random_model, "forward", timed_forward)
+    scheduler = Scheduler(random_model, prefill_chunk=48, prefill_share=2.0)
+    first = scheduler.submit([1, 5, 9], max_new_tokens=40, ignore_eos=True)
+    for _ in range(3):
+        scheduler.step()
+    late = scheduler.submit(list(range(10, 130)), max_new_tokens=4, ignore_eos=True)  # 120 tokens
+    while late.status != "decoding":
+        scheduler.step()
+    # the first chunk before a prompt token's cost is known: prefill_chunk; then 2 s / (1/16 s) = 32 a step
+    assert chunks[-4:] == [48, 32, 32, 8] and scheduler.prefill_budget() == 32
+    monkeypatch.undo()
+    list(scheduler.run())
+    assert late.result.token_ids == random_model.generate(list(range(10, 130)), max_new_tokens=4, ignore_eos=True)
+    assert first.result.token_ids == random_model.generate([1, 5, 9], max_new_tokens=40, ignore_eos=True)
+    with pytest.raises(EngineError, match="prefill_share"):
+        Scheduler(random_model, prefill_share=0)

@@ -13,6 +13,11 @@ as that many of `max_active` (n > max_active can never run: `fork` refuses it). 
 its generated tokens to the prefix cache: n sampled continuations are rarely anyone's next prompt, and would push
 shared prefixes out.
 
+With `prefill_share`, the prompt tokens a step takes beside decoding sequences are also held to about that share
+of a decode-only step's time (from the measured time of recent steps: a decode-only step, and a prompt token), at
+least MIN_PREFILL_TOKENS: a flood of new prompts then makes a step at most about 1 + share times a decode step,
+whoever sends them, instead of one chunk of up to prefill_chunk tokens every step.
+
 A fault in one sequence's part of a step (its draft, its constraint's mask, its sampling, even its rows of a batched
 forward that fails) ends that sequence alone: it finishes with `error` set (the exception, logged with its
 traceback), and the other sequences of the batch go on as if it had never been there.
@@ -33,6 +38,8 @@ from engine.generation.speculative import LOOKUP, DraftModel, check_draft, promp
 from engine.generation.constraints import MaskBatch
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
+MIN_PREFILL_TOKENS = 16  # the fewest prompt tokens a step takes beside decoding sequences under prefill_share
+TIME_WEIGHT = 0.2  # the weight of the latest step in the running averages of step times
 log = logging.getLogger(__name__)
 
 
@@ -114,14 +121,22 @@ class Scheduler:
 
     prefill_chunk: prompt tokens per step while other sequences are decoding (a lone sequence prefills its whole
     prompt in one pass). max_active: sequences in flight at once; more requests wait their turn. prefix_cache: a
-    PrefixCache shared by the requests (None: every prompt is prefilled whole).
+    PrefixCache shared by the requests (None: every prompt is prefilled whole). prefill_share: hold the prompt
+    tokens of a step beside decoding sequences to about this share of a decode step's time (None: prefill_chunk
+    alone bounds them; see the module docstring).
     """
 
-    def __init__(self, model, prefill_chunk: int = 256, max_active: int = 64, prefix_cache=None):
+    def __init__(self, model, prefill_chunk: int = 256, max_active: int = 64, prefix_cache=None,
+                 prefill_share: float | None = None):
         if prefill_chunk < 1 or max_active < 1:
             raise EngineError("prefill_chunk and max_active must be >= 1")
+        if prefill_share is not None and not prefill_share > 0:
+            raise EngineError(f"prefill_share must be > 0, got {prefill_share}")
         self.model = model
         self.prefill_chunk = prefill_chunk
+        self.prefill_share = prefill_share
+        self.decode_seconds: float | None = None  # running average of a decode-only forward's time
+        self.prompt_token_seconds: float | None = None  # running average of a prompt token's share of a forward
         self.max_active = max_active
         self.prefix_cache = prefix_cache
         self.overlap_masks = True  # constrained sequences: compute the step's token masks while the forward runs
@@ -335,7 +350,7 @@ class Scheduler:
         if not self.active:
             return []
         decoding = [r for r in self.active if r.status == DECODING]
-        budget = self.prefill_chunk if decoding else None  # a lone prefill runs whole
+        budget = self.prefill_budget() if decoding else None  # a lone prefill runs whole
         plan: list[tuple[Request, list[int], list[int]]] = []  # (request, tokens fed, draft part)
         drafts = self._drafts(decoding)
         for r in list(self.active):
@@ -385,6 +400,28 @@ class Scheduler:
                 self._fail(r, error)
         return stepped + [r for r in self._failed if r not in stepped]
 
+    def prefill_budget(self) -> int:
+        """Prompt tokens this step may take beside decoding sequences: prefill_chunk, and with prefill_share no more
+        than fit that share of a decode step's time (at least MIN_PREFILL_TOKENS)."""
+        if self.prefill_share is None or not self.decode_seconds or not self.prompt_token_seconds:
+            return self.prefill_chunk
+        fits = int(self.prefill_share * self.decode_seconds / self.prompt_token_seconds)
+        return max(min(MIN_PREFILL_TOKENS, self.prefill_chunk), min(self.prefill_chunk, fits))
+
+    def _time_step(self, plan, seconds: float) -> None:
+        """Fold a forward's time into the running averages: a decode-only step's, and a prompt token's (what a step
+        took beyond a decode-only step, over its prompt tokens)."""
+        prompt = sum(len(tokens) for r, tokens, _ in plan if r.status == PREFILLING)
+        if not prompt:
+            self.decode_seconds = seconds if self.decode_seconds is None else (
+                self.decode_seconds + TIME_WEIGHT * (seconds - self.decode_seconds))
+            return
+        if self.decode_seconds is None:  # a forward's own cost is not known yet: a prompt token's cannot be told
+            return
+        per_token = max(0.0, seconds - self.decode_seconds) / prompt
+        self.prompt_token_seconds = per_token if self.prompt_token_seconds is None else (
+            self.prompt_token_seconds + TIME_WEIGHT * (per_token - self.prompt_token_seconds))
+
     def _checked_draft(self, r: Request, draft: list[int]) -> list[int]:
         """A decoding request's draft for this step, cut at the first token its constraint forbids."""
         if draft and r.state.constraint is not None:
@@ -414,7 +451,10 @@ class Scheduler:
         steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft)) for r, tokens, draft in plan]
         lengths = [s.cache.length for s in steps]
         try:
-            return self.model.forward(steps)
+            started = time.perf_counter()
+            outputs = self.model.forward(steps)
+            self._time_step(plan, time.perf_counter() - started)
+            return outputs
         except Exception:  # noqa: BLE001 - find the sequence at fault: run each alone
             log.exception("a batched forward of %d sequences failed; running each alone", len(steps))
         out = []

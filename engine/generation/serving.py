@@ -41,6 +41,7 @@ from engine.runtime.prefix_cache import PrefixCache
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[object], None]
+PREFILL_SHARE = 2.0  # prompt tokens beside decoding sequences: about twice a decode step's time (Scheduler)
 DEFAULT_PREFIX_CACHE_MB = 1024  # the server's prefix cache: ~23,000 tokens of TinyLlama's KV (45 KB a token)
 WORK_SHARE = 0.5  # a sliced job's slice between two batched steps, as a share of a step's time
 IDLE_SLICE_SECONDS = 0.1  # a slice when nothing decodes (the loop reads its inbox between two slices)
@@ -101,11 +102,13 @@ class ServingLoop:
     max_active: sequences in the batch at once; max_queue: more requests that may wait for a place, beyond which
     `submit` raises QueueFullError. speculate / draft: speculative decoding for every request (Scheduler.submit); the
     draft forwards of all requests in a step are batched. prefix_cache_bytes: the PrefixCache's size (0: none;
-    also none on a backend whose caches are not host float32 arrays).
+    also none on a backend whose caches are not host float32 arrays). prefill_share: the Scheduler's (prompt
+    tokens beside decoding sequences held to about that share of a decode step's time; None: prefill_chunk only).
     """
 
     def __init__(self, model, max_active: int = 32, max_queue: int = 256, prefill_chunk: int = 256,
-                 speculate: int = 0, draft=LOOKUP, prefix_cache_bytes: int = 0):
+                 speculate: int = 0, draft=LOOKUP, prefix_cache_bytes: int = 0,
+                 prefill_share: float | None = PREFILL_SHARE):
         if max_queue < 0:
             raise EngineError(f"max_queue must be >= 0, got {max_queue}")
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
@@ -115,7 +118,7 @@ class ServingLoop:
         self.prefix_cache = (PrefixCache.for_model(model, prefix_cache_bytes)
                              if prefix_cache_bytes > 0 and PrefixCache.usable(model.new_cache()) else None)
         self.scheduler = Scheduler(model, prefill_chunk=prefill_chunk, max_active=max_active,
-                                   prefix_cache=self.prefix_cache)
+                                   prefix_cache=self.prefix_cache, prefill_share=prefill_share)
         self.speculate, self.draft = speculate, draft  # every request's speculative decoding
         if speculate and draft != LOOKUP:
             self.scheduler.drafter(draft)  # load the draft model now, not inside the first request
