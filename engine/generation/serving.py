@@ -10,10 +10,12 @@ when the scheduler refused it (a `StepFailedError` when a fault in its own step 
 batch go on). A callback must be quick and must not block: it hands the item to the submitter's own queue. Nothing
 here knows about HTTP.
 
-Sliced work (`submit_work`) shares the thread with the batch without stalling it: between two batched steps a job
-runs one slice of about WORK_SHARE of a step's time (IDLE_SLICE_SECONDS when nothing decodes; the job sizes its
-pieces to fit), so a stream's time between tokens grows by about that share; jobs take turns. Cancelling its Future
-drops a job before its next slice.
+Sliced work (`submit_work`) shares the thread with the batch without stalling it: each batched step earns sliced
+work WORK_SHARE of its time, and between two steps a job runs one slice of at most what was earned and about that
+share of a step (the job sizes its pieces to fit; a slice that overran is paid back by skipping steps), so sliced
+work takes about WORK_SHARE of the serving thread beside decoding, and a stream's time between tokens grows by one
+slice at most; with nothing decoding a slice is IDLE_SLICE_SECONDS. Jobs take turns. Cancelling its Future drops a
+job before its next slice.
 
 `submit_choices` runs n continuations of one prompt (OpenAI's n) with one prefill (Scheduler.fork); choice i
 samples with `choice_options(options, i)`: the request's seed + i, as vLLM does. With `prefix_cache_bytes` > 0 the
@@ -136,6 +138,7 @@ class ServingLoop:
         self.waiting = 0  # requests submitted but not yet in the batch
         self.steps = 0  # batched forwards run so far
         self.step_seconds = 0.0  # running average of a batched step's time (serving thread)
+        self._work_credit = 0.0  # seconds of sliced work the steps have earned (serving thread)
         self._works: deque[_Work] = deque()  # sliced jobs, taking turns (serving thread)
         self.works = 0  # sliced jobs submitted and not yet ended (read from any thread)
 
@@ -280,6 +283,7 @@ class ServingLoop:
                     stepped = []
                 elapsed = time.perf_counter() - started
                 self.step_seconds += STEP_TIME_WEIGHT * (elapsed - self.step_seconds) if self.steps else elapsed
+                self._work_credit = min(self._work_credit + WORK_SHARE * elapsed, WORK_SHARE * self.step_seconds)
                 self.steps += 1
                 for request in stepped:
                     self._deliver(self._tickets.get(request.id))
@@ -293,12 +297,22 @@ class ServingLoop:
         if work.future.cancelled():
             self._end_work(work)
             return
-        budget = WORK_SHARE * self.step_seconds if self.scheduler.has_work else IDLE_SLICE_SECONDS
+        if self.scheduler.has_work:
+            if self._work_credit <= 0:  # the last slice overran: the steps pay it back first
+                self._works.appendleft(work)
+                return
+            budget = self._work_credit
+        else:
+            budget = IDLE_SLICE_SECONDS
+        started = time.perf_counter()
         try:
             finished = work.job.run_slice(budget)
         except BaseException as error:  # noqa: BLE001 - handed to the caller, who waits on the future
             self._end_work(work, error=error)
             return
+        finally:
+            if self.scheduler.has_work:
+                self._work_credit -= time.perf_counter() - started
         if not finished:
             self._works.append(work)  # its next turn after the others'
             return
