@@ -1,7 +1,7 @@
 """Soak of `tinyllama serve` under a hostile load: ordinary streaming clients alone, then beside hostile ones.
 
     python -m bench.soak [--model REF] [--clients 8] [--duration 60] [--warmup 20] [--hostile 6]
-                         [--constraint-depth 1000] [--threads 2] [--out DIR] [--quick]
+                         [--constraint-depth 1000] [--only KIND ...] [--threads 2] [--out DIR] [--quick]
 
 One server (`--max-active clients + 4`, `--max-queue 64`, `--prefix-cache-mb 64`, the other limits at their
 defaults), on 127.0.0.1, in its own process:
@@ -15,17 +15,21 @@ defaults), on 127.0.0.1, in its own process:
    second; n = 128 (a 400: it can never fit) and n = 4 choices, streamed and left after two chunks; constraints at
    the limits (a `$defs` chain `constraint-depth` deep as json_schema and guided_json, a grammar of as many chained
    rules, 100,000 guided_choice options, a regex nothing matches); huge bodies (a prompt just under the 8 MB cap,
-   one over it, JSON nested 100,000 deep); streams left after a few tokens; requests left while they wait;
+   one over it, JSON nested 100,000 deep); streams left after a few tokens; requests left while they wait. The
+   hostile clients run in a process of their own (what they cost to make never delays the ordinary clients' clock),
+   each one request at a time, a 503 retried after its Retry-After; `--only` keeps some kinds (inspect, choices,
+   constraints, bodies, left), to find which one hurts;
 4. after: the server is waited idle and its RSS read again.
 
 Reported (results.json under --out): the ordinary clients' p50 / p99 time between chunks in each phase and the
 ratio of the p99s (goal: <= 2), their errors (goal: 0), whether the server process survived (goal: 0 crashes) and
 the 5xx answers other than 503 it gave (bugs), the hostile requests by kind and HTTP status, and the server's RSS at
-the start of the hostile phase and once idle after it (goal: within 10%), with the prefix cache's bytes (/metrics).
+the start of the hostile phase and once idle after it (goal: within 10%), with the prefix cache's bytes before and
+after (/metrics: what it filled meanwhile is held on purpose, and is also set apart).
 Also: the machine's load average before and after, the kernel variant the server runs and the BLAS library.
 
-Default model: random bf16 weights of TinyLlama-1.1B's width with 2 layers (SOAK_SHAPE: a decode step costs little,
-so an inspection or a prefill that stalls the batch shows) and TinyLlama's tokenizer from ../shared/models. --quick:
+Default model: random bf16 weights of TinyLlama-1.1B's width with 2 layers (a decode step costs little, so an
+inspection or a prefill that stalls the batch shows) and TinyLlama's tokenizer from ../shared/models. --quick:
 QUICK_SHAPE, 3 clients, 2 hostile clients, 6 s phases, 50-deep constraints: a check that everything runs (its
 timings mean nothing).
 """
@@ -392,7 +396,8 @@ def report(results: dict) -> str:
              f"{s['server_errors']}  ordinary errors: {s['ordinary_errors']}",
              f"RSS at the hostile phase's start {results['rss_before_bytes'] / 1e6:.0f} MB, idle after it "
              f"{results['rss_after_bytes'] / 1e6:.0f} MB: {100 * s['rss_growth']:+.1f}% (goal within 10%); prefix "
-             f"cache {results['prefix_cache_bytes'] / 1e6:.0f} MB"]
+             f"cache {results['prefix_cache_before_bytes'] / 1e6:.0f} -> {results['prefix_cache_bytes'] / 1e6:.0f} MB "
+             f"(beside it {100 * s['rss_growth_beside_prefix_cache']:+.1f}%)"]
     return "\n".join(lines)
 
 
@@ -440,6 +445,7 @@ def main(argv=None) -> int:
             after = before
         results["rss_after_bytes"] = rss_bytes(server.process.pid) or 0
         results["prefix_cache_bytes"] = after.get("tinyllama_prefix_cache_bytes", 0)
+        results["prefix_cache_before_bytes"] = before.get("tinyllama_prefix_cache_bytes", 0)
         results["baseline"], results["hostile"] = summary(baseline), summary(hostile)
         server_errors = sum(v - before.get(k, 0) for k, v in after.items()
                             if k.startswith("tinyllama_request_errors_total") and '"5' in k and '"503"' not in k)
@@ -448,7 +454,11 @@ def main(argv=None) -> int:
             "p99_ratio": h99 / b99 if b99 and h99 else float("nan"), "crashes": 0 if alive else 1,
             "server_exit_status": None if alive else server.process.returncode, "server_errors": int(server_errors),
             "ordinary_errors": len(baseline.errors) + len(hostile.errors),
-            "rss_growth": (results["rss_after_bytes"] - results["rss_before_bytes"]) / results["rss_before_bytes"]}
+            "rss_growth": (results["rss_after_bytes"] - results["rss_before_bytes"]) / results["rss_before_bytes"],
+            # what the prefix cache filled meanwhile (up to its --prefix-cache-mb) is held on purpose: set apart
+            "rss_growth_beside_prefix_cache": (results["rss_after_bytes"] - results["rss_before_bytes"]
+                                               - results["prefix_cache_bytes"] + results["prefix_cache_before_bytes"])
+                                              / results["rss_before_bytes"]}
     finally:
         results["server_log_tail"] = server.text()[-4000:]
         status = server.stop()
