@@ -568,6 +568,8 @@ def test_n_that_can_never_fit_is_a_400(strict_server):
         error = assert_openai_error(r, 400, "n")
         assert f"{n} choices" in error["message"] and "at most 4" in error["message"]
         assert "--max-active 4" in error["message"] and "retry-after" not in r.headers
+    # the bound admission keeps, said at start: 4 sequences of 2 layers x 2 KV heads x 16 x 2048 positions, float32
+    assert "up to 4 sequences at once: their KV cache takes at most 4 MB" in strict_server.log
 
 
 # ---- defect 17: a client leaving an n > 1 request is a client gone, never a 503 -----------------------------------

@@ -117,9 +117,11 @@ class ServerState:
                 self.on_load_error(self.load_error)
             return
         self.model, self.strings, self.serving = model, strings, serving
-        startup_log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once)",
-                 time.perf_counter() - started, self.served_model_name, model.config.max_position_embeddings,
-                 self.max_active)
+        c = model.config
+        kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * c.max_position_embeddings
+        startup_log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once: their KV "
+                         "cache takes at most %.0f MB)", time.perf_counter() - started, self.served_model_name,
+                         c.max_position_embeddings, self.max_active, self.max_active * kv_bytes / 2 ** 20)
 
     def begin_shutdown(self, grace: float) -> None:
         """Stop taking requests; those in flight get `grace` seconds to finish, then are cancelled (finish 'abort').
