@@ -21,6 +21,11 @@ whoever sends them, instead of one chunk of up to prefill_chunk tokens every ste
 A fault in one sequence's part of a step (its draft, its constraint's mask, its sampling, even its rows of a batched
 forward that fails) ends that sequence alone: it finishes with `error` set (the exception, logged with its
 traceback), and the other sequences of the batch go on as if it had never been there.
+
+A request whose options ask for prompt_logprobs prefills with logits at every position and scores each chunk as it
+runs (engine.generation.scoring), in the same batched forwards as everyone else; it prefills its whole prompt (no
+prefix-cache restore: the skipped positions would have no logits). Its first TokenEvent and its result carry the
+scores; with max_new_tokens=0 it ends when its prefill does, having generated nothing.
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ from dataclasses import dataclass, field
 
 from engine.runtime.batch import SequenceStep
 from engine.errors import EngineError
-from engine.generation.state import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
-                             default_options)
+from engine.generation.scoring import PromptScorer
+from engine.generation.state import (STOP_MAX_TOKENS, GenerationOptions, GenerationResult, SequenceState,
+                                     check_prompt, default_options)
 from engine.generation.speculative import LOOKUP, DraftModel, check_draft, prompt_lookup_draft, split_draft
 from engine.generation.constraints import MaskBatch
 
@@ -76,6 +82,7 @@ class Request:
     cache_salt: object = None  # prefix cache partition (hashable): only requests with an equal salt share blocks
     store_reply: bool = True  # hand the generated tokens to the prefix cache at the end (not for n > 1 choices)
     error: BaseException | None = None  # what ended this request when a fault in its own step did
+    scorer: PromptScorer | None = field(default=None, repr=False)  # the prompt's log-probabilities, when asked
 
     @property
     def finished(self) -> bool:
@@ -113,6 +120,7 @@ class Request:
             time_to_first_token=max(0.0, self.t_first - self.t_submit), decode_seconds=max(0.0, self.t_last - self.t_first),
             draft_tokens=self.draft_tokens, accepted_draft_tokens=self.accepted_draft_tokens,
             logprobs=None if s.logprobs is None else list(s.logprobs), cached_tokens=self.cached_tokens,
+            prompt_logprobs=None if self.scorer is None else list(self.scorer.entries),
         )
 
 
@@ -167,6 +175,8 @@ class Scheduler:
         cache = cache if cache is not None else self.model.new_cache()
         if cache.length >= len(ids):
             raise EngineError("the cache already holds the whole prompt: nothing to prefill")
+        if options.prompt_logprobs is not None and cache.length:
+            raise EngineError("scoring a prompt (prompt_logprobs) needs it prefilled whole, from an empty cache")
         state = SequenceState(self.model, ids, options, cache)
         draft, lookup_first = split_draft(draft)
         drafter = self.drafter(draft) if speculate and draft != LOOKUP else None
@@ -174,6 +184,8 @@ class Scheduler:
                           drafter=drafter, draft_cache=self._draft_cache(drafter, draft_cache, ids),
                           lookup_first=lookup_first, cache_salt=cache_salt,
                           keep_cache=keep_cache, prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
+        if options.prompt_logprobs is not None:
+            request.scorer = PromptScorer(ids, options.prompt_logprobs)
         self.waiting.append(request)
         return request
 
@@ -294,7 +306,7 @@ class Scheduler:
     def _admit(self, request: Request) -> None:
         request.status = PREFILLING
         request.t_start = time.perf_counter()
-        if self.prefix_cache is not None and request.cache.length == 0:
+        if self.prefix_cache is not None and request.cache.length == 0 and request.scorer is None:
             request.cached_tokens = self.prefix_cache.restore(request.cache, request.prompt_ids,
                                                               salt=request.cache_salt)
             request.prefilled = request.cache.length
@@ -326,6 +338,7 @@ class Scheduler:
             f.cached_tokens = r.cached_tokens
             f.status = DECODING
             f.t_start = r.t_start
+            f.scorer = r.scorer
             self.active.append(f)
             started.append(f)
             try:
@@ -386,6 +399,9 @@ class Scheduler:
             stepped.append(r)
             try:
                 if r.status == PREFILLING:
+                    if r.scorer is not None:  # every row of the chunk: score it, keep the last for sampling
+                        r.scorer.add(r.prefilled, logits)
+                        logits = logits[-1:]
                     r.prefilled += len(tokens)
                     r.prefill_tokens += len(tokens)
                     if r.prefilled < len(r.prompt_ids):
@@ -448,7 +464,9 @@ class Scheduler:
         """The batched forward of the plan -> logits per entry. If it raises, each sequence runs alone from where
         its cache stood, and one that fails alone ends alone (its logits None): one sequence's fault never ends the
         others."""
-        steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft)) for r, tokens, draft in plan]
+        steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft) or (r.status == PREFILLING
+                                                                           and r.scorer is not None))
+                 for r, tokens, draft in plan]
         lengths = [s.cache.length for s in steps]
         try:
             started = time.perf_counter()
@@ -525,10 +543,17 @@ class Scheduler:
             r.draft_len = max(1, r.draft_len - 1)
 
     def _accept(self, r: Request, logits, draft: list[int], now: float) -> None:
-        """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft."""
+        """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft.
+        A request that only scores its prompt (max_new_tokens 0) ends here instead."""
+        if r.state.options.max_new_tokens == 0:
+            r.state.stop_reason = STOP_MAX_TOKENS
+            self.finish(r)
+            return
         fed_before = r.cache.length - len(logits)
         for i, row in enumerate(logits):
             event = r.state.accept(row, context_length=fed_before + i + 1)
+            if r.scorer is not None and len(r.state.generated) == 1:
+                event.prompt_logprobs = list(r.scorer.entries)
             r.events.append(event)
             if not r.t_first:
                 r.t_first = now

@@ -136,6 +136,7 @@ class ServingLoop:
         self._thread: threading.Thread | None = None
         self.running = 0  # sequences in the batch, as of the last step (read from any thread)
         self.waiting = 0  # requests submitted but not yet in the batch
+        self.kv_tokens = 0  # tokens held in the KV caches of the sequences in the batch, as of the last step
         self.steps = 0  # batched forwards run so far
         self.step_seconds = 0.0  # running average of a batched step's time (serving thread)
         self._work_credit = 0.0  # seconds of sliced work the steps have earned (serving thread)
@@ -165,10 +166,22 @@ class ServingLoop:
 
         Each is cancelled on its own; they count as that many requests against max_active + max_queue, and enter
         the batch together: NeverFitsError when they are more than max_active."""
-        n = len(options)
-        if n > self.max_active:
-            raise NeverFitsError(f"{n} choices of one prompt run together, and this server runs at most "
+        return self.submit_groups([(prompt_ids, options, on_event)], cache_salt)[0]
+
+    def submit_groups(self, groups: list[tuple[list[int], list[GenerationOptions], list[EventCallback]]],
+                      cache_salt=None) -> list[list[Ticket]]:
+        """Queue several prompts at once (a completions request's list), each with its choices as in
+        `submit_choices` -> each group's tickets. All are admitted or none: QueueFullError when they do not all fit
+        in max_active + max_queue beside the requests in flight; NeverFitsError when they never could (a group of
+        more than max_active choices, or more sequences in all than max_active + max_queue)."""
+        n = sum(len(options) for _, options, _ in groups)
+        largest = max(len(options) for _, options, _ in groups)
+        if largest > self.max_active:
+            raise NeverFitsError(f"{largest} choices of one prompt run together, and this server runs at most "
                                  f"{self.max_active} sequences at once")
+        if n > self.max_active + self.max_queue:
+            raise NeverFitsError(f"{n} sequences in one request, and this server holds at most "
+                                 f"{self.max_active + self.max_queue} at once (running and waiting)")
         with self._lock:
             if self._stopping:
                 raise ServingStoppedError("the server is shutting down")
@@ -176,13 +189,16 @@ class ServingLoop:
                 raise QueueFullError(f"the server is busy: {self.max_active} sequences running and {self.max_queue} "
                                      "waiting; try again shortly")
             self._in_flight += n
-            tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb, cache_salt=cache_salt)
-                       for o, cb in zip(options, on_event)]
-            tickets[0].forks = tickets[1:]
-            self._inbox.append(("submit", tickets[0]))
+            out = []
+            for prompt_ids, options, on_event in groups:
+                tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb, cache_salt=cache_salt)
+                           for o, cb in zip(options, on_event)]
+                tickets[0].forks = tickets[1:]
+                self._inbox.append(("submit", tickets[0]))
+                out.append(tickets)
             self.waiting += n
             self._wake.notify()
-        return tickets
+        return out
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn() on the serving thread between two batched steps, so it has the model to itself (a traced forward
@@ -401,4 +417,5 @@ class ServingLoop:
         with self._lock:
             pending = sum(1 + len(t.forks) for kind, t in self._inbox if kind == "submit")
             self.running = len(self.scheduler.active)
+            self.kv_tokens = sum(r.cache.length for r in self.scheduler.active if r.cache is not None)
             self.waiting = len(self.scheduler.waiting) + pending

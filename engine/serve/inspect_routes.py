@@ -38,6 +38,7 @@ from engine.inspect.tokens import token_rows
 from engine.serve.disconnect import watch_disconnect
 from engine.serve.errors import SERVER_ERROR, APIError, ClientGone, bad_request
 from engine.serve.params import chat_messages
+from engine.text.tool_calls import prompt_messages
 from engine.serve.protocol import ChatMessage
 from engine.text.chat_template import ChatTemplateError, NoChatTemplateError
 
@@ -163,7 +164,7 @@ def inspected_ids(model, body: InspectRequest) -> tuple[list[int], str]:
     if body.messages is not None:
         if not body.messages:
             raise bad_request("messages: the list is empty", "messages")
-        messages = chat_messages(body)
+        messages, _ = prompt_messages(tokenizer.chat_template, chat_messages(body), None)
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
         except NoChatTemplateError:
@@ -257,6 +258,18 @@ def _released(chunks: Iterator[bytes], slots: Slots) -> Iterator[bytes]:
         yield from chunks
     finally:
         slots.give_back()
+
+
+async def run_on_model(state, work: Callable[[], object]):
+    """Run work() on the serving thread (between batched steps) and await its result; EngineError -> 400."""
+    try:
+        future = state.serving.call(work)
+    except ServingStoppedError as e:
+        raise APIError(503, str(e), SERVER_ERROR) from None
+    try:
+        return await asyncio.wrap_future(future)
+    except EngineError as e:
+        raise bad_request(str(e)) from None
 
 
 def _client(request: Request) -> str:
