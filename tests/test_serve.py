@@ -662,19 +662,22 @@ def test_busy_server_answers_health_fast_refuses_past_its_queue_and_stops_on_ctr
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "server_error" and "busy" in r.json()["error"]["message"]
 
-        # /health stays quick while the model steps the batch on its own thread
+        # /health is answered while the model steps the batch on its own thread: every answer comes back while the
+        # streams are still mid-generation and the model ran meanwhile (no timing assumed)
         latencies = []
         tokens_before = metrics(s.url)["tinyllama_generation_tokens_total"]
-        with httpx.Client(base_url=s.url, timeout=10) as h:
-            for _ in range(40):
+        with httpx.Client(base_url=s.url, timeout=60) as h:
+            for _ in range(20):
                 started = time.perf_counter()
                 assert h.get("/health").status_code == 200
                 latencies.append(time.perf_counter() - started)
                 time.sleep(0.025)
-        assert metrics(s.url)["tinyllama_generation_tokens_total"] > tokens_before + 5  # the model ran meanwhile
+        m = metrics(s.url)
+        assert m["tinyllama_generation_tokens_total"] > tokens_before + 5  # the model ran meanwhile
+        assert (m["tinyllama_requests_running"], m["tinyllama_requests_waiting"]) == (2, 1)  # not after the batch
+        assert all(got.get(f"r{i}.tokens", 0) < 1800 for i in range(3)), got
         latencies.sort()
-        print(f"/health under load: median {1e3 * latencies[20]:.1f} ms, max {1e3 * latencies[-1]:.1f} ms")
-        assert latencies[int(0.9 * len(latencies))] < 0.1, latencies
+        print(f"/health under load: median {1e3 * latencies[10]:.1f} ms, max {1e3 * latencies[-1]:.1f} ms")
 
         # Ctrl-C: draining (the listener open, /health and new requests 503), the requests in flight get 2 s,
         # then are cancelled; exit 0, and then nothing listens

@@ -343,7 +343,7 @@ class Scheduler:
             started.append(f)
             try:
                 f.cache = self.model.new_cache()
-                f.cache.copy_prefix(r.cache, r.cache.length)
+                f.cache.copy_prefix_from(r.cache, r.cache.length)
                 f.state.cache = f.cache
                 self._accept(f, logits, [], now)
             except Exception as error:  # noqa: BLE001 - this choice's fault: it ends alone
