@@ -573,10 +573,6 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
     timing = _Timing(time.perf_counter())
     metrics = state.metrics
     total = len(job.prompts) * job.n
-    if total > state.serving.max_active + state.serving.max_queue:
-        raise bad_request(f"prompt: {len(job.prompts)} prompts x {job.n} choices are more requests than this server "
-                          f"takes at once ({state.serving.max_active + state.serving.max_queue}): send fewer",
-                          "prompt")
     answers = [answer if i == 0 else answer.choice(i, _echo(job, i // job.n)) for i in range(total)]
     for i, a in enumerate(answers):
         a.prompt_tokens = len(job.prompts[i // job.n])  # continuous usage: each choice's own prompt
@@ -612,7 +608,9 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
         if n > state.max_active:
             raise bad_request(f"n: {e} (--max-active {state.max_active}): ask for at most {state.max_active} "
                               "choices", "n") from None
-        raise bad_request(f"prompt: {e}: send fewer prompts (or fewer choices) at once", "prompt") from None
+        raise bad_request(f"prompt: {len(job.prompts)} prompts x {n} choices are more requests than this server "
+                          f"takes at once ({state.serving.max_active + state.serving.max_queue}): send fewer",
+                          "prompt") from None
     except QueueFullError as e:
         raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
     except ServingStoppedError as e:
