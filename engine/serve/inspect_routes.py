@@ -218,38 +218,45 @@ async def run_inspection(request: Request, state, slots: Slots, job, answer: Cal
                             "again shortly", SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY})
     handed_over = False
     try:
-        try:
-            future = state.serving.submit_work(job)
-        except ServingStoppedError as e:
-            raise APIError(503, str(e), SERVER_ERROR) from None
-        gone = []
-
-        def client_gone() -> None:
-            gone.append(True)
-            future.cancel()
-
-        watcher = asyncio.create_task(watch_disconnect(request, client_gone))
-        try:
-            result = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            state.metrics.clients_gone.labels("waiting").inc()
-            log.info("client %s went away during its inspection: cancelled", _client(request))
-            raise ClientGone from None
-        except ServingStoppedError as e:
-            raise APIError(503, str(e), SERVER_ERROR) from None
-        except EngineError as e:
-            raise bad_request(str(e)) from None
-        finally:
-            watcher.cancel()
-            future.cancel()  # a no-op once it has ended
-        body = answer(result)
+        body = answer(await run_sliced(request, state, job, "inspection"))
         handed_over = True
         return StreamingResponse(_released(json_chunks(body), slots), media_type="application/json")
     finally:
         if not handed_over:
             slots.give_back()
+
+
+async def run_sliced(request: Request | None, state, job, what: str):
+    """Run a sliced `job` on the serving thread between batched steps (ServingLoop.submit_work) -> its result.
+    The client leaving (`request`; None: not watched) cancels it before its next slice (counted, logged as a client
+    gone); 503 when the server stops, 400 for an EngineError of the job."""
+    try:
+        future = state.serving.submit_work(job)
+    except ServingStoppedError as e:
+        raise APIError(503, str(e), SERVER_ERROR) from None
+    gone = []
+
+    def client_gone() -> None:
+        gone.append(True)
+        future.cancel()
+
+    watcher = asyncio.create_task(watch_disconnect(request, client_gone)) if request is not None else None
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        state.metrics.clients_gone.labels("waiting").inc()
+        log.info("client %s went away during its %s: cancelled", _client(request), what)
+        raise ClientGone from None
+    except ServingStoppedError as e:
+        raise APIError(503, str(e), SERVER_ERROR) from None
+    except EngineError as e:
+        raise bad_request(str(e)) from None
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        future.cancel()  # a no-op once it has ended
 
 
 def _released(chunks: Iterator[bytes], slots: Slots) -> Iterator[bytes]:
@@ -258,18 +265,6 @@ def _released(chunks: Iterator[bytes], slots: Slots) -> Iterator[bytes]:
         yield from chunks
     finally:
         slots.give_back()
-
-
-async def run_on_model(state, work: Callable[[], object]):
-    """Run work() on the serving thread (between batched steps) and await its result; EngineError -> 400."""
-    try:
-        future = state.serving.call(work)
-    except ServingStoppedError as e:
-        raise APIError(503, str(e), SERVER_ERROR) from None
-    try:
-        return await asyncio.wrap_future(future)
-    except EngineError as e:
-        raise bad_request(str(e)) from None
 
 
 def _client(request: Request) -> str:

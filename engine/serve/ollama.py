@@ -289,7 +289,7 @@ def add_ollama_routes(app: FastAPI, state, prepare: Callable, answer: Callable) 
         texts = [body.prompt or ""] if legacy else ([body.input] if isinstance(body.input, str) else body.input or [])
         inputs = await asyncio.to_thread(embed_inputs, state.model, texts, body.truncate is not False,
                                          body.dimensions)
-        vectors = await compute_embeddings(state, inputs, normalize=not legacy) if inputs else []
+        vectors = await compute_embeddings(state, inputs, normalize=not legacy, request=request) if inputs else []
         if legacy:
             return {"embedding": [float(x) for x in vectors[0]]}
         return {"model": body.model or state.served_model_name,
