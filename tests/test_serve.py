@@ -643,8 +643,8 @@ def medium_chat_model(tmp_path_factory, tinyllama_tokenizer_dir):
                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, seed=4)
 
 
-def test_a_whole_window_embedding_runs_between_decode_steps(medium_chat_model):
-    """/v1/embeddings of a 2,048-token input runs in slices between decode steps (a SlicedEmbedding, as the
+def test_a_long_embedding_runs_between_decode_steps(medium_chat_model):
+    """/v1/embeddings of a 1,024-token input runs in slices between decode steps (a SlicedEmbedding, as the
     inspections): a stream started before it keeps receiving tokens while it runs, spread over it (one forward pass
     on the serving thread froze the stream for the whole pass); the vector is the Python API's."""
     from engine.inspect.embeddings import embed
@@ -667,7 +667,7 @@ def test_a_whole_window_embedding_runs_between_decode_steps(medium_chat_model):
         streamer = threading.Thread(target=stream, daemon=True)
         streamer.start()
         wait_until(lambda: len(victim) >= 3, timeout=120, what="the victim's first tokens")
-        ids = [1] + [450 + i % 300 for i in range(2047)]
+        ids = [1] + [450 + i % 300 for i in range(1023)]
         started = time.monotonic()
         r = httpx.post(s.url + "/v1/embeddings", json={"input": ids}, timeout=600)
         ended = time.monotonic()
@@ -679,6 +679,7 @@ def test_a_whole_window_embedding_runs_between_decode_steps(medium_chat_model):
         vector = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
         np.testing.assert_allclose(vector, embed(engine.load_model(str(medium_chat_model)), ids), rtol=1e-5,
                                    atol=1e-6)
+        print(f"embedding: {ended - started:.2f} s, {len(during)} victim tokens meanwhile")
         if not victim[-1] > ended:
             pytest.skip("the victim finished before the embedding did: nothing to compare")
         # the tokens the victim received while the embedding ran came spread over it, not all at its end
