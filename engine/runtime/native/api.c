@@ -2,7 +2,7 @@
  * kernels of a chosen variant. Compiled for the baseline of the platform: nothing here needs a particular ISA. */
 #include "kernels.h"
 
-#define ABI_VERSION 5
+#define ABI_VERSION 6
 
 int tl_abi_version(void) { return ABI_VERSION; }
 
@@ -87,10 +87,15 @@ void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
 static tl_qmatmul_fn qmatmul_for(int isa)
 {
     (void)isa; /* (only the x86 variants have a choice) */
-#if HAVE_AVX512 /* leaf 7 EBX bit 30: AVX512BW, ECX bit 11: AVX512_VNNI (cpuid, as x86_runs) */
-    unsigned a, b, c, d;
-    __cpuid_count(7, 0, a, b, c, d);
-    if (isa == ISA_AVX512 && ((b >> 30) & 1u)) return (c >> 11) & 1u ? tl_qmatmul_avx512vnni : tl_qmatmul_avx512;
+#if HAVE_AVX512 /* leaf 7 EBX bit 30: AVX512BW, ECX bit 11: AVX512_VNNI (cpuid, as x86_runs), asked once: cpuid
+                 * traps to the hypervisor in a VM (~4 us, more than a small matmul) */
+    static int features = -1; /* bit 0: AVX512BW, bit 1: AVX512_VNNI (a race only writes the same value twice) */
+    if (features < 0) {
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        features = (int)(((b >> 30) & 1u) | (((c >> 11) & 1u) << 1));
+    }
+    if (isa == ISA_AVX512 && (features & 1)) return features & 2 ? tl_qmatmul_avx512vnni : tl_qmatmul_avx512;
 #endif
 #if HAVE_AVX2
     if (isa == ISA_AVX512 || isa == ISA_AVX2) return tl_qmatmul_avx2;
@@ -102,18 +107,31 @@ static tl_qmatmul_fn qmatmul_for(int isa)
 #endif
 }
 
-/* Which build qmatmul_for(isa) runs: 0 portable, 1 avx2, 2 avx512 (BW), 3 avx512 VNNI. */
+/* The quantized matmul builds, by number: 0 portable, 1 avx2, 2 avx512 (BW, vpmaddwd), 3 avx512 VNNI (vpdpbusd);
+ * NULL where it is not compiled in or this CPU cannot run it. */
+static tl_qmatmul_fn qmatmul_build_fn(int build)
+{
+#if HAVE_AVX512
+    if (build == 3) return tl_isa_usable(ISA_AVX512) && qmatmul_for(ISA_AVX512) == tl_qmatmul_avx512vnni
+                           ? tl_qmatmul_avx512vnni : 0;
+    if (build == 2) return tl_isa_usable(ISA_AVX512) && qmatmul_for(ISA_AVX512) != tl_qmatmul_avx2
+                           ? tl_qmatmul_avx512 : 0; /* (a VNNI CPU has BW) */
+#endif
+#if HAVE_AVX2
+    if (build == 1) return tl_isa_usable(ISA_AVX2) ? tl_qmatmul_avx2 : 0;
+#endif
+#if HAVE_PORTABLE
+    if (build == 0) return tl_qmatmul_portable;
+#endif
+    return 0;
+}
+
+/* Which build qmatmul_for(isa) runs (the numbers of qmatmul_build_fn). */
 int tl_qmatmul_build(int isa)
 {
     tl_qmatmul_fn f = qmatmul_for(isa);
-#if HAVE_AVX512
-    if (f == tl_qmatmul_avx512vnni) return 3;
-    if (f == tl_qmatmul_avx512) return 2;
-#endif
-#if HAVE_AVX2
-    if (f == tl_qmatmul_avx2) return 1;
-#endif
-    (void)f;
+    for (int build = 3; build > 0; build--)
+        if (f == qmatmul_build_fn(build)) return build;
     return 0;
 }
 
@@ -122,6 +140,17 @@ void tl_qmatmul(int isa, const float *x, ptrdiff_t ldx, const void *data, const 
                 float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
 {
     qmatmul_for(isa)(x, ldx, data, scales, kind, out, ldo, M, N, K, threads);
+}
+
+/* tl_qmatmul on a chosen build (qmatmul_build_fn's numbers, whatever the dispatch would pick: the tests compare the
+ * builds); returns 0, or -1 where that build cannot run here. */
+int tl_qmatmul_on(int build, const float *x, ptrdiff_t ldx, const void *data, const uint16_t *scales, int kind,
+                  float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
+{
+    tl_qmatmul_fn f = qmatmul_build_fn(build);
+    if (!f) return -1;
+    f(x, ldx, data, scales, kind, out, ldo, M, N, K, threads);
+    return 0;
 }
 
 /* out (N, K) float32 = w (N, K) bf16 / fp16 widened exactly (for OpenBLAS's GEMM on widened blocks). */

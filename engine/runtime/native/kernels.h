@@ -9,6 +9,11 @@
 
 /* How a weight matrix is stored: float32, bfloat16, float16, or quantized int8 / int4 (quant.h's layout). */
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_Q8 = 3, W_Q4 = 4 };
+/* How quant.h computes a group's integer sums (simd_*.h / variant_*.c choose): AVX512-VNNI vpdpbusd, vpmaddwd, or
+ * one weight row per lane in portable C. */
+#define QDOT_LANES 0
+#define QDOT_MADD 1
+#define QDOT_VNNI 2
 /* Instruction-set variants, in order of preference. */
 enum { ISA_AVX512 = 0, ISA_AVX2 = 1, ISA_PORTABLE = 2, ISA_COUNT = 3 };
 
