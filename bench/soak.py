@@ -11,14 +11,14 @@ defaults), on 127.0.0.1, in its own process:
 2. baseline: the same clients for `duration` seconds, alone: every gap between two consecutive chunks of a stream
    (client-side) is recorded;
 3. hostile: the same clients for `duration` seconds beside `hostile` clients looping over: inspections
-   (/v1/inspect/attention with the summary, /v1/inspect/lens) of 600 to 2,047 tokens, one in three left after a
-   second; n = 128 (a 400: it can never fit) and n = 4 choices, streamed and left after two chunks; constraints at
+   (/v1/inspect/attention with the summary, /v1/inspect/lens) and embeddings (/v1/embeddings) of 600 to 2,047
+   tokens, one in three left after a second; n = 128 (a 400: it can never fit) and n = 4 choices, streamed and left after two chunks; constraints at
    the limits (a `$defs` chain `constraint-depth` deep as json_schema and guided_json, a grammar of as many chained
    rules, 100,000 guided_choice options, a regex nothing matches); huge bodies (a prompt just under the 8 MB cap,
    one over it, JSON nested 100,000 deep); streams left after a few tokens; requests left while they wait. The
    hostile clients run in a process of their own (what they cost to make never delays the ordinary clients' clock),
    each one request at a time, a 503 retried after its Retry-After; `--only` keeps some kinds (inspect, choices,
-   constraints, bodies, left), to find which one hurts;
+   constraints, bodies, left, embed), to find which one hurts;
 4. after: the server is waited idle and its RSS read again.
 
 Reported (results.json under --out): the ordinary clients' p50 / p99 time between chunks in each phase and the
@@ -56,7 +56,7 @@ MAX_QUEUE = 64
 PREFIX_CACHE_MB = 64  # small enough for the warm-up and baseline to fill it: RSS is compared at a full cache
 
 BODY_CAP_MB = 8  # the server's default --max-request-mb
-HOSTILE_KINDS = ("inspect", "choices", "constraints", "bodies", "left")
+HOSTILE_KINDS = ("inspect", "embed", "choices", "constraints", "bodies", "left")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -234,15 +234,16 @@ async def hostile_client(client, url: str, rng: random.Random, sizes: Sizes, bod
     while time.perf_counter() < phase.end:
         turn += 1
         kind = rng.choice(kinds)
-        pick = {"inspect": 0, "choices": 1, "constraints": 2, "bodies": 2, "left": rng.choice([3, 4])}[kind]
+        pick = {"inspect": 0, "embed": 0, "choices": 1, "constraints": 2, "bodies": 2, "left": rng.choice([3, 4])}[kind]
         try:
-            if pick == 0:  # an inspection, one in three left after a second
-                path = rng.choice(["/v1/inspect/attention", "/v1/inspect/lens"])
+            if pick == 0:  # an inspection or an embedding of a long input, one in three left after a second
+                path = "/v1/embeddings" if kind == "embed" else rng.choice(["/v1/inspect/attention",
+                                                                             "/v1/inspect/lens"])
                 ids = random_prompt(rng, vocab, rng.randint(*sizes.inspect))
                 kind = path.rsplit("/", 1)[1] + (" (left)" if turn % 3 == 0 else "")
                 timeout = httpx.Timeout(600, read=1.0) if turn % 3 == 0 else None
-                r = await client.post(url + path, json={"prompt": ids, "layer": 0}, **({"timeout": timeout}
-                                                                                       if timeout else {}))
+                body = {"input": ids} if kind.startswith("embeddings") else {"prompt": ids, "layer": 0}
+                r = await client.post(url + path, json=body, **({"timeout": timeout} if timeout else {}))
                 phase.count(kind, r.status_code)
                 if r.status_code == 503:
                     await asyncio.sleep(float(r.headers.get("retry-after", "1")))

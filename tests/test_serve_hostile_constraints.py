@@ -103,6 +103,20 @@ def test_objects_are_closed_in_the_server(server, field):
         assert_closed_result(choice["text"])
 
 
+# ---- a token with a character str.splitlines() breaks at (httpx's iter_lines) cut an event in two -----------------
+def test_line_breaking_characters_in_the_text_keep_each_event_on_one_line(server):
+    text = "a\u2028b\x85c\u2029d"  # JSON leaves these unescaped; httpx and the ollama client split lines at them
+    body = {"prompt": PROMPT, "max_tokens": 20, "guided_choice": [text], "stream": True}
+    parts = []
+    with httpx.stream("POST", server.url + COMPLETIONS, json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line and line != "data: [DONE]":
+                assert line.startswith("data: "), line
+                parts.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(parts) == text
+
+
 # ---- issue 34, defect 1: deep chains crashed the whole server (SIGSEGV inside llguidance) --------------------------
 def ref_chain(n: int) -> dict:
     """The issue's schema: $defs d0 -> d1 -> ... -> dn, each an object whose property x refers to the next."""

@@ -30,7 +30,7 @@ from engine.serve.errors import APIError, bad_request
 from engine.serve.ollama_protocol import (OllamaChatRequest, OllamaGenerateRequest, bare_name, chat_request,
                                           generate_request)
 from engine.serve.params import chat_job, completion_job
-from engine.serve.responses import Answer, finish_reason
+from engine.serve.responses import Answer, finish_reason, json_line
 from engine.serve.structured import attach_constraint
 from engine.text.tool_calls import ReplyStream, parse_reply
 
@@ -116,7 +116,7 @@ class OllamaAnswer(Answer):
     def frame(self, payload) -> str:
         """Newline-delimited JSON: one object per line (a list: one line each)."""
         items = payload if isinstance(payload, list) else [payload]
-        return "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+        return "".join(json_line(item) + "\n" for item in items)
 
     def end_of_stream(self) -> str | None:
         """Nothing: the object with done=true is the last."""
