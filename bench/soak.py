@@ -246,6 +246,7 @@ async def hostile_client(client, url: str, rng: random.Random, sizes: Sizes, bod
                 r = await client.post(url + path, json=body, **({"timeout": timeout} if timeout else {}))
                 phase.count(kind, r.status_code)
                 if r.status_code == 503:
+                    kind = None  # answered: waiting to retry
                     await asyncio.sleep(float(r.headers.get("retry-after", "1")))
             elif pick == 1:  # n choices: 128 never fits; `spare` fit, streamed and left after two chunks
                 n = 128 if turn % 2 else spare
@@ -279,6 +280,10 @@ async def hostile_client(client, url: str, rng: random.Random, sizes: Sizes, bod
                 phase.count("waiting (left)", r.status_code)
         except httpx.ReadTimeout:
             phase.count(kind if pick == 0 else "waiting (left)", "left")
+        except asyncio.CancelledError:  # the phase ended with this request still running: the server cancels it
+            if kind is not None:
+                phase.count(kind, "unfinished")
+            raise
         except Exception as e:  # noqa: BLE001 - counted: a hostile client only tells what happened
             phase.count(f"pick {pick}", type(e).__name__)
 
