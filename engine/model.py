@@ -138,15 +138,15 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
 
     weights_dtype: "auto" keeps a bf16/fp16 checkpoint's matrices 16-bit where the backend's kernels widen them exactly
     (the NumPy backend's compiled kernels, the Triton kernels), else float32; "float32" widens them at load;
-    "int8" / "int4" quantize them at load, groups of 32 with float16 scales (NumPy backend only; an inexact mode:
-    see the README's "Quantized weights")."""
+    "int8" / "int4" quantize them at load, groups of 32 with float16 scales; "q4_k_m" into llama.cpp's q4_K_M mix by
+    our quantizer (NumPy backend only; inexact modes: see the README's "Quantized weights", docs/kquant.md)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     folder = resolve_model_folder(ref, revision)
     raw_config, checkpoint = open_checkpoint(folder)
     with checkpoint:
         config = ModelConfig.from_dict(raw_config, source=str(folder / "config.json"))
-        if backend != "numpy" and weights_dtype in ("int8", "int4"):
+        if backend != "numpy" and weights_dtype in ("int8", "int4", "q4_k_m"):
             raise EngineError(f"weights_dtype={weights_dtype} runs on the numpy backend only (its compiled kernels); "
                               f"the {backend} backend takes auto, float32, bfloat16 or float16")
         kernels = native.status() if backend == "numpy" else native.NativeStatus(True, backend)

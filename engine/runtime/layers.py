@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.runtime import native
+from engine.runtime import kquant, native
+from engine.runtime.kquant import KQuantMatrix, StackedRows
 from engine.runtime.quant import QuantMatrix, linear_dequantized
 
 
@@ -187,6 +188,8 @@ def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     m = x.shape[0]
     if isinstance(w, QuantMatrix):
         return linear_quantized(x, w)
+    if isinstance(w, (KQuantMatrix, StackedRows)):
+        return linear_blocks(x, w)
     if runs_on_kernels(m, prompt_from, w.dtype):
         return native.matmul_xwt(np.ascontiguousarray(x), w)
     if w.dtype != np.float32:
@@ -213,6 +216,16 @@ def linear_quantized(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     if native.status().available:
         return native.qmatmul_xwt(np.ascontiguousarray(x, dtype=np.float32), w)
     return linear_dequantized(np.ascontiguousarray(x, dtype=np.float32), w)
+
+
+def linear_blocks(x: np.ndarray, w: KQuantMatrix | StackedRows) -> np.ndarray:
+    """y = x @ dequantize(w).T for x (M, in) float32 and a weight in llama.cpp's block formats (or rows of parts in
+    several formats) -> (M, out) float32: the compiled kernels where available (activations rounded to int16 per group
+    of 32, exact integer sums per sub-block), else blocks of w dequantized for OpenBLAS (activations float32)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if native.status().available:
+        return native.matmul_parts(x, w)
+    return kquant.linear_dequantized(x, w)
 
 
 def widened_blas(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -8,7 +8,7 @@ from engine.config import ModelConfig
 from engine.runtime.kv_cache import KVCache
 from engine.runtime import layers, native
 from engine.runtime.layers import add_rms_norm, attention, linear, rms_norm, rotate_heads, swiglu
-from engine.runtime.weights import ModelWeights, embed_rows
+from engine.runtime.weights import ModelWeights, embed_rows, is_quantized
 from engine.runtime.rope import rope_tables
 
 
@@ -142,7 +142,7 @@ class NumpyBackend:
         """The layers as one kernel call for a pass of `rows` rows, or None where the loop must run them (fusing off,
         some rows for OpenBLAS). Built once, and again whenever a weight array has been replaced."""
         w = self.weights
-        quantized = w.dtype in ("int8", "int4")  # every row of a quantized matmul runs on the kernels
+        quantized = is_quantized(w)  # every row of a quantized matmul runs on the kernels
         if not self.fuse_layers or not (quantized or layers.runs_on_kernels(rows, prompt_from, w.layers[0].wqkv.dtype)):
             return None
         norms = [layer.attn_norm for layer in w.layers[1:]] + [w.final_norm]
