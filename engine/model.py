@@ -12,7 +12,7 @@ from engine.generation.generate import Generation, generate, generate_batch
 from engine.generation.state import default_options
 from engine.runtime.batch import SequenceStep
 from engine.runtime.numpy_backend import NumpyBackend
-from engine.runtime import native
+from engine.runtime import calibration, kquant_mix, native
 from engine.runtime.trace import TRACE_MEMORY_LIMIT, Trace, TraceRecorder
 from engine.runtime.weights import choose_weights_dtype, load_model_weights, stored_dtype
 from engine.text.tokenizer import Tokenizer
@@ -154,7 +154,15 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         if backend == "numpy" and (notice := native.fallback_notice(stored)):
             print(notice, file=sys.stderr)  # once per process: why the kernels are missing and what that costs
         dtype, reason = choose_weights_dtype(weights_dtype, stored, kernels.available, kernels.detail)
-        weights = load_model_weights(checkpoint, config, dtype)
+        if dtype in kquant_mix.MIXES:  # its quantizer weighs columns by the activations of the exact model
+            exact, _ = choose_weights_dtype("auto", stored, kernels.available, kernels.detail)
+            weights = load_model_weights(
+                checkpoint, config, dtype,
+                importance=lambda: calibration.activation_importance(config, load_model_weights(checkpoint, config,
+                                                                                                 exact)),
+                importance_settings=calibration.settings())
+        else:
+            weights = load_model_weights(checkpoint, config, dtype)
     generation_config = _generation_config(folder)
     if backend == "numpy":
         impl = NumpyBackend(config, weights, **backend_options)

@@ -27,6 +27,7 @@ import llguidance.numpy as llg_numpy
 from llguidance.gbnf_to_lark import any_to_lark
 
 from engine.errors import EngineError
+from engine.generation.json_schemas import prepare_schema
 
 CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "grammar")
 STOP_CONSTRAINT_DONE = "constraint_done"  # the constraint's language admits no further token: the output is complete
@@ -93,7 +94,7 @@ def grammar_for(kind: str, value, json_whitespace: str = "compact") -> str:
             raise ConstraintError(f"json_whitespace: 'compact' or 'flexible', got {json_whitespace!r}",
                                   "json_whitespace")
         # "any JSON" ({}): OpenAI's json_object mode asks for an object, so an empty schema means one
-        schema = dict(value) if value else {"type": "object"}
+        schema = prepare_schema(value) if value else {"type": "object"}
         guidance = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
         schema["x-guidance"] = {"whitespace_flexible": json_whitespace == "flexible", **guidance}
         try:
@@ -132,7 +133,8 @@ def make_constraint(tokenizer, vocab_size: int, eos_ids: tuple[int, ...], json_s
                     grammar=None, json_object: bool = False, json_whitespace: str = "compact") -> Constraint | None:
     """The compiled constraint the options ask for, or None when they ask for none.
 
-    json_schema: a schema (dict or JSON text; {} = any JSON object); regex: the whole output matches it (Rust regex
+    json_schema: a schema (dict or JSON text; {} = any JSON object; an object schema with properties and without
+    additionalProperties is closed, integers lie within +-2**53: see engine.generation.json_schemas); regex: the whole output matches it (Rust regex
     syntax); choice: the output is one of these strings; grammar: Lark (llguidance's syntax) or llama.cpp's GBNF;
     json_object: any JSON object. At most one. json_whitespace: "compact" (no whitespace between JSON tokens, the
     default) or "flexible". ConstraintError names the field and carries llguidance's reason.

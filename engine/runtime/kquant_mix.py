@@ -15,7 +15,8 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.runtime import kquant, quant, quant_cache
-from engine.runtime.kquant import KQuantMatrix, StackedRows
+from engine.runtime.ggml_formats import RowStack
+from engine.runtime.kquant import KQuantMatrix
 from weights.checkpoint import Checkpoint
 
 MIXES = ("q4_k_m",)
@@ -98,19 +99,28 @@ def _arrays(part) -> dict[str, np.ndarray]:
     return {"values": part}
 
 
-def load_mix(checkpoint: Checkpoint, config: ModelConfig, mix: str, layer_weights, model_weights):
+def load_mix(checkpoint: Checkpoint, config: ModelConfig, mix: str, layer_weights, model_weights,
+             importance=None, importance_settings: dict | None = None):
     """The weights of a validated checkpoint in `mix` (MIXES): a ModelWeights built with the given classes
     (engine.runtime.weights' LayerWeights and ModelWeights), norms float32. Each tensor is read as float32 on its own
-    and quantized into its rows of its part: never a float32 copy of more than one tensor. Cached on disk like
-    int8 / int4 (a later load reads the bytes back)."""
+    and quantized into its rows of its part: never a float32 copy of more than one tensor. `importance`: None, or a
+    function called once before quantizing -> {matrix label: (in_features,) float32 weight of each column's squared
+    error} (engine.runtime.calibration), `importance_settings` what decides it (part of the cache's key). Cached on
+    disk like int8 / int4: a later load reads the bytes back (and calls nothing)."""
     layout = plan(config, mix)
+    key_settings = {**settings(mix), "importance": importance_settings if importance else None}
+
+    def quantized(made: dict | None):
+        columns = importance() if importance else None
+        return _build(checkpoint, config, layout, made, None, layer_weights, model_weights, mix, columns)
+
     if not quant_cache.enabled():
-        return _build(checkpoint, config, layout, None, None, layer_weights, model_weights, mix)
+        return quantized(None)
     path = quant_cache.entry_path(checkpoint.folder, mix)
     try:
-        key = quant_cache.entry_key([f.path for f in checkpoint.files], mix, settings(mix))
+        key = quant_cache.entry_key([f.path for f in checkpoint.files], mix, key_settings)
     except OSError:
-        return _build(checkpoint, config, layout, None, None, layer_weights, model_weights, mix)
+        return quantized(None)
     entry = quant_cache.open_entry(path, key)
     if entry is not None:
         with entry:
@@ -119,13 +129,13 @@ def load_mix(checkpoint: Checkpoint, config: ModelConfig, mix: str, layer_weight
             except (ValueError, OSError):
                 pass  # an entry that does not hold these matrices: quantize and rewrite it
     made: dict[str, np.ndarray] = {}
-    weights = _build(checkpoint, config, layout, made, None, layer_weights, model_weights, mix)
+    weights = quantized(made)
     quant_cache.write_entry(path, key, made)
     return weights
 
 
 def _build(checkpoint: Checkpoint, config: ModelConfig, layout: dict, made: dict | None, entry, layer_weights,
-           model_weights, mix: str):
+           model_weights, mix: str, importance: dict | None = None):
     shapes = config.tensor_shapes()
 
     def matrix(label: str):
@@ -150,13 +160,14 @@ def _build(checkpoint: Checkpoint, config: ModelConfig, layout: dict, made: dict
                         if kind == "int8":
                             quant.quantize_into(part, start, tensor)
                         else:
-                            kquant.pack_into(part, start, kquant.quantize_ggml(tensor, kind), n)
+                            iw = importance.get(label) if importance else None
+                            kquant.pack_into(part, start, kquant.quantize_ggml(tensor, kind, iw), n)
                         del tensor
                     start += n
                 if made is not None:
                     made.update({f"{label}.{index}.{suffix}": array for suffix, array in arrays.items()})
             parts.append(part)
-        return parts[0] if len(parts) == 1 else StackedRows(parts, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
+        return parts[0] if len(parts) == 1 else RowStack(parts, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
 
     def norm(name: str) -> np.ndarray:
         out = np.empty(shapes[name], dtype=np.float32)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.runtime import kquant, native
-from engine.runtime.kquant import KQuantMatrix, StackedRows
+from engine.runtime import native
 from engine.runtime.quant import QuantMatrix, linear_dequantized
 
 
@@ -173,7 +172,8 @@ def runs_on_kernels(rows: int, prompt_from: int, weight_dtype) -> bool:
 
 def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     """y = x @ w.T. x: (M, in) float32, w: (out, in) float32 | uint16 (bf16 bits) | float16 (HF layout) -> (M, out)
-    float32. prompt_from: rows from there on belong to long prompt chunks (the backend stacks those last).
+    float32; w may also be a QuantMatrix or any weight object of engine.runtime.ggml_formats' protocol (its own
+    `linear`). prompt_from: rows from there on belong to long prompt chunks (the backend stacks those last).
 
     With the compiled kernels (engine.runtime.native), which widen 16-bit weights exactly in registers, every row
     runs on the kernel, whose sums do not depend on the batch, except where the variant in use hands long prompts to
@@ -188,8 +188,8 @@ def linear(x: np.ndarray, w: np.ndarray, prompt_from: int = 0) -> np.ndarray:
     m = x.shape[0]
     if isinstance(w, QuantMatrix):
         return linear_quantized(x, w)
-    if isinstance(w, (KQuantMatrix, StackedRows)):
-        return linear_blocks(x, w)
+    if not isinstance(w, np.ndarray):  # a weight object of another format (engine.runtime.ggml_formats' protocol)
+        return w.linear(np.ascontiguousarray(x, dtype=np.float32))
     if runs_on_kernels(m, prompt_from, w.dtype):
         return native.matmul_xwt(np.ascontiguousarray(x), w)
     if w.dtype != np.float32:
@@ -216,16 +216,6 @@ def linear_quantized(x: np.ndarray, w: QuantMatrix) -> np.ndarray:
     if native.status().available:
         return native.qmatmul_xwt(np.ascontiguousarray(x, dtype=np.float32), w)
     return linear_dequantized(np.ascontiguousarray(x, dtype=np.float32), w)
-
-
-def linear_blocks(x: np.ndarray, w: KQuantMatrix | StackedRows) -> np.ndarray:
-    """y = x @ dequantize(w).T for x (M, in) float32 and a weight in llama.cpp's block formats (or rows of parts in
-    several formats) -> (M, out) float32: the compiled kernels where available (activations rounded to int16 per group
-    of 32, exact integer sums per sub-block), else blocks of w dequantized for OpenBLAS (activations float32)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if native.status().available:
-        return native.matmul_parts(x, w)
-    return kquant.linear_dequantized(x, w)
 
 
 def widened_blas(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.errors import EngineError
 from engine.runtime import kquant_mix, quant, quant_cache
-from engine.runtime.kquant import KQuantMatrix, StackedRows
+from engine.runtime.ggml_formats import held_arrays
 from engine.runtime.quant import QuantMatrix
 from weights.checkpoint import Checkpoint
 
@@ -65,7 +65,10 @@ class ModelWeights:
         held = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             held += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
-        return [piece for a in held for piece in matrix_arrays(a)]
+        arrays = []
+        for a in held:
+            arrays += held_arrays(a)
+        return arrays
 
     @property
     def nbytes(self) -> int:
@@ -79,18 +82,6 @@ class ModelWeights:
         return self.nbytes - self.embed.nbytes + embed_row + (self.embed.nbytes if self.lm_head is self.embed else 0)
 
 
-def matrix_arrays(a) -> list[np.ndarray]:
-    """The arrays a weight holds: an ndarray itself, a QuantMatrix its integers and scales, a KQuantMatrix its blocks,
-    a StackedRows those of each part."""
-    if isinstance(a, QuantMatrix):
-        return [a.data, a.scales]
-    if isinstance(a, KQuantMatrix):
-        return [a.data]
-    if isinstance(a, StackedRows):
-        return [piece for p in a.parts for piece in matrix_arrays(p)]
-    return [a]
-
-
 def is_quantized(weights: "ModelWeights") -> bool:
     """Whether any layer matrix is held in a quantized format (int8 / int4, llama.cpp's block formats): every row of
     those runs on the compiled kernels."""
@@ -101,7 +92,7 @@ def is_quantized(weights: "ModelWeights") -> bool:
 def widen(a: np.ndarray) -> np.ndarray:
     """A weight array (float32, uint16 bf16 bits, float16, or a QuantMatrix) as float32 with the same values (a copy
     unless float32; a QuantMatrix dequantized)."""
-    if isinstance(a, (QuantMatrix, KQuantMatrix, StackedRows)):
+    if not isinstance(a, np.ndarray):  # a QuantMatrix, or another format's weight object (ggml_formats' protocol)
         return a.dequantize()
     if a.dtype == np.uint16:
         return (a.astype(np.uint32) << 16).view(np.float32)
@@ -111,7 +102,7 @@ def widen(a: np.ndarray) -> np.ndarray:
 def embed_rows(table: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
     """Rows of the embedding table (vocab, H) in its storage dtype -> (len(token_ids), H) float32, widened exactly
     (a quantized table: those rows dequantized)."""
-    if isinstance(table, (QuantMatrix, KQuantMatrix, StackedRows)):
+    if not isinstance(table, np.ndarray):  # a QuantMatrix, or another format's weight object
         return table.dequantize(np.asarray(token_ids))
     return widen(table[token_ids])
 
@@ -166,16 +157,19 @@ def choose_weights_dtype(requested: str, stored: str, kernels_available: bool, k
     return stored, "the checkpoint's dtype, widened in the kernels"
 
 
-def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str = "float32") -> ModelWeights:
+def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str = "float32", importance=None,
+                       importance_settings: dict | None = None) -> ModelWeights:
     """Validate `checkpoint` against `config`, then read every tensor into the fused arrays, matrices and embedding
     table stored as `dtype` ("float32", or the checkpoint's own "bfloat16"/"float16", or quantized "int8"/"int4":
-    see load_quantized), norms as float32."""
+    see load_quantized, or a mix of llama.cpp's block formats, "q4_k_m": engine.runtime.kquant_mix, whose quantizer
+    may weigh columns by `importance`), norms as float32."""
     shapes, optional = expected_tensors(config)
     checkpoint.validate(shapes, optional)
     if dtype in quant.KINDS:
         return load_quantized(checkpoint, config, dtype)
     if dtype in kquant_mix.MIXES:
-        return kquant_mix.load_mix(checkpoint, config, dtype, LayerWeights, ModelWeights)
+        return kquant_mix.load_mix(checkpoint, config, dtype, LayerWeights, ModelWeights, importance,
+                                   importance_settings)
     storage = STORAGE[dtype]
 
     def read(name: str, as_dtype=storage) -> np.ndarray:

@@ -64,6 +64,8 @@ FALLBACK_COST_FP32 = "using NumPy (BLAS matmuls, NumPy attention; a float32 chec
 QUANT_TYPES = {"int8": 3, "int4": 4}  # quantized weights (engine.runtime.quant.QuantMatrix), kernels.h's W_Q8 / W_Q4
 QMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddwd)", "avx512 VNNI (vpdpwssd)")
 KMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddubsw)", "avx512 VNNI (vpdpbusd)")
+# llama.cpp's block formats (engine.runtime.kquant.KQuantMatrix.kind), kernels.h's W_Q4_1 .. W_Q6_K
+KQUANT_TYPES = {"q4_1": 5, "q5_0": 6, "q5_1": 7, "q2_k": 8, "q3_k": 9, "q4_k": 10, "q5_k": 11, "q6_k": 12}
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,8 @@ class _Library:
         lib.tl_kdequant.restype = None
         lib.tl_kquantize.argtypes = [i32, ptr, size, size, size, ptr, ptr, i32]
         lib.tl_kquantize.restype = i32
+        lib.tl_kggml_row_bytes.argtypes = [i32, size]
+        lib.tl_kggml_row_bytes.restype = size
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
         self.left_out = left_out(path)
@@ -528,52 +532,50 @@ def kmatmul_build() -> str:
     return KMATMUL_BUILDS[lib.lib.tl_kmatmul_build(lib.isa)]
 
 
-def kpack_into(m, start: int, rows: np.ndarray) -> None:
-    """Rows start..start+n of the KQuantMatrix m (kernel layout) from ggml's blocks of those rows: rows is uint8
-    (n, ggml's row bytes), C-contiguous (kquant_pack.c's tl_kpack)."""
-    from engine.runtime import kquant
-
+def kpack(kind: str, rows: np.ndarray, k: int, start: int, dst: np.ndarray) -> None:
+    """Rows start..start+n of a block-format matrix of `kind` and k columns, held in the kernel layout `dst` (uint8,
+    C-contiguous, sized and zeroed for all its rows), from ggml's blocks of those rows: `rows` uint8 (n, ggml's row
+    bytes), C-contiguous (kquant_pack.c's tl_kpack)."""
     lib = _require()
-    n, k = rows.shape[0], m.shape[1]
-    if (rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != kquant.ggml_row_bytes(m.kind, k)
-            or not rows.flags.c_contiguous or m.layout != "kernel" or start < 0 or start + n > m.shape[0]
-            or not m.data.flags.c_contiguous):
-        raise ValueError(f"kpack_into: {rows.dtype}{rows.shape} at row {start} does not fit {m.kind}{m.shape}")
-    lib.lib.tl_kpack(kquant.CODES[m.kind], rows.ctypes.data, n, k, start, m.data.ctypes.data, lib.threads)
+    code = KQUANT_TYPES[kind]
+    n = rows.shape[0]
+    if (rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != lib.lib.tl_kggml_row_bytes(code, k)
+            or not rows.flags.c_contiguous or dst.dtype != np.uint8 or not dst.flags.c_contiguous or start < 0
+            or (start + n + 15) // 16 > dst.shape[0]):
+        raise ValueError(f"kpack: {rows.dtype}{rows.shape} at row {start} does not fit {kind} of {k} columns")
+    lib.lib.tl_kpack(code, rows.ctypes.data, n, k, start, dst.ctypes.data, lib.threads)
 
 
-def kdequant_rows(m, idx: np.ndarray) -> np.ndarray:
-    """Rows idx of the KQuantMatrix m (kernel layout) -> float32 (len(idx), K): the file's values, computed as
-    gguf.quants.dequantize computes them."""
-    from engine.runtime import kquant
-
+def kdequant(kind: str, data: np.ndarray, k: int, idx: np.ndarray) -> np.ndarray:
+    """Rows idx of a block-format matrix held in the kernel layout `data` -> float32 (len(idx), k): the file's values,
+    computed as gguf.quants.dequantize computes them."""
     lib = _require()
     rows = np.ascontiguousarray(idx, dtype=np.int64)
-    if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= m.shape[0])) or m.layout != "kernel":
-        raise ValueError(f"kdequant_rows: rows out of range for {m.kind}{m.shape}")
-    out = np.empty((rows.size, m.shape[1]), dtype=np.float32)
-    lib.lib.tl_kdequant(kquant.CODES[m.kind], m.data.ctypes.data, m.shape[1], rows.ctypes.data, rows.size,
-                        out.ctypes.data, lib.threads)
+    if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() // 16 >= data.shape[0])) \
+            or not data.flags.c_contiguous:
+        raise ValueError(f"kdequant: rows out of range for a {kind} matrix of {data.shape[0]} row blocks")
+    out = np.empty((rows.size, k), dtype=np.float32)
+    lib.lib.tl_kdequant(KQUANT_TYPES[kind], data.ctypes.data, k, rows.ctypes.data, rows.size, out.ctypes.data,
+                        lib.threads)
     return out
 
 
 def kquantize(kind: str, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-    """float32 rows w (n, K) -> ggml's blocks of `kind` ("q4_k", "q5_k", "q6_k", "q5_0") as uint8 (n, row bytes): our
-    quantizer (kquant_quantize.c), weighted by `importance` (K,) float32 > 0 per column when given."""
-    from engine.runtime import kquant
-
+    """float32 rows w (n, K), K whole blocks of `kind` ("q4_k", "q5_k", "q6_k", "q5_0") -> ggml's blocks as uint8
+    (n, row bytes): our quantizer (kquant_quantize.c), weighted by `importance` (K,) float32 > 0 per column."""
     lib = _require()
     n, k = w.shape
-    if w.dtype != np.float32 or not _rows_contiguous(w) or k % kquant.BLOCK_COLUMNS[kind]:
-        raise ValueError(f"kquantize: {w.dtype}{w.shape} is not float32 rows of whole {kind} blocks")
+    code = KQUANT_TYPES[kind]
+    if w.dtype != np.float32 or not _rows_contiguous(w):
+        raise ValueError(f"kquantize: {w.dtype}{w.shape} is not float32 rows")
     iw = None
     if importance is not None:
         iw = np.ascontiguousarray(importance, dtype=np.float32)
         if iw.shape != (k,):
             raise ValueError(f"kquantize: importance of shape {iw.shape}, expected ({k},)")
-    out = np.empty((n, kquant.ggml_row_bytes(kind, k)), dtype=np.uint8)
-    if lib.lib.tl_kquantize(kquant.CODES[kind], w.ctypes.data, w.strides[0] // 4, n, k,
-                            None if iw is None else iw.ctypes.data, out.ctypes.data, lib.threads) != 0:
+    out = np.empty((n, lib.lib.tl_kggml_row_bytes(code, k)), dtype=np.uint8)
+    if lib.lib.tl_kquantize(code, w.ctypes.data, w.strides[0] // 4, n, k, None if iw is None else iw.ctypes.data,
+                            out.ctypes.data, lib.threads) != 0:
         raise ValueError(f"kquantize: no quantizer for {kind}")
     return out
 
@@ -585,22 +587,22 @@ class _WPart(ctypes.Structure):
 
 def weight_parts(w) -> tuple[ctypes.Array, list]:
     """A weight matrix as kernels.h's tl_wpart array -> (the array, the arrays it points into: keep them alive).
-    w: a KQuantMatrix (kernel layout), a StackedRows, a QuantMatrix (int8 / int4) or an ndarray (float32, uint16 bf16
-    bits, float16) with C-contiguous rows."""
-    from engine.runtime import kquant
-
-    pieces = w.parts if isinstance(w, kquant.StackedRows) else [w]
+    w: a block-format matrix (engine.runtime.kquant.KQuantMatrix in the kernel layout), rows of parts (an object with
+    `parts`: engine.runtime.ggml_formats.RowStack), a QuantMatrix (int8 / int4) or an ndarray (float32, uint16 bf16
+    bits, float16) with C-contiguous rows. ValueError for anything else."""
+    pieces = list(w.parts) if hasattr(w, "parts") else [w]
     parts, keep = [], []
     for p in pieces:
-        if isinstance(p, kquant.KQuantMatrix):
-            if p.layout != "kernel" or not p.data.flags.c_contiguous:
-                raise ValueError(f"a {p.kind} matrix not in the kernel layout")
-            parts.append(_WPart(kquant.CODES[p.kind], p.shape[0], p.data.ctypes.data, None))
+        kind = getattr(p, "kind", None)
+        if kind in KQUANT_TYPES:
+            if getattr(p, "layout", None) != "kernel" or not p.data.flags.c_contiguous:
+                raise ValueError(f"a {kind} matrix not in the kernel layout")
+            parts.append(_WPart(KQUANT_TYPES[kind], p.shape[0], p.data.ctypes.data, None))
             keep.append(p.data)
-        elif getattr(p, "kind", None) in QUANT_TYPES:
+        elif kind in QUANT_TYPES:
             if not p.data.flags.c_contiguous or not p.scales.flags.c_contiguous:
-                raise ValueError(f"a {p.kind} matrix with non-contiguous arrays")
-            parts.append(_WPart(QUANT_TYPES[p.kind], p.shape[0], p.data.ctypes.data, p.scales.ctypes.data))
+                raise ValueError(f"a {kind} matrix with non-contiguous arrays")
+            parts.append(_WPart(QUANT_TYPES[kind], p.shape[0], p.data.ctypes.data, p.scales.ctypes.data))
             keep += [p.data, p.scales]
         elif isinstance(p, np.ndarray) and p.ndim == 2 and p.dtype in WEIGHT_TYPES and p.flags.c_contiguous:
             parts.append(_WPart(WEIGHT_TYPES[p.dtype], p.shape[0], p.ctypes.data, None))
@@ -611,9 +613,9 @@ def weight_parts(w) -> tuple[ctypes.Array, list]:
 
 
 def matmul_parts(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W.T for x (M, K) float32 (contiguous rows) and W a KQuantMatrix or StackedRows (N, K) -> (M, N)
-    float32: every block-format part on kquant.h's kernel (activations rounded to int16 per group of 32, once per
-    run of such parts), the others on their own kernels."""
+    """y = x @ W.T for x (M, K) float32 (contiguous rows) and W (N, K) as weight_parts takes it -> (M, N) float32:
+    every block-format part on kquant.h's kernel (activations rounded to int16 per group of 32, once per run of such
+    parts), the others on their own kernels, in one call."""
     lib = _require()
     n, k = w.shape
     if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != k or not _rows_contiguous(x):
@@ -724,10 +726,8 @@ class DecoderLayers:
     @staticmethod
     def _mixed(layers: list[tuple]) -> bool:
         """Whether the stack's matrices need the parts path: a block format (or rows of parts), or not one kind."""
-        from engine.runtime import kquant
-
         matrices = [a for layer in layers for a in layer[:4]]
-        if any(isinstance(a, (kquant.KQuantMatrix, kquant.StackedRows)) for a in matrices):
+        if any(hasattr(a, "parts") or getattr(a, "kind", None) in KQUANT_TYPES for a in matrices):
             return True
         kinds = {getattr(a, "kind", None) if not isinstance(a, np.ndarray) else a.dtype for a in matrices}
         return len(kinds) > 1

@@ -175,6 +175,20 @@ int tl_kmatmul_build(int isa)
     return 0;
 }
 
+/* The block-format matmul of the avx512 build without VNNI (vpmaddubsw), whatever this CPU has (the selftest checks it
+ * on a VNNI CPU); 0 where the avx512 variant is not compiled in, else 1. The CPU must have AVX512-BW. */
+int tl_kmatmul_avx512_madd(const float *x, ptrdiff_t ldx, const tl_wpart *parts, ptrdiff_t n_parts, float *out,
+                           ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t K, int threads)
+{
+#if HAVE_AVX512
+    tl_kmatmul_avx512(x, ldx, parts, n_parts, out, ldo, M, K, threads);
+    return 1;
+#else
+    (void)x, (void)ldx, (void)parts, (void)n_parts, (void)out, (void)ldo, (void)M, (void)K, (void)threads;
+    return 0;
+#endif
+}
+
 /* y (M, sum of rows) = x (M, K) @ W.T for W given as parts (kernels.h's tl_wpart), outputs side by side: each run of
  * block-format parts in one call of the block-format kernel (the activations rounded once), a dense or int8 / int4
  * part with its own kernel. */

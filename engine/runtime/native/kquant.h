@@ -75,10 +75,11 @@ KTARGET INLINE kb KV(operand)(const char *rec, int h, int q, const int kind)
     return kb_merge(c, kb_and8(hv, 0x04), 0x03);
 }
 
-/* Q4_K / Q5_K: the 6-bit scale (which = 0) or minimum (which = 1) of sub-block j from the packed P0, P1, P2. */
-KTARGET INLINE kv KV(scale6)(const char *hdr, int h, int j, int which)
+/* Q4_K / Q5_K: the 6-bit scale (which = 0) or minimum (which = 1) of sub-block j from the packed P0, P1, P2 (at
+ * offset `at` of the header); Q3_K: its scale j + 8 which. */
+KTARGET INLINE kv KV(scale6)(const char *hdr, int at, int h, int j, int which)
 {
-    const char *p = hdr + 64 + (ptrdiff_t)h * VL * 4;
+    const char *p = hdr + at + (ptrdiff_t)h * VL * 4;
     if (which == 0)
         return j < 5 ? kv_and(kv_srli(kv_loadu(p), 6 * j), 63) : kv_and(kv_srli(kv_loadu(p + 128), 6 * (j - 5)), 63);
     if (j < 5) return kv_and(kv_srli(kv_loadu(p + 64), 6 * j), 63);
@@ -161,9 +162,11 @@ KTARGET INLINE void KV(tile)(const KV(job) *j, const char *w0, ptrdiff_t bb, ptr
                         vf a, mn = vf_zero();
                         const char *hd = hdr[b];
                         if (kind == W_Q4_K || kind == W_Q5_K) {
-                            a = kv_float(KV(scale6)(hd, h, js, 0));
-                            mn = kv_float(KV(scale6)(hd, h, js, 1));
-                        } else if (kind == W_Q6_K || kind == W_Q3_K) {
+                            a = kv_float(KV(scale6)(hd, 64, h, js, 0));
+                            mn = kv_float(KV(scale6)(hd, 64, h, js, 1));
+                        } else if (kind == W_Q3_K) {
+                            a = kv_float(kv_sub(KV(scale6)(hd, 32, h, js & 7, js >> 3), kv_set1(32)));
+                        } else if (kind == W_Q6_K) {
                             a = kv_float(kv_s8((const int8_t *)hd + 32 + js * 16 + h * VL));
                         } else if (kind == W_Q2_K) {
                             const kv scm = kv_u8((const uint8_t *)hd + 64 + js * 16 + h * VL);

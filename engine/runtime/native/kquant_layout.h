@@ -21,7 +21,8 @@
  *               16-lane vector: P0 = sc0..sc4 | (m7 & 3) << 30, P1 = m0..m4 | (m7 >> 2 & 3) << 30,
  *               P2 = sc5, sc6, sc7, m5, m6 | (m7 >> 4) << 30 (field i at bits 6i) -- 12 bytes a row, as ggml's;
  *   Q6_K:       d f16[16], sc int8[16 sub-blocks][16];
- *   Q3_K:       d f16[16], sc int8[16][16] (the signed scale, -32..31);
+ *   Q3_K:       d f16[16], then sc_j + 32 (6 bits) packed as Q4_K's sc and m: sub-blocks 0..7 as sc0..sc7, 8..15 as
+ *               m0..m7, in three uint32 per row (12 bytes a row, as ggml's);
  *   Q2_K:       d f16[16], dmin f16[16], sc | m << 4 uint8[16][16];
  *   Q4_1, Q5_1: d f16[16], m f16[16];   Q5_0: d f16[16].
  * A group record holds u for 16 rows x 32 columns as up to three bit planes, in 4-column quads (q = 0..7: columns
@@ -45,8 +46,10 @@
 #define KQ_HAS_HI(kind) ((kind) == W_Q5_0 || (kind) == W_Q5_1 || (kind) == W_Q5_K || (kind) == W_Q3_K)
 #define KQ_GROUP_BYTES(kind) (256 * KQ_HAS_NIB(kind) + 128 * KQ_HAS_CR(kind) + 64 * KQ_HAS_HI(kind))
 #define KQ_HDR(kind) \
-    ((kind) == W_Q4_K || (kind) == W_Q5_K ? 256 : (kind) == W_Q6_K || (kind) == W_Q3_K ? 288 \
+    ((kind) == W_Q4_K || (kind) == W_Q5_K ? 256 : (kind) == W_Q6_K ? 288 : (kind) == W_Q3_K ? 224 \
      : (kind) == W_Q2_K ? 320 : (kind) == W_Q5_0 ? 32 : 64)
+/* where a header's packed 6-bit fields start (Q4_K, Q5_K, Q3_K) */
+#define KQ_P6(kind) ((kind) == W_Q3_K ? 32 : 64)
 /* the integer subtracted from u for the signed formats (q = u - offset), else 0 */
 #define KQ_OFFSET(kind) ((kind) == W_Q5_0 ? 16 : (kind) == W_Q6_K ? 32 : (kind) == W_Q3_K ? 4 : 0)
 /* 1: w = A u - dmin m_j (the k-quants' minimums), 2: w = d u + m (Q4_1, Q5_1), 0: none */

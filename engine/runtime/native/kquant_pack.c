@@ -207,18 +207,23 @@ static void store_block(int kind, ptrdiff_t K, uint8_t *blk, int r, ptrdiff_t s,
     memcpy(hdr + 2 * r, &b->d, 2);
     if (KQ_MIN(kind) || kind == W_Q5_K) memcpy(hdr + 32 + 2 * r, &b->dmin, 2);
     const int nsub = KQ_SB(kind) / KQ_SUB(kind);
-    if (kind == W_Q4_K || kind == W_Q5_K) {
-        const int *sc = b->sc, *m = b->m;
-        const uint32_t p0 = (uint32_t)sc[0] | (uint32_t)sc[1] << 6 | (uint32_t)sc[2] << 12 | (uint32_t)sc[3] << 18
-                            | (uint32_t)sc[4] << 24 | (uint32_t)(m[7] & 3) << 30;
-        const uint32_t p1 = (uint32_t)m[0] | (uint32_t)m[1] << 6 | (uint32_t)m[2] << 12 | (uint32_t)m[3] << 18
-                            | (uint32_t)m[4] << 24 | (uint32_t)((m[7] >> 2) & 3) << 30;
-        const uint32_t p2 = (uint32_t)sc[5] | (uint32_t)sc[6] << 6 | (uint32_t)sc[7] << 12 | (uint32_t)m[5] << 18
-                            | (uint32_t)m[6] << 24 | (uint32_t)(m[7] >> 4) << 30;
-        memcpy(hdr + 64 + 4 * r, &p0, 4);
-        memcpy(hdr + 128 + 4 * r, &p1, 4);
-        memcpy(hdr + 192 + 4 * r, &p2, 4);
-    } else if (kind == W_Q6_K || kind == W_Q3_K) {
+    if (kind == W_Q4_K || kind == W_Q5_K || kind == W_Q3_K) {
+        int v[16];
+        for (int j = 0; j < 8; j++) { /* Q3_K: its 16 scales + 32 as the sc and m fields */
+            v[j] = kind == W_Q3_K ? b->sc[j] + 32 : b->sc[j];
+            v[8 + j] = kind == W_Q3_K ? b->sc[8 + j] + 32 : b->m[j];
+        }
+        const uint32_t p0 = (uint32_t)v[0] | (uint32_t)v[1] << 6 | (uint32_t)v[2] << 12 | (uint32_t)v[3] << 18
+                            | (uint32_t)v[4] << 24 | (uint32_t)(v[15] & 3) << 30;
+        const uint32_t p1 = (uint32_t)v[8] | (uint32_t)v[9] << 6 | (uint32_t)v[10] << 12 | (uint32_t)v[11] << 18
+                            | (uint32_t)v[12] << 24 | (uint32_t)((v[15] >> 2) & 3) << 30;
+        const uint32_t p2 = (uint32_t)v[5] | (uint32_t)v[6] << 6 | (uint32_t)v[7] << 12 | (uint32_t)v[13] << 18
+                            | (uint32_t)v[14] << 24 | (uint32_t)(v[15] >> 4) << 30;
+        uint8_t *p = hdr + KQ_P6(kind);
+        memcpy(p + 4 * r, &p0, 4);
+        memcpy(p + 64 + 4 * r, &p1, 4);
+        memcpy(p + 128 + 4 * r, &p2, 4);
+    } else if (kind == W_Q6_K) {
         for (int j = 0; j < nsub; j++) hdr[32 + j * 16 + r] = (uint8_t)(int8_t)b->sc[j];
     } else if (kind == W_Q2_K) {
         for (int j = 0; j < nsub; j++) hdr[64 + j * 16 + r] = (uint8_t)(b->sc[j] | b->m[j] << 4);
@@ -255,17 +260,29 @@ static void load_block(int kind, ptrdiff_t K, const uint8_t *blk, int r, ptrdiff
     b->d = rd16(hdr + 2 * r);
     b->dmin = KQ_MIN(kind) || kind == W_Q5_K ? rd16(hdr + 32 + 2 * r) : 0;
     const int nsub = KQ_SB(kind) / KQ_SUB(kind);
-    if (kind == W_Q4_K || kind == W_Q5_K) {
-        const uint32_t p0 = rd32(hdr + 64 + 4 * r), p1 = rd32(hdr + 128 + 4 * r), p2 = rd32(hdr + 192 + 4 * r);
+    if (kind == W_Q4_K || kind == W_Q5_K || kind == W_Q3_K) {
+        const uint8_t *p = hdr + KQ_P6(kind);
+        const uint32_t p0 = rd32(p + 4 * r), p1 = rd32(p + 64 + 4 * r), p2 = rd32(p + 128 + 4 * r);
+        int v[16];
         for (int j = 0; j < 5; j++) {
-            b->sc[j] = (p0 >> (6 * j)) & 63;
-            b->m[j] = (p1 >> (6 * j)) & 63;
+            v[j] = (p0 >> (6 * j)) & 63;
+            v[8 + j] = (p1 >> (6 * j)) & 63;
         }
-        for (int j = 5; j < 8; j++) b->sc[j] = (p2 >> (6 * (j - 5))) & 63;
-        b->m[5] = (p2 >> 18) & 63;
-        b->m[6] = (p2 >> 24) & 63;
-        b->m[7] = (int)((p0 >> 30) | ((p1 >> 30) << 2) | ((p2 >> 30) << 4));
-    } else if (kind == W_Q6_K || kind == W_Q3_K) {
+        for (int j = 5; j < 8; j++) v[j] = (p2 >> (6 * (j - 5))) & 63;
+        v[13] = (p2 >> 18) & 63;
+        v[14] = (p2 >> 24) & 63;
+        v[15] = (int)((p0 >> 30) | ((p1 >> 30) << 2) | ((p2 >> 30) << 4));
+        for (int j = 0; j < 8; j++) {
+            if (kind == W_Q3_K) {
+                b->sc[j] = v[j] - 32;
+                b->sc[8 + j] = v[8 + j] - 32;
+                b->m[j] = b->m[8 + j] = 0;
+            } else {
+                b->sc[j] = v[j];
+                b->m[j] = v[8 + j];
+            }
+        }
+    } else if (kind == W_Q6_K) {
         for (int j = 0; j < nsub; j++) b->sc[j] = (int8_t)hdr[32 + j * 16 + r];
     } else if (kind == W_Q2_K) {
         for (int j = 0; j < nsub; j++) {
