@@ -17,7 +17,7 @@ QUICK = dict(batch="1,4", prompt_len="32", new_tokens=8, repeats=1, systems="eng
 SYSTEM_GROUPS = ("engine", "transformers-fp32", "transformers-bf16", "llama.cpp-f32", "llama.cpp-f16",
                  "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q4_K_M")
 ISA_CHOICES = ("auto", "avx512", "avx2", "portable")
-WEIGHTS_CHOICES = ("auto", "float32", "int8", "int4")
+WEIGHTS_CHOICES = ("auto", "float32", "int8", "int4", "q4_k_m")
 DRAFT_CHOICES = ("lookup", "int8", "int4", "int8+lookup", "int4+lookup")  # engine.generation.speculative's
 
 

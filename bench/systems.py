@@ -17,7 +17,7 @@ ENGINE_BACKENDS = ("numpy", "triton")
 ENGINE_ISAS = ("avx512", "avx2", "portable")
 TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K_M")
-ENGINE_WEIGHTS = ("float32", "int8", "int4")  # beside auto (the checkpoint's own dtype)
+ENGINE_WEIGHTS = ("float32", "int8", "int4", "q4_k_m")  # beside auto (the checkpoint's own dtype)
 DRAFT_SUFFIX = "draft"  # engine-numpy-draft-int8: batch-1 decode with speculation from the int8 copy
 
 

@@ -20,8 +20,9 @@
  * dot product of the file's weights with the rounded activations, to float32 roundings. The order depends on nothing
  * but the row, so a row's result is the same bits alone, in any batch, in any tile (batch-invariant).
  *
- * Work: tasks of whole row blocks (at most ~1 MB of weights, at least 4 per thread); a task runs every row of x over
- * its blocks, KNBT_1 blocks at once for one row of x (independent chains), KMB rows of x by KNBT_N blocks above. */
+ * Work: tasks of whole row blocks (at most ~1 MB of weights at one row of x, 256 KB above; at least 4 per thread);
+ * a task runs every row of x over its blocks, KQ_XCHUNK rows of x at a time, KNBT_1 blocks at once for one row of x
+ * (independent chains), KMB rows of x by KNBT_N blocks above. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,7 +32,13 @@
 #define KH (KQ_ROWS / VL) /* vectors per row block */
 #define KNBT_MAX (KNBT_1 > KNBT_N ? KNBT_1 : KNBT_N)
 #ifndef KQ_TASK_BYTES
-#define KQ_TASK_BYTES 1048576
+#define KQ_TASK_BYTES 1048576 /* weights per task at one row of x (a long run keeps the prefetchers' streams going) */
+#endif
+#ifndef KQ_TASK_BYTES_N
+#define KQ_TASK_BYTES_N 262144 /* above: the task's blocks stay in L2 while chunks of x's rows run over them */
+#endif
+#ifndef KQ_XCHUNK
+#define KQ_XCHUNK 32 /* rows of x per pass over a task's blocks (32 rows: 196 KB of activations at K = 2048) */
 #endif
 #ifndef KQ_PREFETCH
 #define KQ_PREFETCH 1024 /* bytes ahead in a row block's data */
@@ -269,12 +276,15 @@ KTARGET static void KV(task)(void *arg, ptrdiff_t t)
     const int kind = (int)part->kind;
     const ptrdiff_t bb = kq_block_bytes(kind, j->K);
     const int step = j->M == 1 ? KNBT_1 : KNBT_N;
-    for (ptrdiff_t b0 = task->b0; b0 < task->b1; b0 += step) {
-        const int nbt = task->b1 - b0 < step ? (int)(task->b1 - b0) : step;
-        const char *w0 = (const char *)part->data + b0 * bb;
-        const ptrdiff_t valid = part->rows - b0 * KQ_ROWS, col = task->col + b0 * KQ_ROWS;
-        for (ptrdiff_t m0 = 0; m0 < j->M; m0 += KMB)
-            KV(tile_any)(j, kind, w0, bb, m0, col, valid, j->M - m0 < KMB ? (int)(j->M - m0) : KMB, nbt);
+    for (ptrdiff_t x0 = 0; x0 < j->M; x0 += KQ_XCHUNK) { /* a chunk of x's rows stays in L2 over the task's blocks */
+        const ptrdiff_t x1 = x0 + KQ_XCHUNK < j->M ? x0 + KQ_XCHUNK : j->M;
+        for (ptrdiff_t b0 = task->b0; b0 < task->b1; b0 += step) {
+            const int nbt = task->b1 - b0 < step ? (int)(task->b1 - b0) : step;
+            const char *w0 = (const char *)part->data + b0 * bb;
+            const ptrdiff_t valid = part->rows - b0 * KQ_ROWS, col = task->col + b0 * KQ_ROWS;
+            for (ptrdiff_t m0 = x0; m0 < x1; m0 += KMB)
+                KV(tile_any)(j, kind, w0, bb, m0, col, valid, x1 - m0 < KMB ? (int)(x1 - m0) : KMB, nbt);
+        }
     }
 }
 
@@ -328,7 +338,7 @@ void KVARIANT(tl_kmatmul)(const float *x, ptrdiff_t ldx, const tl_wpart *parts, 
         const ptrdiff_t bb = kq_block_bytes((int)parts[p].kind, K);
         widest = bb > widest ? bb : widest;
     }
-    ptrdiff_t tb = total / (4 * threads), cap = KQ_TASK_BYTES / widest;
+    ptrdiff_t tb = total / (4 * threads), cap = (M == 1 ? KQ_TASK_BYTES : KQ_TASK_BYTES_N) / widest;
     tb = tb < cap ? tb : cap;
     tb = tb < 1 ? 1 : tb;
     tb = (tb + step - 1) / step * step;
