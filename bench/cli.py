@@ -15,7 +15,9 @@ DEFAULT_ROUNDS = 1
 QUICK = dict(batch="1,4", prompt_len="32", new_tokens=8, repeats=1, systems="engine,transformers-fp32",
              long_context=96, rounds=1)
 SYSTEM_GROUPS = ("engine", "transformers-fp32", "transformers-bf16", "llama.cpp-f32", "llama.cpp-f16",
-                 "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q4_K_M")
+                 "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q4_K_M", "llama.cpp")
+# With a GGUF --model: this engine and llama.cpp on that one file
+GGUF_SYSTEM_GROUPS = ("engine", "llama.cpp")
 ISA_CHOICES = ("auto", "avx512", "avx2", "portable")
 WEIGHTS_CHOICES = ("auto", "float32", "int8", "int4", "q4_k_m")
 DRAFT_CHOICES = ("lookup", "int8", "int4", "int8+lookup", "int4+lookup")  # engine.generation.speculative's
@@ -28,7 +30,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                       "RSS, against this machine's memory-bandwidth floor. Writes results.json and PNG plots.")
     p.add_argument("--model", default=None,
                    help="local folder or Hub repo id (default: random weights of TinyLlama-1.1B's exact shape, "
-                        "made locally once)")
+                        "made locally once), or a GGUF file: then this engine and llama.cpp (system `llama.cpp`) "
+                        "run that one file")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--backend", default="numpy", metavar="numpy|triton",
                    help="this engine's backend(s), comma-separated (default numpy)")
@@ -114,7 +117,9 @@ def settings_from(args) -> dict:
     backends = name_list(args.backend, "--backend", ENGINE_BACKENDS)
     isas = name_list(args.isa, "--isa", ISA_CHOICES)
     weights = name_list(args.weights_dtype, "--weights-dtype", WEIGHTS_CHOICES)
-    groups = name_list(pick("systems", ",".join(SYSTEM_GROUPS)), "--systems", SYSTEM_GROUPS)
+    gguf = bool(args.model) and str(args.model).lower().endswith(".gguf")
+    default_groups = GGUF_SYSTEM_GROUPS if gguf else [g for g in SYSTEM_GROUPS if g != "llama.cpp"]
+    groups = name_list(pick("systems", ",".join(default_groups)), "--systems", SYSTEM_GROUPS)
     engines = [engine_system(b, i, w) for b in backends for i in isas for w in weights
                if b == "numpy" or i == "auto"]
     systems = [s for g in groups for s in (engines if g == "engine" else [g])]

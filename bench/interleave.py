@@ -25,7 +25,8 @@ DEFAULT_SYSTEMS = "engine-numpy,llama.cpp-f16,llama.cpp-f32"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.interleave", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="local folder or Hub repo id (default: the random bf16 checkpoint of "
+    p.add_argument("--model", default=None, help="local folder, Hub repo id or GGUF file (a GGUF: system `llama.cpp` "
+                                                 "runs the same file; default: the random bf16 checkpoint of "
                                                  "TinyLlama's shape that `tinyllama bench` makes)")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated, as in tinyllama bench; ratios are "
                                                               f"against the first (default {DEFAULT_SYSTEMS})")
@@ -45,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def checkpoint(model: str | None) -> str:
-    """The checkpoint folder, as `tinyllama bench` resolves it: --model, or the cached random bf16 checkpoint of
-    TinyLlama's shape (made once, in a worker process)."""
+    """The checkpoint folder (or GGUF file), as `tinyllama bench` resolves it: --model, or the cached random bf16
+    checkpoint of TinyLlama's shape (made once, in a worker process)."""
     from bench.run import resolve_checkpoint
 
     with tempfile.TemporaryDirectory() as logs:
@@ -114,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import numpy as np
 
-    from bench.systems import Unavailable, make_runner
-    from weights.checkpoint import read_json
+    from bench.systems import Unavailable, make_runner, model_config
+    from weights.errors import CheckpointError
 
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     try:
         check_systems(names)
         folder = checkpoint(args.model)
-        vocab = read_json(Path(folder) / "config.json")["vocab_size"]
+        vocab = model_config(folder)["vocab_size"]
         ids = [int(t) for t in np.random.default_rng(0).integers(3, vocab, size=args.prompt_len)]
         runners, decode_bytes = {}, {}
         for n in names:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             runners[n] = r
             decode_bytes[n] = getattr(r, "decode_bytes", None)
             print(f"loaded {n}: {r.info().get('kernel')}", file=sys.stderr)
-    except (EngineError, Unavailable, RuntimeError) as e:
+    except (EngineError, CheckpointError, Unavailable, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     rates = interleave(runners, args.blocks, args.tokens, progress=lambda b, last: print(

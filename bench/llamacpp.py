@@ -91,15 +91,25 @@ def _key(folder: Path) -> str:
 
 
 # GGUF types made by llama.cpp's quantizer from the f16 file, with their llama_ftype constant's name
-QUANTIZER_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+QUANTIZER_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+                   "q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                   "q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+                   "q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+                   "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1"}
+# "-pure": every tensor in the named type (llama_model_quantize's `pure`), where llama.cpp's mixes would keep the
+# output matrix (and, for the k-quants, some attn_v / ffn_down) in Q6_K: q4_0-pure is a file of Q4_0 alone.
+PURE_SUFFIX = "-pure"
 
 
 def quantize_gguf(source: Path, out: Path, outtype: str, threads: int = 2) -> None:
-    """llama.cpp's quantizer (llama_model_quantize) from the GGUF `source` to `out` at `outtype` (q4_0, q4_K_M)."""
+    """llama.cpp's quantizer (llama_model_quantize) from the GGUF `source` to `out` at `outtype` (q4_0, q4_K_M, ...,
+    or q4_0-pure: every tensor in that type)."""
     import llama_cpp as L
 
     params = L.llama_model_quantize_default_params()
-    params.ftype = getattr(L, QUANTIZER_TYPES[outtype])
+    pure = outtype.endswith(PURE_SUFFIX)
+    params.ftype = getattr(L, QUANTIZER_TYPES[outtype.removesuffix(PURE_SUFFIX)])
+    params.pure = pure
     params.nthread = threads
     tmp = out.with_suffix(".part")
     try:
@@ -113,12 +123,12 @@ def quantize_gguf(source: Path, out: Path, outtype: str, threads: int = 2) -> No
 
 def gguf_for(folder, outtype: str) -> Path:
     """A cached GGUF of the checkpoint in `folder` at `outtype` (f32, f16, bf16, q8_0 by the converter; q4_0,
-    q4_K_M by the quantizer from the f16 file)."""
+    q4_K_M, q6_K, ... (QUANTIZER_TYPES, optionally -pure) by the quantizer from the f16 file)."""
     folder = Path(folder)
     out = cache_root() / "gguf" / f"{folder.name}-{_key(folder)}-{outtype}.gguf"
     if out.exists():
         return out
-    if outtype in QUANTIZER_TYPES:
+    if outtype.removesuffix(PURE_SUFFIX) in QUANTIZER_TYPES:
         quantize_gguf(gguf_for(folder, "f16"), out, outtype)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,3 +186,27 @@ def amx_build() -> bool:
     import llama_cpp
 
     return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.llamacpp TYPE [--model FOLDER]`: make (once) and print the path of llama.cpp's GGUF of the
+    checkpoint at TYPE (default: the random bf16 checkpoint of TinyLlama's shape), for bench.interleave --model."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.llamacpp", description=main.__doc__.split("\n")[0])
+    p.add_argument("type", help="f32, f16, bf16, q8_0 (converter) or " + ", ".join(QUANTIZER_TYPES)
+                   + " (quantizer; append -pure for every tensor in that type)")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: TinyLlama's shape, random bf16)")
+    args = p.parse_args(argv)
+    if args.model is None:
+        from bench.checkpoints import TINYLLAMA_SHAPE, random_checkpoint
+
+        folder = random_checkpoint(TINYLLAMA_SHAPE, "bfloat16")
+    else:
+        folder = Path(args.model)
+    print(gguf_for(folder, args.type))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

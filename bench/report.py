@@ -6,6 +6,54 @@ from pathlib import Path
 from bench.roofline import decode_floor
 
 GB = 1e9
+NOISE_FLOOR = 0.05  # a speed-up within 5% of 1.00x is never told apart from none, whatever the spread
+
+
+def count_text(n: float) -> str:
+    """A parameter count in the unit that fits: '260K', '44.2M', '1.10B'."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.0f}K" if n >= 1e3 else f"{n:.0f}"
+
+
+def bytes_unit(*values: float) -> tuple[str, float]:
+    """The unit that fits the largest of `values` (bytes): ('GB', 1e9), ('MB', 1e6) or ('KB', 1e3)."""
+    top = max([v for v in values if v] or [0])
+    return ("GB", GB) if top >= GB else ("MB", 1e6) if top >= 1e6 else ("KB", 1e3)
+
+
+def bytes_text(n: float) -> str:
+    """A size in the unit that fits: '1.0 MB', '4.40 GB'."""
+    unit, scale = bytes_unit(n)
+    return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
+
+
+def relative_spread(row: dict, key: str) -> float | None:
+    """(max - min) / median of a figure over its runs, None from a single run."""
+    med, lo, hi = row.get(key), row.get(f"{key}_min"), row.get(f"{key}_max")
+    if not med or lo is None or hi is None or hi == lo:
+        return None
+    return (hi - lo) / med
+
+
+def speedup_noise(row: dict) -> str | None:
+    """Why a speculative row's speed-up is noise, not a measurement, or None: above what its accepted drafts could
+    give (each verification step yields at most 1 + accepted tokens), within the runs' own spread of 1.00x (or
+    NOISE_FLOOR), or from one run of each, whose noise is unknown."""
+    speedup = row["speedup"]
+    most = 1 + row.get("acceptance_rate", 0) * row.get("draft_tokens", 0)
+    if speedup > most * (1 + NOISE_FLOOR):
+        return f"noise: {100 * row.get('acceptance_rate', 0):.0f}% accepted allows at most {most:.2f}x"
+    spreads = [s for s in (relative_spread(row, "decode_tok_s"), relative_spread(row, "plain_decode_tok_s"))
+               if s is not None]
+    if not spreads:
+        return "one run: noise not measured"
+    band = max(NOISE_FLOOR, *spreads)
+    if abs(speedup - 1) <= band:
+        return f"within the runs' noise (±{100 * band:.0f}%)"
+    return None
 
 
 def add_roofline(rows: list[dict], machine: dict, model: dict) -> None:
@@ -71,8 +119,8 @@ def _grid(header: list[str], body: list[list[str]]) -> str:
 
 def table(results: dict) -> str:
     rows, machine, model, settings = results["rows"], results.get("machine", {}), results["model"], results["settings"]
-    out = [f"model: {model['folder']}  ({model['weight_count'] / 1e9:.3f} B parameters, "
-           f"{model['fp32_weight_bytes'] / GB:.2f} GB in fp32)"]
+    out = [f"model: {model['folder']}  ({count_text(model['weight_count'])} parameters, "
+           f"{bytes_text(model['fp32_weight_bytes'])} in fp32)"]
     if machine:
         blas = machine.get("blas") or {}
         out.append(f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, {settings['threads']} threads; "
@@ -84,7 +132,7 @@ def table(results: dict) -> str:
             out.append(f"roofline: memory read {roof['read_gbs']:.1f} GB/s (NumPy, best of 1 and {settings['threads']}"
                        f" threads; GEMV {roof['gemv_gbs']:.1f} GB/s), fp32 matmul {roof['matmul_gflops']:.0f} GFLOP/s "
                        f"at M=128 -> batch-1 decode floor {roof['decode_floor_fp32_tok_s']:.2f} tok/s for the "
-                       f"{roof['fp32_decode_bytes'] / GB:.2f} GB of fp32 weights read per token "
+                       f"{bytes_text(roof['fp32_decode_bytes'])} of fp32 weights read per token "
                        f"({roof['decode_floor_bf16_tok_s']:.2f} for 16-bit)")
     warning = busy_warning(machine)
     if warning:
@@ -94,6 +142,8 @@ def table(results: dict) -> str:
     ok = [r for r in rows if r.get("status") == "ok"]
     labels = list(dict.fromkeys(r["label"] for r in rows))
 
+    unit, scale = bytes_unit(*(r.get(k, 0) for r in ok for k in ("weight_bytes", "decode_bytes", "peak_rss_bytes")))
+    digits = 2 if unit == "GB" else 1
     body, notes = [], []
     for label in labels:
         mine = [r for r in ok if r["label"] == label]
@@ -104,10 +154,10 @@ def table(results: dict) -> str:
             continue
         r0 = mine[0]
         body.append([label, r0["dtype"], r0.get("blas_kernel") or "-", _fmt(r0.get("load_s"), 2),
-                     _fmt(r0.get("weight_bytes", 0) / GB, 2), _fmt(r0.get("decode_bytes", 0) / GB, 2),
-                     _fmt(r0.get("peak_rss_bytes", 0) / GB, 2), _fmt(r0.get("floor_tok_s"), 2)])
-    out += ["", "Systems", _grid(["system", "dtype", "kernel", "load s", "weights GB", "read/token GB",
-                                  "peak RSS GB", "B=1 floor tok/s"], body)]
+                     _fmt(r0.get("weight_bytes", 0) / scale, digits), _fmt(r0.get("decode_bytes", 0) / scale, digits),
+                     _fmt(r0.get("peak_rss_bytes", 0) / scale, digits), _fmt(r0.get("floor_tok_s"), 2)])
+    out += ["", "Systems", _grid(["system", "dtype", "kernel", "load s", f"weights {unit}", f"read/token {unit}",
+                                  f"peak RSS {unit}", "B=1 floor tok/s"], body)]
     if notes:
         out += ["", "Notes"] + [f"- {n}" for n in notes]
 
@@ -132,7 +182,9 @@ def table(results: dict) -> str:
                     "a prefill of that context added over the loaded model: KV cache, activations)",
                 _grid(["system", "context", "decode tok/s", "of short", "prefill adds MB"], body)]
     body = [[r["label"], f"{r.get('draft', 'lookup')} x{r['draft_tokens']}", _fmt(r["plain_decode_tok_s"], 2),
-             _spread(r, "decode_tok_s"), f"{r['speedup']:.2f}x", f"{100 * r['acceptance_rate']:.0f}%",
+             _spread(r, "decode_tok_s"),
+             f"{r['speedup']:.2f}x" + (f" ({noise})" if (noise := speedup_noise(r)) else ""),
+             f"{100 * r['acceptance_rate']:.0f}%",
              f"{r['verify_step_s'] / r['step_s']:.2f}x" if r.get("step_s") else "",
              f"{r['draft_step_s'] / r['step_s']:.2f}x" if r.get("step_s") and r.get("draft_step_s") else "-"]
             for r in ok if r.get("kind") == "speculative"]
@@ -186,7 +238,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} - {model['weight_count'] / 1e9:.2f} B params, "
+        ax.set_title(f"{ylabel} - {count_text(model['weight_count'])} params, "
                      f"{(results.get('machine') or {}).get('threads', '')} threads")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -66,9 +66,10 @@ def resolve_checkpoint(model: str | None, revision: str | None, quick: bool, env
     """The checkpoint folder: --model, else the cached random checkpoint of TinyLlama's (or the quick) shape, saved in
     `dtype` (bf16 by default, as TinyLlama ships: every system loads that same file)."""
     if model is not None:
-        from weights.hub import resolve_model_folder
+        from weights.gguf_file import is_gguf_path
+        from weights.hub import resolve_gguf_file, resolve_model_folder
 
-        return resolve_model_folder(model, revision)
+        return resolve_gguf_file(model) if is_gguf_path(model) else resolve_model_folder(model, revision)
     from bench.checkpoints import QUICK_SHAPE, TINYLLAMA_SHAPE, checkpoint_folder, checkpoint_ready
 
     shape = QUICK_SHAPE if quick else TINYLLAMA_SHAPE
@@ -87,10 +88,10 @@ def resolve_checkpoint(model: str | None, revision: str | None, quick: bool, env
 def model_summary(folder: Path, settings: dict) -> dict:
     """Shape numbers from config.json (validated as the engine would), and a check that the runs fit its window."""
     from bench.roofline import decode_bytes
+    from bench.systems import model_config
     from engine.config import ModelConfig
-    from weights.checkpoint import read_json
 
-    config = ModelConfig.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    config = ModelConfig.from_dict(model_config(str(folder)), source=str(folder))
     # a prompt run holds its prompt and the timed and warm-up decode steps; the long-context run holds exactly
     # --long-context tokens in all (its prompt is shortened by the decode steps)
     long_context, new_tokens = settings.get("long_context", 0), settings["new_tokens"]
@@ -117,9 +118,10 @@ def run(settings: dict, model: str | None, revision: str | None, out: str | None
     from bench import report
 
     if model is not None:  # a bad --model is one line before anything is written
-        from weights.hub import resolve_model_folder
+        from weights.gguf_file import is_gguf_path
+        from weights.hub import resolve_gguf_file, resolve_model_folder
 
-        model = str(resolve_model_folder(model, revision))
+        model = str(resolve_gguf_file(model) if is_gguf_path(model) else resolve_model_folder(model, revision))
     out_dir = Path(out) if out else default_out()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

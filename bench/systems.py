@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from pathlib import Path
 
 from engine.compare import transformers_step
 
@@ -17,6 +18,7 @@ ENGINE_BACKENDS = ("numpy", "triton")
 ENGINE_ISAS = ("avx512", "avx2", "portable")
 TRANSFORMERS_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K_M")
+LLAMACPP_FILE = "llama.cpp"  # llama.cpp on the --model GGUF file itself (the one file both systems load)
 ENGINE_WEIGHTS = ("float32", "int8", "int4", "q4_k_m")  # beside auto (the checkpoint's own dtype)
 DRAFT_SUFFIX = "draft"  # engine-numpy-draft-int8: batch-1 decode with speculation from the int8 copy
 
@@ -53,6 +55,8 @@ def describe(name: str) -> dict:
     """system / backend / dtype fields of a system name (engine-numpy, transformers-bf16, llama.cpp-q8_0); an engine's
     dtype is what it holds its weights in, known once it has loaded them (`auto` until then)."""
     family, _, variant = name.partition("-")
+    if name == LLAMACPP_FILE:
+        return {"system": "llama.cpp", "backend": "llama-cpp-python", "dtype": "gguf"}
     if family == "engine":
         backend, _, weights = engine_parts(name)
         return {"system": "tinyllama-engine", "backend": backend, "dtype": weights}
@@ -61,7 +65,20 @@ def describe(name: str) -> dict:
     return {"system": "llama.cpp", "backend": "llama-cpp-python", "dtype": variant}
 
 
+def model_config(source: str) -> dict:
+    """The config.json dict of a checkpoint folder, or of a GGUF file (from its metadata)."""
+    from weights.checkpoint import read_json
+    from weights.gguf_file import GGUFFile, is_gguf_path
+
+    if is_gguf_path(str(source)):
+        with GGUFFile(source) as f:
+            return f.config_dict()
+    return read_json(Path(source) / "config.json")
+
+
 def make_runner(name: str, folder: str, threads: int):
+    if name == LLAMACPP_FILE:
+        return LlamaCppRunner(folder, "", threads)
     family, _, variant = name.partition("-")
     if family == "engine":
         draft = engine_draft(name)
@@ -294,6 +311,10 @@ class TransformersRunner(Runner):
     def load(self):
         if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
             raise Unavailable("torch / transformers are not installed")
+        from weights.gguf_file import is_gguf_path
+
+        if is_gguf_path(str(self.folder)):
+            raise Unavailable("transformers runs a checkpoint folder, not a GGUF file")
         import torch
         import transformers
 
@@ -348,11 +369,21 @@ class LlamaCppRunner(Runner):
         self.ctx = None
 
     def prepare(self):
-        """Convert the checkpoint to GGUF (cached; not part of the load time)."""
+        """Convert the checkpoint to GGUF (cached; not part of the load time); a GGUF --model is used as it is."""
         from bench import llamacpp
+        from weights.gguf_file import is_gguf_path
 
         if not llamacpp.installed():
             raise Unavailable("llama-cpp-python is not installed (pip install llama-cpp-python)")
+        if is_gguf_path(str(self.folder)):
+            if self.outtype:
+                raise Unavailable(f"llama.cpp-{self.outtype} converts a checkpoint folder; with a GGUF --model run "
+                                  f"system {LLAMACPP_FILE} (the file itself)")
+            self.gguf = self.folder
+            return
+        if not self.outtype:
+            raise Unavailable(f"system {LLAMACPP_FILE} runs a GGUF --model; for a checkpoint folder name the type "
+                              f"(llama.cpp-q8_0, ...)")
         self.gguf = llamacpp.gguf_for(self.folder, self.outtype)
 
     def load(self):

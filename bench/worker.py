@@ -52,10 +52,10 @@ def run_system(spec: dict) -> int:
     try:
         import numpy as np
 
-        from weights.checkpoint import read_json
+        from bench.systems import model_config
 
         runner = make_runner(name, folder, spec["threads"])
-        config = read_json(Path(folder) / "config.json")
+        config = model_config(folder)
         # the long-context run holds exactly `long_context` tokens (long_context_row); some slack, within the window
         runner.room = min(max(max(prompt_lens) + new_tokens + WARMUP_DECODE_STEPS, long_context) + 8,
                           config.get("max_position_embeddings", 2048))
@@ -124,6 +124,7 @@ def run_system(spec: dict) -> int:
             rows.append(dict(base, kind="speculative", batch=1, prompt_tokens=spec_rows[0]["prompt_tokens"],
                              new_tokens=new_tokens, prefill_tok_s=None, ttft_s=None, decode_tok_s=r_med,
                              decode_tok_s_min=r_min, decode_tok_s_max=r_max, plain_decode_tok_s=spread(plain)[0],
+                             plain_decode_tok_s_min=min(plain), plain_decode_tok_s_max=max(plain),
                              speedup=r_med / spread(plain)[0], draft_tokens=spec["speculate"],
                              acceptance_rate=spread([r["acceptance_rate"] for r in spec_rows])[0],
                              step_s=min(r["step_s"] for r in spec_rows),

@@ -119,6 +119,18 @@ class PromptComparison:
 
 
 @dataclass
+class LlamaCppFigures:
+    """llama.cpp on the same GGUF file against the same reference (the file's exact meaning): the same figures as
+    the engine's, from the same teacher-forced rows and text."""
+
+    version: str | None
+    fidelity: Fidelity  # pooled over the prompts' greedy rows and the text's positions, as ComparisonReport.fidelity
+    agreeing_prefix: list[int]  # per prompt: llama.cpp's own greedy tokens agreeing with transformers' before a difference
+    text_perplexity: float | None = None
+    text_fidelity: Fidelity | None = None
+
+
+@dataclass
 class ComparisonReport:
     """What `compare_with_transformers` found, for every prompt; `ok` when every prompt is within `tolerance` of the
     logit scale and its greedy tokens are identical."""
@@ -135,6 +147,8 @@ class ComparisonReport:
     text: TextComparison | None = None
     min_agreement: float | None = None  # thresholds on `fidelity` (None: not checked)
     max_kl: float | None = None
+    reference: str = "transformers fp32"  # what the engine is compared with
+    llamacpp: LlamaCppFigures | None = None  # llama.cpp's figures on the same GGUF file (when installed)
 
     @property
     def exact(self) -> bool:
@@ -182,7 +196,7 @@ class ComparisonReport:
     def fidelity_lines(self) -> list[str]:
         """The fidelity part of the summary."""
         f = self.fidelity
-        lines = [f"fidelity against transformers fp32 ({f.positions} teacher-forced positions): top-1 agreement "
+        lines = [f"fidelity against {self.reference} ({f.positions} teacher-forced positions): top-1 agreement "
                  f"{100 * f.top1_agreement:.1f}%, KL(transformers || engine) mean {f.kl_mean:.3g} max "
                  f"{f.kl_max:.3g} nats/token"]
         if self.text is not None:
@@ -190,12 +204,25 @@ class ComparisonReport:
             lines.append(f"text {t.source} ({t.tokens} tokens): perplexity transformers {t.perplexity_transformers:.4g}"
                          f", engine {t.perplexity_engine:.4g}; top-1 agreement {100 * t.fidelity.top1_agreement:.1f}%,"
                          f" KL mean {t.fidelity.kl_mean:.3g} max {t.fidelity.kl_max:.3g}")
+        if self.llamacpp is not None:
+            c, g = self.llamacpp, self.llamacpp.fidelity
+            lines.append(f"llama.cpp {c.version or ''} on the same file: top-1 agreement {100 * g.top1_agreement:.1f}%,"
+                         f" KL mean {g.kl_mean:.3g} max {g.kl_max:.3g} nats/token; greedy tokens agreeing before the "
+                         f"first difference: {', '.join(map(str, c.agreeing_prefix))} of {self.steps}")
+            if c.text_fidelity is not None:
+                lines.append(f"llama.cpp text ({self.text.tokens} tokens): perplexity {c.text_perplexity:.4g}; top-1 "
+                             f"agreement {100 * c.text_fidelity.top1_agreement:.1f}%, KL mean "
+                             f"{c.text_fidelity.kl_mean:.3g} max {c.text_fidelity.kl_max:.3g}")
+            if g.kl_mean > 0:
+                lines.append(f"engine / llama.cpp mean KL: {f.kl_mean / g.kl_mean:.2g}x; top-1 agreement "
+                             f"{100 * f.top1_agreement:.1f}% vs {100 * g.top1_agreement:.1f}%")
         return lines
 
     def summary(self) -> str:
         """The human-readable report `tinyllama check` prints, ending in OK or MISMATCH."""
         v = self.versions
         lines = [f"model: {self.model}  backend: {self.backend} ({self.kernel})  weights: {self.weights_dtype}",
+                 *([f"reference: {self.reference}"] if self.reference != "transformers fp32" else []),
                  *([f"compiled kernels unavailable: {self.native_kernels['reason']}"]
                    if self.native_kernels.get("reason") else []),
                  f"tinyllama-engine {v.get('tinyllama-engine')}, transformers {v.get('transformers')}, "
@@ -217,15 +244,17 @@ class ComparisonReport:
                              f"transformers {p.transformers_tokens[k]}")
             lines.append(f"  engine:       {p.engine_tokens}")
             lines.append(f"  transformers: {p.transformers_tokens}")
-        if not self.exact or self.text is not None:
+        if not self.exact or self.text is not None or self.llamacpp is not None:
             lines += self.fidelity_lines()
         given = [f"top-1 agreement >= {100 * self.min_agreement:g}%" if self.min_agreement is not None else "",
                  f"mean KL <= {self.max_kl:g}" if self.max_kl is not None else ""]
         given = " and ".join(g for g in given if g)
         if not self.exact:
             if not given:
-                lines.append(f"REPORT: {self.weights_dtype} weights are quantized (not exact); give --min-agreement / "
-                             "--max-kl to turn this into a check")
+                what = (f"the file's {self.weights_dtype} weights are run as they are, their activations rounded to "
+                        "int16 in the kernels (not exact)" if self.llamacpp is not None or "gguf" in self.reference
+                        else f"{self.weights_dtype} weights are quantized (not exact)")
+                lines.append(f"REPORT: {what}; give --min-agreement / --max-kl to turn this into a check")
             elif self.ok:
                 lines.append(f"OK: within the thresholds ({given})")
             else:
@@ -244,7 +273,7 @@ class ComparisonReport:
 def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, backend: str = "numpy",
                               revision: str | None = None, tolerance: float = TOLERANCE, weights_dtype: str = "auto",
                               text: str | None = None, text_source: str = "text", min_agreement: float | None = None,
-                              max_kl: float | None = None) -> ComparisonReport:
+                              max_kl: float | None = None, llamacpp: bool = True) -> ComparisonReport:
     """Run this engine and transformers' float32 LlamaForCausalLM on the same checkpoint -> ComparisonReport.
 
     ref: a model folder or Hub repo id (loaded on `backend` with `weights_dtype`: auto, float32, int8, int4, ...), or
@@ -252,6 +281,9 @@ def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, back
     with the model's tokenizer) or a list of token ids. steps: greedy tokens to compare per prompt (>= 1).
     text: a text scored by both systems (perplexity, agreement and KL at every position; its first window of tokens).
     min_agreement (0..1) / max_kl (nats per token, on the mean): thresholds on the pooled fidelity (report.ok).
+    A GGUF model is compared with its file's exact meaning: every tensor dequantized by gguf-py
+    (`gguf.quants.dequantize`) into transformers' float32 LlamaForCausalLM; with llamacpp (and llama-cpp-python
+    installed) llama.cpp's figures on the same file are reported beside the engine's (report.llamacpp).
     EngineError when torch / transformers are missing, a threshold is out of range, or a prompt plus `steps` does not
     fit the context window.
     """
@@ -265,14 +297,18 @@ def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, back
         raise EngineError("comparing with transformers needs transformers and torch: pip install transformers torch")
     model = ref if isinstance(ref, Model) else load_model(str(ref), backend=backend, revision=revision,
                                                           weights_dtype=weights_dtype)
-    if model.folder is None:
+    if model.folder is None and model.gguf_path is None:
         raise EngineError("the model has no folder for transformers to load")
     if isinstance(prompts, str) or (prompts and all(isinstance(t, (int, np.integer)) for t in prompts)):
         prompts = [prompts]
     if not prompts:
         raise EngineError("give at least one prompt")
-    reference = _load_reference(model.folder)
-    results = []
+    if model.gguf_path is not None:
+        reference, reference_name = gguf_reference(model.gguf_path), "the file's exact meaning (gguf dequantized, " \
+            "transformers fp32)"
+    else:
+        reference, reference_name = _load_reference(model.folder), "transformers fp32"
+    results, paths = [], []
     for prompt in prompts:
         ids = model.prompt_ids(prompt)
         if not ids:
@@ -289,19 +325,85 @@ def compare_with_transformers(ref, prompts=DEFAULT_PROMPT, steps: int = 16, back
             max_logit_difference=float(np.max(np.abs(ours - ref_logits))),
             logit_scale=float(np.max(np.abs(ref_logits))), engine_tokens=engine_tokens,
             transformers_tokens=ref_tokens, fidelity=Fidelity.of(ref_logits[path], ours[path])))
-    scored = _compare_text(model, reference, text, text_source) if text is not None else None
+        paths.append((ids, ref_tokens, ref_logits[path]))
+    scored, text_ref = _compare_text(model, reference, text, text_source) if text is not None else (None, None)
+    from engine import llamacpp as llamacpp_runner
+
+    llamacpp_figures = None
+    if llamacpp and model.gguf_path is not None and llamacpp_runner.available():
+        llamacpp_figures = _llamacpp_figures(model, paths, steps, text_ref)
     from engine.runtime import layers
 
     numpy = model.backend.name == "numpy"
     kernel = layers.matmul_kernel_name(model.weights_dtype) if numpy else model.backend.name
-    return ComparisonReport(model=str(model.folder), backend=model.backend.name, steps=steps, tolerance=tolerance,
+    return ComparisonReport(model=model.source, backend=model.backend.name, steps=steps, tolerance=tolerance,
                             prompts=results, versions=versions(), weights_dtype=model.weights_dtype, kernel=kernel,
                             native_kernels=native.summary() if numpy else {},
-                            text=scored, min_agreement=min_agreement, max_kl=max_kl)
+                            text=scored, min_agreement=min_agreement, max_kl=max_kl, reference=reference_name,
+                            llamacpp=llamacpp_figures)
 
 
-def _compare_text(model: Model, reference, text: str, source: str) -> TextComparison:
-    """Both systems' logits over `text` (BOS + its tokens, cut to the window) -> perplexities and fidelity."""
+def _llamacpp_figures(model: Model, paths: list, steps: int, text_ref) -> LlamaCppFigures:
+    """llama.cpp on model.gguf_path over the same rows: each prompt's ids + transformers' greedy tokens (the rows that
+    predict them, against the reference's logits there) and its own greedy run; the text's every position."""
+    from engine import llamacpp as runner
+
+    window = max([len(ids) + steps for ids, _, _ in paths] + [len(text_ref[0]) if text_ref else 0]) + 8
+    parts, prefixes = [], []
+    with runner.LlamaCpp(model.gguf_path, n_ctx=window) as lc:
+        for ids, ref_tokens, ref_rows in paths:
+            logits = lc.logits(ids + ref_tokens[:-1])[len(ids) - 1 :]
+            parts.append(Fidelity.of(ref_rows, logits))
+            own = lc.greedy(ids, steps)
+            prefixes.append(next((i for i, (a, b) in enumerate(zip(own, ref_tokens)) if a != b), len(ref_tokens)))
+        text_fidelity = text_ppl = None
+        if text_ref is not None:
+            ids, ref = text_ref
+            logits = lc.logits(ids)
+            text_fidelity, text_ppl = Fidelity.of(ref[:-1], logits[:-1]), perplexity(logits, ids)
+            parts.append(text_fidelity)
+    n = sum(f.positions for f in parts)
+    pooled = Fidelity(n, sum(f.top1_agreement * f.positions for f in parts) / n,
+                      sum(f.kl_mean * f.positions for f in parts) / n, max(f.kl_max for f in parts))
+    return LlamaCppFigures(runner.version(), pooled, prefixes, text_ppl, text_fidelity)
+
+
+def gguf_reference(path):
+    """A GGUF file's exact meaning: transformers' float32 LlamaForCausalLM (eager attention, eval mode) holding every
+    tensor of the file dequantized by llama.cpp's gguf-py (`gguf.quants.dequantize`), q_proj / k_proj rows put back
+    in Hugging Face's order (weights.gguf_file.GGUFFile.hf_row_order)."""
+    import torch
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from weights.gguf_file import GGUFFile
+
+    with GGUFFile(path) as f:
+        raw = f.config_dict()
+        config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+        state = {}
+        for name, t in f.tensors.items():
+            rows = f.rows(name, f.hf_row_order(name, raw))
+            values = dequantize(np.ascontiguousarray(rows), GGMLQuantizationType[t.type_name])
+            state[name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(t.shape))
+            f.release(name)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its tables, on the CPU
+    model.config._attn_implementation = "eager"
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise EngineError(f"{path}: the reference lacks {missing[0]}")
+    return model.eval()
+
+
+def _compare_text(model: Model, reference, text: str, source: str) -> tuple[TextComparison, tuple]:
+    """Both systems' logits over `text` (BOS + its tokens, cut to the window) -> (perplexities and fidelity, (the ids,
+    the reference's logits))."""
     import torch
 
     ids = model.prompt_ids(text)[: model.config.max_position_embeddings]
@@ -311,7 +413,7 @@ def _compare_text(model: Model, reference, text: str, source: str) -> TextCompar
         ref = reference(torch.tensor([ids])).logits[0].float().numpy()
     ours = model.logits(ids)
     return TextComparison(source=source, tokens=len(ids), perplexity_transformers=perplexity(ref, ids),
-                          perplexity_engine=perplexity(ours, ids), fidelity=Fidelity.of(ref[:-1], ours[:-1]))
+                          perplexity_engine=perplexity(ours, ids), fidelity=Fidelity.of(ref[:-1], ours[:-1])), (ids, ref)
 
 
 def versions() -> dict:

@@ -18,7 +18,8 @@ from engine.runtime.weights import choose_weights_dtype, load_model_weights, sto
 from engine.text.tokenizer import Tokenizer
 from weights.checkpoint import open_checkpoint, read_json
 from weights.errors import CheckpointError
-from weights.hub import DEFAULT_MODEL, resolve_model_folder
+from weights.gguf_file import GGUFFile, is_gguf_path
+from weights.hub import DEFAULT_MODEL, folder_gguf, resolve_gguf_file, resolve_model_folder
 
 BACKENDS = ("numpy", "triton")
 
@@ -26,11 +27,17 @@ BACKENDS = ("numpy", "triton")
 class Model:
     """A Llama model ready to run: `config`, a backend (`numpy` or `triton`), and the tokenizer when the folder has one."""
 
+    gguf_path: Path | None = None  # the GGUF file the weights came from (None for a safetensors folder)
+    _tokenizer_loader = None  # () -> Tokenizer: a GGUF file's own (built on first use)
+
     def __init__(self, config: ModelConfig, backend, folder: Path | None = None, generation_config: dict | None = None,
-                 weights_dtype: str | None = None, weights_dtype_reason: str = ""):
+                 weights_dtype: str | None = None, weights_dtype_reason: str = "", gguf_path: Path | None = None,
+                 tokenizer_loader=None):
         self.config = config
         self.backend = backend
         self.folder = folder
+        self.gguf_path = gguf_path  # the GGUF file the weights came from (None for a safetensors folder)
+        self._tokenizer_loader = tokenizer_loader  # () -> Tokenizer: a GGUF file's own (built on first use)
         self.generation_config = generation_config or {}
         self._weights_dtype = weights_dtype
         self.weights_dtype_reason = weights_dtype_reason  # why the weights are held as `weights_dtype`
@@ -46,7 +53,8 @@ class Model:
             return self  # the model itself (its caches are separate): nothing more to hold
         if kind not in self._drafts:
             if self.folder is None:
-                raise EngineError("a draft copy needs the model's folder to load from")
+                raise EngineError("a draft copy needs the model's safetensors folder to load from (a GGUF model "
+                                  "has none: use --draft lookup)")
             draft = load_model(str(self.folder), backend="numpy", weights_dtype=kind)
             draft._tokenizer = self._tokenizer
             if isinstance(self.backend, NumpyBackend):
@@ -60,8 +68,22 @@ class Model:
         return self._weights_dtype or getattr(self.backend, "weights_dtype", "float32")
 
     @property
+    def source(self) -> str:
+        """Where the weights came from: the GGUF file or the model folder (for logs and reports)."""
+        return str(self.gguf_path or self.folder)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the model has a tokenizer: a folder's tokenizer.json, or a GGUF file's vocabulary."""
+        return self._tokenizer is not None or self._tokenizer_loader is not None or \
+            (self.folder is not None and (self.folder / "tokenizer.json").exists())
+
+    @property
     def tokenizer(self):
-        """The model's tokenizer (tokenizer.json in the model folder); CheckpointError when the folder has none."""
+        """The model's tokenizer (tokenizer.json in the model folder, or the GGUF file's own vocabulary);
+        CheckpointError when there is none."""
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
         if self._tokenizer is None:
             if self.folder is None or not (self.folder / "tokenizer.json").exists():
                 raise CheckpointError(f"{self.folder}: no tokenizer.json in the model folder")
@@ -133,15 +155,21 @@ class Model:
 
 
 def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str | None = None,
-               weights_dtype: str = "auto", **backend_options) -> Model:
-    """Load a Llama checkpoint (local folder or Hub repo id) onto `backend` ("numpy" or "triton").
+               weights_dtype: str = "auto", gguf_file: str | None = None, **backend_options) -> Model:
+    """Load a Llama checkpoint (local folder or Hub repo id, or a GGUF file) onto `backend` ("numpy" or "triton").
 
     weights_dtype: "auto" keeps a bf16/fp16 checkpoint's matrices 16-bit where the backend's kernels widen them exactly
     (the NumPy backend's compiled kernels, the Triton kernels), else float32; "float32" widens them at load;
     "int8" / "int4" quantize them at load, groups of 32 with float16 scales; "q4_k_m" into llama.cpp's q4_K_M mix by
-    our quantizer (NumPy backend only; inexact modes: see the README's "Quantized weights", docs/kquant.md)."""
+    our quantizer (NumPy backend only; inexact modes: see the README's "Quantized weights", docs/kquant.md).
+    A GGUF file (`ref` a path ending in .gguf, or `ref` a Hub repo id / folder and `gguf_file` the file's name in it)
+    runs its tensors in their own ggml types (auto; see docs/gguf.md) or dequantized to float32 ("float32")."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if gguf_file is not None or is_gguf_path(ref):
+        return load_gguf_model(resolve_gguf_file(ref, gguf_file, revision), backend, weights_dtype, **backend_options)
+    if (lone := folder_gguf(ref)) is not None:
+        return load_gguf_model(lone, backend, weights_dtype, **backend_options)
     folder = resolve_model_folder(ref, revision)
     raw_config, checkpoint = open_checkpoint(folder)
     with checkpoint:
@@ -170,8 +198,97 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
         from tinyllama_kernels.triton_backend import TritonBackend
 
         impl = TritonBackend(config, weights, **backend_options)
+        if (notice := interpreter_notice(impl)) is not None:
+            print(notice, file=sys.stderr)  # once per process, like the compiled kernels' fallback
     return Model(config, impl, folder=folder, generation_config=generation_config,
                  weights_dtype=dtype, weights_dtype_reason=reason)
+
+
+_interpreter_noticed = False
+INTERPRETER_NOTICE = ("tinyllama: no CUDA GPU: the triton backend runs in Triton's CPU interpreter, at a small "
+                      "fraction of the numpy backend's speed (~1/1000 or less: for testing the kernels; use "
+                      "--backend numpy)")
+
+
+def interpreter_notice(backend) -> str | None:
+    """The one line a model load prints on stderr when the Triton backend runs in Triton's CPU interpreter (no CUDA
+    GPU), the first time only; None on a GPU, or after the first."""
+    global _interpreter_noticed
+    if _interpreter_noticed or not getattr(getattr(backend, "target", None), "interpret", False):
+        return None
+    if getattr(getattr(backend, "device", None), "type", "cpu") == "meta":
+        return None  # recording launches for a named GPU (tinyllama_kernels.aot): nothing runs
+    _interpreter_noticed = True
+    return INTERPRETER_NOTICE
+
+
+GGUF_WEIGHTS_DTYPES = ("auto", "float32")
+
+
+def load_gguf_model(path: Path, backend: str = "numpy", weights_dtype: str = "auto", **backend_options) -> Model:
+    """Load a GGUF file: config and tokenizer from its metadata, each tensor in its ggml type (engine.runtime.
+    ggml_formats; weights_dtype="float32": every matrix dequantized to float32). A file whose repacked weights are
+    cached (engine.runtime.gguf_weights.load_cached) is not read at all: weights, config and tokenizer come from the
+    mapped entry. NumPy backend; CheckpointError (one line) for anything wrong with the file, EngineError for
+    options a GGUF model does not take."""
+    from engine.runtime import gguf_weights
+    from engine.runtime.ggml_formats import UnsupportedTypeError
+    from engine.text import gguf_tokenizer
+
+    if backend != "numpy":
+        raise EngineError(f"a GGUF file runs on the numpy backend (its compiled kernels), not {backend}")
+    if weights_dtype not in GGUF_WEIGHTS_DTYPES:
+        raise EngineError(f"weights_dtype={weights_dtype} does not apply to a GGUF file: its tensors run in their own "
+                          f"types (auto), or dequantized to float32 (float32)")
+    path = Path(path)
+    kernels = native.status()
+    if notice := native.fallback_notice("bfloat16"):
+        print(notice, file=sys.stderr)
+    widen = weights_dtype == "float32" or not kernels.available
+    cached = None if widen else gguf_weights.load_cached(path)
+    if cached is not None:
+        config, weights, extra = cached
+        label = extra.get("label", "")
+        built = extra.get("tokenizer")
+        meta = None
+    else:
+        with GGUFFile(path) as f:
+            config = ModelConfig.from_dict(f.config_dict(), source=str(path))
+            meta = f.tokenizer_metadata()
+            label = f.dtype_label()
+            ready = None
+            try:  # built now so that the cache keeps it (a later load then skips the vocabulary's merges)
+                hf, facts = gguf_tokenizer.build(meta)
+                built = {"json": hf.to_str(), "facts": facts}
+                ready = Tokenizer(hf, **facts)  # the model's: built once
+                meta = None  # the vocabulary's lists are not needed again
+            except gguf_tokenizer.GGUFTokenizerError:
+                built = None  # an error on first use of the tokenizer; ids still run
+            try:
+                weights = gguf_weights.load_gguf_weights(f, config, widen=widen,
+                                                         extra={"label": label, "tokenizer": built})
+            except UnsupportedTypeError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+
+    def tokenizer() -> Tokenizer:
+        """The file's tokenizer: as built at the first load, or built from its metadata now."""
+        if built is not None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            return Tokenizer(HFTokenizer.from_str(built["json"]), **built["facts"])
+        try:
+            return Tokenizer.from_gguf_metadata(meta)
+        except gguf_tokenizer.GGUFTokenizerError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+    reason = (f"the GGUF file's own types ({label or weights.dtype})" if not widen else
+              "dequantized to float32 at load" + ("" if weights_dtype == "float32" else
+                                                  f": the compiled kernels are not available ({kernels.detail})"))
+    model = Model(config, NumpyBackend(config, weights, **backend_options), folder=None, weights_dtype=weights.dtype,
+                  weights_dtype_reason=reason, gguf_path=path, tokenizer_loader=tokenizer)
+    if cached is None:
+        model._tokenizer = ready
+    return model
 
 
 def share_equal_arrays(source, target) -> int:

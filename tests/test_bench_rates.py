@@ -243,3 +243,29 @@ def test_rounds_merge_to_the_median_of_each_rounds_figure():
     assert merge_rounds(rounds[:1]) == rounds[0]  # one round: as it is
     machine = merge_machines([{"cores": 2, "roofline": {"read_gbs": r, "blas": "x"}} for r in (30.0, 50.0, 40.0)])
     assert machine["roofline"] == {"read_gbs": 40.0, "blas": "x"} and len(machine["roofline_rounds"]) == 3
+
+
+def test_a_small_model_gets_units_that_fit_and_a_noisy_speedup_is_marked():
+    """stories260K's `bench --quick` once printed '0.000 B parameters, 0.00 GB' and a speculative 2.22x at 0% of
+    drafts accepted as if it were a gain."""
+    model = {"folder": "stories260K", "weight_count": 260_032, "fp32_weight_bytes": 1_040_128,
+             "fp32_decode_bytes": 1_040_128}
+    base = dict(label="engine-numpy", status="ok", dtype="float32", blas_kernel="native avx512", load_s=0.01,
+                weight_bytes=1_040_128, decode_bytes=1_040_128, peak_rss_bytes=54_200_000, repeats=1)
+    rows = [dict(base, kind="speculative", batch=1, draft="lookup", draft_tokens=4, plain_decode_tok_s=1000.0,
+                 decode_tok_s=2220.0, decode_tok_s_min=2220.0, decode_tok_s_max=2220.0, speedup=2.22,
+                 acceptance_rate=0.0, step_s=1e-3, verify_step_s=1.6e-3)]
+    text = report.table({"rows": rows, "machine": {}, "model": model, "settings": dict(
+        threads=1, repeats=1, prompt_lens=[32], new_tokens=8)})
+    assert text.splitlines()[0] == "model: stories260K  (260K parameters, 1.0 MB in fp32)"
+    assert "weights MB" in text and "peak RSS MB" in text and " 54.2 " in text
+    assert "2.22x (noise: 0% accepted allows at most 1.00x)" in text
+    assert (report.count_text(1_100_048_384), report.bytes_text(4.4e9), report.count_text(44_200_000)) == (
+        "1.10B", "4.40 GB", "44.2M")
+    # a speed-up inside its runs' own spread is marked; one outside it, and possible at its acceptance, is not
+    spread = dict(rows[0], speedup=1.08, acceptance_rate=0.5, decode_tok_s=1080.0, decode_tok_s_min=1000.0,
+                  decode_tok_s_max=1150.0, plain_decode_tok_s_min=950.0, plain_decode_tok_s_max=1050.0)
+    assert report.speedup_noise(spread) == "within the runs' noise (±14%)"
+    assert report.speedup_noise(dict(spread, speedup=1.6, decode_tok_s=1600.0, decode_tok_s_min=1550.0,
+                                     decode_tok_s_max=1650.0)) is None
+    assert report.speedup_noise(dict(rows[0], speedup=1.3, acceptance_rate=0.6)) == "one run: noise not measured"

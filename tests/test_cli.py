@@ -174,3 +174,18 @@ def test_draft_without_speculate_is_one_line(command, stories260k):
     p = tinyllama(command, "--model", str(stories260k), "--draft", "int4", *(["Hi"] if command == "generate" else []),
                   stdin="")
     assert p.returncode == 1 and "--draft int4 needs --speculate N" in one_line_error(p)
+
+
+def test_triton_without_a_gpu_says_it_runs_the_interpreter(stories260k):
+    pytest.importorskip("triton")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the triton backend runs on it, and nothing is said")
+    p = tinyllama("generate", "--model", str(stories260k), "--backend", "triton", "--max-new-tokens", "2",
+                  "--temperature", "0", "Once upon a time", timeout=600)
+    assert p.returncode == 0 and p.stdout.strip()
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Triton's CPU interpreter" in lines[0] and "numpy backend's speed" in lines[0]
+    numpy = tinyllama("generate", "--model", str(stories260k), "--max-new-tokens", "2", "--temperature", "0",
+                      "Once upon a time")
+    assert numpy.stdout == p.stdout and "interpreter" not in numpy.stderr  # the same greedy tokens, said nothing

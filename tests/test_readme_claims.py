@@ -1,6 +1,7 @@
 """Claims the README makes that no other test held it to: thread-count precedence, the OpenBLAS kernel choice and
 TINYLLAMA_BLAS_KERNEL, `generate --verbose` naming the kernel, scheduler batches of requests with their own sampling,
-the load peak against the weight bytes, and `/set min_p` / `/set repetition_penalty` in the REPL."""
+the load peak against the weight bytes, `/set min_p` / `/set repetition_penalty` in the REPL, and that the structured
+output examples end (the constraint complete) on the model they name."""
 from __future__ import annotations
 
 import io
@@ -264,3 +265,66 @@ def test_repl_set_changes_the_reply_as_the_api_does(tiny_chat_model, name, value
     assert plain == api_reply(model, message, max_new_tokens=30, **base)
     assert changed == api_reply(model, message, max_new_tokens=30, **base, **{name: float(value)})
     assert changed != plain
+
+
+# ---- structured output: every example ends on the model it names; the unbounded one is cut off, and said so ---------
+def structured_block() -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```python\n(model = engine\.load_model\(\"\.\./shared/models/stories260K\"\).*?)```", text, re.S)
+    assert block, "README lost its structured-output example"
+    return block.group(1)
+
+
+def test_the_structured_output_examples_end_on_the_model_they_name(stories260k):
+    model = engine.load_model(str(stories260k))
+    calls = []
+
+    class Recording:  # the README's `model`, keeping each call's keywords and result
+        def complete(self, prompt, **options):
+            result = model.complete(prompt, **options)
+            calls.append((options, result))
+            return result
+
+    names = {"engine": type("E", (), {"load_model": staticmethod(lambda ref: Recording())}), "json": json}
+    exec(compile(structured_block(), "README.md", "exec"), names)
+    assert len(calls) == 4
+    for options, result in calls:
+        assert result.stop_reason == "constraint_done", (options, result.text)  # ended by the constraint itself
+    assert set(json.loads(calls[0][1].text)) == {"name", "age"}
+    # the README: json_object=True has no bounds, so on stories260K it runs to max_new_tokens
+    r = model.complete("Once upon a time", json_object=True, max_new_tokens=32)
+    assert r.stop_reason == "max_new_tokens" and len(r.token_ids) == 32
+
+
+def test_generate_says_when_a_constrained_output_was_cut_off(stories260k, tmp_path, capsys):
+    from engine.cli.main import build_parser, main
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}  # the README's, as a schema.json
+    assert 'additionalProperties": False' in structured_block() and '"maxLength": 20' in structured_block()
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for flags in (["--json-schema", str(tmp_path / "schema.json"), "A user as JSON:"],
+                  ["--choice", "yes", "--choice", "no", "Is the sky blue?"]):  # the README's two command lines
+        assert main(["generate", "--model", str(stories260k), "--json", *flags]) == 0
+        out, err = capsys.readouterr()
+        data = json.loads(out)
+        assert data["stop_reason"] == "constraint_done" and data["constraint_complete"] is True
+        assert data["warnings"] == [] and err == ""
+    assert main(["generate", "--model", str(stories260k), "--json-object", "--max-new-tokens", "12",
+                 "Once upon a time"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("{") and err.count("\n") == 1
+    assert err.startswith("tinyllama: warning: the output was cut off by --max-new-tokens (12) before it completed "
+                          "--json-object: it does not match it")
+    assert main(["generate", "--model", str(stories260k), "--json-object", "--max-new-tokens", "12", "--json",
+                 "Once upon a time"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["constraint_complete"] is False and data["warnings"] == [err.strip()]
+    assert main(["generate", "--model", str(stories260k), "--max-new-tokens", "3", "--json", "Hi"]) == 0
+    data = json.loads(capsys.readouterr().out)  # no constraint: nothing to complete
+    assert "constraint_complete" not in data and data["warnings"] == []
+    help_text = next(g for g in build_parser()._subparsers._group_actions[0].choices["generate"]._action_groups
+                     if g.title and g.title.startswith("structured output")).title
+    assert "guaranteed to match it unless cut off" in help_text

@@ -459,6 +459,53 @@ def test_one_log_line_per_request(server, client):
     assert "Traceback" not in server.log
 
 
+def test_a_refused_request_is_one_log_line_without_its_body(server):
+    secret = "a prompt nobody else should read"
+    r = httpx.post(server.url + CHAT, headers=AUTH, json={"messages": [{"role": "user", "content": secret}],
+                                                          "max_tokens": 99999})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    missing = f"/v1/nothing-{time.monotonic_ns()}"
+    httpx.get(server.url + missing)
+    deadline = time.monotonic() + 10
+    while missing not in server.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in server.log.splitlines() if "refused" in line]
+    assert sum(f"refused 400 POST {CHAT}: {message}" in line for line in lines) == 1
+    assert sum(f"refused 404 GET {missing}: no such endpoint" in line for line in lines) == 1
+    assert secret not in server.log
+
+
+def test_head_on_the_page_and_one_operation_id_per_route(tiny_chat_model):
+    s = ServerProcess("--model", str(tiny_chat_model), env=ONE_THREAD)  # no --api-key: /openapi.json is on
+    try:
+        s.wait_ready()
+        for path in ("/", "/static/app.js", "/health"):
+            r = httpx.head(s.url + path)
+            assert r.status_code == 200 and r.content == b"", path
+        assert httpx.get(s.url + "/").headers["content-type"].startswith("text/html")
+        assert httpx.get(s.url + "/openapi.json").status_code == 200  # FastAPI builds the schema (and warns) here
+        assert "Duplicate Operation ID" not in s.log and "Warning" not in s.log
+        assert "open http://127.0.0.1:" in s.log and "/ in a browser" in s.log  # the page's address, at start
+    finally:
+        s.stop()
+
+
+def test_the_usage_chunk_carries_the_servers_timings(server, client):
+    chunks = list(client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1].model_dump()
+    timings = last["timings"]  # llama.cpp's field, beside OpenAI's usage
+    assert timings["predicted_n"] == last["usage"]["completion_tokens"] == 12
+    assert timings["prompt_n"] == last["usage"]["prompt_tokens"]
+    assert timings["predicted_per_second"] == pytest.approx(11 / (timings["predicted_ms"] / 1e3))
+    deadline = time.monotonic() + 10
+    while last["id"] not in server.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in server.log.splitlines() if last["id"] in line)
+    assert f"{timings['predicted_per_second']:.1f} tok/s" in line  # the log line's figure
+
+
 # ---- the app in this process: loading, and a load that fails -------------------------------------------------------
 def test_health_is_503_while_loading_then_200(model):
     from fastapi.testclient import TestClient

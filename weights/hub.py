@@ -75,3 +75,73 @@ def first_line(e: BaseException) -> str:
     """The first line of the exception's message, or its class name when the message is empty."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def resolve_gguf_file(ref: str, gguf_file: str | None = None, revision: str | None = None) -> Path:
+    """A GGUF model reference -> the local file: `ref` a .gguf path (used as it is), or `ref` a local folder / Hub repo
+    id and `gguf_file` the file's name in it. A Hub file is fetched with `huggingface_hub.hf_hub_download` into the
+    standard cache (HF_HUB_OFFLINE=1: the cache alone). CheckpointError (one line) for a missing file, a file name
+    the repo does not have (naming the .gguf files it has, when the Hub can list them), or an unreachable Hub."""
+    if gguf_file is None:
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{ref}: no such GGUF file")
+        return path
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        path = folder / gguf_file
+        if not path.is_file():
+            found = ", ".join(sorted(p.name for p in folder.glob("*.gguf"))) or "none"
+            raise CheckpointError(f"{folder}: no file {gguf_file!r} (GGUF files there: {found})")
+        return path
+    if looks_like_path(ref):
+        raise CheckpointError(f"{ref}: no such model folder")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(hf_hub_download(ref, gguf_file, revision=revision))
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{ref}: revision {revision!r} not found on the Hugging Face Hub") from None
+    except GatedRepoError:
+        raise CheckpointError(f"{ref}: gated repository; accept its licence on the Hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{ref}: no such repository on the Hugging Face Hub") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(offline_message(ref).replace(f"`hf download {ref}`", f"`hf download {ref} {gguf_file}`")
+                              .replace("--model /path/to/folder", "--model /path/to/file.gguf")) from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"{ref}: no file {gguf_file!r} in the repository "
+                              f"(GGUF files there: {_repo_gguf_files(ref, revision)})") from None
+    except (OSError, ValueError) as e:  # connection errors, HTTP errors, bad repo ids
+        raise CheckpointError(f"{ref}: could not download {gguf_file} from the Hugging Face Hub ({first_line(e)})") from None
+
+
+def _repo_gguf_files(ref: str, revision: str | None) -> str:
+    """The .gguf file names of a Hub repo, comma-separated ("unknown" when the Hub cannot list them)."""
+    try:
+        from huggingface_hub import HfApi
+
+        names = sorted(n for n in HfApi().list_repo_files(ref, revision=revision) if n.endswith(".gguf"))
+    except Exception:  # listing is a courtesy: any failure leaves the message without it
+        return "unknown"
+    return ", ".join(names) or "none"
+
+
+def folder_gguf(ref: str) -> Path | None:
+    """The GGUF file a local folder stands for when it holds .gguf files and no safetensors (a folder downloaded from
+    a GGUF repo): its one .gguf file; CheckpointError naming them when there are several; None for anything else."""
+    folder = Path(ref).expanduser()
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise CheckpointError(f"{folder}: several GGUF files ({', '.join(p.name for p in found)}); pick one with "
+                              "--gguf-file NAME")
+    return found[0] if found else None

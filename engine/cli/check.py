@@ -27,11 +27,12 @@ def run_check(args) -> int:
         raise EngineError(f"--max-kl must be >= 0, got {args.max_kl}")
     model = load(args)
     prompts = args.prompt or [DEFAULT_PROMPT]
-    if not (model.folder / "tokenizer.json").exists():  # ids only: start from BOS
+    if not model.has_tokenizer:  # ids only: start from BOS
         if text is not None:
             raise EngineError("--text needs the model's tokenizer (tokenizer.json), which this model folder lacks")
         prompts = [[model.config.bos_token_id or 0]]
     report = compare_with_transformers(model, prompts, steps=args.steps, text=text, text_source=args.text,
-                                       min_agreement=args.min_agreement, max_kl=args.max_kl)
+                                       min_agreement=args.min_agreement, max_kl=args.max_kl,
+                                       llamacpp=not args.no_llama_cpp)
     print(json.dumps(report.to_dict()) if args.json else report.summary())
     return 0 if report.ok else 1

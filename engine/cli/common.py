@@ -22,7 +22,11 @@ def fail(message: str, code: int = 1) -> int:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Add --model, --revision, --backend and --weights-dtype to `p`."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+                   help=f"local folder, Hugging Face repo id (default {DEFAULT_MODEL}) or a GGUF file "
+                        "(path/to/model.gguf: llama.cpp's format, run in its own types)")
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="the GGUF file NAME in the --model repo or folder (e.g. tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf; "
+                        "downloaded into the Hugging Face cache)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--backend", choices=("numpy", "triton"), default="numpy", help="forward implementation")
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPE_CHOICES, default="auto",
@@ -74,5 +78,6 @@ def sampling_overrides(args) -> dict:
 
 
 def load(args):
-    """Load the model named by --model/--revision/--backend/--weights-dtype."""
-    return load_model(args.model, backend=args.backend, revision=args.revision, weights_dtype=args.weights_dtype)
+    """Load the model named by --model/--gguf-file/--revision/--backend/--weights-dtype."""
+    return load_model(args.model, backend=args.backend, revision=args.revision, weights_dtype=args.weights_dtype,
+                      gguf_file=getattr(args, "gguf_file", None))

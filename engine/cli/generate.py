@@ -6,9 +6,12 @@ import sys
 
 from engine.cli.common import load, sampling_overrides, speculation_options
 from engine.errors import EngineError
-from engine.generation.constraints import ConstraintError
+from engine.generation.constraints import STOP_CONSTRAINT_ERROR, ConstraintError
 from engine.generation.generate import Generation
-from engine.generation.state import default_options
+from engine.generation.state import STOP_CONTEXT_FULL, STOP_MAX_TOKENS, STOP_STRING, default_options
+
+CUT_OFF_BY = {STOP_MAX_TOKENS: "--max-new-tokens ({n})", STOP_CONTEXT_FULL: "the end of the model's context window",
+              STOP_STRING: "a --stop string", STOP_CONSTRAINT_ERROR: "a limit of the constraint's matcher"}
 
 
 def prompt_ids_for(model, args) -> list[int]:
@@ -42,6 +45,25 @@ def constraint_overrides(args) -> dict:
     return out
 
 
+def constraint_flag(args) -> str | None:
+    """The structured-output flag given (--json-schema, --json-object, --regex, --choice, --grammar), or None."""
+    for flag in ("json_schema", "json_object", "regex", "choice", "grammar"):
+        if getattr(args, flag):
+            return "--" + flag.replace("_", "-")
+    return None
+
+
+def cut_off_warning(args, stop_reason: str) -> str | None:
+    """The one stderr line for a constrained output that stopped before its constraint was complete, else None."""
+    flag = constraint_flag(args)
+    if flag is None or stop_reason not in CUT_OFF_BY:
+        return None  # no constraint, or it completed (EOS is only allowed once it accepts)
+    cause = CUT_OFF_BY[stop_reason].format(n=args.max_new_tokens)
+    return (f"tinyllama: warning: the output was cut off by {cause} before it completed {flag}: it does not match "
+            f"it" + ("; raise --max-new-tokens or bound the output (maxLength, maxItems, ...)"
+                     if stop_reason == STOP_MAX_TOKENS else ""))
+
+
 def run_generate(args) -> int:
     """The `generate` subcommand: stream the completion (or print JSON with --json) -> exit status 0."""
     speculation = speculation_options(args)
@@ -60,11 +82,18 @@ def run_generate(args) -> int:
             sys.stdout.write(event.text)
             sys.stdout.flush()
     r = gen.result
+    warning = cut_off_warning(args, r.stop_reason)
     if args.json:
-        print(json.dumps(result_json(r), ensure_ascii=False))
+        out = result_json(r)
+        if constraint_flag(args) is not None:
+            out["constraint_complete"] = warning is None
+        out["warnings"] = [warning] if warning else []
+        print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if warning:
+        print(warning, file=sys.stderr)
     if args.verbose:
         from engine.runtime.layers import matmul_kernel_name
 

@@ -97,17 +97,34 @@ def shown(piece: str) -> str:
 
 # --- tokens --------------------------------------------------------------------------------------------------
 
+def tokenizer_only(args):
+    """The tokenizer of --model (a folder's tokenizer.json, or a GGUF file's vocabulary), no weights loaded."""
+    from engine.text.gguf_tokenizer import GGUFTokenizerError
+    from engine.text.tokenizer import Tokenizer
+    from weights.errors import CheckpointError
+    from weights.gguf_file import GGUFFile, is_gguf_path
+    from weights.hub import resolve_gguf_file, resolve_model_folder
+
+    gguf_file = getattr(args, "gguf_file", None)
+    if gguf_file is not None or is_gguf_path(args.model):
+        path = resolve_gguf_file(args.model, gguf_file, args.revision)
+        with GGUFFile(path) as f:
+            meta = f.tokenizer_metadata()
+        try:
+            return Tokenizer.from_gguf_metadata(meta)
+        except GGUFTokenizerError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    folder = resolve_model_folder(args.model, args.revision)
+    if not (folder / "tokenizer.json").exists():
+        raise CheckpointError(f"{folder}: no tokenizer.json in the model folder")
+    return Tokenizer.from_folder(folder)
+
+
 def run_tokens(args) -> int:
     """`inspect tokens`: the token table of TEXT (tokenizer only, no weights)."""
     from engine.inspect.tokens import token_rows
-    from engine.text.tokenizer import Tokenizer
-    from weights.errors import CheckpointError
-    from weights.hub import resolve_model_folder
 
-    folder = resolve_model_folder(args.model, args.revision)  # the tokenizer only: no weights are loaded
-    if not (folder / "tokenizer.json").exists():
-        raise CheckpointError(f"{folder}: no tokenizer.json in the model folder")
-    tokenizer = Tokenizer.from_folder(folder)
+    tokenizer = tokenizer_only(args)
     text = read_text(args.text)
     if args.chat:
         if tokenizer.chat_template is None:

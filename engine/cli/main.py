@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (exit 1) when the teacher-forced top-1 agreement is below F (a fraction, e.g. 0.95)")
     p.add_argument("--max-kl", type=float, metavar="NATS",
                    help="fail (exit 1) when the mean KL(transformers || engine) per token is above NATS")
+    p.add_argument("--no-llama-cpp", action="store_true",
+                   help="with a GGUF file: leave out llama.cpp's figures on the same file (reported beside ours when "
+                        "llama-cpp-python is installed)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the text")
@@ -37,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_speculation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--verbose", "-v", action="store_true", help="statistics on stderr")
-    g = p.add_argument_group("structured output (one of these; the text is guaranteed to match it)")
+    g = p.add_argument_group("structured output (one of these; the text is guaranteed to match it unless cut off "
+                                 "by --max-new-tokens, a --stop string or a full window: then a warning on stderr "
+                                 "says so, and --json's constraint_complete is false)")
     g.add_argument("--json-schema", metavar="FILE", help="a JSON Schema file: the output is JSON valid against it")
     g.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
     g.add_argument("--json-whitespace", choices=("compact", "flexible"), default="compact",

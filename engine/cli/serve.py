@@ -148,7 +148,8 @@ def run_serve(args) -> int:
     shown = f"[{host}]" if ":" in host else host
     # the progress lines show at every --log-level
     print(f"INFO:     loading {args.model} ... (GET /health answers 503 until it is ready)", file=sys.stderr)
-    print(f"INFO:     listening on http://{shown}:{port} (OpenAI API at http://{shown}:{port}/v1; Ctrl-C to stop)",
+    print(f"INFO:     listening on http://{shown}:{port} (the chat page: open http://{shown}:{port}/ in a browser; "
+          f"OpenAI API at http://{shown}:{port}/v1; Ctrl-C to stop)",
           file=sys.stderr, flush=True)
     # uvicorn restores the signal handlers it found and then re-raises the signal that stopped it: with these,
     # that re-raise is a no-op, so a Ctrl-C or SIGTERM that shut the server down cleanly exits 0.

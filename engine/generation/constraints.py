@@ -19,6 +19,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -27,6 +28,8 @@ import llguidance.numpy as llg_numpy
 from llguidance.gbnf_to_lark import any_to_lark
 
 from engine.errors import EngineError
+from engine.generation.constraint_limits import (MAX_JSON_NESTING, check_choices, check_grammar, check_schema,
+                                                 check_size)
 from engine.generation.json_schemas import prepare_schema
 
 CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "grammar")
@@ -35,6 +38,10 @@ STOP_CONSTRAINT_ERROR = "constraint_error"  # the matcher failed (a resource lim
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Tokenizer -> {(vocab, eos): LLTokenizer}
 _LOCK = threading.Lock()
+_STACK_SIZE_LOCK = threading.Lock()
+COMPILE_STACK_MB = 256  # the stack llguidance compiles on (up to ~5.6 KiB a schema level: 8 MiB failed at 1,508)
+MAX_ERROR_CHARS = 400
+EMPTY_LANGUAGE = "no text satisfies this constraint (nothing can start it: its language is empty)"
 _EXECUTOR = None
 
 
@@ -78,46 +85,75 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
 
 def grammar_for(kind: str, value, json_whitespace: str = "compact") -> str:
     """llguidance's grammar text for one constraint (value as the user gave it); ConstraintError naming `kind` when it
-    is malformed before compilation (not JSON, a choice that is not a list of strings, ...)."""
+    is malformed before compilation (not JSON, a choice that is not a list of strings, ...) or past a limit of
+    engine.generation.constraint_limits (the message names the limit)."""
+    try:
+        return _grammar_for(kind, value, json_whitespace)
+    except RecursionError:  # the limits are checked without recursion; this is Python's JSON reader or writer
+        raise ConstraintError(f"{kind}: nested more than {MAX_JSON_NESTING} levels deep (the limit)", kind) from None
+
+
+def _grammar_for(kind: str, value, json_whitespace: str) -> str:
     if kind == "json_schema":
         if isinstance(value, str):
+            _within_limits(kind, check_size, value, "the schema")
             try:
                 value = json.loads(value)
             except ValueError as e:
                 raise ConstraintError(f"json_schema: not valid JSON: {e}", kind) from None
-        if isinstance(value, bool):
-            value = {} if value else {"not": {}}
+        if value is False:
+            raise ConstraintError("json_schema: the schema false admits no value", kind)
+        if value is True:
+            value = {}
         if not isinstance(value, dict):
             raise ConstraintError(f"json_schema: must be a JSON object (a schema), got {type(value).__name__}", kind)
         json_whitespace = json_whitespace or "compact"
         if json_whitespace not in ("compact", "flexible"):
             raise ConstraintError(f"json_whitespace: 'compact' or 'flexible', got {json_whitespace!r}",
                                   "json_whitespace")
-        # "any JSON" ({}): OpenAI's json_object mode asks for an object, so an empty schema means one
-        schema = prepare_schema(value) if value else {"type": "object"}
+        _within_limits(kind, check_schema, value)
+        try:  # "any JSON" ({}): OpenAI's json_object mode asks for an object, so an empty schema means one
+            schema = prepare_schema(value) if value else {"type": "object"}
+        except ValueError as e:
+            raise ConstraintError(f"json_schema: {e}", kind) from None
         guidance = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
         schema["x-guidance"] = {"whitespace_flexible": json_whitespace == "flexible", **guidance}
         try:
-            return _exact("start: %json " + json.dumps(schema, ensure_ascii=False))
+            text = json.dumps(schema, ensure_ascii=False)
         except (ValueError, TypeError) as e:
             raise ConstraintError(f"json_schema: {e}", kind) from None
+        _within_limits(kind, check_size, text, "the schema")
+        return _exact("start: %json " + text)
     if kind == "regex":
         if not isinstance(value, str):
             raise ConstraintError(f"regex: must be a string, got {type(value).__name__}", kind)
+        _within_limits(kind, check_size, value, "the regex")
         return _exact(json.loads(llguidance.LLMatcher.grammar_from_regex(value))["grammars"][0]["lark_grammar"])
     if kind == "choice":
         if (isinstance(value, str) or not isinstance(value, (list, tuple)) or not value
                 or not all(isinstance(c, str) and c for c in value)):
             raise ConstraintError("choice: must be a non-empty list of non-empty strings", kind)
+        _within_limits(kind, check_choices, value)
         return _exact("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
     if kind == "grammar":
         if not isinstance(value, str) or not value.strip():
             raise ConstraintError("grammar: must be a non-empty Lark or GBNF grammar", kind)
+        _within_limits(kind, check_size, value, "the grammar")
         try:
-            return _exact(any_to_lark(value))
+            lark = any_to_lark(value)
         except Exception as e:  # noqa: BLE001 - the GBNF converter raises whatever it meets
-            raise ConstraintError(f"grammar: cannot read it as Lark or GBNF: {e}", kind) from None
+            raise ConstraintError(f"grammar: cannot read it as Lark or GBNF: {one_line_error(str(e))}", kind) from None
+        _within_limits(kind, check_grammar, lark)
+        return _exact(lark)
     raise ConstraintError(f"unknown constraint kind {kind!r}", kind)
+
+
+def _within_limits(kind: str, check, *args) -> None:
+    """Run one check of engine.generation.constraint_limits; its ValueError becomes a ConstraintError naming kind."""
+    try:
+        check(*args)
+    except ValueError as e:
+        raise ConstraintError(f"{kind}: {e}", kind) from None
 
 
 def _exact(lark: str) -> str:
@@ -134,11 +170,22 @@ def make_constraint(tokenizer, vocab_size: int, eos_ids: tuple[int, ...], json_s
     """The compiled constraint the options ask for, or None when they ask for none.
 
     json_schema: a schema (dict or JSON text; {} = any JSON object; an object schema with properties and without
-    additionalProperties is closed, integers lie within +-2**53: see engine.generation.json_schemas); regex: the whole output matches it (Rust regex
-    syntax); choice: the output is one of these strings; grammar: Lark (llguidance's syntax) or llama.cpp's GBNF;
-    json_object: any JSON object. At most one. json_whitespace: "compact" (no whitespace between JSON tokens, the
-    default) or "flexible". ConstraintError names the field and carries llguidance's reason.
+    additionalProperties is closed, integers lie within +-2**53: see engine.generation.json_schemas); regex: the
+    whole output matches it (Rust regex syntax); choice: the output is one of these strings; grammar: Lark
+    (llguidance's syntax) or llama.cpp's GBNF; json_object: any JSON object. At most one. json_whitespace:
+    "compact" (no whitespace between JSON tokens, the default) or "flexible". ConstraintError names the field and
+    carries llguidance's reason, or the limit (engine.generation.constraint_limits) the constraint is past.
     """
+    wanted = constraint_grammar(json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
+                                json_object=json_object, json_whitespace=json_whitespace)
+    return None if wanted is None else compile_constraint(tokenizer, vocab_size, eos_ids, *wanted)
+
+
+def constraint_grammar(json_schema=None, regex=None, choice=None, grammar=None, json_object: bool = False,
+                       json_whitespace: str = "compact") -> tuple[str, str] | None:
+    """make_constraint's options -> (kind, llguidance grammar text), or None when they ask for no constraint: every
+    check that needs no compiler (one constraint at most, well-formed, within the limits), in time linear in the
+    constraint's size. ConstraintError names the field."""
     given = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
                                ("grammar", grammar)) if v is not None}
     if json_object:
@@ -151,22 +198,78 @@ def make_constraint(tokenizer, vocab_size: int, eos_ids: tuple[int, ...], json_s
         names = list(given)
         raise ConstraintError(f"{names[1]}: give one constraint at a time (also got {names[0]})", names[1])
     (kind, value), = given.items()
-    text = grammar_for(kind, value, json_whitespace)
+    return kind, grammar_for(kind, value, json_whitespace)
+
+
+def compile_constraint(tokenizer, vocab_size: int, eos_ids: tuple[int, ...], kind: str, grammar: str,
+                       verify: Callable[[str, str, tuple], None] | None = None) -> Constraint:
+    """Compile one grammar (constraint_grammar's text) against the tokenizer -> Constraint.
+
+    `verify(kind, grammar, eos_ids)`, when given, runs first and raises ConstraintError for a grammar that must not
+    be compiled here, or admits no text (the server's compile workers: engine.generation.constraint_compiler). The
+    compile runs on a thread with a COMPILE_STACK_MB stack (llguidance recurses on it). A constraint that admits no
+    text at all (an empty regex, a rule that only refers to itself) is a ConstraintError, as is every error
+    llguidance reports (one line, without its internals)."""
     try:
         ll_tok = ll_tokenizer(tokenizer, vocab_size, eos_ids)
     except ConstraintError as e:
         raise ConstraintError(str(e), kind) from None
-    matcher = llguidance.LLMatcher(ll_tok, text, log_level=0)
+    if verify is not None:
+        verify(kind, grammar, tuple(eos_ids))  # it checked that the grammar admits some text, too
+    matcher = on_big_stack(lambda: llguidance.LLMatcher(ll_tok, grammar, log_level=0))
     if matcher.is_error():
-        raise ConstraintError(f"{kind}: {_one_line(matcher.get_error())}", kind)
-    return Constraint(kind, text, matcher, vocab_size)
+        raise ConstraintError(f"{kind}: {one_line_error(matcher.get_error())}", kind)
+    if verify is None and not _admits_text(matcher, vocab_size, eos_ids):
+        raise ConstraintError(f"{kind}: {EMPTY_LANGUAGE}", kind)
+    return Constraint(kind, grammar, matcher, vocab_size)
 
 
-def _one_line(message: str) -> str:
-    """llguidance's error text, its lines joined (a regex error points at the spot over several lines)."""
+def _admits_text(matcher, vocab_size: int, eos_ids: tuple[int, ...]) -> bool:
+    """Whether the fresh matcher admits some text: it accepts the empty text, or its first mask allows a token
+    other than EOS (llguidance reports an empty language as an error once it computes the first mask)."""
+    probe = matcher.deep_copy()
+    if probe.is_accepting():
+        return True
+    mask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
+    llg_numpy.fill_next_token_bitmask(probe, mask, 0)
+    allowed = np.unpackbits(mask[0].view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
+    allowed[[i for i in eos_ids if i < vocab_size]] = False
+    return not probe.is_error() and bool(allowed.any())
+
+
+def on_big_stack(function: Callable[[], object], stack_mb: int | None = None):
+    """function() run on a new thread with a stack of stack_mb MiB (COMPILE_STACK_MB; address space, touched only
+    as used) -> its result, its exception re-raised here."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
+            out["error"] = error
+
+    with _STACK_SIZE_LOCK:  # threading.stack_size is process-wide: set it only around this thread's start
+        previous = threading.stack_size((stack_mb or COMPILE_STACK_MB) * 2 ** 20)
+        try:
+            thread = threading.Thread(target=run, name="tinyllama-constraint-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def one_line_error(message: str) -> str:
+    """llguidance's error text on one line (a regex error points at the spot over several lines), without internals
+    (a Rust panic's backtrace, source paths) and at most MAX_ERROR_CHARS long."""
+    if "panic" in message or "backtrace" in message.lower():
+        return "the constraint compiler failed on it (an internal limit): make the constraint smaller or simpler"
     lines = [line.strip() for line in message.strip().splitlines()
              if line.strip() and set(line.strip()) != {"^"} and not re.match(r"\d+ \|", line.strip())]
-    return re.sub(r"^at \d+\(\d+\): ", "", "; ".join(lines))  # positions in llguidance's own wrapping grammar
+    text = re.sub(r"^at \d+\(\d+\): ", "", "; ".join(lines))  # positions in llguidance's own wrapping grammar
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
 class ConstraintState:

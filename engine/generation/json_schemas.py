@@ -102,8 +102,9 @@ def _bound_integer(pointer: str, node: dict) -> None:
     if any(v > MAX_EXACT_INTEGER for v in low) or any(v < -MAX_EXACT_INTEGER for v in high):
         raise ValueError(f"{pointer}: integer bounds past +-2**53 ({MAX_EXACT_INTEGER}) cannot be generated "
                          f"exactly (a float64 holds integers exactly up to there)")
-    for keys, past, default in ((("minimum", "exclusiveMinimum"), lambda v: v <= -MAX_EXACT_INTEGER, -MAX_EXACT_INTEGER),
-                                (("maximum", "exclusiveMaximum"), lambda v: v >= MAX_EXACT_INTEGER, MAX_EXACT_INTEGER)):
+    lower, upper = ("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")
+    for keys, past, default in ((lower, lambda v: v <= -MAX_EXACT_INTEGER, -MAX_EXACT_INTEGER),
+                                (upper, lambda v: v >= MAX_EXACT_INTEGER, MAX_EXACT_INTEGER)):
         for key in keys:
             if _number(node.get(key)) and past(node[key]):
                 del node[key]  # a bound past the exact range says nothing inside it

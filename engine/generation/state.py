@@ -122,13 +122,20 @@ def default_options(model, **overrides) -> GenerationOptions:
         raise EngineError(str(e)) from None
     options = GenerationOptions(sampling=params, **rest)
     if any(v is not None and v is not False for v in wanted.values()):
-        eos = () if options.ignore_eos else (options.eos_ids if options.eos_ids is not None else eos_ids_of(model))
         tokenizer = _tokenizer_or_none(model)
         if tokenizer is None:
             raise EngineError("constraints need the model's tokenizer (tokenizer.json), which this model folder lacks")
-        constraint = make_constraint(tokenizer, model.config.vocab_size, tuple(eos), **wanted)
+        constraint = make_constraint(tokenizer, model.config.vocab_size, constraint_eos_ids(model, options), **wanted)
         options = GenerationOptions(sampling=params, constraint=constraint, **rest)
     return options
+
+
+def constraint_eos_ids(model, options: GenerationOptions) -> tuple[int, ...]:
+    """The EOS ids a constraint for these options is compiled with: none with ignore_eos, else the options' own or
+    the model's (eos_ids_of)."""
+    if options.ignore_eos:
+        return ()
+    return tuple(options.eos_ids if options.eos_ids is not None else eos_ids_of(model))
 
 
 def eos_ids_of(model) -> tuple[int, ...]:

@@ -216,6 +216,7 @@ def plot_lens(lens: LogitLens, pieces_of, path) -> Path:
     targets = pieces_of([int(i) for i in ids[first + 1:]]) + ["?"]
     ax.set_xticks(range(len(inputs)), [shown_piece(p)[:12] for p in inputs], rotation=90, fontsize=8)
     ax.set_yticks(range(n_rows), ["embeddings"] + [f"after layer {i}" for i in range(n_rows - 1)], fontsize=8)
+    ax.set_ylabel("layer (output at the top)")  # the web page draws it the same way up
     ax.set_xlabel("input token at each position")
     top_axis = ax.secondary_xaxis("top")
     top_axis.set_xticks(range(len(targets)), [shown_piece(p)[:12] for p in targets], rotation=90, fontsize=8)

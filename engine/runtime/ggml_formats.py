@@ -16,6 +16,8 @@ module's bottom list, or from the module that defines the kernels):
         type_size: int     bytes per block (gguf.GGML_QUANT_SIZES[type] == (block_size, type_size))
         kind: str          the runtime weight kind it makes, for logs and the model's weights_dtype:
                            "float32", "float16", "bfloat16", "int8", "int4", or a new one ("q4_k", ...)
+        version: int       (optional, default 1) part of the repacked-weights cache's key: bump it whenever the
+                           arrays `repack_into` writes change for the same file bytes
 
         layout(rows, cols) -> dict[str, (np.dtype, tuple[int, ...])]
             The arrays one weight object of (rows, cols) holds, by field name. The on-disk cache of repacked weights

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import sys
@@ -44,20 +45,25 @@ def cache_folder() -> Path:
     return native.cache_dir() / "quantized"
 
 
-def file_fingerprint(path: Path) -> dict:
-    """A cheap fingerprint of one checkpoint file: name, size, mtime_ns and the SHA-256 of its header bytes."""
+def file_fingerprint(path: Path, header_bytes: int | None = None) -> dict:
+    """A cheap fingerprint of one checkpoint file: name, size, mtime_ns and the SHA-256 of its header bytes (a
+    safetensors header, or the first `header_bytes` bytes: a GGUF file's metadata and tensor table)."""
     st = path.stat()
     with open(path, "rb") as f:
+        if header_bytes is not None:
+            digest = hashlib.sha256(f.read(min(header_bytes, MAX_HEADER_BYTES))).hexdigest()
+            return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest}
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         digest = hashlib.sha256(head + f.read(min(n, MAX_HEADER_BYTES))).hexdigest()
     return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest}
 
 
-def entry_key(files: list[Path], kind: str, settings: dict) -> dict:
+def entry_key(files: list[Path], kind: str, settings: dict, header_bytes: int | None = None) -> dict:
     """The key an entry must carry to be used: the checkpoint files' fingerprints, the kind and the quantizer's
-    `settings` (format version, group size, ... : JSON values)."""
-    return {"kind": kind, "settings": settings, "files": [file_fingerprint(Path(p)) for p in files]}
+    `settings` (format version, group size, ... : JSON values); header_bytes: as in file_fingerprint."""
+    return {"kind": kind, "settings": settings,
+            "files": [file_fingerprint(Path(p), header_bytes) for p in files]}
 
 
 def entry_path(folder: Path, kind: str) -> Path:
@@ -73,8 +79,23 @@ def _warn(what: str) -> None:
 class Entry:
     """An open, validated cache entry: `read_into(name, out)` fills `out` with the array stored under `name`."""
 
-    def __init__(self, path: Path, f, arrays: dict[str, dict]):
+    def __init__(self, path: Path, f, arrays: dict[str, dict], extra: dict | None = None):
         self.path, self._f, self._arrays = path, f, arrays
+        self.extra = extra or {}  # what the writer kept beside the arrays (JSON values)
+        self._map: mmap.mmap | None = None
+
+    def view(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The stored array `name` as a read-only array on a memory map of the entry (no copy: its pages are read
+        when touched, and shared with every process mapping the same entry). ValueError when the entry does not
+        hold it in this dtype and shape. The mapping lives as long as any array viewing it."""
+        dtype = np.dtype(dtype)
+        info = self._arrays.get(name)
+        if info is None or info["dtype"] != dtype.str or tuple(info["shape"]) != tuple(shape):
+            raise ValueError(f"{self.path}: no array {name!r} of {dtype} {tuple(shape)}")
+        if self._map is None:
+            self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=info["offset"]).reshape(shape)
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         """Copy the stored array `name` into `out` (C-contiguous, the stored dtype and shape), piece by piece from
@@ -93,6 +114,7 @@ class Entry:
             done += got
 
     def close(self) -> None:
+        """Close the file (arrays handed out by `view` keep their mapping)."""
         self._f.close()
 
     def __enter__(self):
@@ -124,26 +146,28 @@ def open_entry(path: Path, key: dict) -> Entry | None:
             nbytes = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(info["dtype"]).itemsize
             if info["nbytes"] != nbytes or info["offset"] + nbytes > size:
                 raise ValueError("array out of the file")
-        return Entry(path, f, arrays)
+        return Entry(path, f, arrays, header.get("extra"))
     except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError):
         f.close()
         return None
 
 
-def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray]) -> bool:
+def write_entry(path: Path, key: dict, arrays: dict[str, np.ndarray], extra: dict | None = None) -> bool:
     """Write `arrays` (name -> C-contiguous array) under `key` to `path` atomically (a temporary file renamed over
-    it). A failure is one warning line on stderr and False, never an error."""
+    it), with `extra` (JSON values: Entry.extra) in the header. A failure is one warning line on stderr and False,
+    never an error."""
     layout, offset = {}, 0
     for name, a in arrays.items():
         layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "nbytes": a.nbytes, "offset": offset}
         offset += -(-a.nbytes // ALIGN) * ALIGN
     # the header's own length moves the data; fix the start at a page boundary past a generous header estimate
-    probe = json.dumps({"key": key, "arrays": layout, "total_bytes": 0}).encode()
+    extra = extra or {}
+    probe = json.dumps({"key": key, "arrays": layout, "total_bytes": 0, "extra": extra}).encode()
     start = -(-(16 + len(probe) + 1024 + 40 * len(layout)) // HEADER_ALIGN) * HEADER_ALIGN
     for info in layout.values():
         info["offset"] += start
     total = start + offset
-    header = json.dumps({"key": key, "arrays": layout, "total_bytes": total}).encode()
+    header = json.dumps({"key": key, "arrays": layout, "total_bytes": total, "extra": extra}).encode()
     assert 16 + len(header) <= start
     tmp = None
     try:

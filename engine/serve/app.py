@@ -30,7 +30,8 @@ from starlette.requests import ClientDisconnect
 from engine.errors import EngineError
 from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, QueueFullError, ServingLoop, ServingStoppedError,
                                        StepFailedError, Ticket, choice_options)
-from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options
+from engine.generation.constraint_compiler import ConstraintCompiler
+from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options, eos_ids_of
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
@@ -40,6 +41,7 @@ from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from engine.serve.responses import Answer, TokenStrings, finish_reason, sse, usage
+from engine.serve.structured import attach_constraint
 from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
@@ -69,6 +71,7 @@ class ServerState:
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # 0: no prefix cache
     model: object = None
     serving: ServingLoop | None = None
+    constraints: ConstraintCompiler | None = None  # compiles constraints off the event loop, isolated
     strings: TokenStrings | None = None
     load_error: str | None = None
     draining: bool = False
@@ -93,6 +96,7 @@ class ServerState:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
             default_options(model, json_object=True)  # builds llguidance's tokenizer once (~0.3 s), not per request
+            constraints = ConstraintCompiler(model.tokenizer, model.config.vocab_size, eos_ids_of(model)).start()
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue,
                                   **self.speculation,
                                   prefix_cache_bytes=int(self.prefix_cache_mb * 2 ** 20)).start()
@@ -103,7 +107,7 @@ class ServerState:
             if self.on_load_error is not None:
                 self.on_load_error(self.load_error)
             return
-        self.model, self.strings, self.serving = model, strings, serving
+        self.model, self.strings, self.serving, self.constraints = model, strings, serving, constraints
         startup_log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once)",
                  time.perf_counter() - started, self.served_model_name, model.config.max_position_embeddings,
                  self.max_active)
@@ -119,6 +123,8 @@ class ServerState:
             self.grace_over.set()  # requests still uploading their body are answered 503 and closed
             if self.serving is not None:
                 self.serving.cancel_all()
+            if self.constraints is not None:
+                self.constraints.stop()  # compiles waiting or running end in a 503; none is waited for
 
         asyncio.get_running_loop().call_later(max(0.0, grace), over)
 
@@ -167,6 +173,8 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load_model, name="tinyllama-load", daemon=True).start()
         yield
+        if state.constraints is not None:
+            state.constraints.stop()
         if state.serving is not None:
             state.serving.stop()
 
@@ -178,12 +186,14 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if state.ready and not state.draining:
             return {"status": "ok"}
         status = "shutting down" if state.draining else "loading"
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": RETRY_AFTER_LOADING})
+
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # one operation id in /openapi.json
 
     @app.get("/metrics")
     async def metrics():
@@ -191,8 +201,9 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
 
     def model_card() -> dict:
         card = {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": OWNER}
-        if state.model is not None:
+        if state.model is not None:  # what the web page needs: the window, and whether the model can chat
             card["max_model_len"] = state.model.config.max_position_embeddings
+            card["capabilities"] = ["completion"] + (["chat"] if state.model.tokenizer.chat_template else [])
         return card
 
     @app.get("/v1/models")
@@ -240,7 +251,8 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
         state.check_ready()
         return make_job(state.model, body) if make_job is not None else body
 
-    return await asyncio.to_thread(job)
+    prepared = await asyncio.to_thread(job)
+    return await attach_constraint(state.constraints, prepared) if make_job is not None else prepared
 
 
 async def _read_body(request: Request, state: ServerState) -> bytes:
@@ -319,6 +331,19 @@ class _Timing:
         self.last = now
         metrics.generation_tokens.inc()
 
+    def rate(self, n: int) -> float:
+        """Generated tokens per second from the first token to the last ((n - 1) intervals; 0.0 below two)."""
+        return (n - 1) / (self.last - self.first) if n > 1 and self.last > self.first else 0.0
+
+    def timings(self, prompt_tokens: int, n: int) -> dict:
+        """The server's clock for a response, in llama.cpp's `timings` shape: prompt_ms from arrival to the first
+        token (queueing included), predicted_ms from the first token to the last, predicted_per_second (the log
+        line's tok/s)."""
+        ttft = (self.first - self.arrived) if self.first is not None else 0.0
+        decode = (self.last - self.first) if self.first is not None else 0.0
+        return {"prompt_n": prompt_tokens, "prompt_ms": 1e3 * ttft, "predicted_n": n, "predicted_ms": 1e3 * decode,
+                "predicted_per_second": self.rate(n)}
+
 
 async def _answer(request: Request, state: ServerState, job: Job, answer: Answer):
     """Submit the job and answer: a stream of SSE chunks or one JSON body. Errors before the first token are HTTP
@@ -365,7 +390,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
         _raise_if_error(first)
         if job.stream:
             handed_over = True
-            return StreamingResponse(_stream(state, ticket, queue, first, answer, watcher),
+            return StreamingResponse(_stream(state, ticket, queue, first, answer, watcher, timing),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         events, item = [], first
@@ -377,7 +402,8 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
             if timing.client_gone:
                 raise ClientGone  # nobody to answer; counted and logged as a client gone, not as an error
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
-        return JSONResponse(answer.complete(events, item))
+        return JSONResponse(dict(answer.complete(events, item),
+                                 timings=timing.timings(len(item.prompt_token_ids), len(item.token_ids))))
     finally:
         if not handed_over:
             watcher.cancel()
@@ -393,9 +419,9 @@ def _raise_if_error(item) -> None:
 
 
 async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, first, answer: Answer,
-                  watcher: asyncio.Task):
+                  watcher: asyncio.Task, timing: _Timing):
     """The SSE body: role chunk, content deltas (all events queued at a time in one chunk), the finish chunk, the
-    usage chunk when asked, then [DONE]."""
+    usage chunk when asked (with the server's `timings`, as llama.cpp's server sends them), then [DONE]."""
     ended = False
     try:
         opening = answer.first_chunk()
@@ -415,7 +441,8 @@ async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, firs
                 if isinstance(end, GenerationResult):
                     yield sse(answer.final_chunk(end))
                     if answer.include_usage:
-                        yield sse(answer.usage_chunk(end))
+                        yield sse(dict(answer.usage_chunk(end),
+                                       timings=timing.timings(len(end.prompt_token_ids), len(end.token_ids))))
                 else:
                     failure = APIError(500, str(end), SERVER_ERROR)
                     yield sse(failure.body())
@@ -448,7 +475,7 @@ def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now:
     choices'), time to first token, tokens/s, finish reason."""
     n = len(result.token_ids) if completion is None else completion
     ttft = (timing.first - timing.arrived) if timing.first is not None else None
-    rate = (n - 1) / (timing.last - timing.first) if n > 1 and timing.last > timing.first else 0.0
+    rate = timing.rate(n)
     reason = "client gone" if timing.client_gone and result.stop_reason == STOP_CANCELLED else finish_reason(result)
     log.info("%s: prompt %d tokens (%d cached), completion %d tokens, first token %s, %.1f tok/s, %.2f s, finish %s",
              answer.id, len(result.prompt_token_ids), result.cached_tokens, n, "-" if ttft is None else f"{ttft:.3f} s", rate,

@@ -73,16 +73,19 @@ def validation_error(errors: list[dict]) -> APIError:
 
 def install_error_handlers(app: FastAPI, on_error=None) -> None:
     """Route every error through the OpenAI shape: APIError, validation (400), HTTP errors, anything else (500).
-    on_error(status) is called for each error response (to count them)."""
+    on_error(status) is called for each error response (to count them); each refused request (every error but a 500,
+    which is logged with its traceback) gets one log line: status, method, route and the message, never the body."""
 
-    def respond(error: APIError) -> JSONResponse:
+    def respond(request: Request, error: APIError) -> JSONResponse:
         if on_error is not None:
             on_error(error.status)
+        if error.status != 500:
+            log.info("refused %d %s %s: %s", error.status, request.method, request.url.path, error.message)
         return error.response()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
-        return respond(error)
+        return respond(request, error)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, error: ClientGone):
@@ -92,7 +95,7 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
-        return respond(validation_error(list(error.errors())))
+        return respond(request, validation_error(list(error.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -103,12 +106,12 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
         else:
             message = str(error.detail)
         kind = SERVER_ERROR if error.status_code >= 500 else INVALID_REQUEST
-        return respond(APIError(error.status_code, message, kind, headers=getattr(error, "headers", None)))
+        return respond(request, APIError(error.status_code, message, kind, headers=getattr(error, "headers", None)))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return respond(APIError(500, "internal server error (see the server's log)", SERVER_ERROR))
+        return respond(request, APIError(500, "internal server error (see the server's log)", SERVER_ERROR))
 
 
 class AnswerBugs:

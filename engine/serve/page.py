@@ -29,7 +29,7 @@ def static_files() -> dict[str, object]:
 
 
 def add_page_routes(app: FastAPI) -> None:
-    """Mount GET / (the page) and GET /static/{name} (its scripts, styles and icon)."""
+    """Mount GET and HEAD / (the page) and /static/{name} (its scripts, styles and icon)."""
     served = static_files()
 
     def file_response(name: str) -> Response:
@@ -39,10 +39,12 @@ def add_page_routes(app: FastAPI) -> None:
         media_type = MEDIA_TYPES["." + name.rpartition(".")[2]]
         return Response(entry.read_bytes(), media_type=media_type, headers=PAGE_HEADERS)
 
-    @app.get("/")
     async def page():
         return file_response("index.html")
 
-    @app.get("/static/{name}")
     async def static(name: str):
         return file_response(name)
+
+    for path, route in (("/", page), ("/static/{name}", static)):
+        app.add_api_route(path, route, methods=["GET"])
+        app.add_api_route(path, route, methods=["HEAD"], include_in_schema=False)  # uvicorn sends no body

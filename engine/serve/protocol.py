@@ -38,9 +38,40 @@ def parse_body(raw: bytes) -> dict:
     return data
 
 
-def _check_values(data: dict) -> None:
-    """400 for nesting past MAX_NESTING or a lone surrogate in any key or string (walked without recursion)."""
-    stack: list[tuple[str, Any, int]] = [("", data, 1)]
+def parse_json_field(text: str, param: str):
+    """A field that carries JSON as text (a schema sent as a string) -> its value, held to the body's own rules: 400
+    naming the field for text that is not JSON, nests past MAX_NESTING or holds a lone surrogate."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        value = json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise bad_request(f"{param}: nested too deeply (more than {MAX_NESTING} levels)", param) from None
+    except ValueError as e:
+        raise bad_request(f"{param}: not valid JSON: {e}", param) from None
+    if _nesting_past_limit(value):
+        raise bad_request(f"{param}: nested too deeply (more than {MAX_NESTING} levels)", param)
+    _check_values(value, param)
+    return value
+
+
+def _nesting_past_limit(value) -> bool:
+    """Whether JSON data nests containers deeper than MAX_NESTING (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_NESTING:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def _check_values(data, root: str = "") -> None:
+    """400 for nesting past MAX_NESTING or a lone surrogate in any key or string (walked without recursion); `root`:
+    the field `data` came from ('' for the body)."""
+    stack: list[tuple[str, Any, int]] = [(root, data, 1)]
     while stack:
         path, value, depth = stack.pop()
         if isinstance(value, str):
@@ -72,8 +103,11 @@ class StreamOptions(_Body):
 
 
 class ResponseFormat(_Body):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, populate_by_name=True)
+
     type: str = "text"
     json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict"} with type "json_schema"
+    schema_: Any = Field(None, alias="schema")  # llama.cpp's form: the schema beside the type
 
 
 class ContentPart(_Body):
@@ -117,6 +151,15 @@ class SamplingFields(_Body):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
     json_whitespace: Literal["compact", "flexible"] | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's; on /v1/completions too, as vLLM
+    # other servers' constraint fields: mapped onto ours where they mean the same, else refused (a 400 naming them)
+    grammar: Any = None  # llama.cpp: GBNF text; TGI: {"type": "json" | "regex", "value"}
+    json_schema: Any = None  # llama.cpp
+    regex: Any = None  # SGLang
+    ebnf: Any = None  # SGLang
+    grammar_lazy: Any = None  # llama.cpp (lazy grammars, triggered by tokens)
+    grammar_triggers: Any = None  # llama.cpp
+    guided_decoding_backend: Any = None  # vLLM: the grammar engine to use (one engine here: ignored)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -126,7 +169,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None

@@ -175,6 +175,15 @@ class Tokenizer:
             chat_template=_chat_template_from(folder, tokenizer_config),
         )
 
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
+        """The tokenizer a GGUF file describes in its `tokenizer.*` metadata (key -> value; see
+        engine.text.gguf_tokenizer); GGUFTokenizerError (one line) when it is missing or unsupported."""
+        from engine.text import gguf_tokenizer
+
+        hf_tokenizer, facts = gguf_tokenizer.build(dict(meta))
+        return cls(hf_tokenizer, **facts)
+
     def encode(self, text: str, add_special_tokens: bool = True, threaded: bool = False) -> list[int]:
         """text -> token ids (list[int]); add_special_tokens runs the post-processor (adds BOS for Llama).
 

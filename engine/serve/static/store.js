@@ -5,7 +5,8 @@ const CURRENT = "tinyllama.current";
 const SETTINGS = "tinyllama.settings";
 const KEY = "tinyllama.apiKey";
 
-export const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, top_k: 0, max_tokens: 512, seed: "" };
+// max_tokens empty: none is sent, and the server lets a reply run to the end of the window.
+export const DEFAULT_SETTINGS = { system: "", temperature: 0.7, top_p: 0.95, top_k: 0, max_tokens: "", seed: "" };
 
 function read(name, fallback) {
   try {
