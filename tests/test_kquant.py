@@ -372,3 +372,63 @@ def test_a_gguf_of_mixed_block_formats_runs_its_exact_meaning(tmp_path, stories2
     report = compare_with_transformers(model, "Once upon a time", steps=8, llamacpp=False)
     assert report.fidelity.top1_agreement == 1.0 and report.fidelity.kl_mean < 1e-6, report.summary()
     assert model.backend._fused is not None  # the layers ran in one call, parts and all
+
+
+@pytest.fixture(scope="module")
+def llamacpp_q4_k_m(tmp_path_factory, tinyllama_tokenizer_dir):
+    """llama.cpp's own q4_K_M file (its converter to f16, then llama_model_quantize) of a random Llama whose rows are
+    whole 256-column blocks, with TinyLlama's vocabulary: (checkpoint folder, file)."""
+    import os
+    import subprocess
+    import sys
+
+    from bench import llamacpp as bench_llamacpp
+
+    if not bench_llamacpp.installed():
+        pytest.skip("llama-cpp-python is not installed (its converter and quantizer make the file)")
+    tmp = tmp_path_factory.mktemp("llamacpp-q4km")
+    folder = make_random_checkpoint(tmp / "ckpt", dtype="bfloat16", seed=9, hidden_size=256, intermediate_size=512,
+                                    num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=8,
+                                    vocab_size=32000, tokenizer_from=tinyllama_tokenizer_dir)
+    try:
+        script = bench_llamacpp.converter()
+    except Exception as e:  # noqa: BLE001 - the converter could not be fetched: say why
+        pytest.skip(f"llama.cpp's converter is not available: {e}")
+    env = dict(os.environ)
+    if (script.parent / "gguf-py").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join([str(script.parent / "gguf-py")] + [p for p in [env.get("PYTHONPATH")] if p])
+    f16 = tmp / "f16.gguf"
+    done = subprocess.run([sys.executable, str(script), str(folder), "--outtype", "f16", "--outfile", str(f16)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"llama.cpp's converter failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    out = tmp / "q4_K_M.gguf"
+    bench_llamacpp.quantize_gguf(f16, out, "q4_K_M")
+    return folder, out
+
+
+def test_the_mix_is_the_types_of_llamacpps_own_q4_k_m_file(llamacpp_q4_k_m):
+    from weights.gguf_file import gguf_name
+
+    folder, path = llamacpp_q4_k_m
+    config = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    for name, shape in config.tensor_shapes().items():
+        if len(shape) == 2:
+            ours = kquant_mix.tensor_kind(name, config)
+            assert {"int8": "Q8_0"}.get(ours, ours.upper()) == theirs[gguf_name(name)], name
+
+
+@needs_kernels
+def test_llamacpps_q4_k_m_file_runs_within_half_its_drift(llamacpp_q4_k_m):
+    """llama.cpp's q4_K_M file (Q4_K and Q6_K tensors) on our kernels against its exact meaning: our mean KL at most
+    half of llama.cpp's on the same file and rows, our top-1 agreement at least its."""
+    from engine.compare import compare_with_transformers
+
+    _, path = llamacpp_q4_k_m
+    model = engine.load_model(str(path))
+    assert {p.kind for p in model.backend.weights.layers[0].wqkv.parts} == {"q4_k", "q6_k"}
+    report = compare_with_transformers(model, "Once upon a time", steps=8)
+    ours, theirs = report.fidelity, report.llamacpp.fidelity
+    assert ours.kl_mean <= 0.5 * theirs.kl_mean, (ours, theirs)
+    assert ours.top1_agreement >= theirs.top1_agreement
