@@ -15,6 +15,7 @@ from engine.runtime.numpy_backend import NumpyBackend
 from engine.runtime import calibration, kquant_mix, native
 from engine.runtime.trace import TRACE_MEMORY_LIMIT, Trace, TraceRecorder
 from engine.runtime.weights import choose_weights_dtype, load_model_weights, stored_dtype
+from engine.text.chat_templates import resolve_chat_template
 from engine.text.tokenizer import Tokenizer
 from weights.checkpoint import open_checkpoint, read_json
 from weights.errors import CheckpointError
@@ -42,6 +43,7 @@ class Model:
         self._weights_dtype = weights_dtype
         self.weights_dtype_reason = weights_dtype_reason  # why the weights are held as `weights_dtype`
         self._tokenizer = None
+        self._chat_template = None  # a ChatTemplate chosen by the caller (use_chat_template), applied to the tokenizer
         self._drafts: dict[str, "Model"] = {}
 
     def draft_model(self, kind: str) -> "Model":
@@ -82,13 +84,24 @@ class Model:
     def tokenizer(self):
         """The model's tokenizer (tokenizer.json in the model folder, or the GGUF file's own vocabulary);
         CheckpointError when there is none."""
-        if self._tokenizer is None and self._tokenizer_loader is not None:
-            self._tokenizer = self._tokenizer_loader()
         if self._tokenizer is None:
-            if self.folder is None or not (self.folder / "tokenizer.json").exists():
+            if self._tokenizer_loader is not None:
+                tokenizer = self._tokenizer_loader()
+            elif self.folder is None or not (self.folder / "tokenizer.json").exists():
                 raise CheckpointError(f"{self.folder}: no tokenizer.json in the model folder")
-            self._tokenizer = Tokenizer.from_folder(self.folder)
+            else:
+                tokenizer = Tokenizer.from_folder(self.folder)
+            if self._chat_template is not None:
+                tokenizer.use_chat_template(self._chat_template)
+            self._tokenizer = tokenizer
         return self._tokenizer
+
+    def use_chat_template(self, template) -> None:
+        """Chat with `template` instead of the model's own (or where it has none): a name ("chatml", "zephyr",
+        "llama-2"), a Jinja file's path, Jinja text, or a ChatTemplate. EngineError when it is none of these."""
+        self._chat_template = resolve_chat_template(template)
+        if self._tokenizer is not None:
+            self._tokenizer.use_chat_template(self._chat_template)
 
     def new_cache(self):
         """An empty KV cache for one sequence on this model's backend."""
@@ -155,7 +168,8 @@ class Model:
 
 
 def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str | None = None,
-               weights_dtype: str = "auto", gguf_file: str | None = None, **backend_options) -> Model:
+               weights_dtype: str = "auto", gguf_file: str | None = None, chat_template=None,
+               **backend_options) -> Model:
     """Load a Llama checkpoint (local folder or Hub repo id, or a GGUF file) onto `backend` ("numpy" or "triton").
 
     weights_dtype: "auto" keeps a bf16/fp16 checkpoint's matrices 16-bit where the backend's kernels widen them exactly
@@ -163,7 +177,19 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
     "int8" / "int4" quantize them at load, groups of 32 with float16 scales; "q4_k_m" into llama.cpp's q4_K_M mix by
     our quantizer (NumPy backend only; inexact modes: see the README's "Quantized weights", docs/kquant.md).
     A GGUF file (`ref` a path ending in .gguf, or `ref` a Hub repo id / folder and `gguf_file` the file's name in it)
-    runs its tensors in their own ggml types (auto; see docs/gguf.md) or dequantized to float32 ("float32")."""
+    runs its tensors in their own ggml types (auto; see docs/gguf.md) or dequantized to float32 ("float32").
+    chat_template: chat with this template instead of the model's own, or where it has none (see
+    Model.use_chat_template); checked before anything loads."""
+    template = resolve_chat_template(chat_template) if chat_template is not None else None
+    model = _load_model(ref, backend, revision, weights_dtype, gguf_file, **backend_options)
+    if template is not None:
+        model.use_chat_template(template)
+    return model
+
+
+def _load_model(ref: str, backend: str, revision: str | None, weights_dtype: str, gguf_file: str | None,
+                **backend_options) -> Model:
+    """load_model without the chat template."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if gguf_file is not None or is_gguf_path(ref):

@@ -279,8 +279,8 @@ def test_a_model_without_chat_template_is_refused(tiny_chat_model, tmp_path):
     no_template = model_variant(tiny_chat_model, tmp_path / "no-template", "tokenizer_config.json",
                                 lambda config: config.pop("chat_template"))
     m = Model.__new__(Model)
-    m.folder, m._tokenizer = no_template, None
-    with pytest.raises(EngineError, match="no chat template.*tinyllama generate"):
+    m.folder, m._tokenizer, m._chat_template = no_template, None, None
+    with pytest.raises(EngineError, match="no chat template.*chat_template="):
         ChatSession(m)
 
 

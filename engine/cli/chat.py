@@ -12,7 +12,7 @@ import shlex
 import signal
 import sys
 
-from engine.cli.common import load, sampling_overrides, speculation_options
+from engine.cli.common import NO_TEMPLATE_HINT, chat_template_of, load, sampling_overrides, speculation_options
 from engine.generation.chat import SETTABLE, ChatSession
 from engine.errors import EngineError
 
@@ -40,10 +40,11 @@ def run_chat(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    chat_template_of(args)  # a bad --chat-template fails before the model loads
     model = load(args)
     if model.tokenizer.chat_template is None:
-        raise EngineError(f"{args.model} has no chat template, so it cannot chat; "
-                          "use `tinyllama generate` for plain text completion")
+        raise EngineError(f"{args.model} has no chat template, so it cannot chat: {NO_TEMPLATE_HINT}; or use "
+                          "`tinyllama generate` for plain text completion")
     session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens,
                           stop=args.stop or None, **speculation, **sampling_overrides(args))
     return Repl(session, interactive=interactive, name=args.model).run()

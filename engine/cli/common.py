@@ -7,6 +7,7 @@ import sys
 from engine.errors import EngineError
 from engine.model import load_model
 from engine.runtime.weights import WEIGHTS_DTYPE_CHOICES
+from engine.text.chat_templates import NAMED, resolve_chat_template
 from weights.errors import CheckpointError
 from weights.hub import DEFAULT_MODEL
 
@@ -77,7 +78,24 @@ def sampling_overrides(args) -> dict:
             "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
+def add_chat_template_option(p: argparse.ArgumentParser) -> None:
+    """Add --chat-template FILE|NAME to `p`."""
+    p.add_argument("--chat-template", metavar="FILE|NAME",
+                   help=f"chat with this template instead of the model's own, or where it has none: a name "
+                        f"({', '.join(NAMED)}) or a Jinja file (transformers' chat-template dialect)")
+
+
+def chat_template_of(args):
+    """--chat-template resolved (a ChatTemplate), or None when not given; EngineError naming the flag."""
+    value = getattr(args, "chat_template", None)
+    return None if value is None else resolve_chat_template(value, "--chat-template")
+
+
+NO_TEMPLATE_HINT = (f"give one with --chat-template ({', '.join(NAMED)}, or a Jinja file)")
+
+
 def load(args):
-    """Load the model named by --model/--gguf-file/--revision/--backend/--weights-dtype."""
+    """Load the model named by --model/--gguf-file/--revision/--backend/--weights-dtype (with --chat-template where
+    given)."""
     return load_model(args.model, backend=args.backend, revision=args.revision, weights_dtype=args.weights_dtype,
-                      gguf_file=getattr(args, "gguf_file", None))
+                      gguf_file=getattr(args, "gguf_file", None), chat_template=chat_template_of(args))

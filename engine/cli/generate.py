@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.cli.common import load, sampling_overrides, speculation_options
+from engine.cli.common import NO_TEMPLATE_HINT, chat_template_of, load, sampling_overrides, speculation_options
 from engine.errors import EngineError
 from engine.generation.constraints import STOP_CONSTRAINT_ERROR, ConstraintError
 from engine.generation.generate import Generation
@@ -23,7 +23,8 @@ def prompt_ids_for(model, args) -> list[int]:
             raise EngineError("--system needs --chat")
         return tokenizer.encode(text)
     if tokenizer.chat_template is None:
-        raise EngineError(f"{args.model} has no chat template; run without --chat for plain completion")
+        raise EngineError(f"{args.model} has no chat template: {NO_TEMPLATE_HINT}, or run without --chat for plain "
+                          "completion")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": text}]
     return tokenizer.encode_chat(messages)
@@ -68,9 +69,13 @@ def run_generate(args) -> int:
     """The `generate` subcommand: stream the completion (or print JSON with --json) -> exit status 0."""
     speculation = speculation_options(args)
     constraint = constraint_overrides(args)  # unreadable files fail before the model loads
+    if args.chat_template and not args.chat:
+        raise EngineError("--chat-template needs --chat")
+    chat_template_of(args)
     model = load(args)
+    stop = list(args.stop) + (list(model.tokenizer.chat_stop) if args.chat else [])
     try:
-        options = default_options(model, max_new_tokens=args.max_new_tokens, stop=args.stop,
+        options = default_options(model, max_new_tokens=args.max_new_tokens, stop=stop,
                                   ignore_eos=args.ignore_eos, **sampling_overrides(args), **constraint)
     except ConstraintError as e:  # name the flag, not the keyword argument
         flag = "--" + e.field.replace("_", "-")

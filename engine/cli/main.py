@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli.common import USER_ERRORS, add_model_options, add_sampling_options, add_speculation_options, fail
+from engine.cli.common import (USER_ERRORS, add_chat_template_option, add_model_options, add_sampling_options,
+                               add_speculation_options, fail)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     p.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_chat_template_option(p)
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--truncate", action="store_true", help="drop the prompt's oldest tokens so that it and --max-new-tokens fit the window")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     add_sampling_options(p)
     add_speculation_options(p)
+    add_chat_template_option(p)
     p.add_argument("--system", help="system prompt")
 
     from engine.cli.inspect import add_inspect_parser

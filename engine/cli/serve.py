@@ -15,10 +15,12 @@ import signal
 import socket
 import sys
 
-from engine.cli.common import add_model_options, add_speculation_options, load, speculation_options
+from engine.cli.common import (add_chat_template_option, add_model_options, add_speculation_options, chat_template_of,
+                               load, speculation_options)
 from engine.errors import EngineError
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
+from engine.inspect.embeddings import DEFAULT_POOLING, POOLINGS
 
 API_KEY_ENV = "TINYLLAMA_API_KEY"
 CANCEL_MARGIN = 2.0  # seconds after the grace period for cancelled requests to send their last chunk
@@ -36,8 +38,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded together in one batch (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests that may wait for a place in the batch; beyond, 503 (default %(default)s)")
-    p.add_argument("--served-model-name", metavar="NAME",
-                   help="the model's name in the API (default: the --model value)")
+    p.add_argument("--served-model-name", metavar="NAME", nargs="+",
+                   help="the model's name in the API (default: the --model value); more names are aliases that "
+                        "requests may use too (the first is the one answers carry)")
+    p.add_argument("--pooling", choices=POOLINGS, default=DEFAULT_POOLING,
+                   help="how /v1/embeddings makes one vector of the last hidden state: the mean over the tokens, "
+                        "or the last token's (default %(default)s; normalized to unit length either way)")
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser "
                         "(CORS); may be repeated; none by default")
@@ -52,6 +58,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a client gets to send a request's headers (from connecting, or from its previous "
                         "response), and then its body (408); beyond, the connection is closed (default %(default)g)")
     add_speculation_options(p)
+    add_chat_template_option(p)
     p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
                    help="memory for the KV of earlier requests' prompts and replies, re-used by requests that start "
                         "the same way (a conversation's history, a shared system prompt); least recently used "
@@ -110,13 +117,14 @@ def run_serve(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise EngineError("--api-key is empty")
     speculation = speculation_options(args)
+    chat_template_of(args)  # a bad --chat-template fails before the socket opens
     sock = listening_socket(args.host, args.port)
     import uvicorn
 
     from engine.serve import create_app
     from engine.serve.connection import TimedH11Protocol
 
-    name = args.served_model_name or args.model
+    names = args.served_model_name or [args.model]
     failure: list[str] = []
 
     class Server(uvicorn.Server):
@@ -135,7 +143,7 @@ def run_serve(args) -> int:
         failure.append(message)
         server.should_exit = True
 
-    app = create_app(lambda: load(args), name, api_key=args.api_key, max_active=args.max_active,
+    app = create_app(lambda: load(args), names[0], model_aliases=tuple(names[1:]), pooling=args.pooling, api_key=args.api_key, max_active=args.max_active,
                      max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
                      max_request_bytes=int(args.max_request_mb * 2 ** 20), read_timeout=args.read_timeout,
                      trace_memory_limit=int(args.trace_memory_limit * 2**20), speculation=speculation,

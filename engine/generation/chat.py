@@ -140,8 +140,9 @@ class ChatSession:
         tokenizer = model.tokenizer
         if tokenizer.chat_template is None:
             name = getattr(model, "folder", None) or "this model"
-            raise EngineError(f"{name} has no chat template, so it cannot chat; "
-                              "use `tinyllama generate` for plain text completion")
+            raise EngineError(f"{name} has no chat template, so it cannot chat: give one (load_model(..., "
+                              "chat_template='chatml') or a Jinja file; `--chat-template` on the command line), or use "
+                              "plain text completion")
         self.model = model
         self.tokenizer = tokenizer
         self.system = system or None
@@ -180,8 +181,9 @@ class ChatSession:
         return max(1, min(n, self.window // 4))
 
     def generation_options(self):
-        """The session's GenerationOptions: the model's defaults with this session's options applied."""
-        return default_options(self.model, **self.options)
+        """The session's GenerationOptions: the model's defaults with this session's options applied (and the chat
+        template's end-of-turn stop strings, when it has any)."""
+        return default_options(self.model, **self._stream_options())
 
     def send(self, text: str) -> ChatTurn:
         """Add a user message and start the reply: iterate the returned ChatTurn for its tokens."""
@@ -205,10 +207,18 @@ class ChatSession:
         self.cache.truncate(reused)
         self.cached_ids = self.cached_ids[:reused]
         generation = self.model.stream(ids, cache=self.cache, draft_cache=self._draft_cache(reused), **self.speculation,
-                                       **self.options)
+                                       **self._stream_options())
         self.messages = messages
         self.turn = ChatTurn(self, generation, ids, reused, dropped)
         return self.turn
+
+    def _stream_options(self) -> dict:
+        """The options a turn streams with: the session's, plus the chat template's end-of-turn stop strings."""
+        options = dict(self.options)
+        if self.tokenizer.chat_stop:
+            stop = options.get("stop") or []
+            options["stop"] = [*([stop] if isinstance(stop, str) else stop), *self.tokenizer.chat_stop]
+        return options
 
     def _draft_cache(self, reused: int):
         """The draft model's cache for the next turn, cut to the `reused` tokens the model's cache keeps (it holds

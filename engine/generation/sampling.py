@@ -4,7 +4,8 @@ Every processor is pure: it takes a (vocab,) float32 logits row and returns a ne
 float32 row in which removed tokens are -inf. `process_logits` chains them in the order
 `transformers.GenerationMixin._get_logits_processor` uses when sampling:
 repetition penalty -> temperature -> top-k -> top-p -> min-p, with OpenAI's presence / frequency
-penalties (which transformers lacks) between the repetition penalty and the temperature.
+penalties (which transformers lacks) between the repetition penalty and the temperature, and OpenAI's
+logit_bias (token id -> bias in [-100, 100] added to the raw logits; -100 bans the token) first of all.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 __all__ = [
     "SamplingError",
     "SamplingParams",
+    "apply_logit_bias",
     "apply_repetition_penalty",
     "apply_presence_frequency_penalty",
     "apply_temperature",
@@ -53,9 +55,18 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0  # in [-2, 2] (OpenAI's range); 0 => disabled; counts generated tokens only
     frequency_penalty: float = 0.0  # in [-2, 2]; 0 => disabled; counts generated tokens only
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) pairs; -100 bans the token
 
     def __post_init__(self) -> None:
         """Reject bad values with a one-line SamplingError naming the field and the value."""
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        for pair in self.logit_bias:
+            token, bias = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+            if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or token < 0:
+                raise SamplingError(f"logit_bias: keys must be token ids (integers >= 0), got {pair!r}")
+            if not _is_real_number(bias) or not -100 <= bias <= 100:
+                raise SamplingError(f"logit_bias: a bias must be a number in [-100, 100], got {bias!r} for {token}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_real_number(value) or not math.isfinite(value):
@@ -100,6 +111,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     exp = np.exp(shifted)
     return exp / exp.sum(dtype=exp.dtype)
+
+
+def apply_logit_bias(logits, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """logits: (vocab,) float32 -> (vocab,) float32 with each (token id, bias) added; a bias of -100 makes the token
+    -inf (banned), as OpenAI documents it; ids outside [0, vocab) are ignored."""
+    row = _as_logits(logits)
+    out = row.copy()
+    for token, value in bias:
+        if 0 <= token < row.shape[0]:
+            out[token] = _REMOVED if value <= -100 else np.float32(row[token] + np.float32(value))
+    return out
 
 
 def apply_repetition_penalty(logits, previous_ids: Iterable[int], penalty: float) -> np.ndarray:
@@ -210,7 +232,9 @@ def process_logits(logits, params: SamplingParams, previous_ids: Iterable[int] =
 
 
 def _penalized(logits, params: SamplingParams, previous_ids, generated_ids) -> np.ndarray:
-    """The repetition penalty, then the presence / frequency penalties: (vocab,) -> (vocab,) float32."""
+    """The logit bias, the repetition penalty, then the presence / frequency penalties: (vocab,) -> (vocab,) float32."""
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
     row = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
     if params.penalizes_presence:
         row = apply_presence_frequency_penalty(row, generated_ids, params.presence_penalty, params.frequency_penalty)

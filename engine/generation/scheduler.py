@@ -9,6 +9,11 @@ prefix of its prompt and prefills only the rest; its prompt's blocks are stored 
 running at the same time share them) and the rest of its blocks when it finishes. `fork` adds more continuations
 of one prompt (OpenAI's n): they wait for the first one's prefill and start from a copy of its cache and its last
 prompt token's logits, each with its own sampling state.
+
+A request whose options ask for prompt_logprobs prefills with logits at every position and scores each chunk as it
+runs (engine.generation.scoring), in the same batched forwards as everyone else; it prefills its whole prompt (no
+prefix-cache restore: the skipped positions would have no logits). Its first TokenEvent and its result carry the
+scores; with max_new_tokens=0 it ends when its prefill does, having generated nothing.
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ from dataclasses import dataclass, field
 
 from engine.runtime.batch import SequenceStep
 from engine.errors import EngineError
-from engine.generation.state import (GenerationOptions, GenerationResult, SequenceState, check_prompt,
-                             default_options)
+from engine.generation.scoring import PromptScorer
+from engine.generation.state import (STOP_MAX_TOKENS, GenerationOptions, GenerationResult, SequenceState,
+                                     check_prompt, default_options)
 from engine.generation.speculative import LOOKUP, DraftModel, check_draft, prompt_lookup_draft, split_draft
 from engine.generation.constraints import MaskBatch
 
@@ -57,6 +63,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache (or a forked sibling's prefill)
     leader: "Request | None" = field(default=None, repr=False)  # a fork: the request whose prefill it waits for
     followers: list = field(default_factory=list, repr=False)  # forks waiting for this request's prefill
+    scorer: PromptScorer | None = field(default=None, repr=False)  # the prompt's log-probabilities, when asked
 
     @property
     def finished(self) -> bool:
@@ -86,6 +93,7 @@ class Request:
             time_to_first_token=max(0.0, self.t_first - self.t_submit), decode_seconds=max(0.0, self.t_last - self.t_first),
             draft_tokens=self.draft_tokens, accepted_draft_tokens=self.accepted_draft_tokens,
             logprobs=None if s.logprobs is None else list(s.logprobs), cached_tokens=self.cached_tokens,
+            prompt_logprobs=None if self.scorer is None else list(self.scorer.entries),
         )
 
 
@@ -130,6 +138,8 @@ class Scheduler:
         cache = cache if cache is not None else self.model.new_cache()
         if cache.length >= len(ids):
             raise EngineError("the cache already holds the whole prompt: nothing to prefill")
+        if options.prompt_logprobs is not None and cache.length:
+            raise EngineError("scoring a prompt (prompt_logprobs) needs it prefilled whole, from an empty cache")
         state = SequenceState(self.model, ids, options, cache)
         draft, lookup_first = split_draft(draft)
         drafter = self.drafter(draft) if speculate and draft != LOOKUP else None
@@ -137,6 +147,8 @@ class Scheduler:
                           drafter=drafter, draft_cache=self._draft_cache(drafter, draft_cache, ids),
                           lookup_first=lookup_first,
                           keep_cache=keep_cache, prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
+        if options.prompt_logprobs is not None:
+            request.scorer = PromptScorer(ids, options.prompt_logprobs)
         self.waiting.append(request)
         return request
 
@@ -239,7 +251,7 @@ class Scheduler:
     def _admit(self, request: Request) -> None:
         request.status = PREFILLING
         request.t_start = time.perf_counter()
-        if self.prefix_cache is not None and request.cache.length == 0:
+        if self.prefix_cache is not None and request.cache.length == 0 and request.scorer is None:
             request.cached_tokens = self.prefix_cache.restore(request.cache, request.prompt_ids)
             request.prefilled = request.cache.length
         self.active.append(request)
@@ -261,6 +273,7 @@ class Scheduler:
             f.cached_tokens = r.cached_tokens
             f.status = DECODING
             f.t_start = r.t_start
+            f.scorer = r.scorer
             self.active.append(f)
             self._accept(f, logits, [], now)
             started.append(f)
@@ -294,7 +307,9 @@ class Scheduler:
                 if budget is not None:
                     budget -= len(chunk)
                 plan.append((r, chunk, []))
-        steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft)) for r, tokens, draft in plan]
+        steps = [SequenceStep(r.cache, tokens, all_logits=bool(draft) or (r.status == PREFILLING
+                                                                           and r.scorer is not None))
+                 for r, tokens, draft in plan]
         masks = MaskBatch([(r.state.constraint, draft) for r, tokens, draft in plan if r.state.constraint is not None
                            and (r.status == DECODING or r.prefilled + len(tokens) >= len(r.prompt_ids))],
                           overlap=self.overlap_masks)  # step t's masks depend only on tokens already chosen
@@ -304,6 +319,9 @@ class Scheduler:
         stepped = [r for r, _, _ in plan]
         for (r, tokens, draft), logits in zip(plan, outputs):
             if r.status == PREFILLING:
+                if r.scorer is not None:  # every row of the chunk: score it, keep the last for sampling
+                    r.scorer.add(r.prefilled, logits)
+                    logits = logits[-1:]
                 r.prefilled += len(tokens)
                 r.prefill_tokens += len(tokens)
                 if r.prefilled < len(r.prompt_ids):
@@ -353,10 +371,17 @@ class Scheduler:
             r.draft_len = max(1, r.draft_len - 1)
 
     def _accept(self, r: Request, logits, draft: list[int], now: float) -> None:
-        """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft."""
+        """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft.
+        A request that only scores its prompt (max_new_tokens 0) ends here instead."""
+        if r.state.options.max_new_tokens == 0:
+            r.state.stop_reason = STOP_MAX_TOKENS
+            self.finish(r)
+            return
         fed_before = r.cache.length - len(logits)
         for i, row in enumerate(logits):
             event = r.state.accept(row, context_length=fed_before + i + 1)
+            if r.scorer is not None and len(r.state.generated) == 1:
+                event.prompt_logprobs = list(r.scorer.entries)
             r.events.append(event)
             if not r.t_first:
                 r.t_first = now

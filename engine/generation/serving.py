@@ -105,6 +105,7 @@ class ServingLoop:
         self._thread: threading.Thread | None = None
         self.running = 0  # sequences in the batch, as of the last step (read from any thread)
         self.waiting = 0  # requests submitted but not yet in the batch
+        self.kv_tokens = 0  # tokens held in the KV caches of the sequences in the batch, as of the last step
         self.steps = 0  # batched forwards run so far
 
     # ---- any thread -------------------------------------------------------------------------------------------
@@ -128,7 +129,14 @@ class ServingLoop:
         """Queue len(options) continuations of one prompt that share one prefill (see `submit`) -> their tickets.
 
         Each is cancelled on its own; they count as that many requests against max_active + max_queue."""
-        n = len(options)
+        return self.submit_groups([(prompt_ids, options, on_event)])[0]
+
+    def submit_groups(self, groups: list[tuple[list[int], list[GenerationOptions], list[EventCallback]]]
+                      ) -> list[list[Ticket]]:
+        """Queue several prompts at once (a completions request's list), each with its choices as in
+        `submit_choices` -> each group's tickets. All are admitted or none: QueueFullError when they do not all fit
+        in max_active + max_queue beside the requests in flight."""
+        n = sum(len(options) for _, options, _ in groups)
         with self._lock:
             if self._stopping:
                 raise ServingStoppedError("the server is shutting down")
@@ -136,12 +144,15 @@ class ServingLoop:
                 raise QueueFullError(f"the server is busy: {self.max_active} requests running and {self.max_queue} "
                                      "waiting; try again shortly")
             self._in_flight += n
-            tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb) for o, cb in zip(options, on_event)]
-            tickets[0].forks = tickets[1:]
-            self._inbox.append(("submit", tickets[0]))
+            out = []
+            for prompt_ids, options, on_event in groups:
+                tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb) for o, cb in zip(options, on_event)]
+                tickets[0].forks = tickets[1:]
+                self._inbox.append(("submit", tickets[0]))
+                out.append(tickets)
             self.waiting += n
             self._wake.notify()
-        return tickets
+        return out
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn() on the serving thread between two batched steps, so it has the model to itself (a traced forward
@@ -283,4 +294,5 @@ class ServingLoop:
         with self._lock:
             pending = sum(1 + len(t.forks) for kind, t in self._inbox if kind == "submit")
             self.running = len(self.scheduler.active)
+            self.kv_tokens = sum(r.cache.length for r in self.scheduler.active if r.cache is not None)
             self.waiting = len(self.scheduler.waiting) + pending

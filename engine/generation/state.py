@@ -34,23 +34,31 @@ class GenerationOptions:
     ignore_eos: bool = False
     logprobs: int | None = None  # record each token's log-probability and this many top alternatives; None: none
     constraint: Constraint | None = None  # structured output (engine.generation.constraints); None: free text
+    # score the prompt (engine.generation.scoring): each prompt token's log-probability and this many alternatives;
+    # None: not scored. Only a scoring request may set max_new_tokens=0 (score the prompt, generate nothing).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise EngineError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or self.logprobs < 0):
-            raise EngineError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt, generate nothing
+        count = self.max_new_tokens
+        if isinstance(count, bool) or not isinstance(count, int) or count < least:
+            raise EngineError(f"max_new_tokens must be an integer >= {least}, got {self.max_new_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise EngineError(f"{name} must be None or an integer >= 0, got {value!r}")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability under the model's raw logits (before any sampling processor), and the
-    `top` most likely tokens as (id, log-probability) pairs, most likely first (ties: lower id first)."""
+    """A token's log-probability under the model's raw logits (before any sampling processor), and the `top` most
+    likely tokens as (id, log-probability) pairs, most likely first (ties: lower id first); `rank` (a scored prompt
+    token's): 1 + how many tokens were more likely."""
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 @dataclass
@@ -61,6 +69,8 @@ class TokenEvent:
     token_id: int
     text: str
     logprob: TokenLogprob | None = None
+    # a request's first token, when its options asked to score the prompt: one entry per prompt token (None first)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -79,6 +89,7 @@ class GenerationResult:
     accepted_draft_tokens: int = 0  # ... and how many of them the model confirmed
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the options asked for them
     cached_tokens: int = 0  # prompt tokens restored from a prefix cache instead of prefilled
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when the options asked: one per prompt token (None first)
 
     @property
     def acceptance_rate(self) -> float:
@@ -101,7 +112,7 @@ def default_options(model, **overrides) -> GenerationOptions:
     """GenerationOptions from the model's generation_config.json defaults, with `overrides` (sampling fields too)."""
     gen = getattr(model, "generation_config", {}) or {}
     sampling_fields = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "presence_penalty",
-                       "frequency_penalty"}
+                       "frequency_penalty", "logit_bias"}
     sampling = {}
     if gen.get("do_sample"):
         for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
@@ -250,7 +261,8 @@ def _tokenizer_or_none(model):
 def check_prompt(model, prompt_ids, truncate: bool = False, max_new_tokens: int = 1) -> list[int]:
     """Validate a prompt's ids (list of ints) -> the ids to run.
 
-    A prompt must leave room for at least one new token in the window (else ContextOverflowError). With `truncate`
+    A prompt must leave room for at least one new token in the window (else ContextOverflowError), unless
+    max_new_tokens is 0 (scoring the prompt only: it may fill the window). With `truncate`
     the oldest tokens are dropped so that prompt + max_new_tokens fits the window (at least one token is kept):
     the one rule of `truncate=True` in the API and `--truncate` on the command line.
     """
@@ -265,7 +277,7 @@ def check_prompt(model, prompt_ids, truncate: bool = False, max_new_tokens: int 
     if truncate:
         keep = max(1, window - max_new_tokens)
         return ids[len(ids) - keep:] if len(ids) > keep else ids
-    if len(ids) + 1 > window:
+    if len(ids) + min(max_new_tokens, 1) > window:
         raise ContextOverflowError(
             f"the prompt has {len(ids)} tokens but the context window is {window} "
             f"(at most {window - 1} leave room to generate); shorten it or use --truncate"

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, plus /health and /metrics.
+"""The FastAPI app: OpenAI's /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models (each also without
+/v1, as llama.cpp serves them), /tokenize and /detokenize, plus /health and /metrics.
 
 The model loads on a thread of its own when the app starts (/health answers 503 until it is ready); then a
 ServingLoop's thread steps the batch. Each request submits its prompt and options to the loop and receives its
@@ -35,13 +36,18 @@ from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
+from engine.inspect.embeddings import DEFAULT_POOLING, check_pooling
+from engine.serve.embeddings import add_embedding_routes
 from engine.serve.inspect_routes import add_inspect_routes
+from engine.serve.tokenize_routes import add_tokenize_routes
 from engine.serve.metrics import ServerMetrics
+from engine.serve.ollama import add_ollama_routes
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from engine.serve.responses import Answer, TokenStrings, finish_reason, sse, usage
+from engine.serve.responses import Answer, Echo, TokenStrings, finish_reason, sse, usage_of
 from engine.serve.structured import attach_constraint
+from engine.serve.tools import ToolAnswer
 from weights.errors import CheckpointError
 
 log = logging.getLogger("tinyllama.serve")  # one line per request (INFO), failures
@@ -69,6 +75,8 @@ class ServerState:
     read_timeout: float = READ_TIMEOUT
     speculation: dict = field(default_factory=dict)  # speculate=N, draft=...: how every request is decoded
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB  # 0: no prefix cache
+    pooling: str = DEFAULT_POOLING  # how /v1/embeddings pools the last hidden state (engine.inspect.embeddings)
+    model_aliases: tuple[str, ...] = ()  # more names the model answers to (--served-model-name A B ...)
     model: object = None
     serving: ServingLoop | None = None
     constraints: ConstraintCompiler | None = None  # compiles constraints off the event loop, isolated
@@ -82,7 +90,14 @@ class ServerState:
     def __post_init__(self):
         self.metrics = ServerMetrics(running=lambda: self.serving.running if self.serving else 0,
                                      waiting=lambda: self.serving.waiting if self.serving else 0,
-                                     prefix_cache=lambda: self.serving.prefix_cache if self.serving else None)
+                                     prefix_cache=lambda: self.serving.prefix_cache if self.serving else None,
+                                     kv_cache_usage=self.kv_cache_usage, model_name=lambda: self.served_model_name)
+
+    def kv_cache_usage(self) -> float:
+        """The fraction (0..1) of the KV the batch can hold (max_active sequences of a full window) held now."""
+        if self.serving is None:
+            return 0.0
+        return self.serving.kv_tokens / (self.max_active * self.model.config.max_position_embeddings)
 
     @property
     def ready(self) -> bool:
@@ -145,9 +160,14 @@ class ServerState:
             raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            param=None, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name the model answers to: the served name first, then its aliases."""
+        return (self.served_model_name, *(a for a in self.model_aliases if a != self.served_model_name))
+
     def check_model(self, name: str | None) -> None:
-        """404 model_not_found for a model name other than the one served (an absent name means that one)."""
-        if name is not None and name != self.served_model_name:
+        """404 model_not_found for a model name other than the served ones (an absent name means the first)."""
+        if name is not None and name not in self.model_names:
             raise APIError(404, f"the model {name!r} does not exist: this server serves {self.served_model_name!r}",
                            param="model", code="model_not_found")
 
@@ -157,17 +177,21 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
                max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
                trace_memory_limit: int = TRACE_MEMORY_LIMIT, speculation: dict | None = None,
-               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> FastAPI:
+               prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, pooling: str = DEFAULT_POOLING,
+               model_aliases: tuple[str, ...] = ()) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
     may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
     `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may trace.
     `speculation`: {"speculate": N, "draft": "lookup" | "int8" | "int4"} for every request
-    (the output is plain decoding's); `prefix_cache_mb`: the prefix cache's size (0: none). With an api_key the docs (/docs, /redoc, /openapi.json) are off.
+    (the output is plain decoding's); `prefix_cache_mb`: the prefix cache's size (0: none); `pooling`: how
+    /v1/embeddings pools ("mean" or "last"); `model_aliases`: more names the model answers to. With an api_key the
+    docs (/docs, /redoc, /openapi.json) are off.
     `app.state.server` is the ServerState."""
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error, max_request_bytes,
                         read_timeout, speculation=dict(speculation or {}),
-                        prefix_cache_mb=prefix_cache_mb)
+                        prefix_cache_mb=prefix_cache_mb, pooling=check_pooling(pooling),
+                        model_aliases=tuple(model_aliases))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -199,38 +223,48 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     async def metrics():
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    def model_card() -> dict:
-        card = {"id": state.served_model_name, "object": "model", "created": state.created, "owned_by": OWNER}
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": state.created, "owned_by": OWNER}
         if state.model is not None:  # what the web page needs: the window, and whether the model can chat
             card["max_model_len"] = state.model.config.max_position_embeddings
             card["capabilities"] = ["completion"] + (["chat"] if state.model.tokenizer.chat_template else [])
         return card
 
+    # OpenAI's routes answer under /v1 and, as llama.cpp's do, without it
     @app.get("/v1/models")
+    @app.get("/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.model_names]}
 
     @app.get("/v1/models/{name:path}")
+    @app.get("/models/{name:path}")
     async def model(name: str):
         state.check_model(name)
-        return model_card()
+        return model_card(name)
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request):
         job = await _prepare(request, state, ChatCompletionRequest, chat_job)
-        return await _answer(request, state, job, Answer("chat", state.served_model_name, state.strings,
-                                                         job.logprobs, job.include_usage, job.continuous_usage,
-                                                         len(job.prompt_ids)))
+        settings = (state.served_model_name, state.strings, job.logprobs, job.include_usage, job.continuous_usage,
+                    len(job.prompt_ids))
+        answer = ToolAnswer(job.tool_calling, *settings) if job.tool_calling else Answer("chat", *settings)
+        return await _answer(request, state, job, answer)
 
     @app.post("/v1/completions")
+    @app.post("/completions")
     async def completions(request: Request):
         job = await _prepare(request, state, CompletionRequest, completion_job)
         return await _answer(request, state, job, Answer("completion", state.served_model_name, state.strings,
                                                          job.logprobs, job.include_usage, job.continuous_usage,
-                                                         len(job.prompt_ids)))
+                                                         len(job.prompt_ids), echo=_echo(job, 0)))
 
     add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
                        trace_memory_limit)
+    add_embedding_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
+    add_tokenize_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
+    add_ollama_routes(app, state, lambda request, body_class, make_job: _prepare(request, state, body_class, make_job),
+                      lambda request, job, answer: _answer(request, state, job, answer))
     add_page_routes(app)  # the web page at /
     return app
 
@@ -348,7 +382,7 @@ class _Timing:
 async def _answer(request: Request, state: ServerState, job: Job, answer: Answer):
     """Submit the job and answer: a stream of SSE chunks or one JSON body. Errors before the first token are HTTP
     errors; a client that goes away cancels the sequence."""
-    if job.n > 1:
+    if job.n > 1 or len(job.prompts) > 1:
         return await _answer_choices(request, state, job, answer)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -391,7 +425,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
         if job.stream:
             handed_over = True
             return StreamingResponse(_stream(state, ticket, queue, first, answer, watcher, timing),
-                                     media_type="text/event-stream",
+                                     media_type=answer.media_type,
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         events, item = [], first
         while isinstance(item, TokenEvent):
@@ -402,8 +436,10 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
             if timing.client_gone:
                 raise ClientGone  # nobody to answer; counted and logged as a client gone, not as an error
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
-        return JSONResponse(dict(answer.complete(events, item),
-                                 timings=timing.timings(len(item.prompt_token_ids), len(item.token_ids))))
+        body = answer.complete(events, item)
+        if answer.server_timings:
+            body["timings"] = timing.timings(len(item.prompt_token_ids), len(item.token_ids))
+        return JSONResponse(body)
     finally:
         if not handed_over:
             watcher.cancel()
@@ -420,13 +456,14 @@ def _raise_if_error(item) -> None:
 
 async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, first, answer: Answer,
                   watcher: asyncio.Task, timing: _Timing):
-    """The SSE body: role chunk, content deltas (all events queued at a time in one chunk), the finish chunk, the
-    usage chunk when asked (with the server's `timings`, as llama.cpp's server sends them), then [DONE]."""
+    """The stream's body, framed by the answer (OpenAI: server-sent events): the opening chunk, content deltas (all
+    events queued at a time in one chunk), the finish chunk, the usage chunk when asked (with the server's
+    `timings`, as llama.cpp's server sends them), then the end marker."""
     ended = False
     try:
         opening = answer.first_chunk()
         if opening is not None:
-            yield sse(opening)
+            yield answer.frame(opening)
         pending = [first]
         while True:
             while not queue.empty():
@@ -435,18 +472,19 @@ async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, firs
             end = next((item for item in pending if not isinstance(item, TokenEvent)), None)
             chunk = answer.delta_chunk(events)
             if chunk is not None:
-                yield sse(chunk)
+                yield answer.frame(chunk)
             if end is not None:
                 ended = True
                 if isinstance(end, GenerationResult):
-                    yield sse(answer.final_chunk(end))
+                    yield answer.frame(answer.final_chunk(end))
                     if answer.include_usage:
-                        yield sse(dict(answer.usage_chunk(end),
-                                       timings=timing.timings(len(end.prompt_token_ids), len(end.token_ids))))
+                        yield answer.frame(dict(answer.usage_chunk(end), timings=timing.timings(
+                            len(end.prompt_token_ids), len(end.token_ids))))
                 else:
-                    failure = APIError(500, str(end), SERVER_ERROR)
-                    yield sse(failure.body())
-                yield sse("[DONE]")
+                    yield answer.frame(answer.error_payload(APIError(500, str(end), SERVER_ERROR)))
+                closing = answer.end_of_stream()
+                if closing:
+                    yield closing
                 return
             pending = [await queue.get()]
     finally:
@@ -482,26 +520,43 @@ def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now:
              now - timing.arrived, reason)
 
 
+def _echo(job: Job, prompt: int) -> Echo | None:
+    """What the choices of the job's prompt number `prompt` put before their text (None: nothing)."""
+    if job.echo_texts is None and job.prompt_logprobs is None:
+        return None
+    return Echo(None if job.echo_texts is None else job.echo_texts[prompt], job.prompts[prompt], job.echo_logprobs,
+                job.prompt_logprobs)
+
+
 async def _answer_choices(request: Request, state: ServerState, job: Job, answer: Answer):
-    """n > 1: n continuations of one prefill (ServingLoop.submit_choices), choice i seeded with seed + i; one
-    response (or one stream) whose choices carry their index, usage counting the prompt once."""
+    """n > 1 or several prompts: for each prompt, n continuations of one prefill (ServingLoop.submit_groups, all
+    admitted together), choice i seeded with seed + i; one response (or one stream) whose choices carry their index
+    (prompt p's choice i is p * n + i), usage counting each prompt once."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     timing = _Timing(time.perf_counter())
     metrics = state.metrics
-    answers = [answer] + [answer.choice(i) for i in range(1, job.n)]
+    total = len(job.prompts) * job.n
+    if total > state.serving.max_active + state.serving.max_queue:
+        raise bad_request(f"prompt: {len(job.prompts)} prompts x {job.n} choices are more requests than this server "
+                          f"takes at once ({state.serving.max_active + state.serving.max_queue}): send fewer",
+                          "prompt")
+    answers = [answer if i == 0 else answer.choice(i, _echo(job, i // job.n)) for i in range(total)]
+    for i, a in enumerate(answers):
+        a.prompt_tokens = len(job.prompts[i // job.n])  # continuous usage: each choice's own prompt
     results: dict[int, GenerationResult] = {}  # filled on the serving thread
+    prompt_tokens = sum(len(ids) for ids in job.prompts)
 
     def callback(index: int):
         def on_event(item) -> None:  # on the serving thread
             now = time.perf_counter()
             if isinstance(item, TokenEvent):  # the choices share one clock: no time between tokens
-                timing.token(metrics, len(job.prompt_ids), now, between_tokens=False)
+                timing.token(metrics, prompt_tokens, now, between_tokens=False)
             elif isinstance(item, GenerationResult):
                 metrics.requests.labels(finish_reason(item)).inc()
                 metrics.count_prompt(item)
                 results[index] = item
-                if len(results) == job.n:
+                if len(results) == total:
                     metrics.request_latency.observe(now - timing.arrived)
                     completion = sum(len(r.token_ids) for r in results.values())
                     _log_request(answer, _lead(results), timing, now, completion)
@@ -511,9 +566,12 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                 pass
         return on_event
 
+    n = job.n
     try:
-        tickets = state.serving.submit_choices(job.prompt_ids, [choice_options(job.options, i) for i in range(job.n)],
-                                               [callback(i) for i in range(job.n)])
+        groups = state.serving.submit_groups([
+            (ids, [choice_options(job.options_for(p), i) for i in range(n)], [callback(p * n + i) for i in range(n)])
+            for p, ids in enumerate(job.prompts)])
+        tickets = [t for group in groups for t in group]
     except QueueFullError as e:
         raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
     except ServingStoppedError as e:
@@ -535,7 +593,7 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
         _raise_if_error(first[1])
         if job.stream:
             handed_over = True
-            return StreamingResponse(_stream_choices(answers, queue, first, cancel_all, watcher),
+            return StreamingResponse(_stream_choices(answers, queue, first, cancel_all, watcher, n),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         events: list[list[TokenEvent]] = [[] for _ in answers]
@@ -548,14 +606,15 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                 events[index].append(value)
             else:
                 ended[index] = value
-                if len(ended) == job.n:
+                if len(ended) == total:
                     break
             item = await queue.get()
         if any(r.stop_reason == STOP_CANCELLED for r in ended.values()):
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
-        body = answer.complete(events[0], ended[0])
-        body["choices"] = [a.complete(events[i], ended[i])["choices"][0] for i, a in enumerate(answers)]
-        body["usage"] = usage(_lead(ended), sum(len(r.token_ids) for r in ended.values()))
+        bodies = [a.complete(events[i], ended[i]) for i, a in enumerate(answers)]  # once each: they keep offsets
+        body = bodies[0]
+        body["choices"] = [b["choices"][0] for b in bodies]
+        body["usage"] = _total_usage(ended, n)
         return JSONResponse(body)
     finally:
         if not handed_over:
@@ -568,10 +627,18 @@ def _lead(results: dict[int, GenerationResult]) -> GenerationResult:
     return max(results.values(), key=lambda r: r.prefill_tokens)
 
 
+def _total_usage(ended: dict[int, GenerationResult], n: int) -> dict:
+    """The usage of choices 0..len(ended)-1, n per prompt: each prompt's tokens (and cached ones) counted once,
+    every choice's generated tokens."""
+    leads = [_lead({i: ended[i] for i in range(p, p + n)}) for p in range(0, len(ended), n)]
+    return usage_of(sum(len(r.prompt_token_ids) for r in leads), sum(len(r.token_ids) for r in ended.values()),
+                    sum(r.cached_tokens for r in leads))
+
+
 async def _stream_choices(answers: list[Answer], queue: asyncio.Queue, first, cancel_all: Callable[[], None],
-                          watcher: asyncio.Task):
-    """The SSE body of n > 1 choices: each choice's role chunk (chat), its content deltas and finish chunk (each
-    chunk names its choice's index), then one usage chunk when asked, then [DONE]."""
+                          watcher: asyncio.Task, n: int):
+    """The SSE body of several choices (n per prompt): each choice's role chunk (chat), its content deltas and
+    finish chunk (each chunk names its choice's index), then one usage chunk when asked, then [DONE]."""
     ended: dict[int, GenerationResult] = {}
     try:
         for a in answers:
@@ -598,8 +665,7 @@ async def _stream_choices(answers: list[Answer], queue: asyncio.Queue, first, ca
                 yield sse(answers[index].final_chunk(item))
             if len(ended) == len(answers):
                 if answers[0].include_usage:
-                    total = sum(len(r.token_ids) for r in ended.values())
-                    yield sse(dict(answers[0].usage_chunk(_lead(ended)), usage=usage(_lead(ended), total)))
+                    yield sse(dict(answers[0].usage_chunk(_lead(ended)), usage=_total_usage(ended, n)))
                 yield sse("[DONE]")
                 return
             pending = [await queue.get()]

@@ -21,6 +21,7 @@ from engine.inspect.tokens import token_rows
 from engine.runtime.trace import trace_bytes
 from engine.serve.errors import SERVER_ERROR, APIError, bad_request
 from engine.serve.params import chat_messages
+from engine.text.tool_calls import prompt_messages
 from engine.serve.protocol import ChatMessage
 from engine.text.chat_template import ChatTemplateError, NoChatTemplateError
 
@@ -102,7 +103,7 @@ def inspected_ids(model, body: InspectRequest) -> list[int]:
     if body.messages is not None:
         if not body.messages:
             raise bad_request("messages: the list is empty", "messages")
-        messages = chat_messages(body)
+        messages, _ = prompt_messages(tokenizer.chat_template, chat_messages(body), None)
         try:
             ids = tokenizer.encode_chat(messages, add_generation_prompt=messages[-1]["role"] != "assistant")
         except NoChatTemplateError:

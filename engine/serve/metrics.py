@@ -1,5 +1,10 @@
 """Prometheus metrics of one server, in a CollectorRegistry of its own (never the process-wide default one, so two
-apps in one process, as in tests, do not collide)."""
+apps in one process, as in tests, do not collide).
+
+The load gauges are also exported under vLLM's names (`vllm:num_requests_running`, `vllm:num_requests_waiting`,
+`vllm:kv_cache_usage_perc` and its older name `vllm:gpu_cache_usage_perc`, labelled `model_name`), so routers that read
+vLLM's metrics (Kubernetes' inference gateway, ...) read ours unchanged. KV cache usage is the fraction, 0 to 1, of
+the KV the batch can hold (max_active sequences of a full window) that its sequences hold now."""
 from __future__ import annotations
 
 from typing import Callable
@@ -18,10 +23,12 @@ class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, running: Callable[[], float], waiting: Callable[[], float],
-                 prefix_cache: Callable[[], object] = lambda: None):
+                 prefix_cache: Callable[[], object] = lambda: None,
+                 kv_cache_usage: Callable[[], float] = lambda: 0.0, model_name: Callable[[], str] = lambda: ""):
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(PrefixCacheCollector(prefix_cache))
+        r.register(VllmLoadCollector(running, waiting, kv_cache_usage, model_name))
         self.prompt_tokens_cached = Counter("tinyllama_prompt_tokens_cached", "Prompt tokens restored from the "
                                             "prefix cache instead of prefilled", registry=r)
         self.prompt_tokens_prefilled = Counter("tinyllama_prompt_tokens_prefilled", "Prompt tokens run through the "
@@ -77,3 +84,24 @@ class PrefixCacheCollector:
                                 "(--prefix-cache-mb)", value=pool.max_blocks * pool.block_nbytes)
         yield GaugeMetricFamily("tinyllama_prefix_cache_blocks", "KV blocks held by the prefix cache",
                                 value=pool.blocks)
+
+
+class VllmLoadCollector:
+    """Requests running and waiting and the KV cache's use under vLLM's metric names, read at scrape time."""
+
+    def __init__(self, running: Callable[[], float], waiting: Callable[[], float],
+                 kv_cache_usage: Callable[[], float], model_name: Callable[[], str]):
+        self.running, self.waiting, self.kv_cache_usage, self.model_name = running, waiting, kv_cache_usage, model_name
+
+    def collect(self):
+        """vLLM's gauges, each with one sample labelled model_name."""
+        name = self.model_name()
+        for metric, doc, value in (
+                ("vllm:num_requests_running", "Requests in the batch now", self.running()),
+                ("vllm:num_requests_waiting", "Requests waiting for a place in the batch", self.waiting()),
+                ("vllm:kv_cache_usage_perc", "KV cache usage: 1 means the batch's sequences hold all the KV it can "
+                 "hold", self.kv_cache_usage()),
+                ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc under its older name", self.kv_cache_usage())):
+            family = GaugeMetricFamily(metric, doc, labels=["model_name"])
+            family.add_metric([name], value)
+            yield family

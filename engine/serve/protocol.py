@@ -119,7 +119,9 @@ class ChatMessage(_Body):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: Any = None
+    tool_call_id: str | None = None
+    function_call: Any = None  # the legacy form of one assistant tool call
 
 
 class SamplingFields(_Body):
@@ -129,7 +131,7 @@ class SamplingFields(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)  # OpenAI's int64
     stop: Union[str, list[str], None] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -171,6 +173,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -180,10 +183,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    """POST /v1/completions: `prompt` is text, or token ids (a list of one text / one id list also works)."""
+    """POST /v1/completions: `prompt` is text, token ids, or a list of texts or of id lists (one choice each)."""
 
     prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo or prompt_logprobs, score the prompt only
     logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: the prompt's tokens' log-probabilities
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)

@@ -15,11 +15,14 @@ from typing import Any, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplateError", "NoChatTemplateError", "ROLES", "validate_messages", "render_chat"]
+__all__ = ["ChatTemplateError", "NoChatTemplateError", "ROLES", "TOOL_ROLES", "validate_messages", "render_chat",
+           "compile_template", "template_takes_tools"]
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ROLES + ("tool",)  # what a template that takes `tools` also renders: tool results
 
 
 class ChatTemplateError(ValueError):
@@ -42,19 +45,44 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
+def _environment() -> ImmutableSandboxedEnvironment:
     environment = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
-    return environment.from_string(template)
+    return environment
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """messages: non-empty list of {"role": system|user|assistant, "content": str} -> plain-dict copies."""
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    return _environment().from_string(template)
+
+
+def compile_template(template: str) -> jinja2.Template:
+    """Compile a Jinja chat template (cached); ChatTemplateError with Jinja's reason for a syntax error."""
+    try:
+        return _compile(template)
+    except jinja2.exceptions.TemplateError as error:
+        raise ChatTemplateError(f"not a valid Jinja template: {error}") from error
+
+
+@lru_cache(maxsize=16)
+def template_takes_tools(template: str | None) -> bool:
+    """Whether the template reads the `tools` variable (as transformers' apply_chat_template(tools=...) passes it):
+    then tool definitions, assistant tool calls and tool results are the template's to render."""
+    if not template:
+        return False
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(template))
+    except jinja2.exceptions.TemplateError:
+        return False
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]], roles: Sequence[str] = ROLES) -> list[dict[str, Any]]:
+    """messages: non-empty list of {"role": one of `roles`, "content": str} -> plain-dict copies. An assistant message
+    with `tool_calls` may have no content (None)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatTemplateError(f"messages must be a list of dicts, got {type(messages).__name__}")
     if len(messages) == 0:
@@ -64,9 +92,11 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, s
         if not isinstance(message, Mapping):
             raise ChatTemplateError(f"messages[{index}] must be a dict, got {type(message).__name__}")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ChatTemplateError(f"messages[{index}]['role'] must be one of {ROLES}, got {role!r}")
-        if not isinstance(content, str):
+        if role not in roles:
+            raise ChatTemplateError(f"messages[{index}]['role'] must be one of {tuple(roles)}, got {role!r}")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            pass
+        elif not isinstance(content, str):
             raise ChatTemplateError(
                 f"messages[{index}]['content'] must be a str, got {type(content).__name__}"
             )
@@ -78,21 +108,25 @@ def render_chat(
     template: str | None,
     messages: Sequence[Mapping[str, Any]],
     add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
     **special_tokens: str,
 ) -> str:
     """Render `messages` with the Jinja `template`; special_tokens (bos_token=..., eos_token=...) become variables.
 
+    tools: OpenAI-style tool definitions ({"type": "function", "function": {...}}) for a template that takes them
+    (see template_takes_tools); with them, "tool" messages and assistant `tool_calls` are the template's to render.
     Returns the prompt text (str). Raises NoChatTemplateError when template is None/empty,
     ChatTemplateError for invalid messages or when the template itself raises.
     """
     if not template:
         raise NoChatTemplateError("this model has no chat template; use plain text completion instead")
-    checked = validate_messages(messages)
+    takes_tools = template_takes_tools(template)
+    checked = validate_messages(messages, TOOL_ROLES if takes_tools else ROLES)
     try:
         compiled = _compile(template)
         return compiled.render(
             messages=checked,
-            tools=None,
+            tools=list(tools) if tools else None,
             documents=None,
             add_generation_prompt=bool(add_generation_prompt),
             **special_tokens,

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders as _decoders
 
 from engine.text.chat_template import NoChatTemplateError, render_chat
+from engine.text.chat_templates import ChatTemplate
 
 __all__ = ["Tokenizer", "StreamDecoder", "NoChatTemplateError"]
 
@@ -111,6 +112,8 @@ class Tokenizer:
         self.bos_id: int | None = bos_id
         self.eos_ids: tuple[int, ...] = tuple(eos_ids)
         self.chat_template: str | None = chat_template
+        self.chat_template_source: str | None = "the model" if chat_template else None
+        self.chat_stop: tuple[str, ...] = ()  # stop strings that end an assistant turn (a chosen template's)
         self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_ids: frozenset[int] = frozenset(
             token_id for token_id, token in hf_tokenizer.get_added_tokens_decoder().items() if token.special
@@ -240,11 +243,19 @@ class Tokenizer:
             return bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode("utf-8")
         return piece.replace("\u2581", " ").encode("utf-8")
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """messages -> prompt text rendered by the model's own template; NoChatTemplateError when it has none."""
+    def use_chat_template(self, template: ChatTemplate) -> None:
+        """Render chats with `template` (engine.text.chat_templates.resolve_chat_template) instead of the model's own."""
+        self.chat_template = template.text
+        self.chat_template_source = template.source
+        self.chat_stop = tuple(template.stop)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """messages -> prompt text rendered by the model's own template (or the one set by use_chat_template);
+        `tools` for a template that takes them. NoChatTemplateError when there is none."""
         if self.chat_template is None:
             raise NoChatTemplateError("this model has no chat template; use plain text completion instead")
-        return render_chat(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+        return render_chat(self.chat_template, messages, add_generation_prompt, tools=tools, **self.special_tokens)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """messages -> prompt ids: render, then encode with the post-processor's BOS (not doubled if rendered)."""

@@ -1,0 +1,106 @@
+"""`POST /v1/embeddings` (and `/embeddings`): OpenAI's embeddings API over engine.inspect.embeddings.
+
+`input` is a string, a list of strings, a list of token ids or a list of such lists (text is tokenized with BOS, as
+/v1/completions does; ids are taken as given); each input is one vector, pooled from the last hidden state as the
+server's `--pooling` says (mean by default, or last) and normalized to unit length (vLLM's `normalize: false` turns
+that off). `encoding_format` "float" gives JSON numbers, "base64" the float32 little-endian bytes in base64 (what the
+`openai` client asks for and decodes by default). `dimensions` is accepted only as the model's own width (no
+truncation). Each input runs on the serving thread between two batched steps (`ServingLoop.call`), one at a time,
+so a long list never stalls the batch for more than one input's forward pass.
+
+`compute_embeddings(state, inputs, normalize)` is the one entry point other protocol faces use (Ollama's
+/api/embed): token-id lists in, a (n, hidden) float32 array out.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Literal, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from pydantic import Field
+
+from engine.inspect.embeddings import embed
+from engine.serve.errors import bad_request
+from engine.serve.inspect_routes import run_on_model
+from engine.serve.protocol import _Body
+
+MAX_INPUTS = 2048  # OpenAI's own limit on the inputs of one request
+
+
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings (OpenAI's fields; `normalize` is vLLM's extension)."""
+
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    normalize: bool | None = True
+
+
+def embedding_inputs(model, body: EmbeddingRequest) -> list[list[int]]:
+    """The request's inputs as token-id lists; 400 naming the field for an empty input, an id outside the
+    vocabulary, an input longer than the window, too many inputs, or `dimensions` other than the model's width."""
+    hidden = model.config.hidden_size
+    if body.dimensions is not None and body.dimensions != hidden:
+        raise bad_request(f"dimensions: this model's embeddings have {hidden} dimensions (no other size is "
+                          f"supported), got {body.dimensions}", "dimensions")
+    raw = body.input
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]
+    if not raw:
+        raise bad_request("input: give at least one input", "input")
+    if len(raw) > MAX_INPUTS:
+        raise bad_request(f"input: at most {MAX_INPUTS} inputs per request, got {len(raw)}", "input")
+    config, tokenizer = model.config, model.tokenizer
+    inputs = []
+    for i, item in enumerate(raw):
+        param = "input" if len(raw) == 1 else f"input[{i}]"
+        if not item:
+            raise bad_request(f"{param}: an input cannot be empty", param)
+        ids = tokenizer.encode(item, threaded=True) if isinstance(item, str) else list(item)
+        if any(not 0 <= t < config.vocab_size for t in ids):
+            raise bad_request(f"{param}: token ids must be in 0..{config.vocab_size - 1}", param)
+        if len(ids) > config.max_position_embeddings:
+            raise bad_request(f"{param}: {len(ids)} tokens, more than this model's context window of "
+                              f"{config.max_position_embeddings}", param, "context_length_exceeded")
+        inputs.append(ids)
+    return inputs
+
+
+async def compute_embeddings(state, inputs: list[list[int]], normalize: bool = True) -> np.ndarray:
+    """Embed each token-id list on the serving thread, pooled as the server's `pooling` says -> (n, hidden) float32.
+
+    `state`: the app's ServerState (ready); inputs already checked (embedding_inputs does it for OpenAI's bodies).
+    One ServingLoop.call per input, so the batch steps between them; 503 when the server is stopping."""
+    model, pooling = state.model, state.pooling
+    vectors = [await run_on_model(state, lambda ids=ids: embed(model, ids, pooling, normalize)) for ids in inputs]
+    return np.stack(vectors) if vectors else np.zeros((0, model.config.hidden_size), np.float32)
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str):
+    """One embedding as the response carries it: a list of floats, or base64 of its float32 little-endian bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+def add_embedding_routes(app: FastAPI, state, prepare) -> None:
+    """Mount POST /v1/embeddings and /embeddings. `prepare(request, body_class)`: the app's authorize + parse +
+    validate + model and readiness check."""
+
+    async def embeddings(request: Request):
+        body = await prepare(request, EmbeddingRequest)
+        inputs = await asyncio.to_thread(embedding_inputs, state.model, body)
+        vectors = await compute_embeddings(state, inputs, normalize=body.normalize is not False)
+        tokens = sum(len(ids) for ids in inputs)
+        fmt = body.encoding_format or "float"
+        return {"object": "list", "model": body.model or state.served_model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": encode_vector(v, fmt)}
+                         for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    for path in ("/v1/embeddings", "/embeddings"):
+        app.add_api_route(path, embeddings, methods=["POST"])
