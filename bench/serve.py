@@ -23,6 +23,11 @@ prefill of all `clients` prompts together.
 3. Report: the server's tokens/s as a fraction of the in-process figure (the issue's goal: >= 85% at 32 clients on
    TinyLlama's shape, 0 errors), RSS growth from round 1 to the last (goal: within 5%). results.json under --out.
 
+Against a running server or cluster (`--url URL --conversations C --turns T [--api completions]`): the same
+conversations once, reporting per turn the share of conversations whose prompt came partly from a prefix cache
+(cached_tokens > 0), which replica answered each turn (a cluster's x-tinyllama-replica header) and the router's
+decisions from the cluster's /metrics; bench.serve_cluster runs it against clusters it starts.
+
 Multi-turn mode (`--conversations C --turns T`): C concurrent chat conversations of T turns each, every turn
 re-sending the whole history plus a new user message (as chat UIs do) to /v1/chat/completions and streaming a reply
 of `--reply-tokens` greedy tokens (past EOS); the same seeded conversations against a server with the prefix cache
@@ -85,6 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                  "(default %(default)s)")
     p.add_argument("--user-words", type=int, default=60, help="words of each user message in multi-turn mode "
                                                               "(default %(default)s)")
+    p.add_argument("--url", help="multi-turn mode against a server or cluster already running at URL (e.g. `tinyllama "
+                                 "serve --replicas 2`): the conversations once, nothing started or compared")
+    p.add_argument("--api", choices=("chat", "completions"), default="chat",
+                   help="multi-turn mode: chat turns (default), or the conversation as one completion prompt per "
+                        "turn (a model without a chat template)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the in-process side, in its process
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -101,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--conversations, --turns, --reply-tokens, --system-words and --user-words must be >= 1")
     if not 0 <= args.range_ratio < 1:
         p.error("--range-ratio must be in [0, 1)")
+    if args.url is not None and args.conversations is None:
+        p.error("--url runs the multi-turn workload: give --conversations C (and --turns T)")
     return args
 
 
@@ -365,9 +377,13 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(run_worker(args, args.model)))
         return 0
-    model_ref = served_model(args)
     out = Path(args.out or REPO / "bench" / "out" / time.strftime("serve-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.url is not None:
+        from bench.serve_conversations import run_against_url
+
+        return run_against_url(args, out)
+    model_ref = served_model(args)
     if args.conversations is not None:
         from bench.serve_conversations import run_conversations
 

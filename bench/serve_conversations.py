@@ -31,36 +31,55 @@ def conversation(seed: int, turns: int, system_words: int, user_words: int) -> t
                                                             for _ in range(turns)]
 
 
-async def chat_turn(client, url: str, messages: list[dict], reply_tokens: int) -> dict:
-    """One streamed turn -> {ttft_s, reply, prompt_tokens, cached_tokens, completion_tokens, error}; the time to
-    first token is to the first chunk that counts a generated token (vLLM's continuous_usage_stats), whether or not
-    that token has text yet."""
-    body = {"messages": messages, "max_tokens": reply_tokens, "temperature": 0, "ignore_eos": True,
+def transcript(messages: list[dict]) -> str:
+    """A conversation as one completion prompt (for a model without a chat template): the system text, then
+    'User: ...' / 'Assistant: ...' lines, ending with 'Assistant:' for the reply to come."""
+    lines = [m["content"] for m in messages if m["role"] == "system"]
+    for m in messages:
+        if m["role"] != "system":
+            lines.append(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}")
+    return "\n".join(lines) + "\nAssistant:"
+
+
+async def chat_turn(client, url: str, messages: list[dict], reply_tokens: int, api: str = "chat") -> dict:
+    """One streamed turn -> {ttft_s, reply, prompt_tokens, cached_tokens, completion_tokens, replica, error}; the time
+    to first token is to the first chunk that counts a generated token (vLLM's continuous_usage_stats), whether or not
+    that token has text yet. api "completions": the turn goes to /v1/completions as one transcript prompt.
+    `replica`: the x-tinyllama-replica header (which replica of a cluster answered; None from a single server)."""
+    body = {"max_tokens": reply_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    if api == "chat":
+        body["messages"], path = messages, "/v1/chat/completions"
+    else:
+        body["prompt"], path = transcript(messages), "/v1/completions"
     sent = time.perf_counter()
-    first, reply, usage = None, [], None
+    first, reply, usage, replica = None, [], None, None
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        async with client.stream("POST", url + path, json=body) as r:
             if r.status_code != 200:
                 return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            replica = r.headers.get("x-tinyllama-replica")
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"error": f"stream error: {chunk['error'].get('message')}"}
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                     if first is None and usage["completion_tokens"] > 0:  # the first token, even one with no text yet
                         first = time.perf_counter()
                 for choice in chunk["choices"]:
-                    if choice["delta"].get("content"):
-                        reply.append(choice["delta"]["content"])
+                    text = choice["delta"].get("content") if api == "chat" else choice.get("text")
+                    if text:
+                        reply.append(text)
     except Exception as e:  # noqa: BLE001 - a benchmark counts failures
         return {"error": f"{type(e).__name__}: {e}"}
     if usage is None or first is None:
         return {"error": "the stream ended without tokens or usage"}
     return {"ttft_s": first - sent, "reply": "".join(reply), "prompt_tokens": usage["prompt_tokens"],
-            "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
-            "completion_tokens": usage["completion_tokens"], "error": None}
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+            "completion_tokens": usage["completion_tokens"], "replica": replica, "error": None}
 
 
 async def drive_conversations(url: str, args) -> dict:
@@ -74,7 +93,7 @@ async def drive_conversations(url: str, args) -> dict:
         async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=30)) as client:
             for user in users:
                 messages.append({"role": "user", "content": user})
-                turn = await chat_turn(client, url, messages, args.reply_tokens)
+                turn = await chat_turn(client, url, messages, args.reply_tokens, getattr(args, "api", "chat"))
                 turns.append(turn)
                 if turn["error"]:
                     break
@@ -87,7 +106,8 @@ async def drive_conversations(url: str, args) -> dict:
 
 
 def counters(url: str) -> dict:
-    """The server's prompt-token and prefix-cache figures from /metrics."""
+    """The server's prompt-token and prefix-cache figures from /metrics (a cluster's: summed over its replicas), and a
+    cluster router's decisions ('router_<decision>')."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -96,7 +116,9 @@ def counters(url: str) -> dict:
         for sample in family.samples:
             if sample.name in ("tinyllama_prompt_tokens_prefilled_total", "tinyllama_prompt_tokens_cached_total",
                                "tinyllama_prefix_cache_bytes", "tinyllama_prefix_cache_evictions_total"):
-                out[sample.name] = sample.value
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+            elif sample.name == "tinyllama_router_decisions_total":
+                out["router_" + sample.labels["decision"]] = sample.value
     return out
 
 
@@ -120,16 +142,29 @@ def n_choices_cost(url: str, args, n: int = 4) -> dict:
 
 
 def summarize(run: dict, turns: int) -> dict:
-    """Per-turn means over conversations and the aggregate tokens/s of one server's run."""
+    """Per-turn means over conversations and the aggregate tokens/s of one server's run; `cached_share`: the fraction
+    of turns 2..T that reported cached_tokens > 0; `cached_token_share`: the fraction of their prompt tokens that
+    came from a prefix cache; `replica_switches`: turns 2..T answered by another replica than
+    the turn before (a cluster; 0 from a single server)."""
     per_turn = []
     for t in range(turns):
         done = [c[t] for c in run["conversations"] if len(c) > t and not c[t]["error"]]
         per_turn.append({"turn": t + 1, "ttft_s": statistics.mean(d["ttft_s"] for d in done) if done else None,
                          "prompt_tokens": statistics.mean(d["prompt_tokens"] for d in done) if done else None,
-                         "cached_tokens": statistics.mean(d["cached_tokens"] for d in done) if done else None})
+                         "cached_tokens": statistics.mean(d["cached_tokens"] for d in done) if done else None,
+                         "cached_share": sum(d["cached_tokens"] > 0 for d in done) / len(done) if done else None})
+    later = [d for c in run["conversations"] for d in c[1:] if not d["error"]]
+    switches = sum(1 for c in run["conversations"] for a, b in zip(c, c[1:])
+                   if not a["error"] and not b["error"] and a.get("replica") != b.get("replica"))
     tokens = sum(d["completion_tokens"] for c in run["conversations"] for d in c if not d["error"])
     errors = [d["error"] for c in run["conversations"] for d in c if d["error"]]
     return {"per_turn": per_turn, "tokens": tokens, "tok_s": tokens / run["seconds"], "seconds": run["seconds"],
+            "cached_share": sum(d["cached_tokens"] > 0 for d in later) / len(later) if later else None,
+            "cached_token_share": (sum(d["cached_tokens"] for d in later) / sum(d["prompt_tokens"] for d in later)
+                                   if later else None),
+            "later_ttft_s": statistics.mean(d["ttft_s"] for d in later) if later else None,
+            "replica_switches": switches,
+            "replicas": sorted({d["replica"] for c in run["conversations"] for d in c if d.get("replica")}),
             "errors": len(errors), "error_samples": errors[:5]}
 
 
@@ -192,3 +227,41 @@ def run_conversations(args, model_ref: str, out: Path, server_class) -> int:
     ok = results["summary"]["errors"] == 0 and all(results[k]["server_exit_status"] == 0
                                                    for k in ("cache_on", "cache_off"))
     return 0 if ok else 1
+
+
+def run_against_url(args, out: Path) -> int:
+    """`--url`: the conversations against a server or cluster already running -> exit status (0 without errors);
+    results.json in `out`."""
+    settings = {k: getattr(args, k) for k in ("conversations", "turns", "reply_tokens", "system_words",
+                                              "user_words", "api")}
+    print(f"{args.url}: {args.conversations} conversations x {args.turns} turns ({args.api}) ...", flush=True)
+    before = counters(args.url)
+    summary = summarize(asyncio.run(drive_conversations(args.url, args)), args.turns)
+    after = counters(args.url)
+    summary["counters"] = {k: after[k] - before.get(k, 0.0) for k in after if not k.endswith("_bytes")}
+    results = {"url": args.url, "settings": settings, "run": summary}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(url_report(results))
+    print(f"results: {out / 'results.json'}")
+    return 0 if summary["errors"] == 0 else 1
+
+
+def url_report(results: dict) -> str:
+    """The per-turn table and the totals of a --url run."""
+    run, cfg = results["run"], results["settings"]
+    lines = [f"{results['url']}  conversations: {cfg['conversations']}  turns: {cfg['turns']}  "
+             f"reply: {cfg['reply_tokens']} tokens  api: {cfg['api']}",
+             "turn  prompt  cached  cached>0     TTFT"]
+    for t in run["per_turn"]:
+        lines.append(f"{t['turn']:>4}  {t['prompt_tokens'] or 0:6.0f}  {t['cached_tokens'] or 0:6.0f}  "
+                     f"{100 * (t['cached_share'] or 0):7.0f}%  {t['ttft_s'] or 0:6.2f} s")
+    decisions = {k[7:]: int(v) for k, v in run["counters"].items() if k.startswith("router_")}
+    share = run["cached_share"]
+    tokens = run["cached_token_share"]
+    lines += [f"turns 2-{cfg['turns']} with cached_tokens > 0: {'-' if share is None else format(100 * share, '.0f')}%"
+              f" (their prompt tokens from a cache: {'-' if tokens is None else format(100 * tokens, '.0f')}%)"
+              f"; mean TTFT {run['later_ttft_s'] or 0:.2f} s; replica switches: {run['replica_switches']} "
+              f"(replicas seen: {len(run['replicas'])})",
+              f"aggregate: {run['tok_s']:.1f} tok/s over {run['seconds']:.0f} s; errors {run['errors']}"
+              + (f"; router decisions {decisions}" if decisions else "")]
+    return "\n".join(lines)

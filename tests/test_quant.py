@@ -1,7 +1,7 @@
 """Quantized weights (weights_dtype="int8" | "int4", engine.runtime.quant and the kernels' quant.h / quantize.c).
 
 Error model, from the format (engine/runtime/native/quant.h): the kernel rounds each activation group of 32 to int16
-with step xs = max|x_g| / 32767, so |x - xs * xq| <= xs / 2 (plus the float32 roundings of x * (32767 / max) and of
+with step xs = max|x_g| / 32639, so |x - xs * xq| <= xs / 2 (plus the float32 roundings of x * (32639 / max) and of
 xs, under 2^-10 of a step here); the integer group sums are exact; then per group one float conversion, one product
 of scales and one FMA (relative 2^-24 each, G groups in sequence). Against a float64 product of the SAME quantized
 weights and the exact activations, output n therefore lies within
@@ -132,7 +132,7 @@ def test_compiled_quantizer_writes_the_numpy_bytes(kind):
 def kernel_bound(x: np.ndarray, deq: np.ndarray) -> np.ndarray:
     """The module docstring's bound for x (M, K) against dequantized weights (N, K): (M, N) float64."""
     xg, wg = groups_f64(x), groups_f64(deq)  # (M, G, 32), (N, G, 32)
-    step = np.abs(xg).max(axis=2) / 32767  # (M, G)
+    step = np.abs(xg).max(axis=2) / 32639  # (M, G)
     rounding = np.einsum("mg,ng->mn", step * (0.5 + 2.0 ** -10), np.abs(wg).sum(axis=2))
     g = xg.shape[1]
     return rounding + (g + 4) * 2.0 ** -23 * (np.abs(x.astype(np.float64)) @ np.abs(deq.astype(np.float64)).T)
@@ -156,6 +156,49 @@ def test_kernel_against_float64(isa, kind):
         for rows in (1, 2, 3, 4, 5, 8, 9):
             assert np.array_equal(native.qmatmul_xwt(x[:rows], m), full[:rows])
         assert np.array_equal(native.qmatmul_xwt(np.ascontiguousarray(x[7:8]), m), full[7:8])
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_every_fma_build_gives_the_same_bits(kind):
+    """The group sums are exact integers and the float work per group is the same FMA, so the builds with a hardware
+    FMA (avx512 VNNI vpdpbusd, avx512 vpmaddwd, avx2) agree to the bit, on every tile shape; the portable build (a
+    multiply and an add where the CPU has no FMA) within the same bound as the others."""
+    builds = native.qmatmul_builds()
+    fma = [b for b in builds if b != "portable"]
+    if len(fma) < 2:
+        pytest.skip(f"fewer than two FMA builds run here: {builds}")
+    rng = np.random.default_rng(11)
+    for n, k in [(40, 70), (37, 300), (130, 64)]:
+        m = quant.quantize(awkward_matrix(n, k, seed=n + 1), kind)
+        x = rng.standard_normal((9, k)).astype(np.float32)
+        x[2] *= 1e4
+        first = native.qmatmul_xwt(x, m, build=fma[0])
+        for build in fma[1:]:
+            assert np.array_equal(native.qmatmul_xwt(x, m, build=build), first), build
+        exact = x.astype(np.float64) @ m.dequantize().astype(np.float64).T
+        if "portable" in builds:
+            assert np.all(np.abs(native.qmatmul_xwt(x, m, build="portable") - exact) <= kernel_bound(x, m.dequantize()))
+    with pytest.raises(ValueError, match="cannot run here"):
+        native.qmatmul_xwt(x, m, build="no such build")
+
+
+def test_layout_read_back_against_the_integers():
+    """The kernel layout (quant.py's docstring) holds exactly quantize_groups' integers: int8 offset by 128, int4's
+    low nibble column 8c + t and high nibble 8c + 4 + t, offset by 8 (read here byte by byte)."""
+    w = awkward_matrix(37, 96, seed=12)
+    for kind in ("int8", "int4"):
+        q, _ = quant.quantize_groups(w, kind)
+        m = quant.quantize(w, kind)
+        assert m.data.dtype == np.uint8 and m.data.shape[2:] == ((8, 16, 4) if kind == "int8" else (4, 16, 4))
+        for n, k in [(0, 0), (5, 33), (17, 95), (36, 62)]:
+            b, r, g, c = n // 16, n % 16, k // 32, k % 32
+            if kind == "int8":
+                assert int(m.data[b, g, c // 4, r, c % 4]) - 128 == q[n, k]
+            else:
+                byte = int(m.data[b, g, c // 8, r, c % 4])
+                assert (byte & 15 if c % 8 < 4 else byte >> 4) - 8 == q[n, k]
+        assert np.array_equal(quant.integers(m, np.arange(37)), q)
 
 
 def test_numpy_path_without_kernels_is_float32_exact_activations():
@@ -237,7 +280,7 @@ def test_random_llama_close_to_transformers_and_held_quantized(random_llama, kin
         blocks, groups = -(-m.shape[0] // 16), -(-m.shape[1] // 32)
         assert m.nbytes == blocks * groups * per_block_group[m.kind]
     assert w.lm_head.kind == "int8" and all(m.kind == kind for m in matrices[2:])
-    assert all(a.dtype in (np.int8, np.uint16, np.float16) or (a.dtype == np.float32 and a.ndim == 1)
+    assert all(a.dtype in (np.uint8, np.float16) or (a.dtype == np.float32 and a.ndim == 1)
                for a in w.arrays())
     assert w.nbytes == sum(a.nbytes for a in w.arrays())
 

@@ -197,3 +197,30 @@ def test_a_decoding_sequence_keeps_its_bits_when_a_long_prompt_joins(loaded, isa
     assert np.array_equal(mixed, alone)
     monkeypatch.setitem(layers.WIDENED_BLAS_FROM_ROWS, isa, None)  # every row on the kernel
     assert relative_error(prompt_logits, model.logits(long_prompt)) < 1e-5
+
+
+def test_a_range_of_rows_reads_the_same_values_as_the_whole_tensor(tmp_path, monkeypatch):
+    """Checkpoint.read_into(name, out, first=...) (the quantizing loader reads pieces of rows): every dtype, pieces
+    that straddle the loader's copy chunks and pages, and a range past the end refused."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from weights import safetensors_file
+
+    monkeypatch.setattr(safetensors_file, "COPY_CHUNK_BYTES", 3 * 4096 + 6)
+    tensors = {"b": torch.randn(1001, 37).to(torch.bfloat16), "c": torch.randn(77, 999).to(torch.float16),
+               "d": torch.randn(300, 41)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    with safetensors_file.SafetensorsFile(tmp_path / "m.safetensors") as f:
+        for name, t in tensors.items():
+            whole = t.float().numpy()
+            n, k = whole.shape
+            for start, rows in [(0, 1), (3, 250), (n - 7, 7), (n // 2, n - n // 2)]:
+                rows = min(rows, n - start)
+                out = np.empty((rows, k), dtype=np.float32)
+                f.read_into(name, out, first=start * k)
+                assert np.array_equal(out, whole[start : start + rows]), (name, start, rows)
+            with pytest.raises(ValueError):
+                f.read_into(name, np.empty((2, k), dtype=np.float32), first=(n - 1) * k)
+            with pytest.raises(ValueError):
+                f.read_into(name, np.empty((2, k), dtype=np.float32))  # a whole read needs the whole tensor

@@ -46,9 +46,10 @@ class Checkpoint:
         """TensorInfo (dtype, shape, byte range) of tensor `name`; KeyError if it is absent."""
         return self._where[name].tensors[name]
 
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        """Copy tensor `name` into `out` (same element count): float32, or the tensor's own 16-bit storage."""
-        self._where[name].read_into(name, out)
+    def read_into(self, name: str, out: np.ndarray, first: int | None = None) -> None:
+        """Copy tensor `name` into `out` (same element count): float32, or the tensor's own 16-bit storage; given
+        `first`, the out.size elements from element `first` on instead (rows of a 2-D tensor: first = row * columns)."""
+        self._where[name].read_into(name, out, first)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor `name` as a new float32 array."""

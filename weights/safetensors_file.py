@@ -113,8 +113,9 @@ class SafetensorsFile:
             self._mmap.madvise(mmap.MADV_WILLNEED)
         return self._mmap
 
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        """Copy tensor `name` into `out` (same number of elements, C-contiguous).
+    def read_into(self, name: str, out: np.ndarray, first: int | None = None) -> None:
+        """Copy tensor `name` into `out` (same number of elements, C-contiguous); given `first`, the out.size
+        elements from element `first` on instead (rows of a 2-D tensor: first = row * columns).
 
         `out` is float32 (F16/BF16 widened exactly on the way), or the tensor's own 16-bit storage: float16 for F16,
         uint16 (the raw bits) for BF16. The file's pages are released from this process as soon as they are copied
@@ -122,21 +123,24 @@ class SafetensorsFile:
         mapping resident: the load peak stays at the weights' bytes plus a few MB, whatever the largest tensor.
         """
         info = self.tensors[name]
-        storage, _ = DTYPES[info.dtype]
-        if out.size != info.numel or not out.flags.c_contiguous or out.dtype not in (np.float32, storage):
-            raise ValueError(f"read_into({name}): needs a contiguous float32 or {storage} array of {info.numel} "
-                             f"elements, got {out.dtype} {out.shape}")
-        if info.numel == 0:
+        storage, itemsize = DTYPES[info.dtype]
+        count = info.numel if first is None else out.size
+        first = first or 0
+        if out.size != count or first < 0 or first + count > info.numel or not out.flags.c_contiguous \
+                or out.dtype not in (np.float32, storage):
+            raise ValueError(f"read_into({name}): needs a contiguous float32 or {storage} array of "
+                             f"{info.numel - first} elements{' or fewer' if first else ''}, got {out.dtype} {out.shape}")
+        if count == 0:
             return
         mm = self._map()
-        start = info.begin - info.begin % PAGE
-        mm.madvise(mmap.MADV_WILLNEED, start, info.end - start)  # one large read-ahead, not a page fault per 4 KB
-        itemsize = DTYPES[info.dtype][1]
-        src = np.frombuffer(mm, dtype=storage, count=info.numel, offset=info.begin)
+        begin = info.begin + first * itemsize
+        start = begin - begin % PAGE
+        mm.madvise(mmap.MADV_WILLNEED, start, begin + count * itemsize - start)  # one large read-ahead
+        src = np.frombuffer(mm, dtype=storage, count=count, offset=begin)
         flat = out.reshape(-1)
         step = max(1, COPY_CHUNK_BYTES // itemsize)
-        for i in range(0, info.numel, step):
-            piece = slice(i, min(i + step, info.numel))
+        for i in range(0, count, step):
+            piece = slice(i, min(i + step, count))
             if out.dtype == storage:
                 np.copyto(flat[piece], src[piece])  # the checkpoint's own bytes
             elif info.dtype == "BF16":
@@ -145,7 +149,7 @@ class SafetensorsFile:
                 bits <<= 16  # bf16 is the top half of a float32
             else:
                 np.copyto(flat[piece], src[piece], casting="same_kind")
-            end = info.begin + piece.stop * itemsize
+            end = begin + piece.stop * itemsize
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)  # the pages copied so far (read again if touched)
             start = end - end % PAGE
         del src

@@ -18,6 +18,7 @@ import sys
 from engine.cli.common import (add_chat_template_option, add_model_options, add_speculation_options, chat_template_of,
                                load, speculation_options)
 from engine.errors import EngineError
+from engine.text.chat_templates import NAMED
 from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
 from engine.inspect.embeddings import DEFAULT_POOLING, POOLINGS
@@ -67,6 +68,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill every prompt whole (no prefix cache)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log verbosity (default %(default)s; info logs one line per request)")
+    g = p.add_argument_group("cluster (replicas on Ray Serve: pip install '.[cluster]'; see docs/cluster.md)")
+    g.add_argument("--replicas", type=int, metavar="N",
+                   help="serve N replicas of the model on a local Ray instance (127.0.0.1) behind one URL, each with "
+                        "its own serving loop and prefix cache; a conversation stays on the replica holding its "
+                        "prefix")
+    g.add_argument("--max-replicas", type=int, metavar="M",
+                   help="autoscale between --replicas and M replicas on the requests in flight")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="run the replicas on this existing Ray cluster (e.g. 10.0.0.5:6379) instead of a local one")
+    g.add_argument("--router", choices=("prefix", "pow2"), default="prefix",
+                   help="prefix: prefix-cache affinity with a load override (default); pow2: Ray Serve's default "
+                        "power of two choices")
+    g.add_argument("--replica-threads", type=int, default=1, metavar="N",
+                   help="compute threads of each replica (default %(default)s)")
+    g.add_argument("--target-ongoing-requests", type=float, metavar="N",
+                   help="with --max-replicas: requests in flight per replica that the autoscaler aims at (default: "
+                        "--max-active)")
+    g.add_argument("--upscale-delay", type=float, default=5.0, metavar="S",
+                   help="with --max-replicas: seconds the load must stay high before a replica is added "
+                        "(default %(default)s)")
+    g.add_argument("--downscale-delay", type=float, default=60.0, metavar="S",
+                   help="with --max-replicas: seconds the load must stay low before a replica is removed (it "
+                        "finishes its requests first; default %(default)s)")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -118,6 +142,10 @@ def run_serve(args) -> int:
         raise EngineError("--api-key is empty")
     speculation = speculation_options(args)
     chat_template_of(args)  # a bad --chat-template fails before the socket opens
+    if args.replicas is not None or args.ray_address or args.max_replicas is not None:
+        from engine.serve.cluster.local import run_cluster
+
+        return run_cluster(cluster_settings(args), args.host, args.port, args.ray_address)
     sock = listening_socket(args.host, args.port)
     import uvicorn
 
@@ -171,3 +199,35 @@ def run_serve(args) -> int:
     if failure:
         raise EngineError(failure[0])
     return 0
+
+
+def cluster_settings(args):
+    """The `serve` flags as the settings of a cluster (engine.serve.cluster.settings.ClusterSettings); EngineError
+    naming the flag for a cluster flag out of range."""
+    from engine.serve.cluster.settings import ClusterSettings
+
+    replicas = 1 if args.replicas is None else args.replicas
+    for option, value in (("--replicas", replicas), ("--replica-threads", args.replica_threads)):
+        if value < 1:
+            raise EngineError(f"{option} must be >= 1, got {value}")
+    if args.max_replicas is not None and args.max_replicas < replicas:
+        raise EngineError(f"--max-replicas must be >= --replicas ({replicas}), got {args.max_replicas}")
+    if getattr(args, "gguf_file", None) is not None:
+        raise EngineError("--gguf-file: a GGUF file cannot be served as replicas yet (the router tokenizes prompts "
+                          "with the checkpoint's tokenizer.json); give --model a checkpoint folder or Hub repo id")
+    template = chat_template_of(args)  # the replicas get the text (or the name): a file need not exist on each node
+    settings = ClusterSettings(
+        model=args.model, revision=args.revision, backend=args.backend, weights_dtype=args.weights_dtype,
+        served_model_name=list(args.served_model_name) if args.served_model_name else None,
+        chat_template=None if template is None else (args.chat_template if args.chat_template in NAMED
+                                                     else template.text),
+        pooling=args.pooling, threads=args.replica_threads, replicas=replicas,
+        max_replicas=args.max_replicas, router=args.router, max_active=args.max_active, max_queue=args.max_queue,
+        max_request_mb=args.max_request_mb, read_timeout=args.read_timeout,
+        trace_memory_mb=args.trace_memory_limit, speculate=args.speculate, draft=args.draft,
+        prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb, api_key=args.api_key,
+        allowed_origins=list(args.allowed_origin), shutdown_timeout=args.shutdown_timeout,
+        target_ongoing_requests=args.target_ongoing_requests, upscale_delay_s=args.upscale_delay,
+        downscale_delay_s=args.downscale_delay)
+    settings.validate()
+    return settings

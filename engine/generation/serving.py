@@ -189,6 +189,11 @@ class ServingLoop:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """Whether the serving thread was started and still runs (False once stopped, or if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def in_flight(self) -> int:
         """Requests submitted and not yet ended."""
         return self._in_flight

@@ -175,6 +175,7 @@ class _QuantFormat(GGMLFormat):
     """A ggml type whose values are our QuantMatrix's (groups of 32 columns, one float16 scale each)."""
 
     block_size = quant.GROUP
+    version = 2  # QuantMatrix's kernel layout (weights.QUANT_FORMAT_VERSION): 2 = offset bytes, 4 columns x 16 rows
 
     def layout(self, rows: int, cols: int):
         m = quant.empty(self.kind, 0, 0)  # the dtypes

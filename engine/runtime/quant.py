@@ -9,13 +9,13 @@ The scale is rounded to float16 FIRST and q is rounded against that stored scale
 float(s16) * q.
 
 Kernel layout (engine/runtime/native/quant.h reads it): rows are taken 16 at a time (a block; the row count padded to
-a multiple of 16 with zero rows, the columns to a multiple of 32 with zeros), and within a block and group the values
-are stored so that one vector load gives one PAIR of columns for all 16 rows (the operand of an int16 pair dot
-product, lane r = row r):
+a multiple of 16 with zero rows, the columns to a multiple of 32 with zeros), a block's groups one after the other,
+and within a block and group the integers are stored offset to unsigned bytes so that one 64-byte vector holds 4
+columns of all 16 rows (the operand of AVX512-VNNI's byte dot product, lane r = row r):
 - scales: float16 (blocks, groups, 16): the scale of row 16 b + r, group g at [b, g, r];
-- int8 data: int8 (blocks, groups, 16 pairs, 16 rows, 2): [b, g, p, r, t] = q[16 b + r, 32 g + 2 p + t];
-- int4 data: uint16 (blocks, groups, 4, 32): word [b, g, c, 2 r + t] holds in its nibble i (bits 4i..4i+3) the
-  offset value q + 8 (0..15) of q[16 b + r, 32 g + 2 (4 c + i) + t].
+- int8 data: uint8 (blocks, groups, 8, 16, 4): [b, g, p, r, t] = q[16 b + r, 32 g + 4 p + t] + 128;
+- int4 data: uint8 (blocks, groups, 4, 16, 4): byte [b, g, c, r, t] holds q + 8 (0..15) of column 32 g + 8 c + t of
+  row 16 b + r in its low nibble and of column 32 g + 8 c + 4 + t in its high nibble.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class QuantMatrix:
 
     kind: str  # "int8" | "int4"
     shape: tuple[int, int]  # (N, K): the logical matrix
-    data: np.ndarray  # int8 (blocks, groups, 16, 16, 2) | uint16 (blocks, groups, 4, 32)
+    data: np.ndarray  # uint8: int8 (blocks, groups, 8, 16, 4) | int4 (blocks, groups, 4, 16, 4) (module docstring)
     scales: np.ndarray  # float16 (blocks, groups, 16)
 
     @property
@@ -66,10 +66,7 @@ def empty(kind: str, n: int, k: int) -> QuantMatrix:
     if kind not in KINDS:
         raise ValueError(f"unknown quantized kind {kind!r}")
     blocks, groups = -(-n // BLOCK_ROWS), -(-k // GROUP)
-    if kind == "int8":
-        data = np.zeros((blocks, groups, 16, BLOCK_ROWS, 2), dtype=np.int8)
-    else:
-        data = np.zeros((blocks, groups, 4, 2 * BLOCK_ROWS), dtype=np.uint16)
+    data = np.zeros((blocks, groups, 8 if kind == "int8" else 4, BLOCK_ROWS, 4), dtype=np.uint8)
     return QuantMatrix(kind, (n, k), data, np.zeros((blocks, groups, BLOCK_ROWS), dtype=np.float16))
 
 
@@ -144,27 +141,24 @@ def store_rows(m: QuantMatrix, start: int, q: np.ndarray, s16: np.ndarray) -> No
         src = q[row - start : row - start + r1 - r0].reshape(r1 - r0, groups, GROUP)  # (rows, G, 32)
         m.scales[b, :, r0:r1] = s16[row - start : row - start + r1 - r0].T
         if m.kind == "int8":
-            # [g, p, r, t] = src[r, g, 2p + t]
-            m.data[b, :, :, r0:r1, :] = src.reshape(r1 - r0, groups, 16, 2).transpose(1, 2, 0, 3)
+            # [g, p, r, t] = src[r, g, 4p + t] + 128
+            m.data[b, :, :, r0:r1, :] = (src.reshape(r1 - r0, groups, 8, 4).astype(np.int16) + 128).astype(
+                np.uint8).transpose(1, 2, 0, 3)
         else:
-            # word [g, c, 2r + t], nibble i = src[r, g, 2(4c + i) + t]
-            nib = (src.reshape(r1 - r0, groups, 4, 4, 2) + 8).astype(np.uint16)  # (r, g, c, i, t), offset 0..15
-            words = nib[:, :, :, 0] | (nib[:, :, :, 1] << 4) | (nib[:, :, :, 2] << 8) | (nib[:, :, :, 3] << 12)
-            m.data[b, :, :, 2 * r0 : 2 * r1] = words.transpose(1, 2, 0, 3).reshape(groups, 4, 2 * (r1 - r0))
+            # [g, c, r, t] = (src[r, g, 8c + t] + 8) | (src[r, g, 8c + 4 + t] + 8) << 4
+            u = (src.reshape(r1 - r0, groups, 4, 2, 4) + 8).astype(np.uint8)  # (r, g, c, half, t)
+            m.data[b, :, :, r0:r1, :] = (u[:, :, :, 0] | (u[:, :, :, 1] << 4)).transpose(1, 2, 0, 3)
         row += r1 - r0
 
 
 def integers(m: QuantMatrix, idx: np.ndarray) -> np.ndarray:
     """The integers q of rows `idx` of m -> (len(idx), Kp) int8 (the layout read back)."""
     b, r = idx // BLOCK_ROWS, idx % BLOCK_ROWS
+    u = m.data[b, :, :, r, :].astype(np.int16)  # (n, G, 8 | 4, 4)
     if m.kind == "int8":
-        q = m.data[b, :, :, r, :]  # (n, G, 16, 2)
-        return q.reshape(len(idx), -1)
-    words = m.data[b][:, :, :, :].reshape(len(idx), m.groups, 4, BLOCK_ROWS, 2)[np.arange(len(idx)), :, :, r, :]
-    # words: (n, G, 4 c, 2 t); nibble i -> column 2 (4c + i) + t
-    shifts = np.array([0, 4, 8, 12], dtype=np.uint16)
-    nib = ((words[:, :, :, None, :] >> shifts[None, None, None, :, None]) & 0xF).astype(np.int8) - 8  # (n,G,c,i,t)
-    return nib.reshape(len(idx), -1)
+        return (u - 128).astype(np.int8).reshape(len(idx), -1)
+    q = np.stack([u & 0xF, u >> 4], axis=3) - 8  # (n, G, c, half, t): column 8c + 4 half + t
+    return q.astype(np.int8).reshape(len(idx), -1)
 
 
 def quantize(w: np.ndarray, kind: str, compiled: bool | None = None) -> QuantMatrix:

@@ -62,7 +62,7 @@ WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.flo
 FALLBACK_COST = "using NumPy, fp32 weights, ~2x slower decode, 2x memory"
 FALLBACK_COST_FP32 = "using NumPy (BLAS matmuls, NumPy attention; a float32 checkpoint's weights take no more memory)"
 QUANT_TYPES = {"int8": 3, "int4": 4}  # quantized weights (engine.runtime.quant.QuantMatrix), kernels.h's W_Q8 / W_Q4
-QMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddwd)", "avx512 VNNI (vpdpwssd)")
+QMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddwd)", "avx512 VNNI (vpdpbusd)")
 KMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddubsw)", "avx512 VNNI (vpdpbusd)")
 # llama.cpp's block formats (engine.runtime.kquant.KQuantMatrix.kind), kernels.h's W_Q4_1 .. W_Q6_K
 KQUANT_TYPES = {"q4_1": 5, "q5_0": 6, "q5_1": 7, "q2_k": 8, "q3_k": 9, "q4_k": 10, "q5_k": 11, "q6_k": 12}
@@ -233,6 +233,8 @@ class _Library:
         lib.tl_qmatmul.restype = None
         lib.tl_qmatmul_build.argtypes = [i32]
         lib.tl_qmatmul_build.restype = i32
+        lib.tl_qmatmul_on.argtypes = [i32, ptr, size, ptr, ptr, i32, ptr, size, size, size, size, i32]
+        lib.tl_qmatmul_on.restype = i32
         lib.tl_quantize.argtypes = [i32, ptr, size, size, size, size, ptr, ptr, size, i32]
         lib.tl_quantize.restype = None
         lib.tl_kmatmul_build.argtypes = [i32]
@@ -416,9 +418,10 @@ def quantize_into(m, start: int, w: np.ndarray) -> None:
                         m.scales.ctypes.data, m.groups, lib.threads)
 
 
-def qmatmul_xwt(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
+def qmatmul_xwt(x: np.ndarray, w, out: np.ndarray | None = None, build: str | None = None) -> np.ndarray:
     """y = x @ W.T for x (M, K) float32 (contiguous rows) and a quantized W (N, K) (engine.runtime.quant.QuantMatrix,
-    int8 or int4) -> (M, N) float32. Activations are rounded to int16 per group of 32 inside (quant.h)."""
+    int8 or int4) -> (M, N) float32. Activations are rounded to int16 per group of 32 inside (quant.h). build: one of
+    QMATMUL_BUILDS to run instead of the variant's own (the tests compare them; ValueError where it cannot run)."""
     lib = _require()
     (n, k), kind = w.shape, QUANT_TYPES.get(w.kind)
     if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != k or not _rows_contiguous(x) or kind is None \
@@ -429,9 +432,23 @@ def qmatmul_xwt(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty((m, n), dtype=np.float32)
     elif out.shape != (m, n) or out.dtype != np.float32 or not _rows_contiguous(out):
         raise ValueError(f"qmatmul_xwt's out must be float32 ({m}, {n}) with contiguous rows")
-    lib.lib.tl_qmatmul(lib.isa, x.ctypes.data, x.strides[0] // 4, w.data.ctypes.data, w.scales.ctypes.data, kind,
-                       out.ctypes.data, out.strides[0] // 4, m, n, k, lib.threads)
+    args = (x.ctypes.data, x.strides[0] // 4, w.data.ctypes.data, w.scales.ctypes.data, kind, out.ctypes.data,
+            out.strides[0] // 4, m, n, k, lib.threads)
+    if build is None:
+        lib.lib.tl_qmatmul(lib.isa, *args)
+    elif build not in QMATMUL_BUILDS or lib.lib.tl_qmatmul_on(QMATMUL_BUILDS.index(build), *args) != 0:
+        raise ValueError(f"quantized matmul build {build!r} cannot run here (usable: {', '.join(qmatmul_builds())})")
     return out
+
+
+def qmatmul_builds() -> list[str]:
+    """The builds of the quantized matmul this CPU runs (QMATMUL_BUILDS' names), whichever the dispatch picks."""
+    lib = _require()
+    x, data, scales = np.zeros(32, np.float32), np.zeros(512, np.uint8), np.zeros(16, np.uint16)  # one int8 block
+    out = np.empty(1, dtype=np.float32)
+    return [name for i, name in enumerate(QMATMUL_BUILDS)
+            if lib.lib.tl_qmatmul_on(i, x.ctypes.data, 32, data.ctypes.data, scales.ctypes.data, QUANT_TYPES["int8"],
+                                     out.ctypes.data, 1, 1, 1, 32, 1) == 0]
 
 
 def widen_into(w: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -119,18 +119,31 @@ static tl_qmatmul_fn qmatmul_for(int isa)
 #endif
 }
 
-/* Which build qmatmul_for(isa) runs: 0 portable, 1 avx2, 2 avx512 (BW), 3 avx512 VNNI. */
+/* The quantized matmul builds, by number: 0 portable, 1 avx2, 2 avx512 (BW, vpmaddwd), 3 avx512 VNNI (vpdpbusd);
+ * NULL where it is not compiled in or this CPU cannot run it. */
+static tl_qmatmul_fn qmatmul_build_fn(int build)
+{
+#if HAVE_AVX512
+    if (build == 3) return tl_isa_usable(ISA_AVX512) && qmatmul_for(ISA_AVX512) == tl_qmatmul_avx512vnni
+                           ? tl_qmatmul_avx512vnni : 0;
+    if (build == 2) return tl_isa_usable(ISA_AVX512) && qmatmul_for(ISA_AVX512) != tl_qmatmul_avx2
+                           ? tl_qmatmul_avx512 : 0; /* (a VNNI CPU has BW) */
+#endif
+#if HAVE_AVX2
+    if (build == 1) return tl_isa_usable(ISA_AVX2) ? tl_qmatmul_avx2 : 0;
+#endif
+#if HAVE_PORTABLE
+    if (build == 0) return tl_qmatmul_portable;
+#endif
+    return 0;
+}
+
+/* Which build qmatmul_for(isa) runs (the numbers of qmatmul_build_fn). */
 int tl_qmatmul_build(int isa)
 {
     tl_qmatmul_fn f = qmatmul_for(isa);
-#if HAVE_AVX512
-    if (f == tl_qmatmul_avx512vnni) return 3;
-    if (f == tl_qmatmul_avx512) return 2;
-#endif
-#if HAVE_AVX2
-    if (f == tl_qmatmul_avx2) return 1;
-#endif
-    (void)f;
+    for (int build = 3; build > 0; build--)
+        if (f == qmatmul_build_fn(build)) return build;
     return 0;
 }
 
@@ -215,6 +228,17 @@ void tl_matmul_parts(int isa, const float *x, ptrdiff_t ldx, const tl_wpart *par
         col += part->rows;
         p++;
     }
+}
+
+/* tl_qmatmul on a chosen build (qmatmul_build_fn's numbers, whatever the dispatch would pick: the tests compare the
+ * builds); returns 0, or -1 where that build cannot run here. */
+int tl_qmatmul_on(int build, const float *x, ptrdiff_t ldx, const void *data, const uint16_t *scales, int kind,
+                  float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
+{
+    tl_qmatmul_fn f = qmatmul_build_fn(build);
+    if (!f) return -1;
+    f(x, ldx, data, scales, kind, out, ldo, M, N, K, threads);
+    return 0;
 }
 
 /* out (N, K) float32 = w (N, K) bf16 / fp16 widened exactly (for OpenBLAS's GEMM on widened blocks). */

@@ -11,6 +11,11 @@
  * llama.cpp's block formats repacked (kquant_layout.h, kquant.h). */
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_Q8 = 3, W_Q4 = 4 };
 enum { W_Q4_1 = 5, W_Q5_0 = 6, W_Q5_1 = 7, W_Q2_K = 8, W_Q3_K = 9, W_Q4_K = 10, W_Q5_K = 11, W_Q6_K = 12 };
+/* How quant.h computes a group's integer sums (simd_*.h / variant_*.c choose): AVX512-VNNI vpdpbusd, vpmaddwd, or
+ * one weight row per lane in portable C. */
+#define QDOT_LANES 0
+#define QDOT_MADD 1
+#define QDOT_VNNI 2
 /* Instruction-set variants, in order of preference. */
 enum { ISA_AVX512 = 0, ISA_AVX2 = 1, ISA_PORTABLE = 2, ISA_COUNT = 3 };
 

@@ -1,5 +1,5 @@
 /* Quantizing weights at load (engine/runtime/quant.py's formats, written straight into quant.h's layout): rows of a
- * float32 matrix -> int8 or int4 integers and a float16 scale per group of 32 columns. Plain C for the platform's
+ * float32 matrix -> int8 or int4 integers (stored offset: q + 128, q + 8) and a float16 scale per group of 32 columns. Plain C for the platform's
  * baseline (it runs once per load); rows are shared among the pool's threads.
  *
  * int8: s = f16(max|w| / 127), q = clip(rint(w * (1 / s)), -127, 127) (1 / s and the product in float32).
@@ -135,21 +135,13 @@ static void quantize_rows(void *arg, ptrdiff_t t)
             memcpy(w, j->w + i * j->ldw + k0, (size_t)n * sizeof(float));
             for (ptrdiff_t k = n; k < GROUP; k++) w[k] = 0.0f;
             j->scales[(b * j->G + g) * ROWS + r] = quantize_group(w, j->kind, q);
-            if (j->kind == W_Q8) {
-                int8_t *dst = (int8_t *)j->data + (b * j->G + g) * 512;
-                for (int p = 0; p < 16; p++) {
-                    dst[p * 32 + 2 * r] = q[2 * p];
-                    dst[p * 32 + 2 * r + 1] = q[2 * p + 1];
-                }
-            } else {
-                uint16_t *dst = (uint16_t *)(j->data + (b * j->G + g) * 256);
+            uint8_t *dst = (uint8_t *)j->data + (b * j->G + g) * (j->kind == W_Q8 ? 512 : 256) + 4 * r;
+            if (j->kind == W_Q8) { /* [p, r, e] = q[4 p + e] + 128 */
+                for (int k = 0; k < GROUP; k++) dst[(k / 4) * 64 + k % 4] = (uint8_t)(q[k] + 128);
+            } else { /* [c, r, e] = (q[8 c + e] + 8) | (q[8 c + 4 + e] + 8) << 4 */
                 for (int c = 0; c < 4; c++)
-                    for (int t2 = 0; t2 < 2; t2++) {
-                        uint16_t word = 0;
-                        for (int nib = 0; nib < 4; nib++)
-                            word |= (uint16_t)((q[2 * (4 * c + nib) + t2] + 8) << (4 * nib));
-                        dst[c * 32 + 2 * r + t2] = word;
-                    }
+                    for (int e = 0; e < 4; e++)
+                        dst[c * 64 + e] = (uint8_t)((q[8 * c + e] + 8) | (q[8 * c + 4 + e] + 8) << 4);
             }
         }
     }

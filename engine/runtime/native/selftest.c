@@ -49,6 +49,8 @@ void tl_decoder_layers(int isa, const tl_stack *c, const tl_layer *layers, ptrdi
 
 void tl_qmatmul(int isa, const float *x, ptrdiff_t ldx, const void *data, const uint16_t *scales, int kind,
                 float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads);
+int tl_qmatmul_on(int build, const float *x, ptrdiff_t ldx, const void *data, const uint16_t *scales, int kind,
+                  float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads);
 void tl_quantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t K, ptrdiff_t row0, void *data,
                  uint16_t *scales, ptrdiff_t G, int threads);
 void tl_matmul_parts(int isa, const float *x, ptrdiff_t ldx, const tl_wpart *parts, ptrdiff_t n_parts, float *out,
@@ -562,15 +564,17 @@ static int check_decoder_layers(int isa, int wtype)
 }
 
 /* Quantized weights (quant.h, quantize.c): the integers and scales read back by the layout's definition
- * (engine/runtime/quant.py), the quantizer's grid checked (int8: every weight within half a step), and the product
- * against float64 within the bound of the format: int16 activations (half a step of max|x_g| / 32767 each), exact
- * integer group sums, G float32 group terms. The last row alone gives the same bits. */
+ * (engine/runtime/quant.py: offset bytes, 4 columns of 16 rows per 64 bytes), the quantizer's grid checked (int8:
+ * every weight within half a step), and the product against float64 within the bound of the format: int16
+ * activations (half a step of max|x_g| / 32639 each), exact integer group sums, G float32 group terms. The last row
+ * alone gives the same bits, and on x86 every build with a hardware FMA (avx512 VNNI and vpmaddwd, avx2) the same bits
+ * as the variant's own. */
 static int check_qmatmul(int isa, int kind, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K)
 {
     const ptrdiff_t G = (K + 31) / 32, blocks = (N + 15) / 16, bytes = kind == W_Q8 ? 512 : 256;
     float *x = malloc(sizeof(float) * M * K), *w = malloc(sizeof(float) * N * K);
-    float *out = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N);
-    char *data = calloc((size_t)(blocks * G * bytes), 1);
+    float *out = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N), *other = malloc(sizeof(float) * M * N);
+    uint8_t *data = calloc((size_t)(blocks * G * bytes), 1);
     uint16_t *scales = calloc((size_t)(blocks * G * 16), 2);
     double *wq = malloc(sizeof(double) * N * K);
     for (ptrdiff_t i = 0; i < M * K; i++) x[i] = (float)uniform();
@@ -579,14 +583,14 @@ static int check_qmatmul(int isa, int kind, ptrdiff_t M, ptrdiff_t N, ptrdiff_t 
     int ok = 1;
     for (ptrdiff_t n = 0; n < N; n++)
         for (ptrdiff_t k = 0; k < K; k++) {
-            const ptrdiff_t b = n / 16, r = n % 16, g = k / 32, c = k % 32, p = c / 2, t = c % 2;
+            const ptrdiff_t b = n / 16, r = n % 16, g = k / 32, c = k % 32;
             const double sc = f16_value(scales[(b * G + g) * 16 + r]);
             int q;
             if (kind == W_Q8) {
-                q = ((const int8_t *)data)[(b * G + g) * 512 + p * 32 + 2 * r + t];
+                q = data[(b * G + g) * 512 + (c / 4) * 64 + 4 * r + c % 4] - 128;
             } else {
-                const uint16_t word = ((const uint16_t *)data)[(b * G + g) * 128 + (p / 4) * 32 + 2 * r + t];
-                q = (int)((word >> (4 * (p % 4))) & 15) - 8;
+                const int byte = data[(b * G + g) * 256 + (c / 8) * 64 + 4 * r + c % 4];
+                q = (c % 8 < 4 ? byte & 15 : byte >> 4) - 8;
             }
             wq[n * K + k] = sc * q;
             if (kind == W_Q8 && fabs(w[n * K + k] - wq[n * K + k]) > fabs(sc) * (0.5 + 1e-6)) ok = 0;
@@ -605,7 +609,7 @@ static int check_qmatmul(int isa, int kind, ptrdiff_t M, ptrdiff_t N, ptrdiff_t 
                     ref += (double)x[i * K + k] * wq[j * K + k];
                     mag += fabs((double)x[i * K + k] * wq[j * K + k]);
                 }
-                rounding += amax / 32767 * (0.5 + 1.0 / 1024) * wsum;
+                rounding += amax / 32639 * (0.5 + 1.0 / 1024) * wsum;
             }
             const double err = fabs(out[i * N + j] - ref), bound = rounding + (double)(G + 4) * ldexp(1, -23) * mag;
             worst = err / bound > worst ? err / bound : worst;
@@ -613,9 +617,17 @@ static int check_qmatmul(int isa, int kind, ptrdiff_t M, ptrdiff_t N, ptrdiff_t 
     ok &= worst <= 1.0;
     tl_qmatmul(isa, x + (M - 1) * K, K, data, scales, kind, one, N, 1, N, K, 2);
     if (memcmp(one, out + (M - 1) * N, sizeof(float) * N) != 0) ok = 0;
+#if defined(__x86_64__) || defined(_M_X64)
+    for (int build = 1; build <= 3 && isa != ISA_PORTABLE; build++) /* avx2, avx512 vpmaddwd, avx512 VNNI */
+        if (tl_qmatmul_on(build, x, K, data, scales, kind, other, N, M, N, K, 2) == 0 &&
+            memcmp(other, out, sizeof(float) * M * N) != 0) {
+            printf("  FAIL qmatmul build %d differs from %s's\n", build, names[isa]);
+            ok = 0;
+        }
+#endif
     if (!ok) printf("  FAIL qmatmul %s kind %d M=%td N=%td K=%td: error / bound %.2f\n", names[isa], kind, M, N, K,
                     worst);
-    free(x); free(w); free(out); free(one); free(data); free(scales); free(wq);
+    free(x); free(w); free(out); free(one); free(other); free(data); free(scales); free(wq);
     return ok;
 }
 

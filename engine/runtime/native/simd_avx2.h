@@ -43,6 +43,8 @@ TARGET INLINE float vf_hmax(vf v)
     return _mm_cvtss_f32(s);
 }
 #define KEEP(v) __asm__("" : "+x"(v))
+/* Each lane rounded to the nearest integer, ties to even (rintf in the default rounding mode). */
+TARGET INLINE vf vf_rint(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 /* 2*VL bf16 at p (one 32-byte load) -> the even elements / the odd elements as float32 (exact). */
 TARGET INLINE vf bf16_even(const uint16_t *p)
@@ -77,32 +79,42 @@ TARGET INLINE vf vf_exp(vf x)
     return _mm256_andnot_ps(under, y);
 }
 
-/* Quantized weights (quant.h): int32 lanes, 8 weight rows per vector (a 16-row block is two). */
+/* Quantized weights (quant.h): int32 lanes, 8 weight rows per vector (a 16-row block is two); vpmaddwd (QDOT_MADD). */
 #define QTARGET TARGET
+#define QDOT QDOT_MADD
 #define QMB 2
-#define QNBT_1 2
-#define QNBT_N 1
+#define QNBT_1 1
+#define QNBT_N8 1
+#define QNBT_N4 1
 typedef __m256i qv;
 typedef __m256i qw;
 TARGET INLINE qv qv_zero(void) { return _mm256_setzero_si256(); }
 TARGET INLINE qv qv_load(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
-TARGET INLINE qw qw_int8(const int8_t *p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); }
-/* int4: nibble i of every word (stored u = q + 8) left in place, times 16^Q4_SCALE(i): one AND (the top nibble: one
- * shift down) */
+TARGET INLINE qv qv_set1(int32_t a) { return _mm256_set1_epi32(a); }
+TARGET INLINE qv qv_add(qv a, qv b) { return _mm256_add_epi32(a, b); }
+TARGET INLINE qv qv_sub(qv a, qv b) { return _mm256_sub_epi32(a, b); }
+TARGET INLINE qv qv_srai(qv a, int n) { return _mm256_srai_epi32(a, n); }
+TARGET INLINE vf qv_float(qv a) { return _mm256_cvtepi32_ps(a); }
+/* 16 bytes (4 rows x 4 columns) widened to int16; acc + the pair products with the 4 int16 at x; rows 0-3 and 4-7
+ * of two such sums, each row's two lanes added (vphaddd works within 128-bit halves: 0 1 4 5 | 2 3 6 7, reordered) */
+TARGET INLINE qw qw_u8(const uint8_t *p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)); }
+TARGET INLINE qv qv_madd_quad(qv acc, qw w, const int16_t *x)
+{
+    int64_t quad;
+    memcpy(&quad, x, 8);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi64x(quad)));
+}
+TARGET INLINE qv qv_fold(qv a, qv b) { return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8); }
+/* int4: nibble i of every 16-bit word left in place, times 16^Q4_SCALE(i): one AND (the top nibble: one shift down) */
 #define Q4_SCALE(i) ((i) == 1 ? 1 : (i) == 2 ? 2 : 0)
 TARGET INLINE qw qw_nibble(qv words, int i)
 {
     if (i == 3) return _mm256_srli_epi16(words, 12);
     return _mm256_and_si256(words, _mm256_set1_epi16((short)(0xF << (4 * i))));
 }
-TARGET INLINE qv qv_set1(int32_t a) { return _mm256_set1_epi32(a); }
-TARGET INLINE qv qv_add(qv a, qv b) { return _mm256_add_epi32(a, b); }
-TARGET INLINE qv qv_sub(qv a, qv b) { return _mm256_sub_epi32(a, b); }
-TARGET INLINE qv qv_srai(qv a, int n) { return _mm256_srai_epi32(a, (unsigned)n); }
-TARGET INLINE qv qv_dot(qv acc, qw w, const int16_t *xp)
+TARGET INLINE qv qv_madd_pair(qv acc, qw w, const int16_t *x)
 {
     int32_t pair;
-    memcpy(&pair, xp, 4);
+    memcpy(&pair, x, 4);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi32(pair)));
 }
-TARGET INLINE vf qv_float(qv a) { return _mm256_cvtepi32_ps(a); }

@@ -38,6 +38,8 @@ TARGET INLINE float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
 TARGET INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
 /* Keep v in a register: GCC would otherwise fold the load into each FMA that uses it (one load per FMA). */
 #define KEEP(v) __asm__("" : "+v"(v))
+/* Each lane rounded to the nearest integer, ties to even (rintf in the default rounding mode). */
+TARGET INLINE vf vf_rint(vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 /* 2*VL bfloat16 values at p (one 64-byte load) widened exactly to float32: a bf16 is the top half of the float32 of
  * the same value. The low half of each 32-bit lane is the even element, the high half the odd one. */
@@ -74,41 +76,59 @@ TARGET INLINE vf vf_exp(vf x)
     return _mm512_maskz_mov_ps((__mmask16)~under, y);
 }
 
-/* Quantized weights (quant.h): int32 lanes, one per weight row of a 16-row block; AVX512-BW for the 16-bit ops. */
+/* Quantized weights (quant.h): int32 lanes, one per weight row of a 16-row block. Two builds: QDOT_VNNI (vpdpbusd)
+ * where the CPU has AVX512-VNNI, QDOT_MADD (vpmaddwd, AVX512-BW) where it has not; variant_avx512.c sets QDOT. */
 #define QTARGET_BW __attribute__((target("avx512f,avx512bw,fma,f16c")))
+#define QTARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c")))
 #define QMB 4    /* rows of x per tile */
-#define QNBT_1 4 /* 16-row blocks per tile at one row of x: 4 independent accumulator chains */
-#define QNBT_N 2 /* at more rows: 4 x 2 int32 + 4 x 2 float accumulators */
-#define QNBT_N4 1 /* int4 at more rows: 3 accumulators per tile row (place values 1, 16, 256), one block */
+#define QNBT_1 1 /* 16-row blocks per tile at one row of x: one stream (quant.h) */
+#define QNBT_N8 2 /* int8 at more rows: 4 x 2 x 2 int32 + 4 x 2 float accumulators */
 typedef __m512i qv;
 typedef __m512i qw;
 QTARGET_BW INLINE qv qv_zero(void) { return _mm512_setzero_si512(); }
 QTARGET_BW INLINE qv qv_load(const void *p) { return _mm512_loadu_si512(p); }
-/* 32 int8 (16 rows x a pair of columns) -> 32 int16 */
-QTARGET_BW INLINE qw qw_int8(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
-/* int4: nibble i of every word (stored u = q + 8) left in place, times 16^Q4_SCALE(i): one AND (the top nibble: one
- * shift down) */
+QTARGET_BW INLINE qv qv_set1(int32_t a) { return _mm512_set1_epi32(a); }
+QTARGET_BW INLINE qv qv_add(qv a, qv b) { return _mm512_add_epi32(a, b); }
+QTARGET_BW INLINE qv qv_sub(qv a, qv b) { return _mm512_sub_epi32(a, b); }
+QTARGET_BW INLINE qv qv_srai(qv a, int n) { return _mm512_srai_epi32(a, (unsigned)n); }
+QTARGET_BW INLINE qv qv_slli(qv a, int n) { return _mm512_slli_epi32(a, (unsigned)n); }
+QTARGET_BW INLINE vf qv_float(qv a) { return _mm512_cvtepi32_ps(a); }
+/* VNNI: the bytes' low and high nibbles as plain values 0..15; acc + each lane's 4 products of w's unsigned bytes
+ * with the 4 signed bytes at x, broadcast (exact in int32) */
+QTARGET_BW INLINE qv qv_low_nibbles(qv v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+QTARGET_BW INLINE qv qv_high_nibbles(qv v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+QTARGET_VNNI INLINE qv qv_dpbusd(qv acc, qv w, const int8_t *x)
+{
+    int32_t quad;
+    memcpy(&quad, x, 4);
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(quad));
+}
+/* MADD: 32 bytes (8 rows x 4 columns) widened to int16; acc + the pair products of w with the 4 int16 at x (a row's
+ * columns 0,1 in its first lane, 2,3 in its second); rows 0-7 and 8-15 of two such sums, each row's two lanes added */
+QTARGET_BW INLINE qw qw_u8(const uint8_t *p) { return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
+QTARGET_BW INLINE qv qv_madd_quad(qv acc, qw w, const int16_t *x)
+{
+    int64_t quad;
+    memcpy(&quad, x, 8);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi64(quad)));
+}
+QTARGET_BW INLINE qv qv_fold(qv a, qv b)
+{
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+}
+/* int4: nibble i of every 16-bit word left in place, times 16^Q4_SCALE(i): one AND (the top nibble: one shift down);
+ * acc + its pair products with the pair of int16 at x, broadcast */
 #define Q4_SCALE(i) ((i) == 1 ? 1 : (i) == 2 ? 2 : 0)
 QTARGET_BW INLINE qw qw_nibble(qv words, int i)
 {
     if (i == 3) return _mm512_srli_epi16(words, 12);
     return _mm512_and_si512(words, _mm512_set1_epi16((short)(0xF << (4 * i))));
 }
-QTARGET_BW INLINE qv qv_set1(int32_t a) { return _mm512_set1_epi32(a); }
-QTARGET_BW INLINE qv qv_add(qv a, qv b) { return _mm512_add_epi32(a, b); }
-QTARGET_BW INLINE qv qv_sub(qv a, qv b) { return _mm512_sub_epi32(a, b); }
-QTARGET_BW INLINE qv qv_srai(qv a, int n) { return _mm512_srai_epi32(a, (unsigned)n); }
-/* acc + the pair dot products of w's lanes with the pair of int16 at xp, broadcast (exact in int32) */
-QTARGET_BW INLINE qv qv_dot_madd(qv acc, qw w, const int16_t *xp)
+QTARGET_BW INLINE qv qv_madd_pair(qv acc, qw w, const int16_t *x)
 {
     int32_t pair;
-    memcpy(&pair, xp, 4);
+    memcpy(&pair, x, 4);
     return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi32(pair)));
 }
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) INLINE qv qv_dot_vnni(qv acc, qw w, const int16_t *xp)
-{
-    int32_t pair;
-    memcpy(&pair, xp, 4);
-    return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair));
-}
-QTARGET_BW INLINE vf qv_float(qv a) { return _mm512_cvtepi32_ps(a); }

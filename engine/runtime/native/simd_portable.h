@@ -34,6 +34,22 @@ INLINE float vf_hmax(vf v)
     return a > b ? a : b;
 }
 #define KEEP(v) ((void)0)
+/* Each lane rounded to the nearest integer, ties to even, for |v| < 2^22: adding and subtracting 1.5 * 2^23 rounds
+ * exactly there. The empty asm makes v a value of its own first, so the compiler cannot fuse the multiply that made
+ * it into the addition (GCC contracts a * b + c to an FMA across statements where the target has one: ARM). */
+#if defined(__x86_64__) || defined(__i386__)
+#define KEEP_VALUE(v) __asm__("" : "+x"(v))
+#elif defined(__aarch64__) || defined(__arm__)
+#define KEEP_VALUE(v) __asm__("" : "+w"(v))
+#else
+#define KEEP_VALUE(v) __asm__("" : "+m"(v))
+#endif
+INLINE vf vf_rint(vf v)
+{
+    const vf magic = vf_set1(12582912.0f);
+    KEEP_VALUE(v);
+    return (v + magic) - magic;
+}
 
 /* float lanes -> int32 lanes (truncating): __builtin_convertvector where the compiler has it (Clang, GCC 9+), else
  * lane by lane (GCC 8 and older: RHEL 8, Amazon Linux 2). TL_NO_CONVERTVECTOR forces the fallback (for the tests). */
@@ -86,24 +102,26 @@ INLINE vf vf_exp(vf x)
     return (vf)((vi)y & ~under);
 }
 
-/* Quantized weights (quant.h): int32 lanes, 4 weight rows per vector; a weight vector is its pairs' even and odd
- * columns as two int32 vectors. */
+/* Quantized weights (quant.h): int32 lanes, one weight row per lane, 4 rows per vector (QDOT_LANES): a lane's 4 bytes
+ * taken apart by shifts (little-endian, as on x86 and ARM) and multiplied by scalar activations. */
 #define QTARGET
+#define QDOT QDOT_LANES
 #define QMB 2
-#define QNBT_1 2
-#define QNBT_N 1
+#define QNBT_1 1
+#define QNBT_N8 1
+#define QNBT_N4 1
 typedef vi qv;
-typedef struct { vi e, o; } qw;
 INLINE qv qv_zero(void) { return (vi){0, 0, 0, 0}; }
-INLINE qv qv_load(const void *p) { vi v; memcpy(&v, p, sizeof v); return v; } /* 8 little-endian uint16 words */
-INLINE qw qw_int8(const int8_t *p) { return (qw){{p[0], p[2], p[4], p[6]}, {p[1], p[3], p[5], p[7]}}; }
-/* int4: nibble i (stored u = q + 8) of each word: lane l holds word 2l (low half: column 2p of row l) and word 2l+1
- * (high half: column 2p+1), little-endian as on x86 and ARM; the nibble's whole value (Q4_SCALE 0) */
-#define Q4_SCALE(i) 0
-INLINE qw qw_nibble(qv words, int i) { return (qw){(words >> (4 * i)) & 0xF, (words >> (16 + 4 * i)) & 0xF}; }
+INLINE qv qv_load(const void *p) { vi v; memcpy(&v, p, sizeof v); return v; }
 INLINE qv qv_set1(int32_t a) { return (vi){a, a, a, a}; }
 INLINE qv qv_add(qv a, qv b) { return a + b; }
 INLINE qv qv_sub(qv a, qv b) { return a - b; }
-INLINE qv qv_srai(qv a, int n) { return a >> n; }
-INLINE qv qv_dot(qv acc, qw w, const int16_t *xp) { return acc + w.e * (int32_t)xp[0] + w.o * (int32_t)xp[1]; }
-INLINE vf qv_float(qv a) { return __builtin_convertvector(a, vf); }
+INLINE qv qv_srli(qv a, int n) { return (vi)((vu)a >> n); }
+INLINE qv qv_byte(qv words, int j) { return (vi)(((vu)words >> (8 * j)) & 0xFFu); }
+INLINE qv qv_and15(qv a) { return a & 15; }
+INLINE qv qv_mul1(qv a, int16_t x) { return a * (int32_t)x; }
+#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)) && !defined(TL_NO_CONVERTVECTOR)
+#define qv_float(a) __builtin_convertvector((a), vf)
+#else
+INLINE vf qv_float(qv a) { return (vf){(float)a[0], (float)a[1], (float)a[2], (float)a[3]}; }
+#endif

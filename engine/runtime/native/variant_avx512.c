@@ -5,18 +5,23 @@
 #define VARIANT(name) name##_avx512
 #include "matmul.h"
 #include "attention.h"
-/* Quantized weights twice: with AVX512-VNNI's vpdpwssd, and with vpmaddwd + vpaddd where the CPU has no VNNI. */
+/* Quantized weights twice: with AVX512-VNNI's vpdpbusd, and with vpmaddwd where the CPU has no VNNI (quant.h). */
 #define QTARGET QTARGET_BW
-#define qv_dot qv_dot_madd
+#define QDOT QDOT_MADD
+#define QNBT_N4 1 /* int4 at more rows: 3 accumulators per tile row (place values 1, 16, 256), one block */
 #define QV(name) q_##name##_avx512
 #define QVARIANT(name) name##_avx512
 #include "quant.h"
 #undef QTARGET
-#undef qv_dot
+#undef QDOT
+#undef QNBT_N4
 #undef QV
 #undef QVARIANT
-#define QTARGET __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c")))
-#define qv_dot qv_dot_vnni
+#undef QX_SPLIT
+#undef QX_NIBBLE_ORDER
+#define QTARGET QTARGET_VNNI
+#define QDOT QDOT_VNNI
+#define QNBT_N4 2
 #define QV(name) q_##name##_avx512vnni
 #define QVARIANT(name) name##_avx512vnni
 #include "quant.h"
