@@ -65,3 +65,44 @@ def random_checkpoint(shape: dict = TINYLLAMA_SHAPE, dtype: str = "float32", nam
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def with_tokenizer(folder: Path, tokenizer_dir: Path) -> Path:
+    """A folder beside `folder` ("<name>-tokenizer") whose files link to its weights and config and to the tokenizer
+    files of `tokenizer_dir` (TinyLlama's real tokenizer: the random model reads and writes real text); made once."""
+    target = folder.with_name(folder.name + "-tokenizer")
+    target.mkdir(parents=True, exist_ok=True)
+    for source in [p for p in folder.iterdir() if p.is_file()] + [tokenizer_dir / n for n in TOKENIZER_FILES]:
+        link = target / source.name
+        if source.exists() and not link.exists():
+            link.symlink_to(source.resolve())
+    return target
+
+
+def main(argv=None) -> int:
+    """`python -m bench.checkpoints`: make (once) a random checkpoint of TinyLlama's shape, or of its width with fewer
+    layers, and print its folder; with --tokenizer, a folder that also has that tokenizer."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.checkpoints", description=main.__doc__.split(";")[0])
+    p.add_argument("--layers", type=int, default=TINYLLAMA_SHAPE["num_hidden_layers"],
+                   help="decoder layers (default 22: TinyLlama's own shape; fewer keep its width)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a folder with tokenizer.json etc. (e.g. ../shared/models/tinyllama-1.1b-chat-v1.0)")
+    args = p.parse_args(argv)
+    if args.layers < 1:
+        p.error("--layers must be >= 1")
+    shape = dict(TINYLLAMA_SHAPE, num_hidden_layers=args.layers)
+    name = None if args.layers == TINYLLAMA_SHAPE["num_hidden_layers"] else \
+        f"tinyllama-width-{args.layers}-layers" + ("" if args.dtype == "bfloat16" else f"-{args.dtype}")
+    folder = random_checkpoint(shape, args.dtype, name)
+    print(with_tokenizer(folder, args.tokenizer) if args.tokenizer else folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads per system (default 2)")
     p.add_argument("--speculate", type=int, default=4, metavar="N",
                    help="most draft tokens per step of a speculating system (engine-numpy-draft-int8, "
-                        "engine-numpy-draft-int4, engine-numpy-draft-lookup; default 4)")
+                        "engine-numpy-draft-int4, engine-numpy-draft-lookup, engine-numpy-draft-int8+lookup; "
+                        "engine-numpy-draft-none is the same loop without speculation; default 4)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     for flag in ("blocks", "tokens", "prompt_len", "threads", "speculate"):
@@ -71,26 +72,37 @@ def check_systems(names: list[str]) -> None:
             raise EngineError(f"unknown system {n!r} (see tinyllama bench --help)")
 
 
-def time_block(runner, tokens: int) -> float:
+def time_block(runner, tokens: int, cpu: list | None = None) -> float:
     """Decode tok/s of `tokens` greedy batch-1 steps from the prompt (one untimed step first: pools wake up); a
-    speculating runner times `tokens` tokens of its own decoding (`decode_block`)."""
+    speculating runner times `tokens` tokens of its own decoding (`decode_block`). `cpu`: a list that gets the
+    tokens per second of this process's CPU time over the block (every thread's; a speculating runner's includes its
+    first token's step), a figure other processes' load disturbs less than the wall clock."""
+    c0 = time.process_time()
     if hasattr(runner, "decode_block"):
-        return tokens / runner.decode_block(tokens)
-    runner.decode_reset()
-    runner.decode_step()
-    t0 = time.perf_counter()
-    for _ in range(tokens):
+        rate = tokens / runner.decode_block(tokens)
+    else:
+        runner.decode_reset()
         runner.decode_step()
-    return tokens / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            runner.decode_step()
+        rate = tokens / (time.perf_counter() - t0)
+    if cpu is not None:
+        cpu.append(tokens / max(time.process_time() - c0, 1e-9))
+    return rate
 
 
-def interleave(runners: dict, blocks: int, tokens: int, progress=None) -> dict[str, list[float]]:
-    """{name: [tok/s per block]}: every block times each runner once, the order rotated block by block."""
+def interleave(runners: dict, blocks: int, tokens: int, progress=None,
+               cpu: dict | None = None) -> dict[str, list[float]]:
+    """{name: [tok/s per block]}: every block times each runner once, the order rotated block by block; `cpu`: a
+    dict that gets {name: [tok/s of CPU time per block]}."""
     names = list(runners)
     rates: dict[str, list[float]] = {n: [] for n in names}
+    if cpu is not None:
+        cpu.update({n: [] for n in names})
     for b in range(blocks):
         for n in names[b % len(names):] + names[: b % len(names)]:
-            rates[n].append(time_block(runners[n], tokens))
+            rates[n].append(time_block(runners[n], tokens, None if cpu is None else cpu[n]))
         if progress:
             progress(b + 1, {n: r[-1] for n, r in rates.items()})
     return rates
@@ -139,23 +151,31 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineError, CheckpointError, Unavailable, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    cpu: dict[str, list[float]] = {}
     rates = interleave(runners, args.blocks, args.tokens, progress=lambda b, last: print(
-        f"block {b}: " + ", ".join(f"{n} {v:.1f}" for n, v in last.items()), file=sys.stderr))
+        f"block {b}: " + ", ".join(f"{n} {v:.1f}" for n, v in last.items()), file=sys.stderr), cpu=cpu)
     result = summarize(rates, decode_bytes)
-    result.update(model=folder, blocks=args.blocks, tokens=args.tokens, prompt_len=args.prompt_len,
+    base = names[0]
+    for n in names:  # the same ratio over CPU time: this process's work per token, less disturbed by other load
+        result["systems"][n]["cpu_tok_s"] = cpu[n]
+        result["systems"][n]["cpu_ratio"] = statistics.median(a / b for a, b in zip(cpu[n], cpu[base]))
+    result.update(load_average=os.getloadavg(), model=folder, blocks=args.blocks, tokens=args.tokens, prompt_len=args.prompt_len,
                   threads=args.threads, kernels={n: r.info().get("kernel") for n, r in runners.items()},
                   speculation={n: {k: r.info().get(k) for k in ("draft", "speculate", "acceptance_rate",
-                                                                 "identical_tokens")}
+                                                                 "identical_tokens", "draft_steps", "plain_steps")}
                                for n, r in runners.items() if hasattr(r, "decode_block")})
     base = result["ratios_to"]
     print(f"batch-1 decode, {args.blocks} alternating blocks of {args.tokens} tokens after {args.prompt_len} "
-          f"(median [min-max] tok/s; ratio = median of per-block ratios to {base})")
+          f"(median [min-max] tok/s; ratio = median of per-block ratios to {base}; cpu: the same over this "
+          f"process's CPU time; load average {os.getloadavg()[0]:.1f})")
     for n, s in result["systems"].items():
         gbs = f"{s['read_gbs_at_median']:.1f} GB/s" if s["read_gbs_at_median"] else "-"
         info = result["speculation"].get(n)
         kept = f", {100 * info['acceptance_rate']:.0f}% of drafts kept" if info and info["acceptance_rate"] else ""
+        if info:
+            kept += f", {info['draft_steps']} drafting / {info['plain_steps']} plain steps"
         print(f"{n:<28} {s['median_tok_s']:6.1f} [{s['min_tok_s']:.1f}-{s['max_tok_s']:.1f}]  {gbs:>10}  "
-              f"{s['ratio']:.2f}x  ({result['kernels'][n]}{kept})")
+              f"{s['ratio']:.2f}x  cpu {s['cpu_ratio']:.2f}x  ({result['kernels'][n]}{kept})")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

@@ -186,14 +186,16 @@ def table(results: dict) -> str:
              f"{r['speedup']:.2f}x" + (f" ({noise})" if (noise := speedup_noise(r)) else ""),
              f"{100 * r['acceptance_rate']:.0f}%",
              f"{r['verify_step_s'] / r['step_s']:.2f}x" if r.get("step_s") else "",
-             f"{r['draft_step_s'] / r['step_s']:.2f}x" if r.get("step_s") and r.get("draft_step_s") else "-"]
+             f"{r['draft_step_s'] / r['step_s']:.2f}x" if r.get("step_s") and r.get("draft_step_s") else "-",
+             f"{r['draft_steps']} / {r['plain_steps']}" if "draft_steps" in r else "-"]
             for r in ok if r.get("kind") == "speculative"]
     if body:
         out += ["", "Speculative decoding (batch 1, greedy, the same tokens as plain decoding; a lookup draft's prompt "
                 "repeats a passage; verify cost: a step of 1 + draft tokens against a step of 1; draft step: one "
-                "batch-1 step of the draft model against a step of 1)",
+                "batch-1 step of the draft model against a step of 1; steps: decode steps that drafted / that ran "
+                "plain because drafting did not pay)",
                 _grid(["system", "draft", "plain tok/s", "speculative tok/s", "speed-up", "accepted", "verify cost",
-                       "draft step"], body)]
+                       "draft step", "steps drafted / plain"], body)]
     return "\n".join(out)
 
 

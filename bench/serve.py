@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                               "(default %(default)s)")
     p.add_argument("--url", help="multi-turn mode against a server or cluster already running at URL (e.g. `tinyllama "
                                  "serve --replicas 2`): the conversations once, nothing started or compared")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or None,
+                   help="--url: the server's API key (default $OPENAI_API_KEY)")
     p.add_argument("--api", choices=("chat", "completions"), default="chat",
                    help="multi-turn mode: chat turns (default), or the conversation as one completion prompt per "
                         "turn (a model without a chat template)")

@@ -71,7 +71,13 @@ class ClusterServer(Server):
     def __init__(self, args, replicas: int, router: str):
         self.threads = args.replica_threads
         flags = ("--replicas", str(replicas), "--router", router, "--replica-threads", str(args.replica_threads))
-        super().__init__(args, args.model, *flags, max_active=max(args.conversations, 4))
+        self.tree = []
+        try:
+            super().__init__(args, args.model, *flags, max_active=max(args.conversations, 4))
+        except BaseException:  # Ctrl-C (or a failure) while the cluster starts: stop it, Ray's processes included
+            if getattr(self, "process", None) is not None:
+                self.stop()
+            raise
         self.tree = self.descendants()
 
     def descendants(self) -> list:

@@ -90,7 +90,9 @@ async def drive_conversations(url: str, args) -> dict:
         system, users = conversation(seed, args.turns, args.system_words, args.user_words)
         messages = [{"role": "system", "content": system}]
         turns = []
-        async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=30)) as client:
+        key = getattr(args, "api_key", None)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=30), headers=headers) as client:
             for user in users:
                 messages.append({"role": "user", "content": user})
                 turn = await chat_turn(client, url, messages, args.reply_tokens, getattr(args, "api", "chat"))

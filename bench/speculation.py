@@ -100,6 +100,7 @@ def main(argv=None) -> int:
                                repetition_penalty=1.0, speculate=args.speculate, draft=d)
             result["measured"][d] = {"identical": r.token_ids == plain_r.token_ids, "tok_s": r.generated_tokens_per_s,
                                      "acceptance_rate": r.acceptance_rate, "draft_tokens": r.draft_tokens,
+                                     "draft_steps": r.draft_steps, "plain_steps": r.plain_steps,
                                      "speedup": r.generated_tokens_per_s / plain_r.generated_tokens_per_s}
     print(report(result))
     if args.out:
@@ -118,8 +119,8 @@ def report(result: dict) -> str:
     for d, m in (result.get("measured") or {}).items():
         if d != "plain_tok_s":
             lines.append(f"measured {d}: {m['tok_s']:.2f} tok/s against {result['measured']['plain_tok_s']:.2f} "
-                         f"({m['speedup']:.2f}x), {100 * m['acceptance_rate']:.0f}% of drafts kept, identical: "
-                         f"{m['identical']}")
+                         f"({m['speedup']:.2f}x), {100 * m['acceptance_rate']:.0f}% of drafts kept, "
+                         f"{m['draft_steps']} drafting / {m['plain_steps']} plain steps, identical: {m['identical']}")
     return "\n".join(lines)
 
 

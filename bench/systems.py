@@ -21,6 +21,8 @@ LLAMACPP_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K_M")
 LLAMACPP_FILE = "llama.cpp"  # llama.cpp on the --model GGUF file itself (the one file both systems load)
 ENGINE_WEIGHTS = ("float32", "int8", "int4", "q4_k_m")  # beside auto (the checkpoint's own dtype)
 DRAFT_SUFFIX = "draft"  # engine-numpy-draft-int8: batch-1 decode with speculation from the int8 copy
+NO_DRAFT = "none"  # engine-numpy-draft-none: the same generation loop without speculation (its plain baseline)
+_LOADED: dict = {}  # (folder, backend, weights_dtype) -> Model: the systems of one process share a loaded model
 
 
 class Unavailable(Exception):
@@ -135,7 +137,10 @@ class EngineRunner(Runner):
             except ImportError as e:
                 raise Unavailable(f"tinyllama_kernels.triton_backend does not import ({e})") from None
         self.Step = SequenceStep
-        self.model = engine.load_model(self.folder, backend=self.backend_name, weights_dtype=self.weights_dtype)
+        key = (self.folder, self.backend_name, self.weights_dtype)  # bench.interleave: several systems, one model
+        if key not in _LOADED:
+            _LOADED[key] = engine.load_model(self.folder, backend=self.backend_name, weights_dtype=self.weights_dtype)
+        self.model = _LOADED[key]
         self.dtype = self.model.weights_dtype
         self.weight_bytes = int(self.model.backend.weights.nbytes)
         self.decode_bytes = int(self.model.backend.weights.decode_bytes())
@@ -172,7 +177,8 @@ class EngineRunner(Runner):
         one_s, verify_s = self.verify_cost(prompt, draft)
         out = {"plain_tok_s": plain.generated_tokens_per_s, "speculative_tok_s": fast.generated_tokens_per_s,
                "acceptance_rate": fast.acceptance_rate, "draft_tokens": draft, "prompt_tokens": len(prompt),
-               "step_s": one_s, "verify_step_s": verify_s, "draft": source}
+               "step_s": one_s, "verify_step_s": verify_s, "draft": source,
+               "draft_steps": fast.draft_steps, "plain_steps": fast.plain_steps}
         if source != "lookup":
             kind = source.split("+")[0]
             out["draft_step_s"] = step_cost(self.model.draft_model(kind), prompt)
@@ -225,9 +231,10 @@ def step_cost(model, prompt: list[int], rows: int = 1, trials: int = 3) -> float
 
 
 class SpeculativeEngineRunner(EngineRunner):
-    """Batch-1 greedy decoding with speculation from the model's own `draft` copy (int8, int4, or lookup), timed as
-    bench.interleave times a decode block: `decode_block(tokens)` -> seconds for `tokens` new tokens after the
-    first, the prompt's caches (the model's and the draft's) kept between blocks as a chat keeps them."""
+    """Batch-1 greedy decoding with speculation from the model's own `draft` copy (int8, int4, int8+lookup, ...) or
+    prompt lookup, timed as bench.interleave times a decode block: `decode_block(tokens)` -> seconds for `tokens`
+    new tokens after the first, the prompt's caches (the model's and the draft's) kept between blocks as a chat keeps
+    them. Draft "none": the same loop (Generation, sampling, text) without speculation, the fair plain baseline."""
 
     speculate = 4  # most draft tokens per step (bench.interleave --speculate sets it)
     check_tokens = 32  # greedy tokens compared with plain decoding at setup (must be identical)
@@ -236,12 +243,12 @@ class SpeculativeEngineRunner(EngineRunner):
                  draft: str = "int8"):
         super().__init__(folder, backend, isa, weights_dtype)
         self.draft = draft
-        self.stats = []  # per block: (drafted, accepted, target steps)
+        self.stats = []  # per block: (drafted, accepted, tokens, drafting steps, plain steps)
 
     def load(self):
         super().load()
         kind = self.draft.split("+")[0]
-        self.draft_model = self.model.draft_model(kind) if kind != "lookup" else None
+        self.draft_model = self.model.draft_model(kind) if kind not in ("lookup", NO_DRAFT) else None
         if self.draft_model is not None:
             self.weight_bytes += int(self.draft_model.backend.weights.nbytes)
 
@@ -274,8 +281,9 @@ class SpeculativeEngineRunner(EngineRunner):
             self.draft_cache.truncate(min(self.draft_cache.length, len(self.ids) - 1))
         options = default_options(self.model, max_new_tokens=tokens + 1, ignore_eos=True, temperature=0.0,
                                   repetition_penalty=1.0)
-        gen = Generation(self.model, self.ids, options, cache=self.cache, speculate=self.speculate, draft=self.draft,
-                         draft_cache=self.draft_cache)
+        plain = self.draft == NO_DRAFT
+        gen = Generation(self.model, self.ids, options, cache=self.cache, speculate=0 if plain else self.speculate,
+                         draft="lookup" if plain else self.draft, draft_cache=self.draft_cache)
         for _ in gen:
             pass
         return gen.result
@@ -283,7 +291,7 @@ class SpeculativeEngineRunner(EngineRunner):
     def decode_block(self, tokens: int) -> float:
         """Seconds for `tokens` tokens after the first (whose step is a plain one)."""
         r = self.generate(tokens)
-        self.stats.append((r.draft_tokens, r.accepted_draft_tokens, len(r.token_ids)))
+        self.stats.append((r.draft_tokens, r.accepted_draft_tokens, len(r.token_ids), r.draft_steps, r.plain_steps))
         return r.decode_seconds
 
     def decode_reset(self):
@@ -294,9 +302,10 @@ class SpeculativeEngineRunner(EngineRunner):
 
     def info(self) -> dict:
         out = super().info()
-        drafted = sum(d for d, _, _ in self.stats)
+        drafted = sum(s[0] for s in self.stats)
         out.update(draft=self.draft, speculate=self.speculate, identical_tokens=getattr(self, "identical_tokens", 0),
-                   acceptance_rate=sum(a for _, a, _ in self.stats) / drafted if drafted else None)
+                   acceptance_rate=sum(s[1] for s in self.stats) / drafted if drafted else None,
+                   draft_steps=sum(s[3] for s in self.stats), plain_steps=sum(s[4] for s in self.stats))
         if self.draft_model is not None:
             from engine.runtime.layers import matmul_kernel_name
 

@@ -130,7 +130,9 @@ def run_system(spec: dict) -> int:
                              step_s=min(r["step_s"] for r in spec_rows),
                              verify_step_s=min(r["verify_step_s"] for r in spec_rows), draft=source,
                              draft_step_s=min((r["draft_step_s"] for r in spec_rows if "draft_step_s" in r),
-                                              default=None)))
+                                              default=None),
+                             draft_steps=sum(r["draft_steps"] for r in spec_rows),
+                             plain_steps=sum(r["plain_steps"] for r in spec_rows)))
     except Unavailable as e:
         emit("unavailable", row=dict(base, status="unavailable", note=str(e)))
         return 0

@@ -113,3 +113,12 @@ def tiny_chat_model(tmp_path_factory, tinyllama_tokenizer_dir) -> Path:
     return make_random_checkpoint(folder, tokenizer_from=tinyllama_tokenizer_dir, vocab_size=32000, hidden_size=64,
                                   intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=256, seed=11)
+
+
+@pytest.fixture
+def always_draft(monkeypatch):
+    """Every speculating step drafts the most it may (DraftPayoff.adaptive off): tests of the drafting mechanics
+    that need drafts to happen whatever the measured costs say."""
+    from engine.generation.draft_payoff import DraftPayoff
+
+    monkeypatch.setattr(DraftPayoff, "adaptive", False)

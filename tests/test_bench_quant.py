@@ -39,6 +39,7 @@ def test_int4_engine_system_decodes_what_the_int4_model_decodes(stories260k):
         ids, max_new_tokens=6, ignore_eos=True, repetition_penalty=1.0)
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_speculating_system_checks_its_output_and_times_blocks(stories260k):
     r = make_runner("engine-numpy-draft-int4", str(stories260k), 1)
     assert isinstance(r, SpeculativeEngineRunner) and r.draft == "int4"
@@ -52,6 +53,7 @@ def test_speculating_system_checks_its_output_and_times_blocks(stories260k):
     assert [s[2] for s in r.stats] == [17, 17]
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_speculative_row_with_a_model_draft(stories260k):
     r = make_runner("engine-numpy", str(stories260k), 1)
     r.load()

@@ -63,3 +63,26 @@ def test_multi_turn_mode_compares_the_prefix_cache_on_and_off(tiny_chat_model, t
     assert n["choices"] == 4 and n["prefilled_tokens"] == n["prompt_tokens"]  # four choices, one prefill
     for text in ("TTFT on", "TTFT off", "aggregate:", "n=4: 4 choices"):
         assert text in r.stdout
+
+
+def test_a_cluster_bench_interrupted_while_its_cluster_starts_stops_the_server(monkeypatch):
+    """Ctrl-C while `tinyllama serve --replicas` is still starting used to leave it (and its Ray instance) running."""
+    import bench.serve
+    import bench.serve_cluster
+
+    started, real_popen = [], subprocess.Popen
+
+    def popen(cmd, **kw):  # the server's place taken by a process that only waits
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(300)"], **kw))
+        return started[-1]
+
+    def interrupted(self, timeout=0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.serve.subprocess, "Popen", popen)
+    monkeypatch.setattr(bench.serve.Server, "wait_ready", interrupted)
+    args = bench.serve_cluster.parse_args(["--model", "m"])
+    args.threads = 1
+    with pytest.raises(KeyboardInterrupt):
+        bench.serve_cluster.ClusterServer(args, 2, "prefix")
+    assert len(started) == 1 and started[0].poll() is not None

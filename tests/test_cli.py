@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,11 +10,16 @@ import pytest
 
 from tests.conftest import REPO
 
+ALWAYS_DRAFT = {"TINYLLAMA_DRAFT_ALWAYS": "1"}  # every speculating step drafts (the acceptance is what is tested)
 
-def tinyllama(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """The command line of the code under test (`python -m engine` from this checkout), never a PATH lookup."""
+
+def tinyllama(*args, stdin: str | None = None, timeout: int = 120,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line of the code under test (`python -m engine` from this checkout), never a PATH lookup; `env`:
+    variables set on top of this process's environment."""
     cmd = [sys.executable, "-m", "engine"]
-    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(cmd + list(args), input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **env} if env else None)
 
 
 def one_line_error(p: subprocess.CompletedProcess) -> str:
@@ -150,7 +156,7 @@ def test_speculate_flag_gives_plain_output_and_reports_acceptance(stories260k):
     prompt = "Once upon a time, there was a little girl named Lily. She loved to play. Once upon a time"
     plain = tinyllama("generate", "--model", str(stories260k), "--json", "--max-new-tokens", "40", prompt)
     fast = tinyllama("generate", "--model", str(stories260k), "--json", "--max-new-tokens", "40", "--speculate", "5",
-                     prompt)
+                     prompt, env=ALWAYS_DRAFT)
     a, b = json.loads(plain.stdout), json.loads(fast.stdout)
     assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
     assert b["speculative"]["draft_tokens"] > 0 and 0 < b["speculative"]["acceptance_rate"] <= 1
@@ -160,7 +166,7 @@ def test_draft_flag_gives_plain_output_and_reports_what_was_kept(stories260k):
     """--speculate N --draft int4: the model's int4 copy drafts, the output is plain decoding's."""
     args = ("generate", "--model", str(stories260k), "--json", "--max-new-tokens", "40", "--ignore-eos")
     plain = json.loads(tinyllama(*args, "Once upon a time").stdout)
-    p = tinyllama(*args, "--speculate", "4", "--draft", "int4", "--verbose", "Once upon a time")
+    p = tinyllama(*args, "--speculate", "4", "--draft", "int4", "--verbose", "Once upon a time", env=ALWAYS_DRAFT)
     fast = json.loads(p.stdout)
     assert fast["token_ids"] == plain["token_ids"]
     assert fast["speculative"]["draft_tokens"] > 0 and 0 < fast["speculative"]["acceptance_rate"] < 1

@@ -145,6 +145,25 @@ def test_metrics_merge_the_replicas(server):
     assert {s.labels["decision"] for s in m["tinyllama_router_decisions_total"]} == {"affinity", "load", "new"}
 
 
+def test_bench_serve_url_runs_the_multi_turn_workload_against_the_cluster(server, tmp_path):
+    """`python -m bench.serve --url` (the issue's cluster benchmark) on the running cluster: 3 conversations x 3
+    turns; every later turn stays on its replica and reads part of its prompt from that replica's cache."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run([sys.executable, "-m", "bench.serve", "--url", server.url, "--api-key", API_KEY,
+                        "--conversations", "3", "--turns", "3", "--reply-tokens", "4", "--system-words", "30",
+                        "--user-words", "8", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run = json.loads((tmp_path / "results.json").read_text())["run"]
+    assert run["errors"] == 0 and run["cached_share"] == 1.0 and run["replica_switches"] == 0
+    assert run["counters"]["router_affinity"] >= 6 and run["counters"]["router_new"] >= 3
+    assert "turns 2-3 with cached_tokens > 0: 100%" in r.stdout
+
+
 def test_ray_listens_on_the_loopback_only(server):
     addresses = listening_addresses(server.tree)  # GCS, raylet, agents, workers, replicas, Ray Serve's proxy
 

@@ -227,12 +227,17 @@ def test_an_existing_ray_cluster_with_the_flag_and_with_the_config_file(stories2
     try:
         line = helper.stdout.readline()
         address = re.match(r"ADDRESS (\S+)", line).group(1)
-        server = ClusterProcess("--model", str(stories260k), "--ray-address", address, replicas=1, env=env)
+        # stories260K has no chat template of its own: --chat-template must reach the replica (and the router)
+        server = ClusterProcess("--model", str(stories260k), "--ray-address", address, "--chat-template", "chatml",
+                                replicas=1, env=env)
         try:
             server.wait_ready()
             r = httpx.post(server.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 6},
                            timeout=120)
             assert r.status_code == 200 and r.headers["x-tinyllama-replica"]
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+                "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": True})
+            assert r.status_code == 200, r.text
             assert server.interrupt() == 0  # the application is deleted; the cluster stays up
         finally:
             server.stop()

@@ -145,6 +145,7 @@ def test_the_prompt_counts_for_the_penalty(stories, reference, monkeypatch):
     assert sum(differs) >= STEPS // 2
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_speculative_and_batched_sampling_draw_from_the_same_distributions(stories, reference, monkeypatch):
     """Verification rows (speculative decoding) and a batch of sequences go through the same per-token step."""
     params = OPTIONS["all"]

@@ -100,6 +100,7 @@ def test_cancel_one_request(random_model):
     assert b.result.stop_reason == "max_new_tokens"
 
 
+@pytest.mark.usefixtures("always_draft")
 @pytest.mark.parametrize("prompt", [PASSAGE + " Repeat the story: " + PASSAGE[:40], "Once upon a time"])
 def test_speculative_greedy_equals_plain(stories, prompt):
     plain = stories.complete(prompt, max_new_tokens=60)
@@ -122,40 +123,30 @@ def test_speculative_seeded_sampling_equals_plain(stories):
     assert stories.generate(PASSAGE + " " + PASSAGE, speculate=5, **kw) == stories.generate(PASSAGE + " " + PASSAGE, **kw)
 
 
-def test_draft_length_adapts_to_acceptance():
-    """Whole drafts accepted: the next is 2 longer (up to `speculate`); a rejection: 1 shorter (down to 1)."""
-    r = SimpleNamespace(speculate=6, draft_len=6)
-    Scheduler._adapt_draft(r, drafted=6, accepted=2)
-    assert r.draft_len == 5
-    for _ in range(10):
-        Scheduler._adapt_draft(r, drafted=r.draft_len, accepted=0)
-    assert r.draft_len == 1
-    Scheduler._adapt_draft(r, drafted=1, accepted=1)
-    assert r.draft_len == 3
-    Scheduler._adapt_draft(r, drafted=3, accepted=3)
-    Scheduler._adapt_draft(r, drafted=5, accepted=5)
-    assert r.draft_len == 6
-    r.draft_len = 2
-    Scheduler._adapt_draft(r, drafted=1, accepted=1)  # lookup found only 1 of the 2 asked for, and it was kept
-    assert r.draft_len == 4
-
-
-def test_scheduler_asks_for_adapted_draft_lengths(stories, monkeypatch):
-    """The scheduler asks prompt lookup for the adapted length each step, and the output stays the plain one."""
+def test_scheduler_asks_prompt_lookup_for_the_payoffs_length(stories, monkeypatch):
+    """Each step asks prompt lookup for the length the request's payoff estimate picks (0: nothing asked, a plain
+    step), and the output stays the plain one."""
     from engine.generation import scheduler as scheduler_module
+    from engine.generation.draft_payoff import DraftPayoff
 
-    asked = []
+    asked, planned = [], []
+    plan = DraftPayoff.plan
+
+    def recording_plan(self, room, **kw):
+        planned.append(plan(self, room, **kw))
+        return planned[-1]
 
     def recording_draft(context, max_draft):
         asked.append(max_draft)
         return prompt_lookup_draft(context, max_draft)
 
+    monkeypatch.setattr(DraftPayoff, "plan", recording_plan)
     monkeypatch.setattr(scheduler_module, "prompt_lookup_draft", recording_draft)
     prompt = "Tom had a red ball. " * 3 + "Then"
     result = stories.complete(prompt, max_new_tokens=40, speculate=8)
     assert result.token_ids == stories.complete(prompt, max_new_tokens=40).token_ids
-    assert asked[0] == 8 and min(asked) < 8  # some drafts were rejected, and later ones asked for less
-    assert result.draft_tokens <= sum(asked)
+    assert asked == [k for k in planned if k > 0] and all(0 <= k <= 8 for k in planned)
+    assert result.draft_steps + result.plain_steps == len(planned) and result.draft_tokens <= sum(asked)
 
 
 def test_speculative_respects_the_window(stories):
@@ -217,6 +208,7 @@ def test_max_active_holds_the_rest_back(random_model):
         assert r.result.token_ids == random_model.generate([1, 2 + k, 3], max_new_tokens=4 + k, ignore_eos=True)
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_run_streams_every_accepted_draft_token(stories):
     """With speculative decoding a step may produce several tokens per request; run() yields them all, in order."""
     scheduler = Scheduler(stories)

@@ -1,6 +1,7 @@
 """Speculative decoding with a draft model (engine.generation.speculative.DraftModel): whatever the draft proposes,
 the output is exactly plain decoding's (greedy against transformers' own greedy tokens, seeded sampling against plain
-sampling), alone, in a batch and through the serving loop; the draft's KV cache is rolled back with the model's."""
+sampling), alone, in a batch and through the serving loop; the draft's KV cache is rolled back with the model's.
+Every step drafts here (the `always_draft` fixture); tests/test_speculation.py tests when drafting pays."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +15,7 @@ from engine.runtime.batch import SequenceStep
 from tests.conftest import load_reference, make_random_checkpoint, reference_greedy
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
+pytestmark = pytest.mark.usefixtures("always_draft")  # the drafting mechanics: every step drafts, paying or not
 
 
 @pytest.fixture(scope="module")

@@ -161,6 +161,7 @@ def test_flexible_whitespace_is_an_option(model):
     assert any(re.search(r"[{,:]\s", t) for t in texts)  # the random model takes the room it is given
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_speculation_on_and_off_give_the_same_text(model):
     prompt = model.prompt_ids('{"name":"ab","age":7,"kind":"cat","tags":["x"],"home":{"zip":"12345","indoor":true}} '
                               '{"name":"ab","age":7,"kind":"cat","tags":["x"],"home":{"zip":"12345","indoor":true}}')

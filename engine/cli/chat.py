@@ -14,6 +14,7 @@ import sys
 
 from engine.cli.common import NO_TEMPLATE_HINT, chat_template_of, load, sampling_overrides, speculation_options
 from engine.generation.chat import SETTABLE, ChatSession
+from engine.generation.draft_payoff import describe
 from engine.errors import EngineError
 
 PROMPT = ">>> "
@@ -242,9 +243,9 @@ class Repl:
                  f"(stop: {st.stop_reason})")
         if st.dropped_turns:
             self.say(f"dropped turns: {st.dropped_turns}")
-        if st.draft_tokens:
-            self.say(f"speculative: {st.accepted_draft_tokens}/{st.draft_tokens} drafts accepted "
-                     f"({100 * st.accepted_draft_tokens / st.draft_tokens:.0f}%)")
+        if st.draft_steps or st.plain_steps:
+            self.say("speculative: " + describe(st.draft_tokens, st.accepted_draft_tokens, st.draft_steps,
+                                                st.plain_steps))
 
     # ---- a reply ------------------------------------------------------------------------------------------------
     def reply(self, text: str) -> None:

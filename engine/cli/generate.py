@@ -7,6 +7,7 @@ import sys
 from engine.cli.common import NO_TEMPLATE_HINT, chat_template_of, load, sampling_overrides, speculation_options
 from engine.errors import EngineError
 from engine.generation.constraints import STOP_CONSTRAINT_ERROR, ConstraintError
+from engine.generation.draft_payoff import describe
 from engine.generation.generate import Generation
 from engine.generation.state import STOP_CONTEXT_FULL, STOP_MAX_TOKENS, STOP_STRING, default_options
 
@@ -107,8 +108,9 @@ def run_generate(args) -> int:
               f"time to first token: {r.time_to_first_token:.3f} s  generated: {len(r.token_ids)} tokens at "
               f"{r.generated_tokens_per_s:.2f} tok/s  stop: {r.stop_reason}  backend: {args.backend} ({kernel})  "
               f"weights: {model.weights_dtype}"
-              + (f"  speculative ({args.draft} draft): {r.accepted_draft_tokens}/{r.draft_tokens} drafts accepted "
-                 f"({100 * r.acceptance_rate:.0f}%)" if args.speculate else ""),
+              + (f"  speculative ({args.draft} draft): "
+                 + describe(r.draft_tokens, r.accepted_draft_tokens, r.draft_steps, r.plain_steps)
+                 if args.speculate else ""),
               file=sys.stderr)
     return 0
 
@@ -128,5 +130,6 @@ def result_json(r) -> dict:
             "decode_s": r.decode_seconds,
         },
         "speculative": {"draft_tokens": r.draft_tokens, "accepted_draft_tokens": r.accepted_draft_tokens,
-                        "acceptance_rate": r.acceptance_rate},
+                        "acceptance_rate": r.acceptance_rate, "draft_steps": r.draft_steps,
+                        "plain_steps": r.plain_steps},
     }

@@ -54,6 +54,8 @@ class TurnStats:
     dropped_turns: int  # oldest turns dropped to make room before this turn
     draft_tokens: int = 0  # speculative decoding: tokens drafted this turn ...
     accepted_draft_tokens: int = 0  # ... and kept
+    draft_steps: int = 0  # decode steps that drafted ...
+    plain_steps: int = 0  # ... and that ran plain (drafting did not pay, or found nothing)
 
 
 class ChatTurn:
@@ -124,7 +126,7 @@ class ChatTurn:
             time_to_first_token=r.time_to_first_token, prompt_tokens_per_s=r.prompt_tokens_per_s,
             generated_tokens_per_s=r.generated_tokens_per_s, stop_reason=r.stop_reason,
             dropped_turns=self.dropped_turns, draft_tokens=r.draft_tokens,
-            accepted_draft_tokens=r.accepted_draft_tokens,
+            accepted_draft_tokens=r.accepted_draft_tokens, draft_steps=r.draft_steps, plain_steps=r.plain_steps,
         )
         s.turn = None
 

@@ -28,6 +28,7 @@ from engine.generation.scoring import PromptScorer
 from engine.generation.state import (STOP_MAX_TOKENS, GenerationOptions, GenerationResult, SequenceState,
                                      check_prompt, default_options)
 from engine.generation.speculative import LOOKUP, DraftModel, check_draft, prompt_lookup_draft, split_draft
+from engine.generation.draft_payoff import CostTable, DraftPayoff, lookup_source
 from engine.generation.constraints import MaskBatch
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
@@ -42,7 +43,7 @@ class Request:
     state: SequenceState
     cache: object
     speculate: int = 0  # most draft tokens per step; 0: plain decoding
-    draft_len: int = 0  # draft tokens asked for next step: adapts between 1 and `speculate` (see _adapt_draft)
+    payoff: DraftPayoff | None = None  # with speculate: each step's draft length, 0 where drafting does not pay
     drafter: DraftModel | None = None  # a draft model proposing tokens (None: prompt lookup only)
     draft_cache: object = None  # the draft model's KV cache for this sequence: a prefix of its context
     lookup_first: bool = False  # with a draft model: use a prompt-lookup match when there is one (no draft forwards)
@@ -92,6 +93,8 @@ class Request:
             prefill_tokens=self.prefill_tokens, prefill_seconds=max(0.0, self.t_first - self.t_start),
             time_to_first_token=max(0.0, self.t_first - self.t_submit), decode_seconds=max(0.0, self.t_last - self.t_first),
             draft_tokens=self.draft_tokens, accepted_draft_tokens=self.accepted_draft_tokens,
+            draft_steps=self.payoff.draft_steps if self.payoff else 0,
+            plain_steps=self.payoff.plain_steps if self.payoff else 0,
             logprobs=None if s.logprobs is None else list(s.logprobs), cached_tokens=self.cached_tokens,
             prompt_logprobs=None if self.scorer is None else list(self.scorer.entries),
         )
@@ -143,9 +146,9 @@ class Scheduler:
         state = SequenceState(self.model, ids, options, cache)
         draft, lookup_first = split_draft(draft)
         drafter = self.drafter(draft) if speculate and draft != LOOKUP else None
-        request = Request(next(self._ids), ids, state, cache, speculate=speculate, draft_len=speculate,
-                          drafter=drafter, draft_cache=self._draft_cache(drafter, draft_cache, ids),
-                          lookup_first=lookup_first,
+        request = Request(next(self._ids), ids, state, cache, speculate=speculate,
+                          payoff=self._payoff(speculate, drafter), drafter=drafter,
+                          draft_cache=self._draft_cache(drafter, draft_cache, ids), lookup_first=lookup_first,
                           keep_cache=keep_cache, prefilled=cache.length, t_submit=time.perf_counter(), scheduler=self)
         if options.prompt_logprobs is not None:
             request.scorer = PromptScorer(ids, options.prompt_logprobs)
@@ -166,6 +169,15 @@ class Scheduler:
                                   f"{c.max_position_embeddings})")
             self._drafters[key] = DraftModel.of(model)
         return self._drafters[key]
+
+    def _payoff(self, speculate: int, drafter: DraftModel | None) -> DraftPayoff | None:
+        """A new request's payoff estimate (None without speculation): this model's measured forward costs, the
+        draft model's (none for prompt lookup) and the draft source's long-run acceptance as its prior."""
+        if not speculate:
+            return None
+        if drafter is None:
+            return DraftPayoff(speculate, CostTable.of(self.model), None, lookup_source(self.model))
+        return DraftPayoff(speculate, CostTable.of(self.model), drafter.costs, drafter.source)
 
     @staticmethod
     def _draft_cache(drafter: DraftModel | None, given, ids: list[int]):
@@ -190,7 +202,7 @@ class Scheduler:
         options = options if options is not None else default_options(self.model, **overrides)
         state = SequenceState(self.model, request.prompt_ids, options, None)
         fork = Request(next(self._ids), request.prompt_ids, state, None, speculate=request.speculate,
-                       draft_len=request.speculate, drafter=request.drafter,
+                       payoff=self._payoff(request.speculate, request.drafter), drafter=request.drafter,
                        draft_cache=self._draft_cache(request.drafter, None, request.prompt_ids),
                        lookup_first=request.lookup_first, t_submit=time.perf_counter(), scheduler=self,
                        leader=request)
@@ -292,7 +304,8 @@ class Scheduler:
         decoding = [r for r in self.active if r.status == DECODING]
         budget = self.prefill_chunk if decoding else None  # a lone prefill runs whole
         plan: list[tuple[Request, list[int], list[int]]] = []  # (request, tokens fed, draft part)
-        drafts = self._drafts(decoding)
+        prefill_rows = sum(len(r.prompt_ids) - r.prefilled for r in self.active if r.status == PREFILLING)
+        drafts = self._drafts(decoding, len(decoding) + min(prefill_rows, self.prefill_chunk))
         for r in self.active:
             if r.status == DECODING:
                 draft = drafts.get(r.id, [])
@@ -313,7 +326,10 @@ class Scheduler:
         masks = MaskBatch([(r.state.constraint, draft) for r, tokens, draft in plan if r.state.constraint is not None
                            and (r.status == DECODING or r.prefilled + len(tokens) >= len(r.prompt_ids))],
                           overlap=self.overlap_masks)  # step t's masks depend only on tokens already chosen
+        t0 = time.perf_counter()
         outputs = self.model.forward(steps)
+        if any(r.payoff is not None for r, _, _ in plan):  # what a pass of these rows costs: the payoff's input
+            CostTable.of(self.model).add(sum(len(tokens) for _, tokens, _ in plan), time.perf_counter() - t0)
         masks.wait()
         now = time.perf_counter()
         stepped = [r for r, _, _ in plan]
@@ -334,18 +350,26 @@ class Scheduler:
             self._accept(r, logits, draft, now)
         return stepped
 
-    def _drafts(self, decoding: list[Request]) -> dict[int, list[int]]:
+    def _drafts(self, decoding: list[Request], rows: int) -> dict[int, list[int]]:
         """This step's draft tokens per speculating request id: prompt lookup where it matches (or is the only
-        source), else the request's draft model, one batched draft forward per draft position for all of them."""
+        source), else the request's draft model, one batched draft forward per draft position for all of them.
+        Each request asks for the length its payoff estimate picks (0: none this step) in a step of `rows` rows."""
         out: dict[int, list[int]] = {}
         by_drafter: dict[int, tuple[DraftModel, list]] = {}
         for r in decoding:
-            room = r.state.max_length - r.cache.length - 1
-            want = min(r.draft_len, room) if r.speculate else 0
-            if want <= 0:
+            r.draft_from = None
+            if r.payoff is None:
                 continue
             context = r.prompt_ids + r.state.generated
-            r.draft_from = None
+            options = r.state.options
+            remaining = options.max_new_tokens - len(r.state.generated)  # tokens it may still make, this step's too
+            room = min(r.state.max_length - r.cache.length - 1, remaining - 1)
+            behind = len(context) - r.draft_cache.length if r.draft_cache is not None else 1
+            want = r.payoff.plan(room, tokens=len(decoding), rows=rows, behind=behind,
+                                 sharing=r.drafter.sharing if r.drafter is not None else 1,
+                                 remaining=remaining)
+            if want <= 0:
+                continue
             if r.drafter is None or r.lookup_first:
                 draft = prompt_lookup_draft(context, want)
                 if draft or r.drafter is None:
@@ -359,16 +383,6 @@ class Scheduler:
                 r.proposal = proposal
                 r.draft_from = len(context)  # the draft cache is valid up to here plus the accepted tokens
         return out
-
-    @staticmethod
-    def _adapt_draft(r: Request, drafted: int, accepted: int) -> None:
-        """Longer drafts while they are accepted whole, shorter when rejected (transformers' assisted-generation
-        heuristic): verifying drafts that keep failing costs rows in every matmul for nothing. `drafted` is what
-        prompt lookup found, which may be fewer tokens than asked for."""
-        if accepted == drafted:
-            r.draft_len = min(r.speculate, r.draft_len + 2)
-        else:
-            r.draft_len = max(1, r.draft_len - 1)
 
     def _accept(self, r: Request, logits, draft: list[int], now: float) -> None:
         """Sample from each logits row in turn; with a draft, keep going while the sampled token equals the draft.
@@ -391,11 +405,14 @@ class Scheduler:
             r.accepted_draft_tokens += 1
         if draft:
             r.draft_tokens += len(draft)
-            self._adapt_draft(r, drafted=len(draft), accepted=i)
             # The cache holds the fed token and every draft token; keep those the accepted tokens vouch for.
             r.cache.truncate(fed_before + i + 1)
-            if r.draft_from is not None and r.draft_cache is not None:  # the draft model's cache: the same rule
-                r.draft_cache.truncate(min(r.draft_cache.length, r.draft_from + i))
-                r.drafter.observe(r.proposal, logits)  # every drafted row was verified: the draft's margin error
+        if r.draft_from is not None:  # a draft model proposed this step (a constraint may have cut it to nothing)
+            # Its cache holds the context it drafted after and all but its last proposed token: keep what was kept.
+            r.draft_cache.truncate(min(r.draft_cache.length, r.draft_from + i))
+            r.drafter.observe(r.proposal, logits)  # every drafted row left was verified: the draft's margin error
+            r.draft_from = None
+        if r.payoff is not None and len(r.state.generated) > i + 1:  # a decode step, not the prompt's first token
+            r.payoff.record(len(draft), i, ended=r.state.finished)
         if r.state.finished:
             self.finish(r)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from engine.errors import EngineError
 from engine.generation.scheduler import Request, Scheduler
-from engine.generation.speculative import LOOKUP, check_draft
+from engine.generation.speculative import LOOKUP, check_draft, split_draft
 from engine.generation.state import GenerationOptions
 from engine.runtime.prefix_cache import PrefixCache
 
@@ -91,8 +91,9 @@ class ServingLoop:
         self.scheduler = Scheduler(model, prefill_chunk=prefill_chunk, max_active=max_active,
                                    prefix_cache=self.prefix_cache)
         self.speculate, self.draft = speculate, draft  # every request's speculative decoding
-        if speculate and draft != LOOKUP:
-            self.scheduler.drafter(draft)  # load the draft model now, not inside the first request
+        model_draft, _ = split_draft(draft)  # "int8+lookup": the int8 copy drafts where lookup finds nothing
+        if speculate and model_draft != LOOKUP:
+            self.scheduler.drafter(model_draft)  # load the draft model now, not inside the first request
         self.max_active = max_active
         self.max_queue = max_queue
         self._lock = threading.Lock()

@@ -8,12 +8,14 @@ per draft position for every sequence drafting in the same scheduler step. After
 """
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.errors import EngineError
+from engine.generation.draft_payoff import CostTable, DraftSource
 from engine.runtime.batch import SequenceStep
 
 LOOKUP = "lookup"
@@ -85,6 +87,9 @@ class DraftModel:
         self.model = model
         self.forwards = 0  # draft forwards run (one per draft position per scheduler step)
         self.rows = 0  # token rows they ran
+        self.costs = CostTable()  # seconds of its forwards by rows, measured as they run (DraftPayoff's input)
+        self.source = DraftSource()  # its long-run acceptance and probe schedule, shared by the requests it serves
+        self.sharing = 1  # sequences its last proposal served (they share the cost of each forward)
         self._error_sq = 0.0
         self._observed = 0
 
@@ -124,11 +129,15 @@ class DraftModel:
         live = [j for j, (_, _, wanted) in enumerate(jobs) if wanted > 0]
         feeds = {j: jobs[j][1][jobs[j][0].length:] for j in live}
         stop_margin = self.stop_margin
+        self.sharing = max(1, len(live))
         while live:
             steps = [SequenceStep(jobs[j][0], feeds[j]) for j in live]
+            t0 = time.perf_counter()
             outputs = self.model.forward(steps)
+            rows = sum(len(s.token_ids) for s in steps)
+            self.costs.add(rows, time.perf_counter() - t0)
             self.forwards += 1
-            self.rows += sum(len(s.token_ids) for s in steps)
+            self.rows += rows
             still = []
             for j, logits in zip(live, outputs):
                 row = logits[-1]

@@ -85,8 +85,10 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0  # from the first new token to the last
-    draft_tokens: int = 0  # speculative decoding: tokens proposed by prompt lookup
+    draft_tokens: int = 0  # speculative decoding: draft tokens proposed (prompt lookup or a draft model) ...
     accepted_draft_tokens: int = 0  # ... and how many of them the model confirmed
+    draft_steps: int = 0  # decode steps that verified draft tokens ...
+    plain_steps: int = 0  # ... and, with speculation on, those that ran plain (drafting did not pay, or found nothing)
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the options asked for them
     cached_tokens: int = 0  # prompt tokens restored from a prefix cache instead of prefilled
     prompt_logprobs: list[TokenLogprob | None] | None = None  # when the options asked: one per prompt token (None first)

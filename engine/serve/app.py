@@ -45,7 +45,7 @@ from engine.serve.ollama import add_ollama_routes
 from engine.serve.page import add_page_routes
 from engine.serve.params import Job, chat_job, completion_job
 from engine.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from engine.serve.responses import Answer, Echo, TokenStrings, finish_reason, sse, usage_of
+from engine.serve.responses import Answer, Echo, TokenStrings, finish_reason, speculation_usage, sse, usage_of
 from engine.serve.structured import attach_constraint
 from engine.serve.tools import ToolAnswer
 from weights.errors import CheckpointError
@@ -631,8 +631,10 @@ def _total_usage(ended: dict[int, GenerationResult], n: int) -> dict:
     """The usage of choices 0..len(ended)-1, n per prompt: each prompt's tokens (and cached ones) counted once,
     every choice's generated tokens."""
     leads = [_lead({i: ended[i] for i in range(p, p + n)}) for p in range(0, len(ended), n)]
-    return usage_of(sum(len(r.prompt_token_ids) for r in leads), sum(len(r.token_ids) for r in ended.values()),
-                    sum(r.cached_tokens for r in leads))
+    out = usage_of(sum(len(r.prompt_token_ids) for r in leads), sum(len(r.token_ids) for r in ended.values()),
+                   sum(r.cached_tokens for r in leads))
+    out.update(speculation_usage(list(ended.values())))
+    return out
 
 
 async def _stream_choices(answers: list[Answer], queue: asyncio.Queue, first, cancel_all: Callable[[], None],

@@ -40,9 +40,26 @@ def finish_reason(result: GenerationResult) -> str:
 def usage(result: GenerationResult, completion: int | None = None) -> dict:
     """{"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}}: every
     token of the prompt (cached_tokens of them restored from the prefix cache) and every generated one
-    (`completion`: the total over n choices, default this result's)."""
+    (`completion`: the total over n choices, default this result's); and where the server speculates, what
+    speculation did (speculation_usage)."""
     done = len(result.token_ids) if completion is None else completion
-    return usage_of(len(result.prompt_token_ids), done, result.cached_tokens)
+    out = usage_of(len(result.prompt_token_ids), done, result.cached_tokens)
+    out.update(speculation_usage([result]))
+    return out
+
+
+def speculation_usage(results: list[GenerationResult]) -> dict:
+    """What speculation did for these results (the choices of a request), as usage fields: OpenAI's
+    completion_tokens_details.accepted_prediction_tokens / rejected_prediction_tokens (draft tokens kept / not kept)
+    and "speculation": {"draft_steps", "plain_steps"} (decode steps that drafted / that ran plain: drafting did not
+    pay, or found nothing); {} where nothing speculated."""
+    steps = {"draft_steps": sum(r.draft_steps for r in results), "plain_steps": sum(r.plain_steps for r in results)}
+    if not (steps["draft_steps"] or steps["plain_steps"]):
+        return {}
+    accepted, drafted = sum(r.accepted_draft_tokens for r in results), sum(r.draft_tokens for r in results)
+    return {"completion_tokens_details": {"accepted_prediction_tokens": accepted,
+                                          "rejected_prediction_tokens": drafted - accepted},
+            "speculation": steps}
 
 
 def usage_of(prompt: int, completion: int, cached: int | None = None) -> dict:

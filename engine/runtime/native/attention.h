@@ -13,7 +13,11 @@
  *
  * probs (optional, for traces): (n_heads, T, L) float32 post-softmax probabilities, row stride L = start + T, exact
  * zeros above the diagonal. A second pass over the keys recomputes each score and divides its exp by the row's final
- * sum; the output is computed exactly as without it, so a traced forward gives the same bits as an untraced one. */
+ * sum; the output is computed exactly as without it, so a traced forward gives the same bits as an untraced one.
+ *
+ * A row's bits never depend on the rows computed beside it (a verification step of k + 1 queries gives each the bits
+ * of its own decode step): att_rows is compiled once per row count, and the compiler may fuse a scalar a * b + c into
+ * one rounding (an FMA) in one copy and not in another, so every scalar multiply-add here is an explicit sf_fmadd. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,7 +55,7 @@ TARGET static void att_probs(const att_job *a, const float *kbase, const float *
             vf dot = vf_zero();
             for (ptrdiff_t d = 0; d < Dv; d += VL) dot = vf_fmadd(vf_load(q + d), vf_load(kr + d), dot);
             float sum = vf_sum(dot);
-            for (ptrdiff_t d = Dv; d < D; d++) sum += q[d] * kr[d];
+            for (ptrdiff_t d = Dv; d < D; d++) sum = sf_fmadd(q[d], kr[d], sum);
             buf[j] = sum * a->scale;
         }
         for (ptrdiff_t j = 0; j < ATT_BK; j += VL) vf_store(&buf[j], vf_exp(vf_add(vf_load(&buf[j]), vf_set1(-m))));
@@ -95,7 +99,7 @@ TARGET INLINE void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, 
 #pragma GCC unroll 8
             for (int r = 0; r < rb; r++) {
                 float sum = vf_sum(dot[r]);
-                for (ptrdiff_t d = Dv; d < D; d++) sum += q[r][d] * kr[d];
+                for (ptrdiff_t d = Dv; d < D; d++) sum = sf_fmadd(q[r][d], kr[d], sum);
                 s[r][j] = j0 + j <= pos[r] ? sum * a->scale : -INFINITY;
             }
         }
@@ -112,7 +116,7 @@ TARGET INLINE void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, 
                 vf_store(&s[r][j], p);
                 total = vf_add(total, p);
             }
-            l[r] = l[r] * alpha + vf_sum(total);
+            l[r] = sf_fmadd(l[r], alpha, vf_sum(total));
             if (alpha != 1.0f) {
                 vf al = vf_set1(alpha);
                 for (ptrdiff_t d = 0; d < Dv; d += VL) vf_store(acc[r] + d, vf_mul(vf_load(acc[r] + d), al));
@@ -140,7 +144,7 @@ TARGET INLINE void att_rows(const att_job *a, ptrdiff_t kv, const ptrdiff_t *t, 
                 vf_store(acc[r] + d0, o);
             }
             for (ptrdiff_t d = Dv; d < D; d++)
-                for (ptrdiff_t j = 0; j < nj; j++) acc[r][d] += s[r][j] * vbase[(j0 + j) * a->ldp + d];
+                for (ptrdiff_t j = 0; j < nj; j++) acc[r][d] = sf_fmadd(s[r][j], vbase[(j0 + j) * a->ldp + d], acc[r][d]);
         }
     }
     for (int r = 0; r < rb; r++) {

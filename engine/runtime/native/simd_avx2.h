@@ -42,6 +42,9 @@ TARGET INLINE float vf_hmax(vf v)
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+/* a * b + c for one float, rounded once: written out where attention.h needs a row's bits not to depend on which
+ * copy of a kernel computes it (the compiler fuses a plain a * b + c in some copies and not in others). */
+TARGET INLINE float sf_fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 #define KEEP(v) __asm__("" : "+x"(v))
 /* Each lane rounded to the nearest integer, ties to even (rintf in the default rounding mode). */
 TARGET INLINE vf vf_rint(vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }

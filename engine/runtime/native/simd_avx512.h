@@ -36,6 +36,9 @@ TARGET INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
 TARGET INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
 TARGET INLINE float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
 TARGET INLINE float vf_hmax(vf v) { return _mm512_reduce_max_ps(v); }
+/* a * b + c for one float, rounded once: written out where attention.h needs a row's bits not to depend on which
+ * copy of a kernel computes it (the compiler fuses a plain a * b + c in some copies and not in others). */
+TARGET INLINE float sf_fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 /* Keep v in a register: GCC would otherwise fold the load into each FMA that uses it (one load per FMA). */
 #define KEEP(v) __asm__("" : "+v"(v))
 /* Each lane rounded to the nearest integer, ties to even (rintf in the default rounding mode). */

@@ -50,6 +50,14 @@ INLINE vf vf_rint(vf v)
     KEEP_VALUE(v);
     return (v + magic) - magic;
 }
+/* a * b + c for one float, the same in every copy of a kernel (attention.h): one rounding where the target has a fused
+ * multiply-add (the compiler may fuse a plain a * b + c in some copies and not in others), two where it has none (and
+ * then no copy can fuse it). */
+#ifdef __FP_FAST_FMAF
+INLINE float sf_fmadd(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+#else
+INLINE float sf_fmadd(float a, float b, float c) { return a * b + c; }
+#endif
 
 /* float lanes -> int32 lanes (truncating): __builtin_convertvector where the compiler has it (Clang, GCC 9+), else
  * lane by lane (GCC 8 and older: RHEL 8, Amazon Linux 2). TL_NO_CONVERTVECTOR forces the fallback (for the tests). */
