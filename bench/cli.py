@@ -19,7 +19,7 @@ SYSTEM_GROUPS = ("engine", "transformers-fp32", "transformers-bf16", "llama.cpp-
 # With a GGUF --model: this engine and llama.cpp on that one file
 GGUF_SYSTEM_GROUPS = ("engine", "llama.cpp")
 ISA_CHOICES = ("auto", "avx512", "avx2", "portable")
-WEIGHTS_CHOICES = ("auto", "float32", "int8", "int4")
+WEIGHTS_CHOICES = ("auto", "float32", "int8", "int4", "q4_k_m")
 DRAFT_CHOICES = ("lookup", "int8", "int4", "int8+lookup", "int4+lookup")  # engine.generation.speculative's
 
 

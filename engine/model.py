@@ -12,7 +12,7 @@ from engine.generation.generate import Generation, generate, generate_batch
 from engine.generation.state import default_options
 from engine.runtime.batch import SequenceStep
 from engine.runtime.numpy_backend import NumpyBackend
-from engine.runtime import native
+from engine.runtime import calibration, kquant_mix, native
 from engine.runtime.trace import TRACE_MEMORY_LIMIT, Trace, TraceRecorder
 from engine.runtime.weights import choose_weights_dtype, load_model_weights, stored_dtype
 from engine.text.chat_templates import resolve_chat_template
@@ -174,8 +174,8 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
 
     weights_dtype: "auto" keeps a bf16/fp16 checkpoint's matrices 16-bit where the backend's kernels widen them exactly
     (the NumPy backend's compiled kernels, the Triton kernels), else float32; "float32" widens them at load;
-    "int8" / "int4" quantize them at load, groups of 32 with float16 scales (NumPy backend only; an inexact mode:
-    see the README's "Quantized weights").
+    "int8" / "int4" quantize them at load, groups of 32 with float16 scales; "q4_k_m" into llama.cpp's q4_K_M mix by
+    our quantizer (NumPy backend only; inexact modes: see the README's "Quantized weights", docs/kquant.md).
     A GGUF file (`ref` a path ending in .gguf, or `ref` a Hub repo id / folder and `gguf_file` the file's name in it)
     runs its tensors in their own ggml types (auto; see docs/gguf.md) or dequantized to float32 ("float32").
     chat_template: chat with this template instead of the model's own, or where it has none (see
@@ -200,7 +200,7 @@ def _load_model(ref: str, backend: str, revision: str | None, weights_dtype: str
     raw_config, checkpoint = open_checkpoint(folder)
     with checkpoint:
         config = ModelConfig.from_dict(raw_config, source=str(folder / "config.json"))
-        if backend != "numpy" and weights_dtype in ("int8", "int4"):
+        if backend != "numpy" and weights_dtype in ("int8", "int4", "q4_k_m"):
             raise EngineError(f"weights_dtype={weights_dtype} runs on the numpy backend only (its compiled kernels); "
                               f"the {backend} backend takes auto, float32, bfloat16 or float16")
         kernels = native.status() if backend == "numpy" else native.NativeStatus(True, backend)
@@ -208,7 +208,15 @@ def _load_model(ref: str, backend: str, revision: str | None, weights_dtype: str
         if backend == "numpy" and (notice := native.fallback_notice(stored)):
             print(notice, file=sys.stderr)  # once per process: why the kernels are missing and what that costs
         dtype, reason = choose_weights_dtype(weights_dtype, stored, kernels.available, kernels.detail)
-        weights = load_model_weights(checkpoint, config, dtype)
+        if dtype in kquant_mix.MIXES:  # its quantizer weighs columns by the activations of the exact model
+            exact, _ = choose_weights_dtype("auto", stored, kernels.available, kernels.detail)
+            weights = load_model_weights(
+                checkpoint, config, dtype,
+                importance=lambda: calibration.activation_importance(config, load_model_weights(checkpoint, config,
+                                                                                                 exact)),
+                importance_settings=calibration.settings())
+        else:
+            weights = load_model_weights(checkpoint, config, dtype)
     generation_config = _generation_config(folder)
     if backend == "numpy":
         impl = NumpyBackend(config, weights, **backend_options)

@@ -26,6 +26,9 @@ LAYER = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight"
          "mlp.down_proj.weight": "ffn_down.weight"}
 
 
+KQUANT_MADE_HERE = ("q4_k", "q5_k", "q6_k")  # written by our quantizer (gguf-py has none for them)
+
+
 def gguf_name(name: str) -> str:
     if name in NAMES:
         return NAMES[name]
@@ -68,10 +71,14 @@ def vocabulary(folder: Path) -> tuple[list[str], list[float], list[int]]:
 
 
 def write_gguf(folder, out, type_name: str = "F32", arch: str = "llama", tokenizer: bool = True,
-               edit_metadata=None, chat_template: str | None = None, bpe: dict | None = None) -> Path:
+               edit_metadata=None, chat_template: str | None = None, bpe: dict | None = None,
+               tensor_types=None) -> Path:
     """The checkpoint in `folder` as the GGUF file `out` with every matrix in `type_name` (norms F32).
     edit_metadata(dict) may change the `llama.*` values (arch key prefix left off) before they are written.
-    bpe: a byte-level BPE vocabulary to write instead of the folder's ({tokens, types, merges, pre, bos})."""
+    bpe: a byte-level BPE vocabulary to write instead of the folder's ({tokens, types, merges, pre, bos}).
+    tensor_types: a function (Hugging Face tensor name) -> ggml type name of that matrix, instead of type_name (a
+    mixed file, as llama.cpp's q4_K_M); the k-quants, which gguf-py cannot make, by our quantizer
+    (engine.runtime.kquant.quantize_ggml: ggml's own blocks)."""
     folder, out = Path(folder), Path(out)
     config, ckpt = open_checkpoint(folder)
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
@@ -127,16 +134,23 @@ def write_gguf(folder, out, type_name: str = "F32", arch: str = "llama", tokeniz
                 n = heads if "q_proj" in name else kv_heads
                 values = llamacpp_permute(values, n) if values is not None else None
                 bits = llamacpp_permute(bits, n) if bits is not None else None
-            if len(info.shape) == 1 or type_name == "F32":
+            tname = tensor_types(name) if tensor_types is not None and len(info.shape) == 2 else type_name
+            if len(info.shape) == 1 or tname == "F32":
                 writer.add_tensor(gguf_name(name), np.ascontiguousarray(values, dtype=np.float32))
             elif bits is not None:
                 writer.add_tensor(gguf_name(name), np.ascontiguousarray(bits).view(np.uint8),
                                   raw_dtype=GGMLQuantizationType.BF16)
-            elif type_name == "F16" or info.shape[1] % gguf.GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]:
+            elif tname == "F16" or info.shape[1] % gguf.GGML_QUANT_SIZES[GGMLQuantizationType[tname]][0]:
                 writer.add_tensor(gguf_name(name), values.astype(np.float16))  # rows not whole blocks: F16, as
                 # llama.cpp's converter falls back
+            elif tname.lower() in KQUANT_MADE_HERE:
+                from engine.runtime import kquant
+
+                qtype = GGMLQuantizationType[tname]
+                writer.add_tensor(gguf_name(name), kquant.quantize_ggml(np.ascontiguousarray(values, np.float32),
+                                                                       tname.lower()), raw_dtype=qtype)
             else:
-                qtype = GGMLQuantizationType[type_name]
+                qtype = GGMLQuantizationType[tname]
                 writer.add_tensor(gguf_name(name), quants.quantize(values, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -60,7 +60,7 @@ def test_tokenizer_ids_equal_llama_cpps_own(tinyllama_vocab_file):
     assert model.tokenizer.chat_template and model.tokenizer.eos_ids == (2,)
 
 
-@pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0", "q4_K_M"])
 def test_half_of_llama_cpps_drift_from_the_files_exact_meaning(stories260k, outtype):
     """stories260K's own llama.cpp files, 512 tokens of text plus a prompt's greedy path: our mean KL against the file's
     exact meaning <= 0.5x llama.cpp's on the same file and rows, our top-1 agreement >= llama.cpp's."""

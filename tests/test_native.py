@@ -328,6 +328,28 @@ def test_build_is_cached_by_source(tmp_path, monkeypatch):
 
 
 SELFTEST_CHECKS = 73  # per variant: selftest.c's checks of every kernel api.c exports
+SELFTEST_BLOCK_CHECKS = 41  # per variant: the 8 block formats (kquant.h) on 5 shapes each, and matmul_parts
+SELFTEST_NO_VNNI_CHECKS = 8  # avx512 on a VNNI CPU: the block formats' build without VNNI checked as well
+
+
+def selftest_lines(isas: list[str], vnni: bool) -> list[str]:
+    """What selftest.c prints when every check passes on `isas` (vnni: the CPU has AVX512-VNNI)."""
+    block = {isa: SELFTEST_BLOCK_CHECKS + (SELFTEST_NO_VNNI_CHECKS if isa == "avx512" and vnni else 0) for isa in isas}
+    return ([f"{isa}: {SELFTEST_CHECKS} checks passed" for isa in isas]
+            + [f"{isa} block formats: {block[isa]} checks passed" for isa in isas]
+            + ["block-format quantizer: 4 checks passed"])
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the avx512 variant's block-format kernel is the VNNI build on this CPU."""
+    if "avx512" not in native.usable_isas():
+        return False
+    before = native.status().isa
+    native.set_isa("avx512")
+    try:
+        return "VNNI" in native.kmatmul_build()
+    finally:
+        native.set_isa(before)
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -342,7 +364,7 @@ def test_c_selftest_on_this_machine(tmp_path):
     build_selftest([os.environ.get("CC", "cc")], tmp_path / "selftest", flags=["-DTL_NO_CONVERTVECTOR"], strict=True)
     done = subprocess.run([str(tmp_path / "selftest")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.splitlines() == [f"{isa}: {SELFTEST_CHECKS} checks passed" for isa in native.usable_isas()]
+    assert done.stdout.splitlines() == selftest_lines(native.usable_isas(), cpu_has_vnni())
 
 
 @needs_native

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.runtime import quant
+from engine.runtime import native, quant
 from engine.runtime.quant import QuantMatrix
 
 
@@ -118,7 +118,13 @@ class RowStack:
         return whole if rows is None else whole[rows]
 
     def linear(self, x: np.ndarray) -> np.ndarray:
-        """x (M, cols) float32 @ W.T -> (M, rows) float32, part by part into its columns."""
+        """x (M, cols) float32 @ W.T -> (M, rows) float32: every part on its compiled kernel in one call where they all
+        run there (native.matmul_parts: block formats share one rounding of x), else part by part."""
+        if native.status().available:
+            try:
+                return native.matmul_parts(np.ascontiguousarray(x, dtype=np.float32), self)
+            except ValueError:  # a part the kernels do not take as it is held
+                pass
         from engine.runtime.layers import linear
 
         return np.concatenate([linear(x, p) for p in self.parts], axis=1)

@@ -8,8 +8,7 @@ from engine.config import ModelConfig
 from engine.runtime.kv_cache import KVCache
 from engine.runtime import layers, native
 from engine.runtime.layers import add_rms_norm, attention, linear, rms_norm, rotate_heads, swiglu
-from engine.runtime.quant import QuantMatrix
-from engine.runtime.weights import ModelWeights, embed_rows
+from engine.runtime.weights import ModelWeights, embed_rows, is_quantized
 from engine.runtime.rope import rope_tables
 
 
@@ -143,10 +142,7 @@ class NumpyBackend:
         """The layers as one kernel call for a pass of `rows` rows, or None where the loop must run them (fusing off,
         some rows for OpenBLAS). Built once, and again whenever a weight array has been replaced."""
         w = self.weights
-        first = w.layers[0].wqkv
-        if not isinstance(first, (np.ndarray, QuantMatrix)):
-            return None  # weight objects of other formats (engine.runtime.ggml_formats) run the layer loop
-        quantized = isinstance(first, QuantMatrix)  # every row of a quantized matmul runs on the kernels
+        quantized = is_quantized(w)  # every row of a quantized matmul runs on the kernels
         if not self.fuse_layers or not (quantized or layers.runs_on_kernels(rows, prompt_from, w.layers[0].wqkv.dtype)):
             return None
         norms = [layer.attn_norm for layer in w.layers[1:]] + [w.final_norm]

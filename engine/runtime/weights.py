@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import EngineError
-from engine.runtime import quant, quant_cache
+from engine.runtime import kquant_mix, quant, quant_cache
 from engine.runtime.ggml_formats import held_arrays
 from engine.runtime.quant import QuantMatrix
 from weights.checkpoint import Checkpoint
@@ -25,7 +25,7 @@ from weights.checkpoint import Checkpoint
 # weights_dtype name -> NumPy storage dtype of the matrices and the embedding table
 STORAGE = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16)}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-WEIGHTS_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+WEIGHTS_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4") + kquant_mix.MIXES
 # Quantized models: the format of the lm_head (and of a tied embedding table) per weights_dtype. int4 keeps the
 # lm_head int8 (as llama.cpp's q4_0 keeps its output matrix at 6 bits): see the README's "Quantized weights".
 LM_HEAD_KIND = {"int8": "int8", "int4": "int8"}
@@ -82,6 +82,13 @@ class ModelWeights:
         return self.nbytes - self.embed.nbytes + embed_row + (self.embed.nbytes if self.lm_head is self.embed else 0)
 
 
+def is_quantized(weights: "ModelWeights") -> bool:
+    """Whether any layer matrix is held in a quantized format (int8 / int4, llama.cpp's block formats): every row of
+    those runs on the compiled kernels."""
+    return any(not isinstance(m, np.ndarray) for layer in weights.layers
+               for m in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+
+
 def widen(a: np.ndarray) -> np.ndarray:
     """A weight array (float32, uint16 bf16 bits, float16, or a QuantMatrix) as float32 with the same values (a copy
     unless float32; a QuantMatrix dequantized)."""
@@ -130,6 +137,13 @@ def choose_weights_dtype(requested: str, stored: str, kernels_available: bool, k
             f"dequantized per block for OpenBLAS: the compiled kernels are not available ({kernels_detail})"
         return requested, (f"quantized at load from the checkpoint's {stored} values (groups of {quant.GROUP}, "
                            f"float16 scales), {how}")
+    if requested in kquant_mix.MIXES:
+        if not kernels_available:
+            raise EngineError(f"weights_dtype={requested} needs the compiled kernels (its quantizer is theirs), which "
+                              f"are not available here: {kernels_detail}; use int4 or int8")
+        return requested, (f"quantized at load from the checkpoint's {stored} values into llama.cpp's {requested} mix "
+                           f"by our quantizer (Q4_K, Q6_K for the output and some v / down projections), the kernels' "
+                           f"byte dot products on int16 activations")
     if stored == "float32":
         if requested != "auto":
             raise EngineError(f"weights_dtype={requested} but the checkpoint stores float32 weights; rounding them to "
@@ -143,14 +157,19 @@ def choose_weights_dtype(requested: str, stored: str, kernels_available: bool, k
     return stored, "the checkpoint's dtype, widened in the kernels"
 
 
-def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str = "float32") -> ModelWeights:
+def load_model_weights(checkpoint: Checkpoint, config: ModelConfig, dtype: str = "float32", importance=None,
+                       importance_settings: dict | None = None) -> ModelWeights:
     """Validate `checkpoint` against `config`, then read every tensor into the fused arrays, matrices and embedding
     table stored as `dtype` ("float32", or the checkpoint's own "bfloat16"/"float16", or quantized "int8"/"int4":
-    see load_quantized), norms as float32."""
+    see load_quantized, or a mix of llama.cpp's block formats, "q4_k_m": engine.runtime.kquant_mix, whose quantizer
+    may weigh columns by `importance`), norms as float32."""
     shapes, optional = expected_tensors(config)
     checkpoint.validate(shapes, optional)
     if dtype in quant.KINDS:
         return load_quantized(checkpoint, config, dtype)
+    if dtype in kquant_mix.MIXES:
+        return kquant_mix.load_mix(checkpoint, config, dtype, LayerWeights, ModelWeights, importance,
+                                   importance_settings)
     storage = STORAGE[dtype]
 
     def read(name: str, as_dtype=storage) -> np.ndarray:

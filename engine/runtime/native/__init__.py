@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).parent
-SOURCES = ["api.c", "pool.c", "quantize.c", "variant_avx512.c", "variant_avx2.c", "variant_portable.c"]
+SOURCES = ["api.c", "pool.c", "quantize.c", "kquant_pack.c", "kquant_quantize.c", "variant_avx512.c", "variant_avx2.c", "variant_portable.c"]
 HEADERS = ["kernels.h", "pool.h", "matmul.h", "attention.h", "quant.h", "simd_avx512.h", "simd_avx2.h",
-           "simd_portable.h"]
+           "simd_portable.h", "kquant.h", "kquant_layout.h", "kquant_simd.h"]
 # Never -ffast-math / -Ofast: GCC then links code that sets flush-to-zero for the whole process (subnormal weights
 # and activations would become 0), and it may reorder the sums that make results reproducible.
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread"]
@@ -53,7 +53,7 @@ CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread"]
 LDFLAGS_WINDOWS = ["-static"]
 LDFLAGS = ["-shared", "-pthread"] + (LDFLAGS_WINDOWS if sys.platform == "win32" else [])
 LIBS = ["-lm"]
-ABI_VERSION = 7
+ABI_VERSION = 8
 ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
 VARIANT_SOURCES = {isa: f"variant_{isa}.c" for isa in ISAS}
 WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
@@ -63,6 +63,9 @@ FALLBACK_COST = "using NumPy, fp32 weights, ~2x slower decode, 2x memory"
 FALLBACK_COST_FP32 = "using NumPy (BLAS matmuls, NumPy attention; a float32 checkpoint's weights take no more memory)"
 QUANT_TYPES = {"int8": 3, "int4": 4}  # quantized weights (engine.runtime.quant.QuantMatrix), kernels.h's W_Q8 / W_Q4
 QMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddwd)", "avx512 VNNI (vpdpbusd)")
+KMATMUL_BUILDS = ("portable", "avx2", "avx512 (vpmaddubsw)", "avx512 VNNI (vpdpbusd)")
+# llama.cpp's block formats (engine.runtime.kquant.KQuantMatrix.kind), kernels.h's W_Q4_1 .. W_Q6_K
+KQUANT_TYPES = {"q4_1": 5, "q5_0": 6, "q5_1": 7, "q2_k": 8, "q3_k": 9, "q4_k": 10, "q5_k": 11, "q6_k": 12}
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,18 @@ class _Library:
         lib.tl_quantize.restype = None
         lib.tl_repack_ggml.argtypes = [i32, ptr, size, size, size, ptr, ptr, size, i32]
         lib.tl_repack_ggml.restype = None
+        lib.tl_kmatmul_build.argtypes = [i32]
+        lib.tl_kmatmul_build.restype = i32
+        lib.tl_matmul_parts.argtypes = [i32, ptr, size, ptr, size, ptr, size, size, size, i32]
+        lib.tl_matmul_parts.restype = None
+        lib.tl_kpack.argtypes = [i32, ptr, size, size, size, ptr, i32]
+        lib.tl_kpack.restype = None
+        lib.tl_kdequant.argtypes = [i32, ptr, size, ptr, size, ptr, i32]
+        lib.tl_kdequant.restype = None
+        lib.tl_kquantize.argtypes = [i32, ptr, size, size, size, ptr, ptr, i32]
+        lib.tl_kquantize.restype = i32
+        lib.tl_kggml_row_bytes.argtypes = [i32, size]
+        lib.tl_kggml_row_bytes.restype = size
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
         self.left_out = left_out(path)
@@ -548,6 +563,118 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, out: 
     return (out, probs) if return_probs else out
 
 
+def kmatmul_build() -> str:
+    """Which build of the block-format matmul (kquant.h) the variant in use runs (e.g. "avx512 VNNI (vpdpbusd)")."""
+    lib = _require()
+    return KMATMUL_BUILDS[lib.lib.tl_kmatmul_build(lib.isa)]
+
+
+def kpack(kind: str, rows: np.ndarray, k: int, start: int, dst: np.ndarray) -> None:
+    """Rows start..start+n of a block-format matrix of `kind` and k columns, held in the kernel layout `dst` (uint8,
+    C-contiguous, sized and zeroed for all its rows), from ggml's blocks of those rows: `rows` uint8 (n, ggml's row
+    bytes), C-contiguous (kquant_pack.c's tl_kpack)."""
+    lib = _require()
+    code = KQUANT_TYPES[kind]
+    n = rows.shape[0]
+    if (rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != lib.lib.tl_kggml_row_bytes(code, k)
+            or not rows.flags.c_contiguous or dst.dtype != np.uint8 or not dst.flags.c_contiguous or start < 0
+            or (start + n + 15) // 16 > dst.shape[0]):
+        raise ValueError(f"kpack: {rows.dtype}{rows.shape} at row {start} does not fit {kind} of {k} columns")
+    lib.lib.tl_kpack(code, rows.ctypes.data, n, k, start, dst.ctypes.data, lib.threads)
+
+
+def kdequant(kind: str, data: np.ndarray, k: int, idx: np.ndarray) -> np.ndarray:
+    """Rows idx of a block-format matrix held in the kernel layout `data` -> float32 (len(idx), k): the file's values,
+    computed as gguf.quants.dequantize computes them."""
+    lib = _require()
+    rows = np.ascontiguousarray(idx, dtype=np.int64)
+    if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() // 16 >= data.shape[0])) \
+            or not data.flags.c_contiguous:
+        raise ValueError(f"kdequant: rows out of range for a {kind} matrix of {data.shape[0]} row blocks")
+    out = np.empty((rows.size, k), dtype=np.float32)
+    lib.lib.tl_kdequant(KQUANT_TYPES[kind], data.ctypes.data, k, rows.ctypes.data, rows.size, out.ctypes.data,
+                        lib.threads)
+    return out
+
+
+def kquantize(kind: str, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows w (n, K), K whole blocks of `kind` ("q4_k", "q5_k", "q6_k", "q5_0") -> ggml's blocks as uint8
+    (n, row bytes): our quantizer (kquant_quantize.c), weighted by `importance` (K,) float32 > 0 per column."""
+    lib = _require()
+    n, k = w.shape
+    code = KQUANT_TYPES[kind]
+    if w.dtype != np.float32 or not _rows_contiguous(w):
+        raise ValueError(f"kquantize: {w.dtype}{w.shape} is not float32 rows")
+    iw = None
+    if importance is not None:
+        iw = np.ascontiguousarray(importance, dtype=np.float32)
+        if iw.shape != (k,):
+            raise ValueError(f"kquantize: importance of shape {iw.shape}, expected ({k},)")
+    out = np.empty((n, lib.lib.tl_kggml_row_bytes(code, k)), dtype=np.uint8)
+    if lib.lib.tl_kquantize(code, w.ctypes.data, w.strides[0] // 4, n, k, None if iw is None else iw.ctypes.data,
+                            out.ctypes.data, lib.threads) != 0:
+        raise ValueError(f"kquantize: no quantizer for {kind}")
+    return out
+
+
+class _WPart(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_longlong), ("rows", ctypes.c_longlong), ("data", ctypes.c_void_p),
+                ("scales", ctypes.c_void_p)]
+
+
+def weight_parts(w) -> tuple[ctypes.Array, list]:
+    """A weight matrix as kernels.h's tl_wpart array -> (the array, the arrays it points into: keep them alive).
+    w: a block-format matrix (engine.runtime.kquant.KQuantMatrix in the kernel layout), rows of parts (an object with
+    `parts`: engine.runtime.ggml_formats.RowStack), a QuantMatrix (int8 / int4) or an ndarray (float32, uint16 bf16
+    bits, float16) with C-contiguous rows. ValueError for anything else."""
+    pieces = list(w.parts) if hasattr(w, "parts") else [w]
+    parts, keep = [], []
+    for p in pieces:
+        kind = getattr(p, "kind", None)
+        if kind in KQUANT_TYPES:
+            if getattr(p, "layout", None) != "kernel" or not p.data.flags.c_contiguous:
+                raise ValueError(f"a {kind} matrix not in the kernel layout")
+            parts.append(_WPart(KQUANT_TYPES[kind], p.shape[0], p.data.ctypes.data, None))
+            keep.append(p.data)
+        elif kind in QUANT_TYPES:
+            if not p.data.flags.c_contiguous or not p.scales.flags.c_contiguous:
+                raise ValueError(f"a {kind} matrix with non-contiguous arrays")
+            parts.append(_WPart(QUANT_TYPES[kind], p.shape[0], p.data.ctypes.data, p.scales.ctypes.data))
+            keep += [p.data, p.scales]
+        elif isinstance(p, np.ndarray) and p.ndim == 2 and p.dtype in WEIGHT_TYPES and p.flags.c_contiguous:
+            parts.append(_WPart(WEIGHT_TYPES[p.dtype], p.shape[0], p.ctypes.data, None))
+            keep.append(p)
+        else:
+            raise ValueError(f"weight_parts: cannot take a part {type(p).__name__} {getattr(p, 'dtype', '')}")
+    return (_WPart * len(parts))(*parts), keep
+
+
+def matmul_parts(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T for x (M, K) float32 (contiguous rows) and W (N, K) as weight_parts takes it -> (M, N) float32:
+    every block-format part on kquant.h's kernel (activations rounded to int16 per group of 32, once per run of such
+    parts), the others on their own kernels, in one call."""
+    lib = _require()
+    n, k = w.shape
+    if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != k or not _rows_contiguous(x):
+        raise ValueError(f"matmul_parts needs float32 x (M, {k}) with contiguous rows; got {x.dtype}{x.shape}")
+    m = x.shape[0]
+    if out is None:
+        out = np.empty((m, n), dtype=np.float32)
+    elif out.shape != (m, n) or out.dtype != np.float32 or not _rows_contiguous(out):
+        raise ValueError(f"matmul_parts's out must be float32 ({m}, {n}) with contiguous rows")
+    cached = getattr(w, "_cparts", None)  # built once per matrix (the arrays it points into never change)
+    if cached is None:
+        cached = weight_parts(w)
+        try:
+            object.__setattr__(w, "_cparts", cached)
+        except AttributeError:
+            pass
+    parts, keep = cached
+    lib.lib.tl_matmul_parts(lib.isa, x.ctypes.data, x.strides[0] // 4, parts, len(parts), out.ctypes.data,
+                            out.strides[0] // 4, m, k, lib.threads)
+    return out
+
+
 class StepAttention:
     """The attention of one forward pass's sequences, one kernel call per layer for all of them (rather than a call
     per sequence): each sequence's new keys and values are stored in its cache and its queries attend over it.
@@ -596,7 +723,7 @@ class _Layer(ctypes.Structure):
     _fields_ = [("wqkv", ctypes.c_void_p), ("wo", ctypes.c_void_p), ("w_gate_up", ctypes.c_void_p),
                 ("w_down", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("next_norm", ctypes.c_void_p),
                 ("wqkv_s", ctypes.c_void_p), ("wo_s", ctypes.c_void_p), ("w_gate_up_s", ctypes.c_void_p),
-                ("w_down_s", ctypes.c_void_p)]
+                ("w_down_s", ctypes.c_void_p), ("parts", ctypes.c_void_p * 4), ("n_parts", ctypes.c_longlong * 4)]
 
 
 class _Stack(ctypes.Structure):
@@ -618,10 +745,51 @@ class DecoderLayers:
     def __init__(self, layers: list[tuple], hidden: int, inter: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  eps: float, cos: np.ndarray, sin: np.ndarray):
         self.lib = _require()
-        quantized = getattr(layers[0][0], "kind", None)  # an engine.runtime.quant.QuantMatrix stack
-        wtype = QUANT_TYPES.get(quantized) if quantized else WEIGHT_TYPES.get(layers[0][0].dtype)
         q, kv = n_heads * head_dim, n_kv_heads * head_dim
         shapes = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+        if self._mixed(layers):  # matrices in llama.cpp's block formats, or of more than one format: as parts
+            self._parts_stack(layers, shapes)
+        else:
+            self._uniform_stack(layers, shapes)
+        if cos.dtype != np.float32 or sin.dtype != np.float32 or not cos.flags.c_contiguous \
+                or not sin.flags.c_contiguous or cos.shape[1] != head_dim or head_dim > ATTENTION_MAX_HEAD_DIM:
+            raise ValueError("DecoderLayers: unsupported rotary tables")
+        self.stack = _Stack(hidden, inter, n_heads, n_kv_heads, head_dim, self.wtype, float(eps),
+                            float(np.float32(1.0 / np.sqrt(head_dim))), cos.ctypes.data, sin.ctypes.data)
+        self._keep = (layers, cos, sin, self._keep_parts)  # what the pointers point into stays alive with this object
+        self.width = q + 2 * kv + q + hidden + 3 * inter  # scratch floats per row
+        self.positions = cos.shape[0]
+
+    @staticmethod
+    def _mixed(layers: list[tuple]) -> bool:
+        """Whether the stack's matrices need the parts path: a block format (or rows of parts), or not one kind."""
+        matrices = [a for layer in layers for a in layer[:4]]
+        if any(hasattr(a, "parts") or getattr(a, "kind", None) in KQUANT_TYPES for a in matrices):
+            return True
+        kinds = {getattr(a, "kind", None) if not isinstance(a, np.ndarray) else a.dtype for a in matrices}
+        return len(kinds) > 1
+
+    def _parts_stack(self, layers: list[tuple], shapes: list[tuple]) -> None:
+        """Every matrix as parts (kernels.h's tl_wpart; api.c's tl_matmul_parts runs them), norms as pointers."""
+        built, self._keep_parts = [], []
+        for layer in layers:
+            for a, shape in zip(layer, shapes):
+                if tuple(a.shape) != shape or (len(shape) == 1 and (a.dtype != np.float32 or not a.flags.c_contiguous)):
+                    raise ValueError(f"DecoderLayers: a weight of shape {tuple(a.shape)} does not fit {shape}")
+            arrays = [weight_parts(a) for a in layer[:4]]
+            self._keep_parts += arrays
+            parts = (ctypes.c_void_p * 4)(*[ctypes.cast(arr, ctypes.c_void_p).value for arr, _ in arrays])
+            counts = (ctypes.c_longlong * 4)(*[len(arr) for arr, _ in arrays])
+            built.append(_Layer(None, None, None, None, layer[4].ctypes.data, layer[5].ctypes.data, None, None, None,
+                                None, parts, counts))
+        self.layers = (_Layer * len(layers))(*built)
+        self.wtype = 0
+
+    def _uniform_stack(self, layers: list[tuple], shapes: list[tuple]) -> None:
+        """Every matrix of one dtype (float32, bf16 bits, float16) or one quantized kind (int8, int4)."""
+        quantized = getattr(layers[0][0], "kind", None)  # an engine.runtime.quant.QuantMatrix stack
+        wtype = QUANT_TYPES.get(quantized) if quantized else WEIGHT_TYPES.get(layers[0][0].dtype)
+        self._keep_parts = []
         for layer in layers:
             for a, shape in zip(layer, shapes):
                 if quantized and len(shape) == 2:
@@ -634,9 +802,8 @@ class DecoderLayers:
                 if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous:
                     raise ValueError(f"DecoderLayers: a weight of {getattr(a, 'dtype', type(a))}"
                                      f"{getattr(a, 'shape', '')} does not fit {shape}")
-        if wtype is None or cos.dtype != np.float32 or sin.dtype != np.float32 or not cos.flags.c_contiguous \
-                or not sin.flags.c_contiguous or cos.shape[1] != head_dim or head_dim > ATTENTION_MAX_HEAD_DIM:
-            raise ValueError("DecoderLayers: unsupported weight dtype or rotary tables")
+        if wtype is None:
+            raise ValueError("DecoderLayers: unsupported weight dtype")
 
         def pointers(layer) -> list:
             if not quantized:
@@ -645,11 +812,7 @@ class DecoderLayers:
                     + [a.scales.ctypes.data for a in layer[:4]])
 
         self.layers = (_Layer * len(layers))(*[_Layer(*pointers(layer)) for layer in layers])
-        self.stack = _Stack(hidden, inter, n_heads, n_kv_heads, head_dim, wtype, float(eps),
-                            float(np.float32(1.0 / np.sqrt(head_dim))), cos.ctypes.data, sin.ctypes.data)
-        self._keep = (layers, cos, sin)  # the arrays the pointers point into stay alive with this object
-        self.width = q + 2 * kv + q + hidden + 3 * inter  # scratch floats per row
-        self.positions = cos.shape[0]
+        self.wtype = wtype
 
     def __call__(self, x: np.ndarray, h: np.ndarray, positions: np.ndarray, attention: StepAttention) -> None:
         """Run every layer on x, h: (N, H) float32 C-contiguous (the residual stream and its input-normed copy),

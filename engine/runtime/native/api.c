@@ -50,6 +50,23 @@ static int x86_runs(int avx512)
     if (!avx512) return (xcr0 & 0x6u) == 0x6u && ((b >> 5) & 1u);
     return (xcr0 & 0xE6u) == 0xE6u && ((b >> 16) & 1u);
 }
+
+/* CPUID leaf 7's EBX and ECX, read once: cpuid traps to the hypervisor in a virtual machine (microseconds), too slow
+ * for every matmul call. */
+static void cpuid7(unsigned *ebx, unsigned *ecx)
+{
+    static volatile int known;
+    static volatile unsigned saved_b, saved_c;
+    if (!known) {
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        saved_b = b;
+        saved_c = c;
+        known = 1;
+    }
+    *ebx = saved_b;
+    *ecx = saved_c;
+}
 #endif
 
 /* 1 if `isa` is compiled into this library and this CPU (and OS) can run it. */
@@ -87,15 +104,10 @@ void tl_matmul(int isa, const float *x, ptrdiff_t ldx, const void *w, ptrdiff_t 
 static tl_qmatmul_fn qmatmul_for(int isa)
 {
     (void)isa; /* (only the x86 variants have a choice) */
-#if HAVE_AVX512 /* leaf 7 EBX bit 30: AVX512BW, ECX bit 11: AVX512_VNNI (cpuid, as x86_runs), asked once: cpuid
-                 * traps to the hypervisor in a VM (~4 us, more than a small matmul) */
-    static int features = -1; /* bit 0: AVX512BW, bit 1: AVX512_VNNI (a race only writes the same value twice) */
-    if (features < 0) {
-        unsigned a, b, c, d;
-        __cpuid_count(7, 0, a, b, c, d);
-        features = (int)(((b >> 30) & 1u) | (((c >> 11) & 1u) << 1));
-    }
-    if (isa == ISA_AVX512 && (features & 1)) return features & 2 ? tl_qmatmul_avx512vnni : tl_qmatmul_avx512;
+#if HAVE_AVX512 /* leaf 7 EBX bit 30: AVX512BW, ECX bit 11: AVX512_VNNI (cpuid, as x86_runs) */
+    unsigned b, c;
+    cpuid7(&b, &c);
+    if (isa == ISA_AVX512 && ((b >> 30) & 1u)) return (c >> 11) & 1u ? tl_qmatmul_avx512vnni : tl_qmatmul_avx512;
 #endif
 #if HAVE_AVX2
     if (isa == ISA_AVX512 || isa == ISA_AVX2) return tl_qmatmul_avx2;
@@ -140,6 +152,82 @@ void tl_qmatmul(int isa, const float *x, ptrdiff_t ldx, const void *data, const 
                 float *out, ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int threads)
 {
     qmatmul_for(isa)(x, ldx, data, scales, kind, out, ldo, M, N, K, threads);
+}
+
+/* The block-format matmul (kquant.h) of variant `isa`: as qmatmul_for, the VNNI build where the CPU has AVX512-VNNI. */
+static tl_kmatmul_fn kmatmul_for(int isa)
+{
+    (void)isa;
+#if HAVE_AVX512
+    unsigned b, c;
+    cpuid7(&b, &c);
+    if (isa == ISA_AVX512 && ((b >> 30) & 1u)) return (c >> 11) & 1u ? tl_kmatmul_avx512vnni : tl_kmatmul_avx512;
+#endif
+#if HAVE_AVX2
+    if (isa == ISA_AVX512 || isa == ISA_AVX2) return tl_kmatmul_avx2;
+#endif
+#if HAVE_PORTABLE
+    return tl_kmatmul_portable;
+#else
+    return 0;
+#endif
+}
+
+/* Which build kmatmul_for(isa) runs: 0 portable, 1 avx2, 2 avx512 (BW), 3 avx512 VNNI. */
+int tl_kmatmul_build(int isa)
+{
+    tl_kmatmul_fn f = kmatmul_for(isa);
+#if HAVE_AVX512
+    if (f == tl_kmatmul_avx512vnni) return 3;
+    if (f == tl_kmatmul_avx512) return 2;
+#endif
+#if HAVE_AVX2
+    if (f == tl_kmatmul_avx2) return 1;
+#endif
+    (void)f;
+    return 0;
+}
+
+/* The block-format matmul of the avx512 build without VNNI (vpmaddubsw), whatever this CPU has (the selftest checks it
+ * on a VNNI CPU); 0 where the avx512 variant is not compiled in, else 1. The CPU must have AVX512-BW. */
+int tl_kmatmul_avx512_madd(const float *x, ptrdiff_t ldx, const tl_wpart *parts, ptrdiff_t n_parts, float *out,
+                           ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t K, int threads)
+{
+#if HAVE_AVX512
+    tl_kmatmul_avx512(x, ldx, parts, n_parts, out, ldo, M, K, threads);
+    return 1;
+#else
+    (void)x, (void)ldx, (void)parts, (void)n_parts, (void)out, (void)ldo, (void)M, (void)K, (void)threads;
+    return 0;
+#endif
+}
+
+/* y (M, sum of rows) = x (M, K) @ W.T for W given as parts (kernels.h's tl_wpart), outputs side by side: each run of
+ * block-format parts in one call of the block-format kernel (the activations rounded once), a dense or int8 / int4
+ * part with its own kernel. */
+void tl_matmul_parts(int isa, const float *x, ptrdiff_t ldx, const tl_wpart *parts, ptrdiff_t n_parts, float *out,
+                     ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t K, int threads)
+{
+    ptrdiff_t col = 0;
+    for (ptrdiff_t p = 0; p < n_parts;) {
+        const tl_wpart *part = &parts[p];
+        if (part->kind >= W_Q4_1 && part->kind <= W_Q6_K) {
+            ptrdiff_t n = 1, rows = part->rows;
+            while (p + n < n_parts && parts[p + n].kind >= W_Q4_1 && parts[p + n].kind <= W_Q6_K)
+                rows += parts[p + n++].rows;
+            kmatmul_for(isa)(x, ldx, part, n, out + col, ldo, M, K, threads);
+            col += rows;
+            p += n;
+            continue;
+        }
+        if (part->kind == W_Q8 || part->kind == W_Q4)
+            qmatmul_for(isa)(x, ldx, part->data, part->scales, (int)part->kind, out + col, ldo, M, part->rows, K,
+                             threads);
+        else
+            matmuls[isa](x, ldx, part->data, K, (int)part->kind, out + col, ldo, M, part->rows, K, threads);
+        col += part->rows;
+        p++;
+    }
 }
 
 /* tl_qmatmul on a chosen build (qmatmul_build_fn's numbers, whatever the dispatch would pick: the tests compare the
@@ -218,21 +306,23 @@ void tl_decoder_layers(int isa, const tl_stack *c, const tl_layer *layers, ptrdi
     const int wt = (int)c->wtype;
     const tl_matmul_fn mm = matmuls[isa];
     const tl_qmatmul_fn qmm = wt == W_Q8 || wt == W_Q4 ? qmatmul_for(isa) : 0;
-/* x (rows, K) @ weight `w` (with scales `ws` when quantized) -> out (N rows, Nw) */
-#define MATMUL(x, ldx, w, ws, out, ldo, Nw, K) \
-    (qmm ? qmm(x, ldx, w, ws, wt, out, ldo, N, Nw, K, threads) : mm(x, ldx, w, K, wt, out, ldo, N, Nw, K, threads))
+/* x (rows, K) @ weight `w` (with scales `ws` when quantized; or matrix `i` of the layer given as parts) -> out
+ * (N rows, Nw) */
+#define MATMUL(i, x, ldx, w, ws, out, ldo, Nw, K) \
+    (l->n_parts[i] ? tl_matmul_parts(isa, x, ldx, l->parts[i], l->n_parts[i], out, ldo, N, K, threads) \
+     : qmm ? qmm(x, ldx, w, ws, wt, out, ldo, N, Nw, K, threads) : mm(x, ldx, w, K, wt, out, ldo, N, Nw, K, threads))
     float *qkv = scratch, *attn = qkv + N * W, *proj = attn + N * Q, *gate_up = proj + N * H, *act = gate_up + N * 2 * I;
     for (ptrdiff_t i = 0; i < n_layers; i++) {
         const tl_layer *l = &layers[i];
-        MATMUL(h, H, l->wqkv, l->wqkv_s, qkv, W, W, H);
+        MATMUL(0, h, H, l->wqkv, l->wqkv_s, qkv, W, W, H);
         rotaries[isa](qkv, W, pos, c->cos, c->sin, N, c->n_heads + c->n_kv_heads, D, threads);
         attention_seqs[isa](qkv, W, c->n_heads, c->n_kv_heads, D, n_seq, row, count, start, k_cache, v_cache, capacity,
                             i, c->scale, attn, Q, threads);
-        MATMUL(attn, Q, l->wo, l->wo_s, proj, H, H, Q);
+        MATMUL(1, attn, Q, l->wo, l->wo_s, proj, H, H, Q);
         rms_norms[isa](x, H, proj, H, l->mlp_norm, c->eps, x, h, H, N, H, threads);
-        MATMUL(h, H, l->w_gate_up, l->w_gate_up_s, gate_up, 2 * I, 2 * I, H);
+        MATMUL(2, h, H, l->w_gate_up, l->w_gate_up_s, gate_up, 2 * I, 2 * I, H);
         swiglus[isa](gate_up, 2 * I, act, I, N, I, threads);
-        MATMUL(act, I, l->w_down, l->w_down_s, proj, H, H, I);
+        MATMUL(3, act, I, l->w_down, l->w_down_s, proj, H, H, I);
         rms_norms[isa](x, H, proj, H, l->next_norm, c->eps, x, h, H, N, H, threads);
     }
 #undef MATMUL

@@ -7,8 +7,10 @@
 
 #include "pool.h"
 
-/* How a weight matrix is stored: float32, bfloat16, float16, or quantized int8 / int4 (quant.h's layout). */
+/* How a weight matrix is stored: float32, bfloat16, float16, or quantized int8 / int4 (quant.h's layout), or one of
+ * llama.cpp's block formats repacked (kquant_layout.h, kquant.h). */
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_Q8 = 3, W_Q4 = 4 };
+enum { W_Q4_1 = 5, W_Q5_0 = 6, W_Q5_1 = 7, W_Q2_K = 8, W_Q3_K = 9, W_Q4_K = 10, W_Q5_K = 11, W_Q6_K = 12 };
 /* How quant.h computes a group's integer sums (simd_*.h / variant_*.c choose): AVX512-VNNI vpdpbusd, vpmaddwd, or
  * one weight row per lane in portable C. */
 #define QDOT_LANES 0
@@ -74,6 +76,24 @@ void tl_qmatmul_avx512vnni(QMM_ARGS);
 void tl_qmatmul_avx2(QMM_ARGS);
 void tl_qmatmul_portable(QMM_ARGS);
 
+/* One part of a weight matrix given as rows of parts, each in its own format: `rows` rows (N) of `kind` -- dense
+ * (W_F32, W_BF16, W_F16: data is the (rows, K) matrix, contiguous rows), int8 / int4 (data: the integers, scales: the
+ * float16 scales, quant.h) or a block format (W_Q4_1..W_Q6_K: data, kquant.h; scales unused). A matrix of parts
+ * (e.g. llama.cpp's q4_K_M q/k/v: q and k in Q4_K, v in Q6_K) is multiplied in one call, its outputs side by side. */
+typedef struct {
+    long long kind, rows;
+    const void *data;
+    const uint16_t *scales;
+} tl_wpart;
+
+/* y (M, sum of rows) = x (M, K) @ W.T for W given as parts that are all block formats (kquant.h). */
+#define KMM_ARGS const float *, ptrdiff_t, const tl_wpart *, ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, int
+typedef void (*tl_kmatmul_fn)(KMM_ARGS);
+void tl_kmatmul_avx512(KMM_ARGS);
+void tl_kmatmul_avx512vnni(KMM_ARGS);
+void tl_kmatmul_avx2(KMM_ARGS);
+void tl_kmatmul_portable(KMM_ARGS);
+
 /* One decoder layer's weights for tl_decoder_layers: matrices in Hugging Face's layout with contiguous rows, in the
  * stack's weight type; the norm that follows the MLP is the next layer's input norm (the final norm after the last). */
 typedef struct {
@@ -85,6 +105,9 @@ typedef struct {
     const float *next_norm; /* (H,) */
     /* quantized stacks (wtype W_Q8 / W_Q4): each matrix's float16 scales (the pointers above hold its integers) */
     const uint16_t *wqkv_s, *wo_s, *w_gate_up_s, *w_down_s;
+    /* matrices given as parts (wqkv, wo, w_gate_up, w_down; n_parts 0: the pointers above, in the stack's wtype) */
+    const tl_wpart *parts[4];
+    long long n_parts[4];
 } tl_layer;
 
 /* The shapes and constants shared by every layer of a stack. */

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "kquant_layout.h"
 
 /* The entry points of api.c. */
 int tl_abi_version(void);
@@ -54,6 +55,17 @@ void tl_quantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t
                  uint16_t *scales, ptrdiff_t G, int threads);
 void tl_repack_ggml(int kind, const void *src, ptrdiff_t lds, ptrdiff_t n, ptrdiff_t row0, void *data,
                     uint16_t *scales, ptrdiff_t G, int threads);
+void tl_matmul_parts(int isa, const float *x, ptrdiff_t ldx, const tl_wpart *parts, ptrdiff_t n_parts, float *out,
+                     ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t K, int threads);
+void tl_kpack(int kind, const uint8_t *src, ptrdiff_t n, ptrdiff_t K, ptrdiff_t row0, uint8_t *dst, int threads);
+void tl_kdequant(int kind, const uint8_t *src, ptrdiff_t K, const long long *rows, ptrdiff_t n, float *out,
+                 int threads);
+ptrdiff_t tl_kggml_row_bytes(int kind, ptrdiff_t K);
+int tl_kquantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t K, const float *iw, uint8_t *dst,
+                 int threads);
+int tl_kmatmul_build(int isa);
+int tl_kmatmul_avx512_madd(const float *x, ptrdiff_t ldx, const tl_wpart *parts, ptrdiff_t n_parts, float *out,
+                           ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t K, int threads);
 
 #define ULP 5.960464477539063e-08 /* 2^-24: float32's unit roundoff */
 static const char *names[ISA_COUNT] = {"avx512", "avx2", "portable"};
@@ -442,7 +454,7 @@ static int check_decoder_layers(int isa, int wtype)
         }
         for (int i = 0; i < 2 * H; i++) norms[(l * 2) * H + i] = (float)(1 + 0.2 * uniform());
         tl_layer one = {wmem[l][0], wmem[l][1], wmem[l][2], wmem[l][3], norms + 2 * l * H, norms + (2 * l + 1) * H,
-                        0, 0, 0, 0};
+                        0, 0, 0, 0, {0}, {0}};
         layers[l] = one;
     }
     float *cos_t = malloc(sizeof(float) * P * D), *sin_t = malloc(sizeof(float) * P * D);
@@ -656,6 +668,284 @@ static int check_repack_ggml(int kind, ptrdiff_t N, ptrdiff_t K, ptrdiff_t row0)
     return ok;
 }
 
+/* llama.cpp's block formats (kquant.h, kquant_pack.c, kquant_quantize.c). The reference reads ggml's blocks by
+ * ggml's own definitions (the loops of ggml-quants.c's dequantize_row_*, written out here on their own), in double:
+ * value = A_j u - B_j; the layout read back (tl_kdequant) must give the same float32 values as ggml's float32
+ * arithmetic, and the product lies within the format's bound: int16 activations (half a step of max|x_g| / 32639
+ * each), exact integer sums, a few float32 roundings per sub-block of the terms A u x and B x. */
+static const int kq_kinds[] = {W_Q4_1, W_Q5_0, W_Q5_1, W_Q2_K, W_Q3_K, W_Q4_K, W_Q5_K, W_Q6_K};
+static const int kq_block_cols[] = {32, 32, 32, 256, 256, 256, 256, 256};
+static const int kq_block_size[] = {20, 22, 24, 84, 110, 144, 176, 210};
+
+static int kq_index(int kind)
+{
+    for (int i = 0; i < 8; i++)
+        if (kq_kinds[i] == kind) return i;
+    return 0;
+}
+
+/* One ggml block -> per column its value as float32 arithmetic gives it (out) and A u, B (a, b: double, exact). */
+static void ggml_reference(int kind, const uint8_t *p, float *out, double *a, double *b)
+{
+#define F16(q) ((float)f16_value((uint16_t)((q)[0] | (q)[1] << 8)))
+    if (kind == W_Q4_1 || kind == W_Q5_0 || kind == W_Q5_1) {
+        const int has_m = kind != W_Q5_0, five = kind != W_Q4_1;
+        const float d = F16(p), m = has_m ? F16(p + 2) : 0.0f;
+        const uint8_t *q = p + 2 + 2 * has_m;
+        const uint32_t qh = five ? (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24 : 0;
+        const uint8_t *qs = q + 4 * five;
+        for (int j = 0; j < 16; j++) {
+            const int x0 = (qs[j] & 0x0F) | (int)(((qh >> j) << 4) & 0x10);
+            const int x1 = (qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10);
+            const int u[2] = {x0, x1};
+            for (int t = 0; t < 2; t++) {
+                const int k = j + 16 * t;
+                if (kind == W_Q5_0) {
+                    out[k] = (float)(u[t] - 16) * d;
+                    a[k] = (double)d * u[t];
+                    b[k] = 16.0 * d;
+                } else {
+                    out[k] = (float)u[t] * d + m;
+                    a[k] = (double)d * u[t];
+                    b[k] = -(double)m;
+                }
+            }
+        }
+        return;
+    }
+    if (kind == W_Q4_K || kind == W_Q5_K) {
+        const float d = F16(p), dmin = F16(p + 2);
+        const uint8_t *scales = p + 4, *qh = p + 16, *ql = p + 16 + 32 * (kind == W_Q5_K);
+        int is = 0;
+        uint8_t u1 = 1, u2 = 2;
+        for (int j = 0; j < 256; j += 64) {
+            int sc[2], m[2];
+            for (int h = 0; h < 2; h++, is++) { /* ggml's get_scale_min_k4 */
+                if (is < 4) {
+                    sc[h] = scales[is] & 63;
+                    m[h] = scales[is + 4] & 63;
+                } else {
+                    sc[h] = (scales[is + 4] & 0xF) | ((scales[is - 4] >> 6) << 4);
+                    m[h] = (scales[is + 4] >> 4) | ((scales[is] >> 6) << 4);
+                }
+            }
+            for (int h = 0; h < 2; h++)
+                for (int l = 0; l < 32; l++) {
+                    int u = h == 0 ? ql[l] & 0xF : ql[l] >> 4;
+                    if (kind == W_Q5_K) u += (qh[l] & (h == 0 ? u1 : u2)) ? 16 : 0;
+                    const float d1 = d * (float)sc[h], m1 = dmin * (float)m[h];
+                    out[j + 32 * h + l] = d1 * (float)u - m1;
+                    a[j + 32 * h + l] = (double)d1 * u;
+                    b[j + 32 * h + l] = m1;
+                }
+            ql += 32;
+            u1 = (uint8_t)(u1 << 2);
+            u2 = (uint8_t)(u2 << 2);
+        }
+        return;
+    }
+    if (kind == W_Q6_K) {
+        const uint8_t *ql = p, *qh = p + 128;
+        const int8_t *sc = (const int8_t *)(p + 192);
+        const float d = F16(p + 208);
+        for (int n = 0; n < 256; n += 128) {
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q[4] = {(ql[l] & 0xF) | ((qh[l] >> 0) & 3) << 4, (ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4,
+                                  (ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4, (ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4};
+                for (int i = 0; i < 4; i++) {
+                    const float ds = d * (float)sc[is + 2 * i];
+                    out[n + l + 32 * i] = ds * (float)(q[i] - 32);
+                    a[n + l + 32 * i] = (double)ds * q[i];
+                    b[n + l + 32 * i] = 32.0 * ds;
+                }
+            }
+            ql += 64;
+            qh += 32;
+            sc += 8;
+        }
+        return;
+    }
+    if (kind == W_Q2_K) {
+        const uint8_t *scales = p, *q = p + 16;
+        const float d = F16(p + 80), dmin = F16(p + 82);
+        int is = 0, k = 0;
+        for (int n = 0; n < 256; n += 128) {
+            for (int shift = 0; shift < 8; shift += 2)
+                for (int half = 0; half < 2; half++, is++) {
+                    const float dl = d * (float)(scales[is] & 0xF), ml = dmin * (float)(scales[is] >> 4);
+                    for (int l = 0; l < 16; l++, k++) {
+                        const int u = (q[l + 16 * half] >> shift) & 3;
+                        out[k] = dl * (float)u - ml;
+                        a[k] = (double)dl * u;
+                        b[k] = ml;
+                    }
+                }
+            q += 32;
+        }
+        return;
+    }
+    /* Q3_K: ggml's 12 bytes of 6-bit scales, hmask bit set = no subtraction of 4 */
+    const uint8_t *hm = p, *q = p + 32, *raw = p + 96;
+    const float d = F16(p + 108);
+    int sc[16];
+    for (int i = 0; i < 16; i++) {
+        const int lo = i < 8 ? raw[i] & 0xF : raw[i - 8] >> 4, hi = (raw[8 + i % 4] >> (2 * (i / 4))) & 3;
+        sc[i] = (lo | hi << 4) - 32;
+    }
+    int is = 0, k = 0;
+    uint8_t bit = 1;
+    for (int n = 0; n < 256; n += 128) {
+        for (int shift = 0; shift < 8; shift += 2, bit = (uint8_t)(bit << 1))
+            for (int half = 0; half < 2; half++, is++) {
+                const float dl = d * (float)sc[is];
+                for (int l = 0; l < 16; l++, k++) {
+                    const int u = ((q[l + 16 * half] >> shift) & 3) + ((hm[l + 16 * half] & bit) ? 4 : 0);
+                    out[k] = dl * (float)(u - 4);
+                    a[k] = (double)dl * u;
+                    b[k] = 4.0 * dl;
+                }
+            }
+        q += 32;
+    }
+#undef F16
+}
+
+/* Random but well-formed ggml blocks: random bytes, float16 d / dmin / m set to small finite values. */
+static void random_blocks(int kind, uint8_t *p, ptrdiff_t n_blocks)
+{
+    const int bytes = kq_block_size[kq_index(kind)];
+    for (ptrdiff_t i = 0; i < n_blocks * bytes; i++) p[i] = (uint8_t)(uniform() * 128 + 128);
+    for (ptrdiff_t i = 0; i < n_blocks; i++) {
+        uint8_t *b = p + i * bytes;
+        const uint16_t d = to_f16((float)(0.001 + 0.01 * fabs(uniform()))), m = to_f16((float)(-0.05 * fabs(uniform())));
+        const int at = kind == W_Q2_K ? 80 : kind == W_Q3_K ? 108 : kind == W_Q6_K ? 208 : 0;
+        memcpy(b + at, &d, 2);
+        if (kind == W_Q4_1 || kind == W_Q5_1) memcpy(b + 2, &m, 2);
+        if (kind == W_Q4_K || kind == W_Q5_K || kind == W_Q2_K) memcpy(b + at + 2, &d, 2);
+    }
+}
+
+/* The block-format matmul of one kind against the reference; the last row alone the same bits; the layout read back
+ * exactly; `build` 0: the dispatch's (tl_matmul_parts), 1: the avx512 build without VNNI called directly. */
+static int check_kmatmul(int isa, int kind, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, int build)
+{
+    const ptrdiff_t row_bytes = tl_kggml_row_bytes(kind, K), bb = kq_block_bytes(kind, K), blocks = (N + 15) / 16;
+    const int cols = kq_block_cols[kq_index(kind)];
+    uint8_t *raw = malloc((size_t)(N * row_bytes)), *data = calloc((size_t)(blocks * bb), 1);
+    float *x = malloc(sizeof(float) * M * K), *out = malloc(sizeof(float) * M * N), *one = malloc(sizeof(float) * N);
+    float *wf = malloc(sizeof(float) * N * K), *back = malloc(sizeof(float) * N * K);
+    double *wa = malloc(sizeof(double) * N * K), *wb = malloc(sizeof(double) * N * K);
+    long long *rows = malloc(sizeof(long long) * N);
+    random_blocks(kind, raw, N * K / cols);
+    for (ptrdiff_t i = 0; i < M * K; i++) x[i] = (float)uniform();
+    for (ptrdiff_t n = 0; n < N; n++) {
+        rows[n] = n;
+        for (ptrdiff_t c = 0; c < K; c += cols)
+            ggml_reference(kind, raw + n * row_bytes + c / cols * kq_block_size[kq_index(kind)], wf + n * K + c,
+                           wa + n * K + c, wb + n * K + c);
+    }
+    tl_kpack(kind, raw, N, K, 0, data, 2);
+    tl_kdequant(kind, data, K, rows, N, back, 2);
+    int ok = memcmp(back, wf, sizeof(float) * N * K) == 0;
+    tl_wpart part = {kind, N, data, NULL};
+    if (build == 1) tl_kmatmul_avx512_madd(x, K, &part, 1, out, N, M, K, 2);
+    else tl_matmul_parts(isa, x, K, &part, 1, out, N, M, K, 2);
+    double worst = 0;
+    for (ptrdiff_t i = 0; i < M; i++)
+        for (ptrdiff_t j = 0; j < N; j++) {
+            double ref = 0, mag = 0, rounding = 0;
+            for (ptrdiff_t g = 0; g < K / 32; g++) {
+                double amax = 0, wsum = 0;
+                for (ptrdiff_t k = 32 * g; k < 32 * g + 32; k++) {
+                    const double xv = x[i * K + k], w = wa[j * K + k] - wb[j * K + k];
+                    amax = fabs(xv) > amax ? fabs(xv) : amax;
+                    wsum += fabs(w);
+                    ref += xv * w;
+                    mag += fabs(xv) * (fabs(wa[j * K + k]) + fabs(wb[j * K + k]));
+                }
+                rounding += amax / KQ_XMAX * (0.5 + 1.0 / 1024) * wsum;
+            }
+            const double err = fabs(out[i * N + j] - ref), bound = rounding + (double)(K / 16 + 8) * ldexp(1, -23) * mag;
+            worst = err / bound > worst ? err / bound : worst;
+        }
+    ok &= worst <= 1.0;
+    if (build == 1) tl_kmatmul_avx512_madd(x + (M - 1) * K, K, &part, 1, one, N, 1, K, 2);
+    else tl_matmul_parts(isa, x + (M - 1) * K, K, &part, 1, one, N, 1, K, 2);
+    if (memcmp(one, out + (M - 1) * N, sizeof(float) * N) != 0) ok = 0;
+    if (!ok) printf("  FAIL kmatmul %s%s kind %d M=%td N=%td K=%td: error / bound %.2f\n", names[isa],
+                    build ? " (no VNNI)" : "", kind, M, N, K, worst);
+    free(raw); free(data); free(x); free(out); free(one); free(wf); free(back); free(wa); free(wb); free(rows);
+    return ok;
+}
+
+/* A matrix given as parts (a Q4_K part of 23 rows, a Q6_K one of 9, a dense float32 one of 5): each part's columns of
+ * the output the same bits as the part alone. */
+static int check_matmul_parts(int isa)
+{
+    enum { M = 3, K = 512, N0 = 23, N1 = 9, N2 = 5, N = N0 + N1 + N2 };
+    uint8_t *raw0 = malloc((size_t)(N0 * tl_kggml_row_bytes(W_Q4_K, K))), *raw1 = malloc((size_t)(N1 * tl_kggml_row_bytes(W_Q6_K, K)));
+    uint8_t *d0 = calloc(2, (size_t)kq_block_bytes(W_Q4_K, K)), *d1 = calloc(1, (size_t)kq_block_bytes(W_Q6_K, K));
+    float *dense = malloc(sizeof(float) * N2 * K), *x = malloc(sizeof(float) * M * K);
+    float *out = malloc(sizeof(float) * M * N), *alone = malloc(sizeof(float) * M * N0);
+    random_blocks(W_Q4_K, raw0, N0 * K / 256);
+    random_blocks(W_Q6_K, raw1, N1 * K / 256);
+    tl_kpack(W_Q4_K, raw0, N0, K, 0, d0, 2);
+    tl_kpack(W_Q6_K, raw1, N1, K, 0, d1, 2);
+    for (ptrdiff_t i = 0; i < N2 * K; i++) dense[i] = (float)uniform();
+    for (ptrdiff_t i = 0; i < M * K; i++) x[i] = (float)uniform();
+    const tl_wpart parts[3] = {{W_Q4_K, N0, d0, NULL}, {W_Q6_K, N1, d1, NULL}, {W_F32, N2, dense, NULL}};
+    tl_matmul_parts(isa, x, K, parts, 3, out, N, M, K, 2);
+    int ok = 1;
+    for (int p = 0; p < 3; p++) {
+        const ptrdiff_t rows = parts[p].rows, col = p == 0 ? 0 : p == 1 ? N0 : N0 + N1;
+        tl_matmul_parts(isa, x, K, &parts[p], 1, alone, rows, M, K, 2);
+        for (ptrdiff_t i = 0; i < M; i++) ok &= memcmp(alone + i * rows, out + i * N + col, sizeof(float) * rows) == 0;
+    }
+    if (!ok) printf("  FAIL matmul_parts %s\n", names[isa]);
+    free(raw0); free(raw1); free(d0); free(d1); free(dense); free(x); free(out); free(alone);
+    return ok;
+}
+
+/* Our quantizer: its blocks read by ggml's definition are within the format's reach of the weights (every value
+ * nearer than half a step of its sub-block's scale, plus the minimum's rounding), and never worse in squared error
+ * than the plain rounding llama.cpp's reference quantizer starts from (max|w| on the grid's end). */
+static int check_kquantize(int kind)
+{
+    enum { N = 5, K = 512 };
+    const ptrdiff_t row_bytes = tl_kggml_row_bytes(kind, K);
+    const int cols = kq_block_cols[kq_index(kind)];
+    float *w = malloc(sizeof(float) * N * K), *v = malloc(sizeof(float) * K);
+    double *a = malloc(sizeof(double) * K), *b = malloc(sizeof(double) * K);
+    uint8_t *raw = malloc((size_t)(N * row_bytes));
+    for (ptrdiff_t i = 0; i < N * K; i++) w[i] = (float)(0.02 * uniform() * (1 + 3 * (i % 97 == 0)));
+    for (ptrdiff_t k = 0; k < 32; k++) w[K + k] = 0.0f; /* a group of zeros */
+    int ok = tl_kquantize(kind, w, K, N, K, NULL, raw, 2) == 0;
+    double err = 0, naive = 0;
+    for (ptrdiff_t n = 0; n < N; n++) {
+        for (ptrdiff_t c = 0; c < K; c += cols)
+            ggml_reference(kind, raw + n * row_bytes + c / cols * kq_block_size[kq_index(kind)], v + c, a + c, b + c);
+        for (ptrdiff_t k = 0; k < K; k++) err += ((double)w[n * K + k] - v[k]) * ((double)w[n * K + k] - v[k]);
+        if (n == 1)
+            for (ptrdiff_t k = 0; k < 32; k++) ok &= v[k] == 0.0f;
+        /* plain symmetric rounding per 32 at the format's bits, max|w| at the grid's end: a loose yardstick */
+        const int levels = kind == W_Q6_K ? 32 : kind == W_Q5_0 || kind == W_Q5_K ? 16 : 8;
+        for (ptrdiff_t g = 0; g < K / 32; g++) {
+            double amax = 0;
+            for (ptrdiff_t k = 32 * g; k < 32 * g + 32; k++) amax = fabs(w[n * K + k]) > amax ? fabs(w[n * K + k]) : amax;
+            const double s = amax / levels;
+            for (ptrdiff_t k = 32 * g; k < 32 * g + 32; k++) {
+                const double q = s > 0 ? fmin(levels - 1, fmax(-levels, nearbyint(w[n * K + k] / s))) * s : 0;
+                naive += (w[n * K + k] - q) * (w[n * K + k] - q);
+            }
+        }
+    }
+    ok &= err < naive;
+    if (!ok) printf("  FAIL kquantize kind %d: squared error %.3e, plain rounding %.3e\n", kind, err, naive);
+    free(w); free(v); free(a); free(b); free(raw);
+    return ok;
+}
+
 int main(void)
 {
     static const ptrdiff_t shapes[][3] = {{1, 1, 16}, {3, 7, 15}, {5, 25, 17}, {4, 97, 100}, {9, 300, 1024},
@@ -707,5 +997,25 @@ int main(void)
         failed |= !ok;
         ran++;
     }
+    /* llama.cpp's block formats (after the others, whose inputs stay those of the random sequence they had) */
+    static const ptrdiff_t kshapes[][3] = {{1, 37, 512}, {4, 64, 256}, {9, 50, 768}, {1, 16, 256}, {17, 33, 256}};
+    for (int isa = 0; isa < ISA_COUNT; isa++) {
+        if (!tl_isa_usable(isa)) continue;
+        int ok = 1, n = 0;
+        for (int kk = 0; kk < 8; kk++)
+            for (size_t s = 0; s < sizeof kshapes / sizeof kshapes[0]; s++, n++)
+                ok &= check_kmatmul(isa, kq_kinds[kk], kshapes[s][0], kshapes[s][1], kshapes[s][2], 0);
+        if (isa == ISA_AVX512 && tl_kmatmul_build(isa) == 3) /* the build for AVX-512 CPUs without VNNI, here too */
+            for (int kk = 0; kk < 8; kk++, n++) ok &= check_kmatmul(isa, kq_kinds[kk], 5, 40, 512, 1);
+        ok &= check_matmul_parts(isa);
+        n++;
+        printf("%s block formats: %d checks %s\n", names[isa], n, ok ? "passed" : "FAILED");
+        failed |= !ok;
+    }
+    static const int made[] = {W_Q4_K, W_Q5_K, W_Q6_K, W_Q5_0};
+    int ok = 1;
+    for (int i = 0; i < 4; i++) ok &= check_kquantize(made[i]);
+    printf("block-format quantizer: 4 checks %s\n", ok ? "passed" : "FAILED");
+    failed |= !ok;
     return failed || !ran;
 }

@@ -8,4 +8,9 @@
 #define QV(name) q_##name##_avx2
 #define QVARIANT(name) name##_avx2
 #include "quant.h"
+/* llama.cpp's block formats (kquant.h) */
+#include "kquant_simd.h"
+#define KV(name) kq_##name##_avx2
+#define KVARIANT(name) name##_avx2
+#include "kquant.h"
 #endif

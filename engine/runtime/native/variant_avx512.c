@@ -25,4 +25,20 @@
 #define QV(name) q_##name##_avx512vnni
 #define QVARIANT(name) name##_avx512vnni
 #include "quant.h"
+/* llama.cpp's block formats (kquant.h), with and without AVX512-VNNI's vpdpbusd */
+#include "kquant_simd.h"
+#define KTARGET KTARGET_BW
+#define kv_dot kv_dot_madd
+#define KV(name) kq_##name##_avx512
+#define KVARIANT(name) name##_avx512
+#include "kquant.h"
+#undef KTARGET
+#undef kv_dot
+#undef KV
+#undef KVARIANT
+#define KTARGET KTARGET_VNNI
+#define kv_dot kv_dot_vnni
+#define KV(name) kq_##name##_avx512vnni
+#define KVARIANT(name) name##_avx512vnni
+#include "kquant.h"
 #endif

@@ -8,4 +8,8 @@
 #define QV(name) q_##name##_portable
 #define QVARIANT(name) name##_portable
 #include "quant.h"
-
+/* llama.cpp's block formats (kquant.h) */
+#include "kquant_simd.h"
+#define KV(name) kq_##name##_portable
+#define KVARIANT(name) name##_portable
+#include "kquant.h"

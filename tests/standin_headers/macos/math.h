@@ -19,6 +19,10 @@ long lrint(double);
 float fabsf(float);
 float fmaxf(float, float);
 float rintf(float);
+float floorf(float);
+double fmin(double, double);
+double fmax(double, double);
+double nearbyint(double);
 double rint(double);
 double round(double);
 #endif
