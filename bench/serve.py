@@ -166,10 +166,11 @@ def requests(prompt_len: int, max_tokens: int, ratio: float, vocab: int = 32000,
 def run_worker(args, model_ref: str) -> dict:
     """The in-process Scheduler's tokens/s on the workload (this runs in the worker process)."""
     import engine
+    from engine.generation.serving import PREFILL_SHARE
 
     options = {"weights_dtype": args.weights_dtype} if args.weights_dtype else {}
     model = engine.load_model(model_ref, **options)
-    scheduler = engine.Scheduler(model, max_active=args.clients)
+    scheduler = engine.Scheduler(model, max_active=args.clients, prefill_share=PREFILL_SHARE)  # as the server's
     source = requests(args.prompt_len, args.max_tokens, args.range_ratio, model.config.vocab_size)
 
     def submit():

@@ -39,7 +39,7 @@ ALLOWED = {
 }
 NOT_FOR_ANYONE_BUT_CLI = "engine.cli"
 HTTP_PACKAGES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "httpx", "h11", "anyio", "openai")
-HTTP_ROOMS = ("engine.serve", "engine.cli.serve", "bench.serve", "bench.serve_conversations")
+HTTP_ROOMS = ("engine.serve", "engine.cli.serve", "bench.serve", "bench.serve_conversations", "bench.soak")
 
 
 def module_name(path: Path) -> str:
@@ -209,7 +209,7 @@ def test_the_http_checker_flags_a_planted_import(tmp_path):
     planted.write_text("def f():\n    from fastapi import FastAPI\n")
     assert http_imports_outside_the_server({"engine.generation.scheduler": planted}) == [
         "engine.generation.scheduler imports fastapi (HTTP belongs to engine.serve, engine.cli.serve, bench.serve, "
-        "bench.serve_conversations)"]
+        "bench.serve_conversations, bench.soak)"]
     assert http_imports_outside_the_server({"engine.serve.app": planted}) == []
 
 

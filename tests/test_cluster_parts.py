@@ -347,6 +347,8 @@ def test_the_serve_flags_map_onto_the_cluster_settings(tmp_path):
     assert (s.model, s.replicas, s.max_replicas, s.router, s.threads) == ("m", 2, 4, "pow2", 2)
     assert (s.max_active, s.max_queue, s.prefix_cache_mb, s.name, s.shutdown_timeout) == (8, 9, 0, "n", 7.0)
     assert s.app_options()["speculation"] == {"speculate": 3, "draft": "lookup"}
+    keyed = cluster_settings(build_parser().parse_args(["serve", "--model", "m", "--replicas", "2", "--api-key", "k"]))
+    assert keyed.api_key == "k"
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for value, passed in (("chatml", "chatml"), (str(template), template.read_text())):
@@ -357,7 +359,8 @@ def test_the_serve_flags_map_onto_the_cluster_settings(tmp_path):
         assert (options["served_model_name"], options["model_aliases"], options["pooling"]) == ("a", ("b",), "last")
     for flags, message in ((["--replicas", "0"], "--replicas"), (["--replicas", "2", "--max-replicas", "1"],
                                                                  "--max-replicas"),
-                           (["--replicas", "2", "--gguf-file", "x.gguf"], "--gguf-file")):
+                           (["--replicas", "2", "--gguf-file", "x.gguf"], "--gguf-file"),
+                           (["--replicas", "2", "--api-key", "k1", "--api-key", "k2"], "--api-key")):
         with pytest.raises(EngineError, match=message):
             cluster_settings(build_parser().parse_args(["serve", *flags]))
 

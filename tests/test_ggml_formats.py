@@ -83,3 +83,30 @@ def test_an_unregistered_type_names_the_type_the_tensor_and_what_runs():
     assert "IQ2_XXS" in message and "blk.0.ffn_down.weight" in message
     for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0"):
         assert name in message
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0"])
+def test_compiled_repack_writes_numpys_bytes(type_name):
+    """The compiled repack (quantize.c's tl_repack_ggml, what a load runs) and NumPy's write the same bytes, the file's
+    exact values: any integer byte (Q8_0's -128 included), rows gathered out of order (q/k's rotary order) and a
+    piece starting mid-block of 16 rows."""
+    from engine.runtime import native
+
+    if not native.status().available:
+        pytest.skip(f"compiled kernels unavailable: {native.status().reason}")
+    rng = np.random.default_rng(7)
+    rows, cols = 45, 128
+    raw = file_rows(rng.standard_normal((rows, cols)).astype(np.float32), type_name)
+    per_block = raw.reshape(rows, -1, raw.shape[1] // (cols // 32))
+    per_block[:, :, 2:] = rng.integers(0, 256, per_block[:, :, 2:].shape, dtype=np.uint8)  # every integer / nibble
+    reference = quants.dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, cols)
+    fmt = ggml_formats.lookup(type_name)
+    order = rng.permutation(rows)
+    made = {}
+    for compiled in (True, False):
+        weight = ggml_formats.empty(fmt, rows, cols)
+        fmt.repack_into(weight, 0, raw[order[:19]], compiled=compiled)  # a gathered copy, as f.rows(name, order)
+        fmt.repack_into(weight, 19, raw[order[19:]], compiled=compiled)
+        made[compiled] = weight
+        np.testing.assert_array_equal(widen(weight), reference[order])
+    assert np.array_equal(made[True].data, made[False].data) and np.array_equal(made[True].scales, made[False].scales)

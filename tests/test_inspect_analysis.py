@@ -10,8 +10,9 @@ import pytest
 import engine
 from engine.errors import EngineError
 from engine.generation.sampling import SamplingParams
-from engine.inspect.attention import head_summary, summarise_heads
+from engine.inspect.attention import AttentionInspection, head_summary, summarise_heads
 from engine.inspect.lens import lens_logits, logit_lens
+from engine.inspect.sliced import SLICE_ALIGN
 from engine.inspect.neighbours import nearest_tokens, token_for_word
 from engine.inspect.next_token import next_tokens
 from engine.inspect.perplexity import perplexity, sliding_windows
@@ -250,7 +251,11 @@ def test_head_summaries_equal_float64_sums_over_transformers_attentions(stories)
     ids = model.tokenizer.encode(STORY)[:24]
     attentions = [a[0].double().numpy() for a in torch_forward(ref, ids, output_attentions=True).attentions]
     summary = head_summary(model, ids)
-    one_layer_per_pass = head_summary(model, ids, max_bytes=len(ids) * 512 * 4 + 8 * len(ids) ** 2 * 4)
+    smallest_slices = AttentionInspection(model, ids).bytes_needed  # the least memory it runs in: 4 rows a slice
+    assert AttentionInspection(model, ids, max_bytes=smallest_slices).max_rows == SLICE_ALIGN == 4
+    slice_by_slice = head_summary(model, ids, max_bytes=smallest_slices)
+    with pytest.raises(EngineError, match="limit"):
+        head_summary(model, ids, max_bytes=smallest_slices - 1)
     for i, a in enumerate(attentions):
         q = np.arange(1, len(ids))
         to_first = a[:, 1:, 0].mean(axis=1)
@@ -260,5 +265,5 @@ def test_head_summaries_equal_float64_sums_over_transformers_attentions(stories)
         assert np.max(np.abs(summary.to_previous[i] - to_previous)) < 1e-5
         assert np.max(np.abs(summary.entropy[i] - entropy)) < 1e-4
         assert np.allclose(summarise_heads(a.astype(np.float32))[2], entropy, atol=1e-4)
-    for name in ("to_first", "to_previous", "entropy"):
-        assert np.array_equal(getattr(one_layer_per_pass, name), getattr(summary, name))
+    for name in ("to_first", "to_previous", "entropy"):  # a row's numbers do not depend on the slicing
+        assert np.array_equal(getattr(slice_by_slice, name), getattr(summary, name))

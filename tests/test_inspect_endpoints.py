@@ -124,24 +124,27 @@ def test_inspection_needs_the_api_key_and_the_served_model(client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_a_trace_above_the_memory_limit_is_a_400(model):
-    ids = model.tokenizer.encode_chat(CHAT, add_generation_prompt=False)
-    c, t = model.config, len(ids)
-    lens_bytes = 4 * (t * c.vocab_size + (c.num_hidden_layers + 1) * t * c.hidden_size)  # logits + L + 1 states
-    attention_bytes = 4 * (t * c.vocab_size + c.num_attention_heads * t * t)  # logits + one layer
-    needs = {"/v1/inspect/lens": lens_bytes, "/v1/inspect/attention": attention_bytes}
-    larger = max(needs, key=needs.get)
-    smaller = min(needs, key=needs.get)
-    with TestClient(create_app(lambda: model, NAME, trace_memory_limit=needs[larger] - 1)) as tc:
-        _wait_ready(tc)
-        assert tc.post(smaller, json={"messages": CHAT}).status_code == 200  # fits
-        r = tc.post(larger, json={"messages": CHAT})  # one byte too many
-        assert r.status_code == 400
-        error = r.json()["error"]
-        assert error["code"] == "trace_too_large" and "--trace-memory-limit" in error["message"]
-        longer = CHAT + [{"role": "user", "content": "and more " * 20}]
-        r = tc.post(smaller, json={"messages": longer})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "trace_too_large"
+def test_an_inspection_above_the_memory_limit_is_a_400(model):
+    """--trace-memory-limit bounds what an inspection holds (KV cache, arrays, its smallest slices) and its answer's
+    size: one byte under what a request needs is a 400 trace_too_large, exactly that much runs."""
+    from engine.serve.inspect_routes import AttentionRequest, InspectRequest, attention_job, lens_job
+
+    needs = {"/v1/inspect/attention": attention_job(model, AttentionRequest(messages=CHAT), 1 << 40).bytes_needed,
+             "/v1/inspect/lens": lens_job(model, InspectRequest(messages=CHAT), 1 << 40).bytes_needed}
+    for path, needed in needs.items():
+        with TestClient(create_app(lambda: model, NAME, trace_memory_limit=needed - 1)) as tc:
+            _wait_ready(tc)
+            r = tc.post(path, json={"messages": CHAT})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["code"] == "trace_too_large" and "--trace-memory-limit" in error["message"]
+            assert error["param"] == "messages"
+        with TestClient(create_app(lambda: model, NAME, trace_memory_limit=needed)) as tc:
+            _wait_ready(tc)
+            assert tc.post(path, json={"messages": CHAT}).status_code == 200
+            longer = CHAT + [{"role": "user", "content": "and more " * 20}]
+            r = tc.post(path, json={"messages": longer})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "trace_too_large"
 
 
 def test_the_triton_backend_is_refused_with_the_reason(folder, monkeypatch):

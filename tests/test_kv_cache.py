@@ -110,3 +110,23 @@ def test_freed_caches_leave_the_resident_set():
 
     assert resident_mib("heap") > 300  # 127 of 128 freed 2.9 MB blocks kept on the heap (368 MB)
     assert resident_mib("kvcache") < 16  # only the cache still held (2 x 2.9 MB)
+
+
+def test_copy_prefix_from_copies_the_first_tokens_and_the_two_grow_apart():
+    source = KVCache(LAYERS, KV_HEADS, HEAD_DIM, max_length=300, block_tokens=8)
+    filled(source, 20)
+    copy = KVCache(LAYERS, KV_HEADS, HEAD_DIM, max_length=300, block_tokens=8)
+    filled(copy, 30, start=0)  # whatever it held before is dropped
+    copy.copy_prefix_from(source, 12)
+    assert copy.length == 12
+    for layer in range(LAYERS):
+        k, v = copy.layer(layer, 12)
+        np.testing.assert_array_equal(k, source.layer(layer, 12)[0])
+        np.testing.assert_array_equal(v, source.layer(layer, 12)[1])
+    filled(copy, 5, start=12)  # the copy grows on its own: the source keeps its tokens 12..19
+    copy.k[:, :, :12] = 0.0
+    expected = np.arange(20, dtype=np.float32)[None, None, :, None] + 0.25 * np.arange(LAYERS)[:, None, None, None]
+    np.testing.assert_array_equal(source.k[:, :, :20], np.broadcast_to(expected, (LAYERS, KV_HEADS, 20, HEAD_DIM)))
+    for bad in (-1, 21):
+        with pytest.raises(ValueError):
+            copy.copy_prefix_from(source, bad)

@@ -327,7 +327,7 @@ def test_build_is_cached_by_source(tmp_path, monkeypatch):
     assert native.build(copy) != first
 
 
-SELFTEST_CHECKS = 71  # per variant: selftest.c's checks of every kernel api.c exports
+SELFTEST_CHECKS = 73  # per variant: selftest.c's checks of every kernel api.c exports
 SELFTEST_BLOCK_CHECKS = 41  # per variant: the 8 block formats (kquant.h) on 5 shapes each, and matmul_parts
 SELFTEST_NO_VNNI_CHECKS = 8  # avx512 on a VNNI CPU: the block formats' build without VNNI checked as well
 

@@ -193,3 +193,59 @@ def test_a_fork_outlives_a_leader_cancelled_before_its_prefill(stories):
     assert leader.result.stop_reason == dropped.result.stop_reason == "cancelled"
     assert kept.result.token_ids == stories.generate(prompt, max_new_tokens=6, ignore_eos=True)
     assert kept.result.prefill_tokens == len(prompt)
+
+
+# ---- issue 34: reuse-weighted eviction (defect 18) and partitions by salt (defect 10) ------------------------------
+def test_a_flood_of_blocks_nobody_asks_for_again_never_evicts_a_shared_prefix(stories):
+    """A system prompt restored once is protected: 10 sequences of unique junk (30 blocks through a pool of 8) churn
+    the blocks nobody re-used, and the shared prefix is still found afterwards, on the protected segment's terms."""
+    rng = np.random.default_rng(6)
+    probe = PrefixCache.for_model(stories, 1, block_tokens=B)
+    pool = PrefixCache.for_model(stories, 8 * probe.block_nbytes, block_tokens=B)
+    system = ids_of(rng, 33)
+    pool.store(prefilled(stories, system), system)
+    assert pool.restore(stories.new_cache(), system) == 32 and pool.protected_blocks == 2
+    for _ in range(10):
+        junk = ids_of(rng, 49)
+        assert pool.store(prefilled(stories, junk), junk) == 3
+        assert pool.blocks <= 8
+    assert pool.cached_length(system) == 32
+    assert pool.evictions == 30 - 6  # every block evicted was junk: 6 junk blocks fit beside the system prompt
+    # the protected segment is bounded: most of the pool stays open to new blocks
+    assert pool.max_protected == 6
+    for _ in range(5):
+        shared = ids_of(rng, 33)
+        pool.store(prefilled(stories, shared), shared)
+        pool.restore(stories.new_cache(), shared)
+    assert pool.protected_blocks == 6 and pool.blocks <= 8
+
+
+def test_salted_blocks_are_found_only_with_the_same_salt(stories):
+    rng = np.random.default_rng(7)
+    ids = ids_of(rng, 40)
+    pool = PrefixCache.for_model(stories, 10 ** 8, block_tokens=B)
+    source = prefilled(stories, ids)
+    assert pool.store(source, ids, salt=("key", 1)) == 2
+    assert pool.cached_length(ids) == 0 and pool.cached_length(ids, salt=("key", 2)) == 0
+    assert pool.restore(stories.new_cache(), ids) == 0 and pool.restore(stories.new_cache(), ids, salt="x") == 0
+    assert pool.restore(stories.new_cache(), ids, salt=("key", 1)) == 32
+    assert pool.store(source, ids) == 2 and pool.blocks == 4  # the same tokens without a salt: blocks of their own
+    assert pool.restore(stories.new_cache(), ids) == 32
+
+
+def test_forks_store_their_prompt_and_not_their_sampled_continuations(stories):
+    rng = np.random.default_rng(8)
+    prompt = ids_of(rng, 40)
+    pool = PrefixCache.for_model(stories, 10 ** 8, block_tokens=B)
+    scheduler = Scheduler(stories, prefix_cache=pool)
+    options = dict(max_new_tokens=40, ignore_eos=True, temperature=1.0)
+    leader = scheduler.submit(prompt, seed=1, cache_salt="client", **options)
+    forks = [scheduler.fork(leader, seed=1 + i, **options) for i in (1, 2, 3)]
+    for _ in scheduler.run():
+        pass
+    assert all(len(r.result.token_ids) == 40 for r in [leader] + forks)
+    assert pool.blocks == 2 and pool.cached_length(prompt + [5], salt="client") == 32
+    single = scheduler.submit(prompt, seed=1, cache_salt="client", **options)  # one choice: its reply is kept
+    for _ in single:
+        pass
+    assert single.result.cached_tokens == 32 and pool.blocks == (40 + 40 - 1) // B

@@ -239,3 +239,128 @@ def test_timings_measure_prefill_and_decode_apart(random_model, monkeypatch):
     res = r.result
     assert (res.time_to_first_token, res.prefill_seconds, res.decode_seconds) == (1.5, 1.0, 4.0)
     assert (res.prompt_tokens_per_s, res.generated_tokens_per_s) == (10.0, 1.0)
+
+
+# ---- a fault in one sequence's step ends that sequence alone (issue 34, defect 2) ----------------------------------
+def test_a_sampler_that_raises_ends_its_sequence_alone(random_model):
+    """One request's sampling raises mid-run (a constraint or sampler bug): it ends with the error, its neighbours
+    in the same batched steps give exactly what they give alone."""
+    scheduler = Scheduler(random_model)
+    good = [scheduler.submit([1, 2 + k, 3], max_new_tokens=12, ignore_eos=True) for k in range(2)]
+    bad = scheduler.submit([1, 9, 3], max_new_tokens=12, ignore_eos=True)
+    accept = bad.state.accept
+    calls = []
+
+    def faulty(logits, context_length=None):
+        calls.append(1)
+        if len(calls) == 4:
+            raise ValueError("a planted sampler bug")
+        return accept(logits, context_length)
+
+    bad.state.accept = faulty
+    stepped = []
+    while scheduler.has_work:
+        stepped.append(scheduler.step())
+    assert isinstance(bad.error, ValueError) and bad.finished and len(bad.result.token_ids) == 3
+    assert any(bad in s for s in stepped)  # step() hands back the request it ended
+    assert bad.cache is None and bad not in scheduler.active
+    for k, r in enumerate(good):
+        assert r.error is None and r.result.token_ids == random_model.generate([1, 2 + k, 3], max_new_tokens=12,
+                                                                               ignore_eos=True)
+    with pytest.raises(ValueError, match="planted"):
+        list(bad)  # iterating the request re-raises what ended it
+
+
+def test_a_forward_that_fails_for_one_sequence_ends_it_alone(random_model, monkeypatch):
+    """The batched forward raises whenever one sequence's cache is in it: each sequence is rerun alone from where
+    its cache stood, the faulty one ends, the others' tokens are exactly their solo run's."""
+    scheduler = Scheduler(random_model, prefill_chunk=8)
+    prompts = [[1, 5, 9], list(range(10, 40)), [1, 7]]
+    requests = [scheduler.submit(p, max_new_tokens=10, ignore_eos=True) for p in prompts]
+    bad = scheduler.submit([1, 4, 4], max_new_tokens=10, ignore_eos=True)
+    forward = random_model.forward
+
+    def faulty(steps):
+        if len(bad.state.generated) >= 2 and any(s.cache is bad.cache for s in steps):
+            raise MemoryError("a planted fault")
+        return forward(steps)
+
+    monkeypatch.setattr(random_model, "forward", faulty)
+    list(scheduler.run())
+    monkeypatch.undo()
+    assert isinstance(bad.error, MemoryError) and len(bad.result.token_ids) == 2
+    for p, r in zip(prompts, requests):
+        assert r.error is None and r.result.token_ids == random_model.generate(p, max_new_tokens=10, ignore_eos=True)
+
+
+def test_generate_batch_raises_what_ended_a_sequence(random_model, monkeypatch):
+    from engine.generation import generate as generate_module
+    from engine.generation.state import SequenceState
+
+    accept = SequenceState.accept
+
+    def faulty(self, logits, context_length=None):
+        if self.prompt_ids == [1, 8]:
+            raise RuntimeError("planted")
+        return accept(self, logits, context_length)
+
+    monkeypatch.setattr(SequenceState, "accept", faulty)
+    with pytest.raises(RuntimeError, match="planted"):
+        generate_module.generate_batch(random_model, [[1, 2], [1, 8]], max_new_tokens=3)
+
+
+# ---- n > 1: each choice takes a place in the batch (issue 34, defects 4 and 9) ----------------------------------
+def test_forks_count_toward_max_active(random_model):
+    scheduler = Scheduler(random_model, max_active=4)
+    first = scheduler.submit([1, 2, 3], max_new_tokens=6, ignore_eos=True)
+    leader = scheduler.submit([1, 5, 6, 7], max_new_tokens=5, ignore_eos=True)
+    forks = [scheduler.fork(leader, max_new_tokens=5, ignore_eos=True, temperature=1.0, seed=k) for k in range(2)]
+    late = scheduler.submit([1, 9], max_new_tokens=4, ignore_eos=True)
+    with pytest.raises(EngineError, match="at most 4 sequences"):
+        for k in range(2):  # 1 + 2 forks fit; a fourth choice of the same prompt would too, a fifth never
+            forks.append(scheduler.fork(leader, max_new_tokens=5, ignore_eos=True, temperature=1.0, seed=9 + k))
+    assert len(forks) == 3
+    most = 0
+    while scheduler.has_work:
+        scheduler.step()
+        most = max(most, len(scheduler.active))
+        if not first.finished and not leader.finished:
+            assert late.status == "waiting"  # 1 + 4 places are taken: it waits its turn
+    assert most == 4
+    assert late.result.token_ids == random_model.generate([1, 9], max_new_tokens=4, ignore_eos=True)
+    assert all(len(f.result.token_ids) == 5 for f in forks)
+
+
+def test_prefill_share_holds_prompt_chunks_to_a_share_of_a_decode_step(random_model, monkeypatch):
+    """On a clock the forwards move (a decode-only step 1 s, each prompt token 1/16 s more): with prefill_share 2 a
+    late prompt is taken 32 tokens a step (2 s of prompt beside a 1 s step), not prefill_chunk's 48; the tokens are
+    those of a run without it."""
+    from engine.generation import scheduler as scheduler_module
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(scheduler_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    forward = random_model.forward
+    chunks = []
+
+    def timed_forward(steps):
+        prompt = sum(len(s.token_ids) for s in steps if len(s.token_ids) > 1)
+        chunks.append(prompt)
+        clock.now += 1.0 + prompt / 16
+        return forward(steps)
+
+    monkeypatch.setattr(random_model, "forward", timed_forward)
+    scheduler = Scheduler(random_model, prefill_chunk=48, prefill_share=2.0)
+    first = scheduler.submit([1, 5, 9], max_new_tokens=40, ignore_eos=True)
+    for _ in range(3):
+        scheduler.step()
+    late = scheduler.submit(list(range(10, 130)), max_new_tokens=4, ignore_eos=True)  # 120 tokens
+    while late.status != "decoding":
+        scheduler.step()
+    # the first chunk before a prompt token's cost is known: prefill_chunk; then 2 s / (1/16 s) = 32 a step
+    assert chunks[-4:] == [48, 32, 32, 8] and scheduler.prefill_budget() == 32
+    monkeypatch.undo()
+    list(scheduler.run())
+    assert late.result.token_ids == random_model.generate(list(range(10, 130)), max_new_tokens=4, ignore_eos=True)
+    assert first.result.token_ids == random_model.generate([1, 5, 9], max_new_tokens=40, ignore_eos=True)
+    with pytest.raises(EngineError, match="prefill_share"):
+        Scheduler(random_model, prefill_share=0)

@@ -11,7 +11,7 @@ from engine.generation.sampling import SamplingParams, apply_logit_bias, sample_
 from engine.generation.scheduler import Scheduler
 from engine.generation.scoring import score_rows
 from engine.generation.state import GenerationOptions, TokenEvent, default_options
-from engine.inspect.embeddings import embed, pool
+from engine.inspect.embeddings import SlicedEmbedding, embed, pool
 from engine.runtime.batch import SequenceStep
 from engine.runtime.prefix_cache import PrefixCache
 from tests.conftest import load_reference, reference_logits
@@ -157,3 +157,19 @@ def test_embeddings_pool_transformers_last_hidden_state(stories, stories260k, po
         pool(states, "cls")
     with pytest.raises(EngineError, match="context window"):
         embed(stories, [1] * (stories.config.max_position_embeddings + 1))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_a_sliced_embedding_is_the_whole_pass_bit_for_bit(stories, pooling):
+    """What the server runs between decode steps (SlicedEmbedding, the smallest slices) is embed()'s vector."""
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 4, 37, stories.config.max_position_embeddings):
+        ids = [1] + rng.integers(3, stories.config.vocab_size, n - 1).tolist()
+        job = SlicedEmbedding(stories, ids, pooling, normalize=n % 2 == 1)
+        slices = 1
+        while not job.run_slice(0.0):
+            slices += 1
+        assert slices == -(-n // 4)  # one smallest piece (4 positions) a slice
+        np.testing.assert_array_equal(job.result(), embed(stories, ids, pooling, normalize=n % 2 == 1))
+    with pytest.raises(EngineError, match="context window"):
+        SlicedEmbedding(stories, [1] * (stories.config.max_position_embeddings + 1))

@@ -1,6 +1,6 @@
 """`tinyllama serve` against a hostile or broken client: the real server in a subprocess on 127.0.0.1, driven with
 httpx and raw sockets where the `openai` client cannot express the abuse (huge, deep, half-sent or malformed bodies,
-stalled sockets, disconnects, SIGTERM mid-upload). Each case was a defect of the server (issue 28)."""
+stalled sockets, disconnects, SIGTERM mid-upload). Each case was a defect of the server (issues 28 and 34)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ import signal
 import socket
 import threading
 import time
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -129,27 +131,41 @@ def test_a_body_over_the_cap_is_413_in_openai_shape(server):
     assert post(server, COMPLETIONS, {"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
+def health_during(server, send_big, rounds: int = 10) -> list[httpx.Response]:
+    """Send big requests (send_big() -> a response) one after the other while /health is asked in a loop, until a
+    /health answer came back while a big request was in flight (asked after it was sent, answered before its
+    answer) or `rounds` were sent -> the big requests' responses. Asserts every /health was a 200 and that one
+    such answer came: the event loop answers while a big request is handled, not after it (no timing assumed)."""
+    healths: list[tuple[float, float]] = []
+    flights: list[tuple[float, float, httpx.Response]] = []
+
+    def inside() -> bool:
+        return any(s <= hs and he <= e for s, e, _ in flights for hs, he in list(healths))
+
+    def send() -> None:
+        while len(flights) < rounds and not inside():
+            started = time.monotonic()
+            r = send_big()
+            flights.append((started, time.monotonic(), r))
+
+    sender = threading.Thread(target=send)
+    with httpx.Client(base_url=server.url, timeout=60) as h:
+        sender.start()
+        while sender.is_alive():
+            started = time.monotonic()
+            assert h.get("/health").status_code == 200
+            healths.append((started, time.monotonic()))
+            time.sleep(0.005)
+    sender.join()
+    assert inside(), f"no /health answer came back while one of {len(flights)} big requests was in flight"
+    return [r for _, _, r in flights]
+
+
 def test_health_stays_fast_while_multi_megabyte_prompts_are_refused(server):
     words = " ".join(f"w{i % 9973}x" for i in range(500_000))  # ~3.4 MB: under the cap, far over the window
     assert len(words) < MAX_REQUEST_MB * 2 ** 20
-    answers = []
-
-    def send_big():
-        for _ in range(3):
-            answers.append(post(server, COMPLETIONS, {"prompt": words}))
-
-    sender = threading.Thread(target=send_big)
-    latencies = []
-    with httpx.Client(base_url=server.url, timeout=60) as h:
-        sender.start()
-        while sender.is_alive() or len(latencies) < 10:
-            started = time.perf_counter()
-            assert h.get("/health").status_code == 200
-            latencies.append(time.perf_counter() - started)
-            time.sleep(0.02)
-    sender.join()
-    latencies.sort()
-    assert latencies[int(0.9 * len(latencies))] < 0.1, latencies
+    big = json.dumps({"prompt": words}).encode()
+    answers = health_during(server, lambda: post(server, COMPLETIONS, content=big))
     for r in answers:  # refused from its length alone, before it was tokenized
         error = assert_openai_error(r, 400, "prompt", "context_length_exceeded")
         assert "prompt alone has at least" in error["message"] and f"{WINDOW} tokens" in error["message"]
@@ -464,3 +480,265 @@ def test_no_length_bound_where_a_normalizer_can_merge_characters():
     hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")], byte_fallback=True))
     hf.normalizer = normalizers.Sequence([normalizers.Prepend("_"), normalizers.Replace(" ", "_")])
     assert Tokenizer(hf).max_chars_per_token() == 2
+
+
+# ==== issue 34: one client never crashes the server nor stalls the others ==========================================
+KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
+AUTH_A, AUTH_B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+ATTENTION, LENS = "/v1/inspect/attention", "/v1/inspect/lens"
+TRACE_LIMIT_MB = 320
+# a fault planted in the server's process: the sampler of a request with the stop string "planted-step-bug" raises
+# at its 4th token (a constraint or sampler bug in one sequence of a batched step)
+PLANTED_STEP_BUG = """
+from engine.generation.state import SequenceState
+real_accept = SequenceState.accept
+def accept(self, logits, context_length=None):
+    if "planted-step-bug" in (self.options.stop_strings or ()) and len(self.generated) == 3:
+        raise ValueError("a planted step bug")
+    return real_accept(self, logits, context_length)
+SequenceState.accept = accept
+"""
+
+
+@pytest.fixture(scope="module")
+def strict_server(chat_model):
+    """Small limits: 4 sequences at once, 8 waiting, two API keys, one inspection at a time, 320 MB per inspection."""
+    s = ServerProcess("--model", str(chat_model), "--served-model-name", NAME, "--api-key", KEY_A, "--api-key", KEY_B,
+                      "--max-active", "4", "--max-queue", "8", "--max-inspections", "1",
+                      "--trace-memory-limit", str(TRACE_LIMIT_MB), env=ONE_THREAD, preamble=PLANTED_STEP_BUG)
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+
+
+def stream_events(url: str, path: str, body: dict, headers: dict, sink: list, timeout: float = 120) -> None:
+    """POST a streaming request and append (time, parsed event or '[DONE]') to `sink` as each arrives."""
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, headers=headers, timeout=timeout) as r:
+        sink.append((time.monotonic(), r.status_code))
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                sink.append((time.monotonic(), "[DONE]" if line == "data: [DONE]" else json.loads(line[6:])))
+
+
+def long_text(words: int) -> str:
+    return " ".join(f"w{i % 997}x" for i in range(words))
+
+
+# ---- defect 2: a fault in one sequence's step ends that sequence alone ---------------------------------------------
+def test_a_fault_in_one_sequence_ends_it_alone_and_its_neighbour_streams_on(strict_server):
+    s = strict_server
+    victim: list = []
+    body = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
+    streamer = threading.Thread(target=stream_events, args=(s.url, COMPLETIONS, body, AUTH_A, victim), daemon=True)
+    streamer.start()
+    wait_for(lambda: len(victim) >= 3, what="the victim's first tokens")
+    bad = httpx.post(s.url + COMPLETIONS, json={"prompt": "Hello", "max_tokens": 50, "stop": ["planted-step-bug"]},
+                     headers=AUTH_A, timeout=60)
+    failed_at = time.monotonic()
+    assert bad.status_code == 500 and "internal error" in bad.json()["error"]["message"]
+    assert "planted" not in bad.text  # the reason goes to the log, not to the client
+    bad_stream: list = []
+    stream_events(s.url, COMPLETIONS, {"prompt": "Hi", "max_tokens": 50, "stop": ["planted-step-bug"]}, AUTH_A,
+                  bad_stream)
+    assert bad_stream[-2][1]["error"]["type"] == "server_error" and bad_stream[-1][1] == "[DONE]"
+    streamer.join(120)
+    events = [e for _, e in victim[1:]]
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert victim[-1][0] > failed_at  # it was still streaming when its neighbour failed
+    texts = "".join(e["choices"][0]["text"] for e in events[:-1])
+    alone = httpx.post(s.url + COMPLETIONS, json=body, headers=AUTH_A, timeout=120).json()["choices"][0]["text"]
+    assert texts == alone
+    assert s.log.count("ValueError: a planted step bug") == 2  # each failure logged once, with its traceback
+
+
+# ---- defects 4, 9: each choice of n counts toward --max-active and the queue ---------------------------------------
+def test_n_choices_count_toward_max_active(strict_server):
+    s = strict_server
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(metrics(s.url).get("tinyllama_requests_running", 0))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    body = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "n": 4}
+    with ThreadPool(3) as pool:
+        answers = pool.map(lambda b: httpx.post(s.url + COMPLETIONS, json=b, headers=AUTH_A, timeout=120),
+                           [body, body, {"prompt": "Hi", "max_tokens": 5, "ignore_eos": True}])
+    done.set()
+    watcher.join()
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert [len(r.json()["choices"]) for r in answers] == [4, 4, 1]
+    assert max(seen) == 4, seen  # two requests of 4 choices never ran at once
+
+
+def test_n_that_can_never_fit_is_a_400(strict_server):
+    for n in (5, 16):
+        r = httpx.post(strict_server.url + COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2, "n": n},
+                       headers=AUTH_A, timeout=30)
+        error = assert_openai_error(r, 400, "n")
+        assert f"{n} choices" in error["message"] and "at most 4" in error["message"]
+        assert "--max-active 4" in error["message"] and "retry-after" not in r.headers
+    # the bound admission keeps, said at start: 4 sequences of 2 layers x 2 KV heads x 16 x 2048 positions, float32
+    assert "up to 4 sequences at once: their KV cache takes at most 4 MB" in strict_server.log
+
+
+# ---- defect 17: a client leaving an n > 1 request is a client gone, never a 503 -----------------------------------
+def test_a_client_leaving_an_n_request_is_counted_as_gone(strict_server):
+    s = strict_server
+    before = metrics(s.url)
+
+    def delta(name):
+        return metrics(s.url).get(name, 0) - before.get(name, 0)
+
+    body = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "n": 2}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(s.url + COMPLETIONS, json=body, headers=AUTH_A, timeout=httpx.Timeout(60, read=0.3))
+    wait_for(lambda: delta('tinyllama_requests_finished_total{finish_reason="abort"}') == 2, what="the cancel")
+    with httpx.stream("POST", s.url + COMPLETIONS, json={**body, "stream": True}, headers=AUTH_A, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # the first chunk: leave
+    wait_for(lambda: delta('tinyllama_requests_finished_total{finish_reason="abort"}') == 4, what="the cancel")
+    assert delta('tinyllama_clients_gone_total{stage="waiting"}') == 1
+    assert delta('tinyllama_clients_gone_total{stage="streaming"}') == 1
+    assert delta('tinyllama_request_errors_total{status="503"}') == 0
+
+
+# ---- defect 10: the prefix cache does not tell one client what another sent ----------------------------------------
+def test_the_prefix_cache_is_partitioned_by_api_key_and_cache_salt(strict_server):
+    s = strict_server
+    secret = "The password of the vault is " + long_text(60)
+
+    def cached(headers, **extra):
+        r = httpx.post(s.url + COMPLETIONS, json={"prompt": secret, "max_tokens": 1, **extra}, headers=headers,
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(AUTH_A) == 0
+    assert cached(AUTH_B) == 0  # another key: nothing of A's
+    assert cached(AUTH_A) >= 48  # the same key: its own prompt
+    assert cached(AUTH_A, cache_salt="conversation-1") == 0  # a salt: a partition of its own
+    assert cached(AUTH_A, cache_salt="conversation-1") >= 48
+    assert cached(AUTH_B, cache_salt="conversation-1") == 0  # the same salt under another key
+    assert_openai_error(httpx.post(s.url + COMPLETIONS, json={"prompt": "a", "cache_salt": ""}, headers=AUTH_A,
+                                   timeout=30), 400, "cache_salt")
+    assert_openai_error(httpx.post(s.url + COMPLETIONS, json={"prompt": "a", "cache_salt": 5}, headers=AUTH_A,
+                                   timeout=30), 400, "cache_salt")
+
+
+# ---- defect 14: the inspect endpoints' strict types ----------------------------------------------------------------
+@pytest.mark.parametrize("path, body, param", [
+    (ATTENTION, {"prompt": [1, 450, 4996], "layer": True}, "layer"),
+    (ATTENTION, {"prompt": [1, 450, 4996], "layer": 1.0}, "layer"),
+    (ATTENTION, {"prompt": [1, 450, 4996], "head": "0"}, "head"),
+    (ATTENTION, {"prompt": [1, 450, 4996], "summary": "yes"}, "summary"),
+    (ATTENTION, {"prompt": [1, 450, 4996], "summary": 1}, "summary"),
+    (ATTENTION, {"prompt": [1, True]}, "prompt"),
+    (LENS, {"prompt": [1, 2.0]}, "prompt"),
+    (LENS, {"prompt": [1, 450], "model": 5}, "model"),
+])
+def test_inspect_fields_have_strict_types(server, path, body, param):
+    assert_openai_error(post(server, path, body), 400, param)
+
+
+# ---- defect 3: inspection is bounded like generation ---------------------------------------------------------------
+@pytest.mark.parametrize("path, field", [(ATTENTION, "prompt"), (LENS, "messages")])
+def test_health_stays_fast_while_huge_inspections_are_refused(server, path, field):
+    words = long_text(500_000)  # ~3.4 MB: under the body cap, far over the window
+    body = {"prompt": words} if field == "prompt" else {"messages": [{"role": "user", "content": words}]}
+    big = json.dumps(body).encode()
+    answers = health_during(server, lambda: post(server, path, content=big))  # tokenizing on the loop: 6.7-8.2 s
+    for r in answers:  # refused from its length alone, before it was tokenized
+        error = assert_openai_error(r, 400, field, "context_length_exceeded")
+        assert "at least" in error["message"] and f"{WINDOW}-token window" in error["message"]
+
+
+def test_a_long_inspection_interleaves_with_streams(strict_server):
+    """A whole-window attention summary runs in slices between decode steps: a stream started before it keeps
+    receiving tokens while it runs (a trace in one piece froze it for the whole trace)."""
+    s = strict_server
+    victim: list = []
+    body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
+    streamer = threading.Thread(target=stream_events, args=(s.url, COMPLETIONS, body, AUTH_A, victim), daemon=True)
+    streamer.start()
+    wait_for(lambda: len(victim) >= 3, what="the victim's first tokens")
+    started = time.monotonic()
+    r = httpx.post(s.url + ATTENTION, json={"prompt": [1] + [450 + i % 300 for i in range(2040)], "layer": 1},
+                   headers=AUTH_A, timeout=300)
+    ended = time.monotonic()
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert len(answer["attention"]) == 2041 and len(answer["heads"]["entropy"]) == 2
+    during = [t for t, e in victim if started < t < ended]
+    streamer.join(300)
+    assert victim[-1][1] == "[DONE]"
+    if not victim[-1][0] > ended:
+        pytest.skip("the victim finished before the inspection did: nothing to compare")
+    # the tokens the victim received while the inspection ran came spread over it, not all at its end
+    assert len(during) >= 20, (len(during), ended - started)
+    assert max(b - a for a, b in zip([started] + during, during + [ended])) < 0.5 * (ended - started)
+
+
+def test_inspections_beyond_the_limit_are_503_and_a_client_leaving_cancels_its_own(strict_server):
+    s = strict_server
+    before = metrics(s.url)
+    long_lens = {"prompt": [1] + [450 + i % 300 for i in range(2040)]}
+    result: dict = {}
+
+    def first():
+        result["r"] = httpx.post(s.url + LENS, json=long_lens, headers=AUTH_A, timeout=300)
+
+    runner = threading.Thread(target=first)
+    runner.start()
+    wait_for(lambda: metrics(s.url)["tinyllama_inspections_running"] == 1 or "r" in result, timeout=60,
+             what="the first inspection to start")
+    busy = httpx.post(s.url + LENS, json={"prompt": [1, 450, 4996]}, headers=AUTH_A, timeout=60)
+    runner.join(300)
+    assert result["r"].status_code == 200 and len(result["r"].json()["top_ids"][0]) == 2041
+    if busy.status_code != 503:
+        pytest.skip("the first inspection ended before a second one was sent")
+    error = assert_openai_error(busy, 503)
+    assert busy.headers["retry-after"] == "1" and "--max-inspections" in error["message"]
+    # a client that leaves frees its slot: its inspection is cancelled, not run to the end
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(s.url + LENS, json=long_lens, headers=AUTH_A, timeout=httpx.Timeout(60, read=0.5))
+    wait_for(lambda: "went away during its inspection" in s.log, timeout=60, what="the cancel")
+    after = metrics(s.url)
+    assert after['tinyllama_clients_gone_total{stage="waiting"}'] == \
+        before.get('tinyllama_clients_gone_total{stage="waiting"}', 0) + 1
+    r = httpx.post(s.url + LENS, json={"prompt": [1, 450, 4996]}, headers=AUTH_A, timeout=60)
+    assert r.status_code == 200
+
+
+# ---- defect 6: --trace-memory-limit bounds the process's growth ----------------------------------------------------
+def peak_growth(pid: int, action) -> int:
+    """The most the process's resident memory rose above its level before `action()` (bytes), from VmHWM."""
+    def status():
+        text = Path(f"/proc/{pid}/status").read_text()
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in text.splitlines())
+                if k in ("VmRSS", "VmHWM")}
+
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the high-water mark restarts from the current size
+    before = status()["VmRSS"]
+    action()
+    return status()["VmHWM"] - before
+
+
+@pytest.mark.parametrize("path, body", [
+    (LENS, {"prompt": [1] + [450 + i % 300 for i in range(1999)]}),
+    (ATTENTION, {"prompt": [1] + [450 + i % 300 for i in range(1999)], "layer": 0}),
+])
+def test_an_inspection_grows_the_process_by_no_more_than_the_limit(strict_server, path, body):
+    if not Path(f"/proc/{strict_server.process.pid}/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/PID/clear_refs")
+    answers = []
+    grown = peak_growth(strict_server.process.pid, lambda: answers.append(
+        httpx.post(strict_server.url + path, json=body, headers=AUTH_A, timeout=300)))
+    assert answers[0].status_code == 200, answers[0].text
+    assert grown < TRACE_LIMIT_MB * 2 ** 20, grown / 2 ** 20

@@ -37,7 +37,7 @@ CLOSED = {name: dict(schema, additionalProperties=False) for name, schema in
 @pytest.fixture(scope="module")
 def server(stories260k):
     s = ServerProcess("--model", str(stories260k), "--chat-template", "zephyr", "--served-model-name", NAME,
-                      env=ONE_THREAD)
+                      "--max-active", "100", env=ONE_THREAD)  # n = 100 choices run together (n <= --max-active)
     try:
         yield s.wait_ready()
     finally:

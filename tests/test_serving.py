@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 
 import engine
-from engine.generation.serving import QueueFullError, ServingLoop, ServingStoppedError, StepFailedError
+from engine.generation.serving import (NeverFitsError, QueueFullError, ServingLoop, ServingStoppedError,
+                                       StepFailedError)
 from engine.generation.state import GenerationResult, TokenEvent, default_options
 
 
@@ -176,3 +178,65 @@ def test_call_runs_work_on_the_serving_thread_while_requests_decode(model, loop)
     loop.stop()
     with pytest.raises(ServingStoppedError):
         loop.call(lambda: None)
+
+
+# ---- issue 34: sliced work between steps, n that never fits, memory back after a burst -----------------------------
+class SliceRecorder:
+    """A sliced job of `slices` slices that notes the loop's step count and its budget at each, or raises at slice
+    `fail_at`."""
+
+    def __init__(self, loop, slices: int, fail_at: int | None = None):
+        self.loop, self.slices, self.fail_at = loop, slices, fail_at
+        self.steps_seen: list[int] = []
+        self.budgets: list[float] = []
+
+    def run_slice(self, seconds: float) -> bool:
+        self.steps_seen.append(self.loop.steps)
+        self.budgets.append(seconds)
+        if len(self.steps_seen) == self.fail_at:
+            raise ValueError("a planted job bug")
+        return len(self.steps_seen) >= self.slices
+
+    def result(self):
+        return len(self.steps_seen)
+
+
+def test_sliced_work_interleaves_with_decode_steps_and_can_be_cancelled(model, loop):
+    c = Collector()
+    loop.submit([1, 5, 9], default_options(model, max_new_tokens=100, ignore_eos=True), c)
+    c.items.get(timeout=30)
+    job = SliceRecorder(loop, slices=5)
+    assert loop.submit_work(job).result(timeout=60) == 5
+    assert all(b > a for a, b in zip(job.steps_seen, job.steps_seen[1:]))  # a batched step between two slices
+    # about half a step's time each (the steps' running average): a fraction of a second on this model
+    assert all(0 < b < 0.5 * max(loop.step_seconds, 1e-3) * 4 + 1 for b in job.budgets)
+    endless = SliceRecorder(loop, slices=10 ** 9)
+    future = loop.submit_work(endless)
+    while len(endless.steps_seen) < 3:
+        time.sleep(0.01)
+    assert future.cancel()  # never started as far as the Future is concerned: it ends before its next slice
+    wait_until(lambda: loop.works == 0)
+    seen = len(endless.steps_seen)
+    time.sleep(0.2)
+    assert len(endless.steps_seen) == seen
+    with pytest.raises(ValueError, match="planted"):
+        loop.submit_work(SliceRecorder(loop, slices=5, fail_at=2)).result(timeout=60)
+    _, result = c.wait()
+    assert result.token_ids == model.generate([1, 5, 9], max_new_tokens=100, ignore_eos=True)
+
+
+def test_choices_that_can_never_run_together_are_refused(model, loop):
+    options = default_options(model, max_new_tokens=2)
+    with pytest.raises(NeverFitsError, match="5 choices .* at most 4"):
+        loop.submit_choices([1, 2], [options] * 5, [Collector() for _ in range(5)])
+    assert loop.in_flight == 0
+    collectors = [Collector() for _ in range(4)]
+    loop.submit_choices([1, 2], [options] * 4, collectors)
+    assert all(isinstance(c.wait()[1], GenerationResult) for c in collectors)
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

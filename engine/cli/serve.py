@@ -18,8 +18,8 @@ import sys
 from engine.cli.common import (add_chat_template_option, add_model_options, add_speculation_options, chat_template_of,
                                load, speculation_options)
 from engine.errors import EngineError
+from engine.inspect.sliced import INSPECTION_MEMORY_LIMIT
 from engine.text.chat_templates import NAMED
-from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.generation.serving import DEFAULT_PREFIX_CACHE_MB
 from engine.inspect.embeddings import DEFAULT_POOLING, POOLINGS
 
@@ -32,9 +32,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: any free port)")
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+    p.add_argument("--api-key", action="append", metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on /v1/*completions and /v1/inspect/* "
-                        f"(default ${API_KEY_ENV})")
+                        f"(default ${API_KEY_ENV}); may be repeated: each key's requests then have a prefix cache "
+                        "partition of their own")
     p.add_argument("--max-active", type=int, default=32, metavar="N",
                    help="sequences decoded together in one batch (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
@@ -48,8 +49,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the API from a browser "
                         "(CORS); may be repeated; none by default")
-    p.add_argument("--trace-memory-limit", type=float, default=TRACE_MEMORY_LIMIT / 2**20, metavar="MB",
-                   help="the most memory one /v1/inspect request's trace may hold (default %(default).0f MB)")
+    p.add_argument("--trace-memory-limit", type=float, default=INSPECTION_MEMORY_LIMIT / 2**20, metavar="MB",
+                   help="the most memory one /v1/inspect request may take, its answer included (default "
+                        "%(default).0f MB)")
+    p.add_argument("--max-inspections", type=int, default=2, metavar="N",
+                   help="/v1/inspect requests running at once; beyond, 503 (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                    help="on Ctrl-C or SIGTERM, seconds requests in flight get to finish before they are cancelled; "
                         "meanwhile /health and new requests answer 503 (default %(default)s)")
@@ -126,7 +130,8 @@ def log_config(level: str) -> dict:
 
 def run_serve(args) -> int:
     """The `serve` subcommand: listen, load the model, serve until Ctrl-C -> exit status (0, or 1 on a user error)."""
-    for option, value, low in (("--max-active", args.max_active, 1), ("--max-queue", args.max_queue, 0)):
+    for option, value, low in (("--max-active", args.max_active, 1), ("--max-queue", args.max_queue, 0),
+                               ("--max-inspections", args.max_inspections, 1)):
         if value < low:
             raise EngineError(f"{option} must be >= {low}, got {value}")
     if args.prefix_cache_mb < 0:
@@ -138,8 +143,8 @@ def run_serve(args) -> int:
             raise EngineError(f"{option} must be > 0, got {value}")
     if args.trace_memory_limit <= 0:
         raise EngineError(f"--trace-memory-limit must be > 0, got {args.trace_memory_limit}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise EngineError("--api-key is empty")
+    keys = api_keys_of(args)
+    api_key = None if not keys else keys[0] if len(keys) == 1 else tuple(keys)
     speculation = speculation_options(args)
     chat_template_of(args)  # a bad --chat-template fails before the socket opens
     if args.replicas is not None or args.ray_address or args.max_replicas is not None:
@@ -171,11 +176,13 @@ def run_serve(args) -> int:
         failure.append(message)
         server.should_exit = True
 
-    app = create_app(lambda: load(args), names[0], model_aliases=tuple(names[1:]), pooling=args.pooling, api_key=args.api_key, max_active=args.max_active,
+    app = create_app(lambda: load(args), names[0], model_aliases=tuple(names[1:]), pooling=args.pooling,
+                     api_key=api_key, max_active=args.max_active,
                      max_queue=args.max_queue, on_load_error=on_load_error, allowed_origins=args.allowed_origin,
                      max_request_bytes=int(args.max_request_mb * 2 ** 20), read_timeout=args.read_timeout,
                      trace_memory_limit=int(args.trace_memory_limit * 2**20), speculation=speculation,
-                     prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb)
+                     prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb,
+                     max_inspections=args.max_inspections)
     config = uvicorn.Config(app, log_config=log_config(args.log_level), log_level=args.log_level, access_log=False,
                             http=TimedH11Protocol.with_head_timeout(args.read_timeout),
                             timeout_graceful_shutdown=CANCEL_MARGIN, lifespan="on")
@@ -201,6 +208,14 @@ def run_serve(args) -> int:
     return 0
 
 
+def api_keys_of(args) -> list[str]:
+    """The --api-key values (or $TINYLLAMA_API_KEY's); EngineError for an empty one."""
+    keys = args.api_key or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
+    if any(not key.strip() for key in keys):
+        raise EngineError("--api-key is empty")
+    return keys
+
+
 def cluster_settings(args):
     """The `serve` flags as the settings of a cluster (engine.serve.cluster.settings.ClusterSettings); EngineError
     naming the flag for a cluster flag out of range."""
@@ -215,6 +230,10 @@ def cluster_settings(args):
     if getattr(args, "gguf_file", None) is not None:
         raise EngineError("--gguf-file: a GGUF file cannot be served as replicas yet (the router tokenizes prompts "
                           "with the checkpoint's tokenizer.json); give --model a checkpoint folder or Hub repo id")
+    keys = api_keys_of(args)
+    if len(keys) > 1:
+        raise EngineError("--api-key: replicas take one key (several keys, each with a prefix cache partition of its "
+                          "own, are served by one server: leave out --replicas)")
     template = chat_template_of(args)  # the replicas get the text (or the name): a file need not exist on each node
     settings = ClusterSettings(
         model=args.model, revision=args.revision, backend=args.backend, weights_dtype=args.weights_dtype,
@@ -225,7 +244,7 @@ def cluster_settings(args):
         max_replicas=args.max_replicas, router=args.router, max_active=args.max_active, max_queue=args.max_queue,
         max_request_mb=args.max_request_mb, read_timeout=args.read_timeout,
         trace_memory_mb=args.trace_memory_limit, speculate=args.speculate, draft=args.draft,
-        prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb, api_key=args.api_key,
+        prefix_cache_mb=0 if args.no_prefix_cache else args.prefix_cache_mb, api_key=keys[0] if keys else None,
         allowed_origins=list(args.allowed_origin), shutdown_timeout=args.shutdown_timeout,
         target_ongoing_requests=args.target_ongoing_requests, upscale_delay_s=args.upscale_delay,
         downscale_delay_s=args.downscale_delay)

@@ -53,10 +53,13 @@ def generate(model, prompt_ids, cache=None, truncate: bool = False, speculate: i
 
 def generate_batch(model, prompts, speculate: int = 0, draft=LOOKUP, **options) -> list[GenerationResult]:
     """Generate for several prompts at once (one batched forward per step, each with its own stop; a draft model's
-    forwards batched too)."""
+    forwards batched too). A fault in one sequence's step ends it alone, and is raised once the others are done."""
     scheduler = Scheduler(model)
     opts = default_options(model, **options)
     requests = [scheduler.submit(p, opts, speculate=speculate, draft=draft) for p in prompts]
     for _ in scheduler.run():
         pass
+    failed = next((r.error for r in requests if r.error is not None), None)
+    if failed is not None:  # a fault ended that sequence alone; the caller asked for all of them
+        raise failed
     return [r.result for r in requests]

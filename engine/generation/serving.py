@@ -1,23 +1,34 @@
 """A serving loop: one thread owns the model and a Scheduler and steps the batch; any thread may submit and cancel
-requests, or hand it other work on the model to run between two steps (`call`: a traced pass for inspection).
+requests, or hand it other work on the model to run between two steps (`call`: a quick function; `submit_work`: a
+long job cut into slices, such as a traced pass for inspection).
 
 The Scheduler is not thread-safe, so only the loop's own thread calls its submit / step / finish. Other threads
 (an HTTP server's event loop, say) hand requests and cancellations over through a locked inbox, and each request's
 events come back through the callback given with it, called on the serving thread: a `TokenEvent` per token, then
 the `GenerationResult` when the request ends (for any reason, cancellation included), or an `EngineError` instead
-when the scheduler refused it (a `StepFailedError` when a batched step raised). A callback must be quick and must
-not block: it hands the item to the submitter's own queue. Nothing here knows about HTTP.
+when the scheduler refused it (a `StepFailedError` when a fault in its own step ended it: its neighbours in the
+batch go on). A callback must be quick and must not block: it hands the item to the submitter's own queue. Nothing
+here knows about HTTP.
+
+Sliced work (`submit_work`) shares the thread with the batch without stalling it: each batched step earns sliced
+work WORK_SHARE of its time, and between two steps a job runs one slice of at most what was earned and about that
+share of a step (the job sizes its pieces to fit; a slice that overran is paid back by skipping steps), so sliced
+work takes about WORK_SHARE of the serving thread beside decoding, and a stream's time between tokens grows by one
+slice at most; with nothing decoding a slice is IDLE_SLICE_SECONDS. Jobs take turns. Cancelling its Future drops a
+job before its next slice.
 
 `submit_choices` runs n continuations of one prompt (OpenAI's n) with one prefill (Scheduler.fork); choice i
 samples with `choice_options(options, i)`: the request's seed + i, as vLLM does. With `prefix_cache_bytes` > 0 the
 loop's Scheduler shares a PrefixCache of that size: every request starts from the longest cached prefix of its
-prompt.
+prompt. Each choice takes a place in the batch (`max_active`) and in the queue: n > max_active can never run and is
+refused at once (`NeverFitsError`).
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -32,7 +43,11 @@ from engine.runtime.prefix_cache import PrefixCache
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[object], None]
+PREFILL_SHARE = 2.0  # prompt tokens beside decoding sequences: about twice a decode step's time (Scheduler)
 DEFAULT_PREFIX_CACHE_MB = 1024  # the server's prefix cache: ~23,000 tokens of TinyLlama's KV (45 KB a token)
+WORK_SHARE = 0.5  # a sliced job's slice between two batched steps, as a share of a step's time
+IDLE_SLICE_SECONDS = 0.1  # a slice when nothing decodes (the loop reads its inbox between two slices)
+STEP_TIME_WEIGHT = 0.2  # the weight of the latest step in the running average of a step's time
 
 
 class QueueFullError(EngineError):
@@ -44,7 +59,20 @@ class ServingStoppedError(EngineError):
 
 
 class StepFailedError(EngineError):
-    """A batched step raised (an engine bug, logged with its traceback): the requests in the batch were ended."""
+    """A fault in the request's own part of a batched step (an engine bug, logged with its traceback) ended it; the
+    other requests in the batch went on."""
+
+
+class NeverFitsError(EngineError):
+    """The request asks for more sequences at once (n choices) than the batch ever holds: retrying cannot help."""
+
+
+@dataclass(eq=False)
+class _Work:
+    """A sliced job on the serving thread: `run_slice(seconds) -> finished?`, then `result()`."""
+
+    job: object
+    future: Future
 
 
 @dataclass(eq=False)
@@ -58,6 +86,7 @@ class Ticket:
     request: Request | None = field(default=None, repr=False)
     done: bool = False
     forks: list["Ticket"] = field(default_factory=list, repr=False)  # more choices sharing this one's prefill
+    cache_salt: object = None  # the prefix cache partition (Scheduler.submit)
 
 
 def choice_options(options: GenerationOptions, index: int) -> GenerationOptions:
@@ -75,11 +104,13 @@ class ServingLoop:
     max_active: sequences in the batch at once; max_queue: more requests that may wait for a place, beyond which
     `submit` raises QueueFullError. speculate / draft: speculative decoding for every request (Scheduler.submit); the
     draft forwards of all requests in a step are batched. prefix_cache_bytes: the PrefixCache's size (0: none;
-    also none on a backend whose caches are not host float32 arrays).
+    also none on a backend whose caches are not host float32 arrays). prefill_share: the Scheduler's (prompt
+    tokens beside decoding sequences held to about that share of a decode step's time; None: prefill_chunk only).
     """
 
     def __init__(self, model, max_active: int = 32, max_queue: int = 256, prefill_chunk: int = 256,
-                 speculate: int = 0, draft=LOOKUP, prefix_cache_bytes: int = 0):
+                 speculate: int = 0, draft=LOOKUP, prefix_cache_bytes: int = 0,
+                 prefill_share: float | None = PREFILL_SHARE):
         if max_queue < 0:
             raise EngineError(f"max_queue must be >= 0, got {max_queue}")
         if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
@@ -89,7 +120,7 @@ class ServingLoop:
         self.prefix_cache = (PrefixCache.for_model(model, prefix_cache_bytes)
                              if prefix_cache_bytes > 0 and PrefixCache.usable(model.new_cache()) else None)
         self.scheduler = Scheduler(model, prefill_chunk=prefill_chunk, max_active=max_active,
-                                   prefix_cache=self.prefix_cache)
+                                   prefix_cache=self.prefix_cache, prefill_share=prefill_share)
         self.speculate, self.draft = speculate, draft  # every request's speculative decoding
         model_draft, _ = split_draft(draft)  # "int8+lookup": the int8 copy drafts where lookup finds nothing
         if speculate and model_draft != LOOKUP:
@@ -108,6 +139,10 @@ class ServingLoop:
         self.waiting = 0  # requests submitted but not yet in the batch
         self.kv_tokens = 0  # tokens held in the KV caches of the sequences in the batch, as of the last step
         self.steps = 0  # batched forwards run so far
+        self.step_seconds = 0.0  # running average of a batched step's time (serving thread)
+        self._work_credit = 0.0  # seconds of sliced work the steps have earned (serving thread)
+        self._works: deque[_Work] = deque()  # sliced jobs, taking turns (serving thread)
+        self.works = 0  # sliced jobs submitted and not yet ended (read from any thread)
 
     # ---- any thread -------------------------------------------------------------------------------------------
     def start(self) -> "ServingLoop":
@@ -116,38 +151,49 @@ class ServingLoop:
         self._thread.start()
         return self
 
-    def submit(self, prompt_ids: list[int], options: GenerationOptions, on_event: EventCallback) -> Ticket:
+    def submit(self, prompt_ids: list[int], options: GenerationOptions, on_event: EventCallback,
+               cache_salt=None) -> Ticket:
         """Queue a request; on_event(item) is called on the serving thread for each of its events.
 
         Raises QueueFullError when max_active + max_queue requests are already in flight, ServingStoppedError after
         `stop`. Validate the prompt (check_prompt) and options before: errors found on the serving thread arrive as
-        an EngineError event.
+        an EngineError event. cache_salt: the request's prefix cache partition (None: the shared one).
         """
-        return self.submit_choices(prompt_ids, [options], [on_event])[0]
+        return self.submit_choices(prompt_ids, [options], [on_event], cache_salt)[0]
 
     def submit_choices(self, prompt_ids: list[int], options: list[GenerationOptions],
-                       on_event: list[EventCallback]) -> list[Ticket]:
+                       on_event: list[EventCallback], cache_salt=None) -> list[Ticket]:
         """Queue len(options) continuations of one prompt that share one prefill (see `submit`) -> their tickets.
 
-        Each is cancelled on its own; they count as that many requests against max_active + max_queue."""
-        return self.submit_groups([(prompt_ids, options, on_event)])[0]
+        Each is cancelled on its own; they count as that many requests against max_active + max_queue, and enter
+        the batch together: NeverFitsError when they are more than max_active."""
+        return self.submit_groups([(prompt_ids, options, on_event)], cache_salt)[0]
 
-    def submit_groups(self, groups: list[tuple[list[int], list[GenerationOptions], list[EventCallback]]]
-                      ) -> list[list[Ticket]]:
+    def submit_groups(self, groups: list[tuple[list[int], list[GenerationOptions], list[EventCallback]]],
+                      cache_salt=None) -> list[list[Ticket]]:
         """Queue several prompts at once (a completions request's list), each with its choices as in
         `submit_choices` -> each group's tickets. All are admitted or none: QueueFullError when they do not all fit
-        in max_active + max_queue beside the requests in flight."""
+        in max_active + max_queue beside the requests in flight; NeverFitsError when they never could (a group of
+        more than max_active choices, or more sequences in all than max_active + max_queue)."""
         n = sum(len(options) for _, options, _ in groups)
+        largest = max(len(options) for _, options, _ in groups)
+        if largest > self.max_active:
+            raise NeverFitsError(f"{largest} choices of one prompt run together, and this server runs at most "
+                                 f"{self.max_active} sequences at once")
+        if n > self.max_active + self.max_queue:
+            raise NeverFitsError(f"{n} sequences in one request, and this server holds at most "
+                                 f"{self.max_active + self.max_queue} at once (running and waiting)")
         with self._lock:
             if self._stopping:
                 raise ServingStoppedError("the server is shutting down")
             if self._in_flight + n > self.max_active + self.max_queue:
-                raise QueueFullError(f"the server is busy: {self.max_active} requests running and {self.max_queue} "
+                raise QueueFullError(f"the server is busy: {self.max_active} sequences running and {self.max_queue} "
                                      "waiting; try again shortly")
             self._in_flight += n
             out = []
             for prompt_ids, options, on_event in groups:
-                tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb) for o, cb in zip(options, on_event)]
+                tickets = [Ticket(next(self._ids), list(prompt_ids), o, cb, cache_salt=cache_salt)
+                           for o, cb in zip(options, on_event)]
                 tickets[0].forks = tickets[1:]
                 self._inbox.append(("submit", tickets[0]))
                 out.append(tickets)
@@ -166,6 +212,22 @@ class ServingLoop:
             if self._stopping:
                 raise ServingStoppedError("the server is shutting down")
             self._inbox.append(("call", (fn, future)))
+            self._wake.notify()
+        return future
+
+    def submit_work(self, job) -> Future:
+        """Run a sliced job on the serving thread between batched steps -> a Future of its result (or exception).
+
+        job.run_slice(seconds) works for about that long (at least one smallest piece) and returns whether it has
+        finished; then job.result() is the Future's result (see the module docstring for the seconds). Cancel the Future to drop the job before its next slice. Raises
+        ServingStoppedError after `stop`.
+        """
+        future: Future = Future()
+        with self._lock:
+            if self._stopping:
+                raise ServingStoppedError("the server is shutting down")
+            self._inbox.append(("work", _Work(job, future)))
+            self.works += 1
             self._wake.notify()
         return future
 
@@ -200,10 +262,15 @@ class ServingLoop:
         return self._in_flight
 
     # ---- the serving thread -----------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is running, waiting or sliced (read from any thread: a hint, not a lock)."""
+        return not self._inbox and not self.scheduler.has_work and not self.works
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._inbox and not self.scheduler.has_work and not self._stopping:
+                while not self._inbox and not self.scheduler.has_work and not self._works and not self._stopping:
                     self._wake.wait()
                 commands = list(self._inbox)
                 self._inbox.clear()
@@ -215,25 +282,77 @@ class ServingLoop:
                     self._cancel(ticket)
                 elif kind == "call":
                     self._run_call(*ticket)
+                elif kind == "work":
+                    self._works.append(ticket)
                 else:
                     for t in list(self._tickets.values()):
                         self._cancel(t)
             if stopping:
                 for t in list(self._tickets.values()):
                     self._cancel(t)
+                for work in self._works:
+                    self._end_work(work, error=ServingStoppedError("the server is shutting down"))
+                self._works.clear()
                 self._count()
                 return
             if self.scheduler.has_work:
+                started = time.perf_counter()
                 try:
                     stepped = self.scheduler.step()
-                except Exception as error:  # noqa: BLE001 - an engine bug: fail the batch, keep serving
+                except Exception as error:  # noqa: BLE001 - an engine bug outside any one sequence: fail the batch
                     log.exception("a batched step failed; ending the requests in it")
                     self._fail_all(error)
                     stepped = []
+                elapsed = time.perf_counter() - started
+                self.step_seconds += STEP_TIME_WEIGHT * (elapsed - self.step_seconds) if self.steps else elapsed
+                self._work_credit = min(self._work_credit + WORK_SHARE * elapsed, WORK_SHARE * self.step_seconds)
                 self.steps += 1
                 for request in stepped:
                     self._deliver(self._tickets.get(request.id))
+            if self._works:
+                self._run_slice()
             self._count()
+
+    def _run_slice(self) -> None:
+        """One slice of the sliced job whose turn it is (see the module docstring); a cancelled one is dropped."""
+        work = self._works.popleft()
+        if work.future.cancelled():
+            self._end_work(work)
+            return
+        if self.scheduler.has_work:
+            if self._work_credit <= 0:  # the last slice overran: the steps pay it back first
+                self._works.appendleft(work)
+                return
+            budget = self._work_credit
+        else:
+            budget = IDLE_SLICE_SECONDS
+        started = time.perf_counter()
+        try:
+            finished = work.job.run_slice(budget)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller, who waits on the future
+            self._end_work(work, error=error)
+            return
+        finally:
+            if self.scheduler.has_work:
+                self._work_credit -= time.perf_counter() - started
+        if not finished:
+            self._works.append(work)  # its next turn after the others'
+            return
+        try:
+            result = work.job.result()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            self._end_work(work, error=error)
+            return
+        self._end_work(work, result=result)
+
+    def _end_work(self, work: _Work, result=None, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.works -= 1
+        if work.future.set_running_or_notify_cancel():  # False: cancelled, nobody waits
+            if error is not None:
+                work.future.set_exception(error)
+            else:
+                work.future.set_result(result)
 
     @staticmethod
     def _run_call(fn: Callable[[], object], future: Future) -> None:
@@ -247,7 +366,7 @@ class ServingLoop:
     def _admit(self, ticket: Ticket) -> None:
         try:
             ticket.request = self.scheduler.submit(ticket.prompt_ids, ticket.options, speculate=self.speculate,
-                                                   draft=self.draft)
+                                                   draft=self.draft, cache_salt=ticket.cache_salt)
             for fork in ticket.forks:
                 fork.request = self.scheduler.fork(ticket.request, fork.options)
         except EngineError as error:
@@ -274,7 +393,11 @@ class ServingLoop:
             self._call(ticket, request.events.popleft())
         if request.finished:
             self._tickets.pop(request.id, None)
-            self._end(ticket, request.result)
+            if request.error is not None:
+                self._end(ticket, StepFailedError(f"internal error in this request's step: "
+                                                  f"{type(request.error).__name__}"))
+            else:
+                self._end(ticket, request.result)
 
     def _end(self, ticket: Ticket, item) -> None:
         ticket.done = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.errors import EngineError
+from engine.inspect.sliced import FLOAT32_BYTES, INSPECTION_MEMORY_LIMIT, SlicedTrace
 from engine.runtime.batch import SequenceStep
 from engine.runtime.numpy_backend import NumpyBackend
 from engine.runtime.trace import TraceRecorder
@@ -45,9 +46,16 @@ def embed(model, token_ids, pooling: str = DEFAULT_POOLING, normalize: bool = Tr
     """One input's embedding: token_ids (T,) ints (the caller adds BOS as it tokenizes) -> (hidden_size,) float32.
 
     Runs one forward pass over the ids on a fresh cache (recording only the last hidden state; the NumPy backend), so
-    call it where the model is free: on a server, on the serving thread (ServingLoop.call). EngineError for an empty
-    input, one longer than the window, ids outside the vocabulary or an unknown pooling.
+    call it where the model is free (a server runs a SlicedEmbedding between its decode steps instead). EngineError
+    for an empty input, one longer than the window, ids outside the vocabulary or an unknown pooling.
     """
+    ids = checked_ids(model, token_ids, pooling)
+    return pool(last_hidden_state(model, ids), pooling, normalize)
+
+
+def checked_ids(model, token_ids, pooling: str) -> list[int]:
+    """token_ids as a list of ints; EngineError for an empty input, one longer than the window, ids outside the
+    vocabulary or an unknown pooling."""
     check_pooling(pooling)
     ids = [int(t) for t in token_ids]
     config = model.config
@@ -59,7 +67,34 @@ def embed(model, token_ids, pooling: str = DEFAULT_POOLING, normalize: bool = Tr
     bad = [t for t in ids if not 0 <= t < config.vocab_size]
     if bad:
         raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{config.vocab_size - 1})")
-    return pool(last_hidden_state(model, ids), pooling, normalize)
+    return ids
+
+
+class SlicedEmbedding(SlicedTrace):
+    """`embed` a slice of positions at a time (engine.inspect.sliced), so a server runs it between decode steps
+    (ServingLoop.submit_work) and a long input never stalls the batch: every position's final-normed state is kept,
+    (T, hidden_size) float32, and pooled at the end -> `result()` is embed()'s vector. max_bytes: the most it may
+    hold (its KV cache, those states, one slice's work)."""
+
+    def __init__(self, model, token_ids, pooling: str = DEFAULT_POOLING, normalize: bool = True,
+                 max_bytes: int = INSPECTION_MEMORY_LIMIT):
+        ids = checked_ids(model, token_ids, pooling)
+        self.pooling, self.normalize = pooling, normalize
+        self.states: np.ndarray | None = None
+        super().__init__(model, ids, max_bytes)
+
+    def kept_bytes(self) -> int:
+        return len(self.ids) * self.config.hidden_size * FLOAT32_BYTES
+
+    def allocate(self) -> None:
+        self.states = np.empty((len(self.ids), self.config.hidden_size), dtype=np.float32)
+
+    def reduce_hidden(self, index: int, x: np.ndarray) -> None:
+        if index == self.config.num_hidden_layers:  # after the final norm: what lm_head reads
+            self.states[self.start:self.start + len(x)] = x
+
+    def result(self) -> np.ndarray:
+        return pool(self.states, self.pooling, self.normalize)
 
 
 def last_hidden_state(model, ids: list[int]) -> np.ndarray:

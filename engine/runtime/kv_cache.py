@@ -77,6 +77,17 @@ class KVCache:
         """Views of the first `length` positions of `layer`: k, v each (n_kv_heads, length, head_dim)."""
         return self.k[layer, :, :length], self.v[layer, :, :length]
 
+    def copy_prefix_from(self, source: "KVCache", n: int) -> None:
+        """Make this cache hold the first n tokens of `source` (a cache of the same model): a copy, so the two grow
+        apart afterwards (the choices of an n > 1 request start from one prefill this way)."""
+        if not 0 <= n <= source.length:
+            raise ValueError(f"cannot copy {n} tokens of a cache of {source.length}")
+        self.length = 0
+        self.reserve(n)
+        self.k[:, :, :n] = source.k[:, :, :n]
+        self.v[:, :, :n] = source.v[:, :, :n]
+        self.length = n
+
     def truncate(self, n: int) -> None:
         """Keep only the first n tokens (0 <= n <= length)."""
         if not 0 <= n <= self.length:

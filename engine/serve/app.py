@@ -10,6 +10,14 @@ A request body is read with a size cap (413 past it) and a deadline (408), then 
 worker thread (the tokenizer releases the GIL there), so a huge or slow request never stalls the event loop. An
 exception no handler takes is a 500 in OpenAI's shape that leaves the keep-alive connection usable. On shutdown the
 server drains: /health and new requests answer 503 while the requests in flight get the grace period.
+
+Once no request has arrived for a second and the batch is idle, the memory requests freed (parsed bodies, compiled
+constraints, answers) is given back to the OS (engine.runtime.memory), so the resident size after a burst is what
+the server still holds.
+
+The prefix cache is partitioned by client: with several API keys each key's requests only ever find their own
+prompts, and a request's `cache_salt` (vLLM's field) narrows its partition further; a server with one key or none
+shares one partition, so clients that must not learn each other's prompts get keys or salts of their own.
 """
 from __future__ import annotations
 
@@ -29,16 +37,18 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from engine.errors import EngineError
-from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, QueueFullError, ServingLoop, ServingStoppedError,
-                                       StepFailedError, Ticket, choice_options)
+from engine.generation.serving import (DEFAULT_PREFIX_CACHE_MB, NeverFitsError, QueueFullError, ServingLoop,
+                                       ServingStoppedError, StepFailedError, Ticket, choice_options)
 from engine.generation.constraint_compiler import ConstraintCompiler
 from engine.generation.state import STOP_CANCELLED, GenerationResult, TokenEvent, default_options, eos_ids_of
+from engine.serve.disconnect import watch_disconnect as _watch_disconnect
 from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request, install_error_handlers,
                                  validation_error)
-from engine.runtime.trace import TRACE_MEMORY_LIMIT
 from engine.inspect.embeddings import DEFAULT_POOLING, check_pooling
+from engine.inspect.sliced import INSPECTION_MEMORY_LIMIT
+from engine.runtime.memory import release_free_memory
 from engine.serve.embeddings import add_embedding_routes
-from engine.serve.inspect_routes import add_inspect_routes
+from engine.serve.inspect_routes import MAX_INSPECTIONS, add_inspect_routes
 from engine.serve.tokenize_routes import add_tokenize_routes
 from engine.serve.metrics import ServerMetrics
 from engine.serve.ollama import add_ollama_routes
@@ -59,6 +69,7 @@ RETRY_AFTER_LOADING = "5"
 MAX_REQUEST_BYTES = 8 * 2 ** 20  # the default body cap (--max-request-mb 8)
 READ_TIMEOUT = 30.0  # the default seconds a request's body may take to arrive (--read-timeout)
 DISCARD_BYTES = 64 * 2 ** 20  # past the cap, read and dropped so the client can read its 413 before the close
+IDLE_RELEASE_SECONDS = 1.0  # no request for this long, and an idle batch: freed memory goes back to the OS
 
 
 @dataclass
@@ -67,7 +78,7 @@ class ServerState:
 
     load: Callable[[], object]
     served_model_name: str
-    api_key: str | None
+    api_key: str | tuple[str, ...] | None  # one key or several (each its own prefix cache partition)
     max_active: int
     max_queue: int
     on_load_error: Callable[[str], None] | None = None
@@ -85,6 +96,7 @@ class ServerState:
     draining: bool = False
     grace_over: asyncio.Event = field(default_factory=asyncio.Event)  # set when the shutdown grace period ends
     created: int = field(default_factory=lambda: int(time.time()))
+    arrivals: int = 0  # requests that reached the API (event loop)
     metrics: ServerMetrics = field(init=False)
 
     def __post_init__(self):
@@ -111,6 +123,7 @@ class ServerState:
             model = self.load()
             strings = TokenStrings(model.tokenizer)  # serving needs the tokenizer: fail now, not per request
             default_options(model, json_object=True)  # builds llguidance's tokenizer once (~0.3 s), not per request
+            model.tokenizer.max_chars_per_token()  # the length bound huge prompts are refused by (~0.7 s once)
             constraints = ConstraintCompiler(model.tokenizer, model.config.vocab_size, eos_ids_of(model)).start()
             serving = ServingLoop(model, max_active=self.max_active, max_queue=self.max_queue,
                                   **self.speculation,
@@ -123,9 +136,11 @@ class ServerState:
                 self.on_load_error(self.load_error)
             return
         self.model, self.strings, self.serving, self.constraints = model, strings, serving, constraints
-        startup_log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once)",
-                 time.perf_counter() - started, self.served_model_name, model.config.max_position_embeddings,
-                 self.max_active)
+        c = model.config
+        kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * c.max_position_embeddings
+        startup_log.info("model loaded in %.1f s: serving %r (%d-token window, up to %d sequences at once: their KV "
+                         "cache takes at most %.0f MB)", time.perf_counter() - started, self.served_model_name,
+                         c.max_position_embeddings, self.max_active, self.max_active * kv_bytes / 2 ** 20)
 
     def begin_shutdown(self, grace: float) -> None:
         """Stop taking requests; those in flight get `grace` seconds to finish, then are cancelled (finish 'abort').
@@ -151,14 +166,24 @@ class ServerState:
             raise APIError(503, "the model is still loading; retry shortly", SERVER_ERROR,
                            headers={"Retry-After": RETRY_AFTER_LOADING})
 
-    def authorize(self, request: Request) -> None:
-        """401 unless the request carries 'Authorization: Bearer <api key>' (when the server has a key)."""
-        if self.api_key is None:
-            return
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys a request may carry (none: the API is open)."""
+        return () if self.api_key is None else (self.api_key,) if isinstance(self.api_key, str) else self.api_key
+
+    def authorize(self, request: Request) -> int | None:
+        """401 unless the request carries 'Authorization: Bearer <api key>' (when the server has keys) -> the index
+        of its key among several (None with one key or none: every client is the same one)."""
+        keys = self.api_keys
+        if not keys:
+            return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+        given = token.strip().encode()
+        matches = [secrets.compare_digest(given, key.encode()) for key in keys]  # every key compared: no timing
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            param=None, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return matches.index(True) if len(keys) > 1 else None
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -176,13 +201,14 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                max_active: int = 32, max_queue: int = 256,
                on_load_error: Callable[[str], None] | None = None, allowed_origins: list[str] = (),
                max_request_bytes: int = MAX_REQUEST_BYTES, read_timeout: float = READ_TIMEOUT,
-               trace_memory_limit: int = TRACE_MEMORY_LIMIT, speculation: dict | None = None,
+               trace_memory_limit: int = INSPECTION_MEMORY_LIMIT, speculation: dict | None = None,
                prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, pooling: str = DEFAULT_POOLING,
-               model_aliases: tuple[str, ...] = ()) -> FastAPI:
+               model_aliases: tuple[str, ...] = (), max_inspections: int = MAX_INSPECTIONS) -> FastAPI:
     """The server's FastAPI app. `load()` returns the Model (called on a thread when the app starts);
     `on_load_error(message)` is called if it fails; `allowed_origins`: web pages (origins, or '*') whose scripts
     may call the API (CORS; none by default); a request body over `max_request_bytes` is 413, one not complete
-    `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may trace.
+    `read_timeout` seconds after its headers 408; `trace_memory_limit`: bytes an /v1/inspect request may take (its
+    answer included); `max_inspections`: /v1/inspect requests running at once (503 beyond).
     `speculation`: {"speculate": N, "draft": "lookup" | "int8" | "int4"} for every request
     (the output is plain decoding's); `prefix_cache_mb`: the prefix cache's size (0: none); `pooling`: how
     /v1/embeddings pools ("mean" or "last"); `model_aliases`: more names the model answers to. With an api_key the
@@ -196,7 +222,9 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         threading.Thread(target=state.load_model, name="tinyllama-load", daemon=True).start()
+        releaser = asyncio.create_task(_release_memory_when_idle(state))
         yield
+        releaser.cancel()
         if state.constraints is not None:
             state.constraints.stop()
         if state.serving is not None:
@@ -259,8 +287,8 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
                                                          job.logprobs, job.include_usage, job.continuous_usage,
                                                          len(job.prompt_ids), echo=_echo(job, 0)))
 
-    add_inspect_routes(app, state, lambda request, body_class: _prepare(request, state, body_class),
-                       trace_memory_limit)
+    add_inspect_routes(app, state, lambda request, body_class, make: _prepare(request, state, body_class, make),
+                       trace_memory_limit, max_inspections)
     add_embedding_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
     add_tokenize_routes(app, state, lambda request, body_class: _prepare(request, state, body_class))
     add_ollama_routes(app, state, lambda request, body_class, make_job: _prepare(request, state, body_class, make_job),
@@ -271,9 +299,10 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
 
 async def _prepare(request: Request, state: ServerState, model_class, make_job: Callable | None = None):
     """Authorize, read the body (413 / 408 / 503 when draining), then on a worker thread parse and validate it (400
-    naming the field), check the model name and readiness, and build the Job (tokenizing the prompt) -> the Job, or
-    the validated body when there is no `make_job`."""
-    state.authorize(request)
+    naming the field), check the model name and readiness, and make_job(model, body) (a Job: its prompt tokenized,
+    its constraint compiled) -> what make_job made, or the validated body when there is no `make_job`."""
+    state.arrivals += 1
+    key = state.authorize(request)
     raw = await _read_body(request, state)
 
     def job() -> Job:
@@ -283,10 +312,31 @@ async def _prepare(request: Request, state: ServerState, model_class, make_job: 
             raise validation_error(e.errors()) from None
         state.check_model(body.model)
         state.check_ready()
-        return make_job(state.model, body) if make_job is not None else body
+        made = make_job(state.model, body) if make_job is not None else body
+        if isinstance(made, Job):
+            made.cache_salt = cache_partition(key, made.cache_salt)
+        return made
 
     prepared = await asyncio.to_thread(job)
-    return await attach_constraint(state.constraints, prepared) if make_job is not None else prepared
+    return await attach_constraint(state.constraints, prepared) if isinstance(prepared, Job) else prepared
+
+
+async def _release_memory_when_idle(state: ServerState) -> None:
+    """Every IDLE_RELEASE_SECONDS: when requests arrived since the last release, none in the last interval, and the
+    batch is idle, give the memory they freed back to the OS (on a worker thread)."""
+    released = 0
+    while True:
+        seen = state.arrivals
+        await asyncio.sleep(IDLE_RELEASE_SECONDS)
+        if state.arrivals == seen != released and state.serving is not None and state.serving.idle:
+            released = seen
+            await asyncio.to_thread(release_free_memory)
+
+
+def cache_partition(key: int | None, salt: str | None):
+    """The prefix cache partition of a request: its API key's (when the server has several) and its cache_salt;
+    None (the shared partition) when it has neither."""
+    return None if key is None and salt is None else (key, salt)
 
 
 async def _read_body(request: Request, state: ServerState) -> bytes:
@@ -404,7 +454,7 @@ async def _answer(request: Request, state: ServerState, job: Job, answer: Answer
             pass
 
     try:
-        ticket = state.serving.submit(job.prompt_ids, job.options, on_event)
+        ticket = state.serving.submit(job.prompt_ids, job.options, on_event, cache_salt=job.cache_salt)
     except QueueFullError as e:
         raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
     except ServingStoppedError as e:
@@ -493,20 +543,6 @@ async def _stream(state: ServerState, ticket: Ticket, queue: asyncio.Queue, firs
             state.serving.cancel(ticket)
 
 
-async def _watch_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
-    """Call on_gone() when the client disconnects (uvicorn answers receive() with http.disconnect)."""
-    try:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                on_gone()
-                return
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # noqa: BLE001 - a server without disconnect messages: the stream's own end cancels
-        return
-
-
 def _log_request(answer: Answer, result: GenerationResult, timing: _Timing, now: float,
                  completion: int | None = None) -> None:
     """One line per request: id, prompt tokens (and how many came from the prefix cache), completion tokens (all
@@ -537,10 +573,6 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
     timing = _Timing(time.perf_counter())
     metrics = state.metrics
     total = len(job.prompts) * job.n
-    if total > state.serving.max_active + state.serving.max_queue:
-        raise bad_request(f"prompt: {len(job.prompts)} prompts x {job.n} choices are more requests than this server "
-                          f"takes at once ({state.serving.max_active + state.serving.max_queue}): send fewer",
-                          "prompt")
     answers = [answer if i == 0 else answer.choice(i, _echo(job, i // job.n)) for i in range(total)]
     for i, a in enumerate(answers):
         a.prompt_tokens = len(job.prompts[i // job.n])  # continuous usage: each choice's own prompt
@@ -570,8 +602,15 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
     try:
         groups = state.serving.submit_groups([
             (ids, [choice_options(job.options_for(p), i) for i in range(n)], [callback(p * n + i) for i in range(n)])
-            for p, ids in enumerate(job.prompts)])
+            for p, ids in enumerate(job.prompts)], cache_salt=job.cache_salt)
         tickets = [t for group in groups for t in group]
+    except NeverFitsError as e:
+        if n > state.max_active:
+            raise bad_request(f"n: {e} (--max-active {state.max_active}): ask for at most {state.max_active} "
+                              "choices", "n") from None
+        raise bad_request(f"prompt: {len(job.prompts)} prompts x {n} choices are more requests than this server "
+                          f"takes at once ({state.serving.max_active + state.serving.max_queue}): send fewer",
+                          "prompt") from None
     except QueueFullError as e:
         raise APIError(503, str(e), SERVER_ERROR, headers={"Retry-After": RETRY_AFTER_BUSY}) from None
     except ServingStoppedError as e:
@@ -583,7 +622,10 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                 state.serving.cancel(ticket)
 
     def client_gone() -> None:
+        if all(ticket.done for ticket in tickets):
+            return
         timing.client_gone = True
+        metrics.clients_gone.labels("streaming" if handed_over else "waiting").inc()
         cancel_all()
 
     watcher = asyncio.create_task(_watch_disconnect(request, client_gone))
@@ -610,6 +652,8 @@ async def _answer_choices(request: Request, state: ServerState, job: Job, answer
                     break
             item = await queue.get()
         if any(r.stop_reason == STOP_CANCELLED for r in ended.values()):
+            if timing.client_gone:
+                raise ClientGone  # nobody to answer; counted and logged as a client gone, not as an error
             raise APIError(503, "the request was cancelled: the server is shutting down", SERVER_ERROR)
         bodies = [a.complete(events[i], ended[i]) for i, a in enumerate(answers)]  # once each: they keep offsets
         body = bodies[0]

@@ -5,8 +5,9 @@
 server's `--pooling` says (mean by default, or last) and normalized to unit length (vLLM's `normalize: false` turns
 that off). `encoding_format` "float" gives JSON numbers, "base64" the float32 little-endian bytes in base64 (what the
 `openai` client asks for and decodes by default). `dimensions` is accepted only as the model's own width (no
-truncation). Each input runs on the serving thread between two batched steps (`ServingLoop.call`), one at a time,
-so a long list never stalls the batch for more than one input's forward pass.
+truncation). Each input runs on the serving thread in slices between batched steps (a SlicedEmbedding through
+`ServingLoop.submit_work`, as the inspections do), one input at a time per server, so neither a long input nor a long
+list stalls the streams; a client that leaves cancels its input before its next slice.
 
 `compute_embeddings(state, inputs, normalize)` is the one entry point other protocol faces use (Ollama's
 /api/embed): token-id lists in, a (n, hidden) float32 array out.
@@ -21,12 +22,14 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import Field
 
-from engine.inspect.embeddings import embed
+from engine.errors import EngineError
+from engine.inspect.embeddings import SlicedEmbedding
 from engine.serve.errors import bad_request
-from engine.serve.inspect_routes import run_on_model
+from engine.serve.inspect_routes import run_sliced
 from engine.serve.protocol import _Body
 
 MAX_INPUTS = 2048  # OpenAI's own limit on the inputs of one request
+EMBEDDINGS_AT_ONCE = 1  # inputs embedded at once (each holds its KV cache and states): the others wait their turn
 
 
 class EmbeddingRequest(_Body):
@@ -70,13 +73,22 @@ def embedding_inputs(model, body: EmbeddingRequest) -> list[list[int]]:
     return inputs
 
 
-async def compute_embeddings(state, inputs: list[list[int]], normalize: bool = True) -> np.ndarray:
+async def compute_embeddings(state, inputs: list[list[int]], normalize: bool = True, request: Request | None = None
+                             ) -> np.ndarray:
     """Embed each token-id list on the serving thread, pooled as the server's `pooling` says -> (n, hidden) float32.
 
-    `state`: the app's ServerState (ready); inputs already checked (embedding_inputs does it for OpenAI's bodies).
-    One ServingLoop.call per input, so the batch steps between them; 503 when the server is stopping."""
+    `state`: the app's ServerState (ready; add_embedding_routes gave it `embedding_turns`); inputs already checked
+    (embedding_inputs does it for OpenAI's bodies). Each input is a SlicedEmbedding run between batched steps, one
+    at a time per server; `request`'s client leaving cancels it (ClientGone); 503 when the server is stopping."""
     model, pooling = state.model, state.pooling
-    vectors = [await run_on_model(state, lambda ids=ids: embed(model, ids, pooling, normalize)) for ids in inputs]
+    vectors = []
+    for ids in inputs:
+        async with state.embedding_turns:
+            try:
+                job = SlicedEmbedding(model, ids, pooling, normalize)
+            except EngineError as e:  # another backend than NumPy's, say
+                raise bad_request(str(e)) from None
+            vectors.append(await run_sliced(request, state, job, "embedding"))
     return np.stack(vectors) if vectors else np.zeros((0, model.config.hidden_size), np.float32)
 
 
@@ -90,11 +102,12 @@ def encode_vector(vector: np.ndarray, encoding_format: str):
 def add_embedding_routes(app: FastAPI, state, prepare) -> None:
     """Mount POST /v1/embeddings and /embeddings. `prepare(request, body_class)`: the app's authorize + parse +
     validate + model and readiness check."""
+    state.embedding_turns = asyncio.Semaphore(EMBEDDINGS_AT_ONCE)  # shared with the other faces' embeddings
 
     async def embeddings(request: Request):
         body = await prepare(request, EmbeddingRequest)
         inputs = await asyncio.to_thread(embedding_inputs, state.model, body)
-        vectors = await compute_embeddings(state, inputs, normalize=body.normalize is not False)
+        vectors = await compute_embeddings(state, inputs, normalize=body.normalize is not False, request=request)
         tokens = sum(len(ids) for ids in inputs)
         fmt = body.encoding_format or "float"
         return {"object": "list", "model": body.model or state.served_model_name,

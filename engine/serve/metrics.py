@@ -50,6 +50,8 @@ class ServerMetrics:
                                              "to its first token", buckets=TTFT_BUCKETS, registry=r)
         self.time_per_output_token = Histogram("tinyllama_time_per_output_token_seconds", "Between consecutive "
                                                "tokens of one request", buckets=TOKEN_BUCKETS, registry=r)
+        self.inspections_running = Gauge("tinyllama_inspections_running", "/v1/inspect requests running (taking "
+                                         "a place of --max-inspections)", registry=r)
         self.request_latency = Histogram("tinyllama_request_latency_seconds", "From the request's arrival to its "
                                          "last token", buckets=REQUEST_BUCKETS, registry=r)
 

@@ -30,7 +30,7 @@ from engine.serve.errors import APIError, bad_request
 from engine.serve.ollama_protocol import (OllamaChatRequest, OllamaGenerateRequest, bare_name, chat_request,
                                           generate_request)
 from engine.serve.params import chat_job, completion_job
-from engine.serve.responses import Answer, finish_reason
+from engine.serve.responses import Answer, finish_reason, json_line
 from engine.serve.structured import attach_constraint
 from engine.text.tool_calls import ReplyStream, parse_reply
 
@@ -116,7 +116,7 @@ class OllamaAnswer(Answer):
     def frame(self, payload) -> str:
         """Newline-delimited JSON: one object per line (a list: one line each)."""
         items = payload if isinstance(payload, list) else [payload]
-        return "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+        return "".join(json_line(item) + "\n" for item in items)
 
     def end_of_stream(self) -> str | None:
         """Nothing: the object with done=true is the last."""
@@ -289,7 +289,7 @@ def add_ollama_routes(app: FastAPI, state, prepare: Callable, answer: Callable) 
         texts = [body.prompt or ""] if legacy else ([body.input] if isinstance(body.input, str) else body.input or [])
         inputs = await asyncio.to_thread(embed_inputs, state.model, texts, body.truncate is not False,
                                          body.dimensions)
-        vectors = await compute_embeddings(state, inputs, normalize=not legacy) if inputs else []
+        vectors = await compute_embeddings(state, inputs, normalize=not legacy, request=request) if inputs else []
         if legacy:
             return {"embedding": [float(x) for x in vectors[0]]}
         return {"model": body.model or state.served_model_name,

@@ -41,6 +41,7 @@ class Job:
     continuous_usage: bool  # usage so far in every chunk (vLLM's stream_options.continuous_usage_stats)
     logprobs: int | None  # top alternatives per token (0: the chosen token only); None: no log-probabilities
     n: int = 1  # choices: continuations of the prompt sharing one prefill, choice i seeded with seed + i
+    cache_salt: object = None  # the prefix cache partition: the request's cache_salt, then the app's (key, salt)
     constraint: PendingConstraint | None = None  # still to compile (engine.serve.structured.attach_constraint)
     # several prompts (a completions request's list): each prompt's ids and options (see options_for)
     prompts: list[list[int]] = field(default_factory=list)  # [] means [prompt_ids]
@@ -314,4 +315,5 @@ def _job(model, body: SamplingFields, ids: list[int], max_tokens: int | None, pa
     include_usage = bool(stream_options and stream_options.include_usage)
     # vLLM's continuous_usage_stats: usage in every chunk, but only when include_usage asks for usage at all
     continuous = include_usage and bool(stream_options.continuous_usage_stats)
-    return Job(ids, options, bool(body.stream), include_usage, continuous, logprobs, body.n or 1, pending)
+    return Job(ids, options, bool(body.stream), include_usage, continuous, logprobs, body.n or 1,
+               constraint=pending, cache_salt=body.cache_salt)

@@ -75,7 +75,7 @@ def _check_values(data, root: str = "") -> None:
     while stack:
         path, value, depth = stack.pop()
         if isinstance(value, str):
-            if LONE_SURROGATE.search(value):
+            if not value.isascii() and LONE_SURROGATE.search(value):  # isascii: a flag, O(1); the search is O(n)
                 where = path or "the request body"
                 raise bad_request(f"{where}: the text holds a lone surrogate (e.g. \\ud800 without its pair), which is "
                                   f"not valid Unicode", path or None)
@@ -162,6 +162,8 @@ class SamplingFields(_Body):
     grammar_lazy: Any = None  # llama.cpp (lazy grammars, triggered by tokens)
     grammar_triggers: Any = None  # llama.cpp
     guided_decoding_backend: Any = None  # vLLM: the grammar engine to use (one engine here: ignored)
+    # vLLM's prefix cache partition: only requests with the same salt (and API key) share cached prompt blocks
+    cache_salt: str | None = Field(None, min_length=1)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -70,9 +70,20 @@ def usage_of(prompt: int, completion: int, cached: int | None = None) -> dict:
     return out
 
 
+# Characters JSON leaves unescaped that Python's str.splitlines() (httpx's iter_lines, the ollama client's) takes for a
+# line break: one of them in a token would cut an event in two for those clients. Escaped, the JSON is the same.
+LINE_BREAKS_JSON_KEEPS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
+def json_line(payload) -> str:
+    """`payload` as compact JSON on one line for every line splitter (UTF-8 text, the line-breaking characters
+    escaped)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(LINE_BREAKS_JSON_KEEPS)
+
+
 def sse(payload) -> str:
     """One server-sent event: 'data: <json>\\n\\n' (or the literal '[DONE]')."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = payload if isinstance(payload, str) else json_line(payload)
     return f"data: {data}\n\n"
 
 

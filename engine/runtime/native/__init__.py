@@ -53,7 +53,7 @@ CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread"]
 LDFLAGS_WINDOWS = ["-static"]
 LDFLAGS = ["-shared", "-pthread"] + (LDFLAGS_WINDOWS if sys.platform == "win32" else [])
 LIBS = ["-lm"]
-ABI_VERSION = 6
+ABI_VERSION = 7
 ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most preferred first
 VARIANT_SOURCES = {isa: f"variant_{isa}.c" for isa in ISAS}
 WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
@@ -249,6 +249,8 @@ class _Library:
         lib.tl_kquantize.restype = i32
         lib.tl_kggml_row_bytes.argtypes = [i32, size]
         lib.tl_kggml_row_bytes.restype = size
+        lib.tl_repack_ggml.argtypes = [i32, ptr, size, size, size, ptr, ptr, size, i32]
+        lib.tl_repack_ggml.restype = None
         self.lib, self.path, self.threads = lib, path, threads
         self.isa = 0
         self.left_out = left_out(path)
@@ -416,6 +418,24 @@ def quantize_into(m, start: int, w: np.ndarray) -> None:
         raise ValueError(f"quantize_into: rows {w.dtype}{w.shape} at {start} do not fit {m.kind}{m.shape}")
     lib.lib.tl_quantize(kind, w.ctypes.data, w.strides[0] // 4, w.shape[0], w.shape[1], start, m.data.ctypes.data,
                         m.scales.ctypes.data, m.groups, lib.threads)
+
+
+GGML_BLOCK_BYTES = {"int8": 34, "int4": 18}  # Q8_0's and Q4_0's blocks of 32 weights
+
+
+def repack_ggml_into(m, start: int, blocks: np.ndarray) -> None:
+    """Rows start..start+n of the QuantMatrix m (int8 | int4) from a GGUF file's Q8_0 | Q4_0 rows: blocks uint8
+    (n, groups * 34 | 18) with contiguous rows (quantize.c: the file's scales and integers moved into the layout,
+    exactly), on the kernels' threads."""
+    lib = _require()
+    kind, row_bytes = QUANT_TYPES.get(m.kind), m.groups * GGML_BLOCK_BYTES.get(m.kind, 0)
+    if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != row_bytes or blocks.strides[1] != 1 \
+            or start < 0 or start + blocks.shape[0] > m.shape[0] or not m.data.flags.c_contiguous \
+            or not m.scales.flags.c_contiguous or m.shape[1] != m.padded_cols:
+        raise ValueError(f"repack_ggml_into: rows {blocks.dtype}{blocks.shape} at {start} do not fit "
+                         f"{m.kind}{m.shape}")
+    lib.lib.tl_repack_ggml(kind, blocks.ctypes.data, blocks.strides[0], blocks.shape[0], start, m.data.ctypes.data,
+                           m.scales.ctypes.data, m.groups, lib.threads)
 
 
 def qmatmul_xwt(x: np.ndarray, w, out: np.ndarray | None = None, build: str | None = None) -> np.ndarray:

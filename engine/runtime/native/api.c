@@ -2,7 +2,7 @@
  * kernels of a chosen variant. Compiled for the baseline of the platform: nothing here needs a particular ISA. */
 #include "kernels.h"
 
-#define ABI_VERSION 6
+#define ABI_VERSION 7
 
 int tl_abi_version(void) { return ABI_VERSION; }
 

@@ -157,3 +157,58 @@ void tl_quantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t
     quant_job job = {w, ldw, n, K, row0, G, rows, kind, (char *)data, scales};
     tl_parallel(quantize_rows, &job, (n + rows - 1) / rows, threads);
 }
+
+/* ---- GGUF Q8_0 / Q4_0 rows repacked into the same layout (engine/runtime/ggml_formats.py), bytes moved, no
+ * arithmetic: the file's float16 d is the scale, bit for bit, and its integers are ours offset to unsigned.
+ * Q8_0 block (34 bytes): d, then 32 int8 q (column k at 2 + k): u = q + 128.
+ * Q4_0 block (18 bytes): d, then 16 bytes: column k < 16 in byte k's low nibble, k >= 16 in byte k - 16's high
+ * nibble, each u = q + 8 already (value d * (u - 8)). Our byte [c, r, e] holds column 8 c + e low and 8 c + 4 + e
+ * high. Rows are shared among the pool's threads; NumPy's repack (ggml_formats._QuantFormat) writes the same bytes. */
+typedef struct {
+    const uint8_t *src;
+    ptrdiff_t lds, n, row0, G, rows;
+    int kind;
+    uint8_t *data;
+    uint16_t *scales;
+} repack_job;
+
+static void repack_rows(void *arg, ptrdiff_t t)
+{
+    const repack_job *j = (const repack_job *)arg;
+    const ptrdiff_t end = (t + 1) * j->rows < j->n ? (t + 1) * j->rows : j->n;
+    const ptrdiff_t block_bytes = j->kind == W_Q8 ? 34 : 18;
+    for (ptrdiff_t i = t * j->rows; i < end; i++) {
+        const ptrdiff_t row = j->row0 + i, b = row / ROWS, r = row % ROWS;
+        const uint8_t *blk = j->src + i * j->lds;
+        for (ptrdiff_t g = 0; g < j->G; g++, blk += block_bytes) {
+            uint16_t d;
+            memcpy(&d, blk, 2); /* little-endian file, little-endian host (the library builds for x86-64 / arm64) */
+            j->scales[(b * j->G + g) * ROWS + r] = d;
+            uint8_t *dst = j->data + (b * j->G + g) * (j->kind == W_Q8 ? 512 : 256) + 4 * r;
+            const uint8_t *qs = blk + 2;
+            if (j->kind == W_Q8) { /* [p, r, e] = q[4 p + e] + 128 */
+                for (int p = 0; p < 8; p++)
+                    for (int e = 0; e < 4; e++) dst[p * 64 + e] = (uint8_t)(qs[4 * p + e] ^ 0x80u);
+            } else {
+                uint8_t u[GROUP];
+                for (int k = 0; k < 16; k++) {
+                    u[k] = qs[k] & 0x0Fu;
+                    u[k + 16] = qs[k] >> 4;
+                }
+                for (int c = 0; c < 4; c++)
+                    for (int e = 0; e < 4; e++) dst[c * 64 + e] = (uint8_t)(u[8 * c + e] | u[8 * c + 4 + e] << 4);
+            }
+        }
+    }
+}
+
+/* Rows row0..row0+n of a quantized matrix (kind W_Q8 from Q8_0, W_Q4 from Q4_0; G groups, quant.h's layout in data
+ * and scales) from n rows of the file's blocks at src, lds bytes apart (G blocks each). */
+void tl_repack_ggml(int kind, const void *src, ptrdiff_t lds, ptrdiff_t n, ptrdiff_t row0, void *data,
+                    uint16_t *scales, ptrdiff_t G, int threads)
+{
+    if (n <= 0) return;
+    ptrdiff_t rows = (n + 8 * threads - 1) / (8 * threads);
+    repack_job job = {(const uint8_t *)src, lds, n, row0, G, rows, kind, (uint8_t *)data, scales};
+    tl_parallel(repack_rows, &job, (n + rows - 1) / rows, n * G > 4096 ? threads : 1);
+}

@@ -64,6 +64,8 @@ int tl_kquantize(int kind, const float *w, ptrdiff_t ldw, ptrdiff_t n, ptrdiff_t
 int tl_kmatmul_build(int isa);
 int tl_kmatmul_avx512_madd(const float *x, ptrdiff_t ldx, const tl_wpart *parts, ptrdiff_t n_parts, float *out,
                            ptrdiff_t ldo, ptrdiff_t M, ptrdiff_t K, int threads);
+void tl_repack_ggml(int kind, const void *src, ptrdiff_t lds, ptrdiff_t n, ptrdiff_t row0, void *data,
+                    uint16_t *scales, ptrdiff_t G, int threads);
 
 #define ULP 5.960464477539063e-08 /* 2^-24: float32's unit roundoff */
 static const char *names[ISA_COUNT] = {"avx512", "avx2", "portable"};
@@ -909,6 +911,41 @@ static int check_kquantize(int kind)
     return ok;
 }
 
+/* GGUF Q8_0 / Q4_0 rows repacked (quantize.c's tl_repack_ggml), read back by the layout's definition (as
+ * check_qmatmul reads it) against ggml's block definition: Q8_0 = float16 d then 32 int8 q, value d q; Q4_0 = float16
+ * d then 16 bytes, column k < 16 the low nibble of byte k, k >= 16 the high nibble of byte k - 16, value d (u - 8).
+ * Random bytes (every int8 including -128, every nibble, any float16 bits), rows at an offset in the matrix and a
+ * source stride past the row (the file's rows are read in pieces into a fused matrix). */
+static int check_repack_ggml(int kind, ptrdiff_t N, ptrdiff_t K, ptrdiff_t row0)
+{
+    const ptrdiff_t G = K / 32, bb = kind == W_Q8 ? 34 : 18, lds = G * bb + 5, rows = row0 + N;
+    const ptrdiff_t blocks = (rows + 15) / 16, bytes = kind == W_Q8 ? 512 : 256;
+    uint8_t *src = malloc((size_t)(N * lds)), *data = calloc((size_t)(blocks * G * bytes), 1);
+    uint16_t *scales = calloc((size_t)(blocks * G * 16), 2);
+    for (ptrdiff_t i = 0; i < N * lds; i++) src[i] = (uint8_t)(128.0 + 128.0 * uniform());
+    tl_repack_ggml(kind, src, lds, N, row0, data, scales, G, 2);
+    int ok = 1;
+    for (ptrdiff_t i = 0; i < N; i++)
+        for (ptrdiff_t k = 0; k < K; k++) {
+            const ptrdiff_t n = row0 + i, b = n / 16, r = n % 16, g = k / 32, c = k % 32;
+            const uint8_t *blk = src + i * lds + g * bb;
+            const uint16_t d = (uint16_t)(blk[0] | blk[1] << 8);
+            int q, want;
+            if (kind == W_Q8) {
+                q = data[(b * G + g) * 512 + (c / 4) * 64 + 4 * r + c % 4] - 128;
+                want = (int8_t)blk[2 + c];
+            } else {
+                const int byte = data[(b * G + g) * 256 + (c / 8) * 64 + 4 * r + c % 4];
+                q = (c % 8 < 4 ? byte & 15 : byte >> 4) - 8;
+                want = (c < 16 ? blk[2 + c] & 15 : blk[2 + c - 16] >> 4) - 8;
+            }
+            if (q != want || scales[(b * G + g) * 16 + r] != d) ok = 0;
+        }
+    if (!ok) printf("  FAIL repack_ggml kind %d N=%td K=%td row0=%td\n", kind, N, K, row0);
+    free(src); free(data); free(scales);
+    return ok;
+}
+
 int main(void)
 {
     static const ptrdiff_t shapes[][3] = {{1, 1, 16}, {3, 7, 15}, {5, 25, 17}, {4, 97, 100}, {9, 300, 1024},
@@ -954,6 +991,8 @@ int main(void)
         for (int kind = W_Q8; kind <= W_Q4; kind++)
             for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++, n++)
                 ok &= check_qmatmul(isa, kind, shapes[s][0], shapes[s][1], shapes[s][2]);
+        for (int kind = W_Q8; kind <= W_Q4; kind++, n++) /* plain C, the same in every variant's library */
+            ok &= check_repack_ggml(kind, 37, 96, 21) & check_repack_ggml(kind, 300, 2048, 0);
         printf("%s: %d checks %s\n", names[isa], n, ok ? "passed" : "FAILED");
         failed |= !ok;
         ran++;
