@@ -12,7 +12,8 @@ defaults), on 127.0.0.1, in its own process:
    (client-side) is recorded;
 3. hostile: the same clients for `duration` seconds beside `hostile` clients looping over: inspections
    (/v1/inspect/attention with the summary, /v1/inspect/lens) and embeddings (/v1/embeddings) of 600 to 2,047
-   tokens, one in three left after a second; n = 128 (a 400: it can never fit) and n = 4 choices, streamed and left after two chunks; constraints at
+   tokens, one in three left after a second and the others after GIVE_UP_SECONDS; n = 128 (a 400: it can never
+   fit) and n = 4 choices, streamed and left after two chunks; constraints at
    the limits (a `$defs` chain `constraint-depth` deep as json_schema and guided_json, a grammar of as many chained
    rules, 100,000 guided_choice options, a regex nothing matches); huge bodies (a prompt just under the 8 MB cap,
    one over it, JSON nested 100,000 deep); streams left after a few tokens; requests left while they wait. The
@@ -56,6 +57,7 @@ MAX_QUEUE = 64
 PREFIX_CACHE_MB = 64  # small enough for the warm-up and baseline to fill it: RSS is compared at a full cache
 
 BODY_CAP_MB = 8  # the server's default --max-request-mb
+GIVE_UP_SECONDS = 15.0  # a hostile inspection or embedding not answered by then is left (counted "left")
 HOSTILE_KINDS = ("inspect", "embed", "choices", "constraints", "bodies", "left")
 
 
@@ -241,9 +243,9 @@ async def hostile_client(client, url: str, rng: random.Random, sizes: Sizes, bod
                                                                              "/v1/inspect/lens"])
                 ids = random_prompt(rng, vocab, rng.randint(*sizes.inspect))
                 kind = path.rsplit("/", 1)[1] + (" (left)" if turn % 3 == 0 else "")
-                timeout = httpx.Timeout(600, read=1.0) if turn % 3 == 0 else None
+                timeout = httpx.Timeout(600, read=1.0 if turn % 3 == 0 else GIVE_UP_SECONDS)
                 body = {"input": ids} if kind.startswith("embeddings") else {"prompt": ids, "layer": 0}
-                r = await client.post(url + path, json=body, **({"timeout": timeout} if timeout else {}))
+                r = await client.post(url + path, json=body, timeout=timeout)
                 phase.count(kind, r.status_code)
                 if r.status_code == 503:
                     kind = None  # answered: waiting to retry

@@ -193,8 +193,9 @@ class _QuantFormat(GGMLFormat):
 
     def repack_into(self, weight: QuantMatrix, start: int, blocks: np.ndarray, compiled: bool | None = None) -> None:
         """compiled: with the compiled kernels' repack where they are available (None; True / False force it), else
-        in NumPy; both write the same bytes (tests/test_ggml_formats.py). The compiled one moves bytes at memory
-        speed (a TinyLlama Q4_0 file in ~1 s); NumPy's takes ~30 s."""
+        in NumPy; both write the same bytes (tests/test_ggml_formats.py). The compiled one only moves bytes: a
+        TinyLlama-shape Q4_0 file's repack took 2.9 s, its pages read from the page cache included (load average
+        8); whole first loads with NumPy's took 30-46 s, with this one 13-17 s (docs/quantized-speed.md)."""
         from engine.runtime import native
 
         if compiled or (compiled is None and native.status().available):
