@@ -149,7 +149,9 @@ def test_scheduler_asks_prompt_lookup_for_the_payoffs_length(stories, monkeypatc
     assert result.draft_steps + result.plain_steps == len(planned) and result.draft_tokens <= sum(asked)
 
 
-def test_speculative_respects_the_window(stories):
+def test_speculative_respects_the_window(stories, always_draft):
+    """Drafts stop one token short of the window (always_draft: the payoff estimate alone would not draft at all
+    in these few steps, and the bound would go untested)."""
     prompt = [1] + [403, 407, 261, 378] * 126  # 505 tokens of a repeating pattern: drafts would run past 512
     plain = stories.complete(prompt, max_new_tokens=50)
     fast = stories.complete(prompt, max_new_tokens=50, speculate=8)

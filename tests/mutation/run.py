@@ -73,6 +73,7 @@ TESTS = {
     "engine/serve/static/draw.js": ["tests/test_web_page.py"],
     "engine/serve/static/tokens.js": ["tests/test_web_page.py"],
     "engine/runtime/prefix_cache.py": ["tests/test_prefix_cache.py"],
+    "engine/generation/draft_payoff.py": ["tests/test_speculation.py", "tests/test_scheduler.py"],
 }
 MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py",
            "numpy_backend": "engine/runtime/numpy_backend.py", "kv_cache": "engine/runtime/kv_cache.py",
@@ -83,14 +84,14 @@ MODULES = {"layers": "engine/runtime/layers.py", "rope": "engine/runtime/rope.py
            "serving": "engine/generation/serving.py", "inspect_routes": "engine/serve/inspect_routes.py",
            "page": "engine/serve/page.py", "app_js": "engine/serve/static/app.js",
            "draw_js": "engine/serve/static/draw.js", "tokens_js": "engine/serve/static/tokens.js",
-           "prefix_cache": "engine/runtime/prefix_cache.py"}
+           "prefix_cache": "engine/runtime/prefix_cache.py", "draft_payoff": "engine/generation/draft_payoff.py"}
 
 L, R, N, K = MODULES["layers"], MODULES["rope"], MODULES["numpy_backend"], MODULES["kv_cache"]
 P, G, S, C = MODULES["sampling"], MODULES["state"], MODULES["stopping"], MODULES["scheduler"]
 XM, XA, XV, XL = MODULES["matmul_c"], MODULES["attention_c"], MODULES["simd_c"], MODULES["api_c"]
 WS, WI, WP = MODULES["serving"], MODULES["inspect_routes"], MODULES["page"]
 WA, WD, WT = MODULES["app_js"], MODULES["draw_js"], MODULES["tokens_js"]
-PC = MODULES["prefix_cache"]
+PC, DP = MODULES["prefix_cache"], MODULES["draft_payoff"]
 
 MUTANTS = [
     # ---- the model math ----
@@ -287,11 +288,11 @@ MUTANTS = [
     Mutant("X14", XA, "s[r][j] = j0 + j <= pos[r] ? sum * a->scale : -INFINITY;",
            "s[r][j] = j0 + j < pos[r] ? sum * a->scale : -INFINITY;", "attention: a query cannot see itself"),
     Mutant("X15", XA, "if (alpha != 1.0f) {", "if (0) {", "attention: the running output not rescaled"),
-    Mutant("X16", XA, "l[r] = l[r] * alpha + vf_sum(total);", "l[r] = l[r] + vf_sum(total);",
+    Mutant("X16", XA, "l[r] = sf_fmadd(l[r], alpha, vf_sum(total));", "l[r] = l[r] + vf_sum(total);",
            "attention: the running sum not rescaled"),
     Mutant("X17", XA, "head[rb] = kv * group + g;", "head[rb] = g * a->n_kv + kv;",
            "attention: query heads grouped by stride, not in blocks (GQA order)"),
-    Mutant("X18", XA, "for (ptrdiff_t d = Dv; d < D; d++) sum += q[r][d] * kr[d];", "",
+    Mutant("X18", XA, "for (ptrdiff_t d = Dv; d < D; d++) sum = sf_fmadd(q[r][d], kr[d], sum);", "",
            "attention: the tail of head_dim left out of the scores"),
     Mutant("X19", XA, "row[j0 + j] = buf[j] * inv;", "row[j0 + j] = buf[j];",
            "attention probabilities (trace): not normalised"),
@@ -321,22 +322,26 @@ MUTANTS = [
     Mutant("X29", XL, "float *qkv = scratch, *attn = qkv + N * W,", "float *qkv = scratch, *attn = qkv + W,",
            "one-call layers: scratch buffers overlap at more than one row"),
     # ---- the scheduler ----
-    Mutant("C01", C, "budget = self.prefill_chunk if decoding else None", "budget = self.prefill_chunk",
+    Mutant("C01", C, "budget = self.prefill_budget() if decoding else None", "budget = self.prefill_budget()",
            "a lone prompt prefilled in chunks too"),
     Mutant("C02", C, "elif budget is None or budget > 0:", "elif budget is None or budget >= 0:",
            "a prefilling request given an empty chunk"),
-    Mutant("C03", C, "while self.waiting and len(self.active) < self.max_active:",
-           "while self.waiting and len(self.active) <= self.max_active:", "one request more than max_active"),
-    Mutant("C04", C, "r.draft_len = min(r.speculate, r.draft_len + 2)",
-           "r.draft_len = min(r.speculate, r.draft_len + 1)",
-           "draft length grows by 1"),
-    Mutant("C05", C, "r.draft_len = max(1, r.draft_len - 1)", "r.draft_len = max(0, r.draft_len - 1)",
-           "draft length may fall to 0 (speculation stops)"),
+    Mutant("C03", C, "while self.waiting and self.occupied + self.waiting[0].slots <= self.max_active:",
+           "while self.waiting and self.occupied + self.waiting[0].slots <= self.max_active + 1:",
+           "one request more than max_active"),
+    # C04/C05 planted bugs in the step-by-step draft length (grow by 2, shrink by 1, never below 1), which the
+    # draft payoff estimate (engine/generation/draft_payoff.py) replaced: the same bugs in the length it picks.
+    Mutant("C04", DP, "n = min(self.speculate, room)\n", "n = min(self.speculate - 1, room)\n",
+           "draft length: one short of the most --speculate allows (the longest draft never asked)"),
+    Mutant("C05", DP, "        self.probe_after = min(2 * self.probe_after, self.LAST_PROBE)\n        return True\n",
+           "        self.probe_after = min(2 * self.probe_after, self.LAST_PROBE)\n        return False\n",
+           "draft length falls to 0 for good (speculation stops: once plain decoding wins, no probe is ever due)"),
     Mutant("C06", C, "if r.state.finished or i >= len(draft) or event.token_id != draft[i]:",
            "if r.state.finished or i >= len(draft):", "every draft token accepted"),
     Mutant("C07", C, "r.cache.truncate(fed_before + i + 1)", "r.cache.truncate(fed_before + i)",
            "the cache drops an accepted token"),
-    Mutant("C08", C, "room = r.state.max_length - r.cache.length - 1", "room = r.state.max_length - r.cache.length",
+    Mutant("C08", C, "room = min(r.state.max_length - r.cache.length - 1, remaining - 1)",
+           "room = min(r.state.max_length - r.cache.length, remaining - 1)",
            "drafts may run past the window"),
     Mutant("C09", C, "        if not request.keep_cache:\n            request.cache = None\n",
            "        if False:\n            pass\n",
@@ -347,14 +352,17 @@ MUTANTS = [
     Mutant("C12", C, "decode_seconds=max(0.0, self.t_last - self.t_first)",
            "decode_seconds=max(0.0, self.t_last - self.t_start)",
            "decode time includes the prefill"),
-    Mutant("C13", C, "if r.prefilled < len(r.prompt_ids):\n                    continue",
-           "if r.prefilled < len(r.prompt_ids) - 1:\n                    continue", "decoding starts a token early"),
+    Mutant("C13", C, "if r.prefilled < len(r.prompt_ids):\n                        continue",
+           "if r.prefilled < len(r.prompt_ids) - 1:\n                        continue",
+           "decoding starts a token early"),
     # ---- the web page and its endpoints ----
     Mutant("W01", WS, 'self._inbox.append(("call", (fn, future)))', "self._run_call(fn, future)",
            "ServingLoop.call runs the work on the caller's thread (racing the scheduler)"),
-    Mutant("W02", WI, "return trace.attentions[body.layer][body.head], summary",
-           "return trace.attentions[body.layer][0], summary", "/v1/inspect/attention: always head 0"),
-    Mutant("W03", WI, "if needed > max_bytes:", "if needed > 2 * max_bytes:", "the trace limit doubled"),
+    Mutant("W02", WI, "return AttentionInspection(model, ids, layer=body.layer, head=body.head,",
+           "return AttentionInspection(model, ids, layer=body.layer, head=0,", "/v1/inspect/attention: always head 0"),
+    Mutant("W03", WI, "    slots = Slots(max_inspections, state.metrics.inspections_running)\n",
+           "    slots = Slots(max_inspections, state.metrics.inspections_running)\n    max_bytes = 2 * max_bytes\n",
+           "the trace limit doubled"),
     Mutant("W04", WP, "script-src 'self'; ", "script-src 'self' 'unsafe-inline'; ", "CSP allows inline script"),
     Mutant("W05", WA, "    body.textContent = message.content;", "    body.innerHTML = message.content;",
            "a message inserted as HTML"),
@@ -366,28 +374,31 @@ MUTANTS = [
            "heatmap: the wrong triangle masked"),
     Mutant("W09", WT, "prob.textContent = percent(alt.logprob);", "prob.textContent = percent(entry.logprob);",
            "tooltip: the chosen token's probability on every row"),
-    Mutant("C14", C, "                if self.prefix_cache is not None:\n                    self.prefix_cache.store(r.cache, "
+    Mutant("C14", C, "                    if self.prefix_cache is not None:\n                        self._store(r, "
            "r.prompt_ids)\n", "", "a prompt's blocks stored only when its request finishes (running ones not shared)"),
-    Mutant("C15", C, "f.cache.v[:, :, :n] = r.cache.v[:, :, :n]", "f.cache.v[:, :, :n] = r.cache.k[:, :, :n]",
-           "a fork's values copied from its leader's keys"),
+    # C15: Scheduler._start_forks copies the leader's cache through KVCache.copy_prefix_from now.
+    Mutant("C15", K, "self.v[:, :, :n] = source.v[:, :, :n]", "self.v[:, :, :n] = source.k[:, :, :n]",
+           "a fork's values copied from its leader's keys (KVCache.copy_prefix_from)"),
     Mutant("C16", C, "            self._accept(f, logits, [], now)\n", "",
            "a fork never samples its first token from the shared prefill's logits"),
     Mutant("C17", C, "            self._promote(request.followers)\n", "            pass\n",
            "forks of a leader cancelled before its prefill are never run"),
     # ---- the prefix cache ----
-    Mutant("PC1", PC, "chain = self._chain(token_ids, len(token_ids) - 1)\n        if not chain:",
-           "chain = self._chain(token_ids, len(token_ids))\n        if not chain:",
+    Mutant("PC1", PC, "chain = self._chain(token_ids, len(token_ids) - 1, salt)\n        if not chain:",
+           "chain = self._chain(token_ids, len(token_ids), salt)\n        if not chain:",
            "a prompt cached whole is restored whole: no last token left to give logits"),
-    Mutant("PC2", PC, "block = self._index.get((-1 if parent is None else parent.id, tuple(token_ids[start:start + b])))",
-           "block = self._index.get((-1, tuple(token_ids[start:start + b])))",
+    Mutant("PC2", PC, "block = self._index.get((self._root(salt) if parent is None else parent.id,",
+           "block = self._index.get((self._root(salt),",
            "a lookup ignores the blocks before a block (found by its own tokens alone)"),
     Mutant("PC3", PC, "for block in reversed(chain):", "for block in chain:",
            "a chain touched root first: shared prefixes evicted before the leaves that extend them"),
     Mutant("PC4", PC, "data[1] = cache.v[:, :, start:start + b]", "data[1] = cache.k[:, :, start:start + b]",
            "a block's values stored from the keys"),
-    Mutant("PC5", PC, "if victim is None or victim.id in keep:", "if victim is None:",
+    Mutant("PC5", PC, "victim = next((b for b in segment.values() if b.id not in keep), None)",
+           "victim = next((b for b in segment.values()), None)",
            "storing a sequence may evict its own prefix"),
-    Mutant("PC6", PC, "            for child_id in b.children:\n                stack.append(self._lru[child_id])\n", "",
+    Mutant("PC6", PC, "            for child_id in b.children:\n"
+           "                stack.append(self._protected.get(child_id) or self._probation[child_id])\n", "",
            "an evicted block's continuations stay (unreachable, holding memory)"),
 ]
 
