@@ -175,7 +175,7 @@ def load_model(ref: str = DEFAULT_MODEL, backend: str = "numpy", revision: str |
     weights_dtype: "auto" keeps a bf16/fp16 checkpoint's matrices 16-bit where the backend's kernels widen them exactly
     (the NumPy backend's compiled kernels, the Triton kernels), else float32; "float32" widens them at load;
     "int8" / "int4" quantize them at load, groups of 32 with float16 scales; "q4_k_m" into llama.cpp's q4_K_M mix by
-    our quantizer (NumPy backend only; inexact modes: see the README's "Quantized weights", docs/kquant.md).
+    our quantizer (NumPy backend only; inexact modes: docs/weights.md, docs/kquant.md).
     A GGUF file (`ref` a path ending in .gguf, or `ref` a Hub repo id / folder and `gguf_file` the file's name in it)
     runs its tensors in their own ggml types (auto; see docs/gguf.md) or dequantized to float32 ("float32").
     chat_template: chat with this template instead of the model's own, or where it has none (see

@@ -33,8 +33,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPE_CHOICES, default="auto",
                    help="how to hold the weights: auto (default) keeps a bf16/fp16 checkpoint 16-bit, widened exactly "
                         "inside the kernels (half the memory and bytes per token); float32 widens them at load; "
-                        "int8 / int4 quantize them at load (groups of 32, float16 scales: an inexact mode, see the "
-                        "README)")
+                        "int8 / int4 quantize them at load (groups of 32, float16 scales), q4_k_m as llama.cpp's "
+                        "Q4_K_M mix: inexact modes, see docs/weights.md)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ STORAGE = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(np.uint16), "fl
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 WEIGHTS_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "int8", "int4") + kquant_mix.MIXES
 # Quantized models: the format of the lm_head (and of a tied embedding table) per weights_dtype. int4 keeps the
-# lm_head int8 (as llama.cpp's q4_0 keeps its output matrix at 6 bits): see the README's "Quantized weights".
+# lm_head int8 (as llama.cpp's q4_0 keeps its output matrix at 6 bits): docs/weights.md.
 LM_HEAD_KIND = {"int8": "int8", "int4": "int8"}
 # An int4 model keeps int8 the matrices whose rows are not whole groups of 32 (stories260K's down projection, 172
 # wide), as llama.cpp's q4_0 falls back to a wider type there; measured on stories260K (512 tokens of text): mean KL

@@ -58,7 +58,7 @@ ISAS = ("avx512", "avx2", "portable")  # the enum order of kernels.h, most prefe
 VARIANT_SOURCES = {isa: f"variant_{isa}.c" for isa in ISAS}
 WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.uint16): 1, np.dtype(np.float16): 2}  # uint16: bf16 bits
 # What the NumPy fallback costs, said once when a model loads without the kernels: a 16-bit checkpoint's weights
-# are widened to float32 (README, Measured figures: 2.51 vs 4.71 GB, 1.94x the batch-1 decode rate in 16 bits).
+# are widened to float32 (docs/benchmarks.md: 2.51 vs 4.71 GB, 1.94x the batch-1 decode rate in 16 bits).
 FALLBACK_COST = "using NumPy, fp32 weights, ~2x slower decode, 2x memory"
 FALLBACK_COST_FP32 = "using NumPy (BLAS matmuls, NumPy attention; a float32 checkpoint's weights take no more memory)"
 QUANT_TYPES = {"int8": 3, "int4": 4}  # quantized weights (engine.runtime.quant.QuantMatrix), kernels.h's W_Q8 / W_Q4
