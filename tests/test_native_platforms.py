@@ -158,7 +158,7 @@ SETUPS = {
     "no compiler": ("", {"CC": "/nonexistent/cc"}, "not built: no C compiler (/nonexistent/cc)"),
     "load error": ("from engine.runtime import native as n; p = n.library_path(); p.parent.mkdir(parents=True); "
                    "p.write_bytes(b'not a shared library')", {}, "not loaded: "),
-    "cpu without the features": ("from engine.runtime import native as n; n._Library.usable = lambda self: []",
+    "cpu without the features": ("from engine.runtime.native import library; library._Library.usable = lambda self: []",
                                  {"TINYLLAMA_CACHE": os.environ.get("TINYLLAMA_CACHE")},  # this process's library
                                  "this CPU runs none of the compiled variants"),
     "platform without a compiler": ("import engine.runtime.native; sys.platform = 'emscripten'", {},
