@@ -2,6 +2,9 @@
 #include "pool.h"
 
 #include <pthread.h>
+#ifndef _WIN32
+#include <signal.h>
+#endif
 #include <stdatomic.h>
 #include <stdint.h>
 #include <time.h>
@@ -82,12 +85,23 @@ void tl_parallel(tl_task task, void *ctx, ptrdiff_t n_items, int threads)
         return;
     }
     pthread_mutex_lock(&pool.call_lock);
+#ifndef _WIN32
+    /* Workers start with every signal blocked: a process-directed signal (Ctrl-C's SIGINT) must reach the main
+     * thread, where Python runs its handlers; landing on a worker it would leave the main thread asleep in its
+     * select() (readline at `tinyllama chat`'s prompt) until the next key. */
+    sigset_t all, before;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &before);
+#endif
     while (pool.started < threads - 1) { /* start workers on first need; they live as long as the process */
         pthread_t t;
         if (pthread_create(&t, NULL, worker, (void *)(ptrdiff_t)atomic_load(&pool.generation)) != 0) break;
         pthread_detach(t);
         pool.started++;
     }
+#ifndef _WIN32
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+#endif
     if (threads > pool.started + 1) threads = pool.started + 1;
     pool.task = task;
     pool.ctx = ctx;
