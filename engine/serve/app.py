@@ -46,7 +46,7 @@ from engine.serve.errors import (SERVER_ERROR, APIError, ClientGone, bad_request
                                  validation_error)
 from engine.inspect.embeddings import DEFAULT_POOLING, check_pooling
 from engine.inspect.sliced import INSPECTION_MEMORY_LIMIT
-from engine.runtime.memory import release_free_memory
+from engine.runtime.memory import map_large_blocks, release_free_memory
 from engine.serve.embeddings import add_embedding_routes
 from engine.serve.inspect_routes import MAX_INSPECTIONS, add_inspect_routes
 from engine.serve.tokenize_routes import add_tokenize_routes
@@ -214,6 +214,7 @@ def create_app(load: Callable[[], object], served_model_name: str, api_key: str 
     /v1/embeddings pools ("mean" or "last"); `model_aliases`: more names the model answers to. With an api_key the
     docs (/docs, /redoc, /openapi.json) are off.
     `app.state.server` is the ServerState."""
+    map_large_blocks()  # request bodies of megabytes go back to the OS when freed, not into a heap arena
     state = ServerState(load, served_model_name, api_key, max_active, max_queue, on_load_error, max_request_bytes,
                         read_timeout, speculation=dict(speculation or {}),
                         prefix_cache_mb=prefix_cache_mb, pooling=check_pooling(pooling),
