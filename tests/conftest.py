@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# A suite started in the background of a non-interactive shell (`cmd &`, nohup, some CI runners) inherits SIGINT
+# ignored, and an ignored signal stays ignored in every child it starts: then the servers and `tinyllama chat` the
+# tests stop with Ctrl-C's SIGINT would ignore it and each stop would wait for its timeout. A handled signal is reset
+# to the default in a child, so give this process Python's own handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
 # The suite leaves the user's cache of quantized weights alone (tests/test_quant_cache.py turns it on in a tmp folder).
