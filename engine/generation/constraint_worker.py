@@ -1,9 +1,9 @@
 """A constraint-compile worker: a separate process that compiles grammars with llguidance, so that a grammar which
 crashes the native compiler (a stack overflow, an abort) or eats memory takes down this process, never the server.
 
-Run as a script (`python constraint_worker.py`, never imported by the engine: it needs only the standard library
-and llguidance, so it starts in a fraction of a second). It speaks length-prefixed JSON on stdin / stdout
-(4-byte big-endian length, then UTF-8 JSON):
+Run as a script (`python constraint_worker.py`; the engine imports it only for its helpers: it needs only the
+standard library and llguidance, so it starts in a fraction of a second). It speaks length-prefixed JSON on stdin /
+stdout (4-byte big-endian length, then UTF-8 JSON):
 
     -> {"tokenizer": tokenizer.json text, "n_vocab": int, "eos": [usual ids], "stack_mb": int, "memory_mb": int,
         "cpu_limit_s": int}
@@ -24,7 +24,6 @@ import ctypes
 import json
 import math
 import os
-import resource
 import struct
 import sys
 import threading
@@ -64,8 +63,12 @@ def compile_and_mask(llguidance, tokenizer, executor, grammar: str, n_vocab: int
     return {"error": "", "empty": matcher.is_error() or not any(mask)}
 
 
+_STACK_SIZE_LOCK = threading.Lock()
+
+
 def on_thread(function, stack_mb: int):
-    """function() run on a new thread with a stack of stack_mb MiB -> its result (its exception re-raised)."""
+    """function() run on a new thread with a stack of stack_mb MiB (address space, touched only as used) -> its
+    result (its exception re-raised). The server's compiles use it too (constraints.on_big_stack)."""
     out: dict = {}
 
     def run():
@@ -74,12 +77,13 @@ def on_thread(function, stack_mb: int):
         except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
             out["error"] = error
 
-    previous = threading.stack_size(stack_mb * 2 ** 20)
-    try:
-        thread = threading.Thread(target=run, name="constraint-compile")
-        thread.start()
-    finally:
-        threading.stack_size(previous)
+    with _STACK_SIZE_LOCK:  # threading.stack_size is process-wide: set it only around this thread's start
+        previous = threading.stack_size(stack_mb * 2 ** 20)
+        try:
+            thread = threading.Thread(target=run, name="tinyllama-constraint-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
     thread.join()
     if "error" in out:
         raise out["error"]
@@ -88,6 +92,7 @@ def on_thread(function, stack_mb: int):
 
 def main() -> int:
     """Serve compile requests on stdin / stdout until stdin closes -> exit status 0."""
+    import resource  # POSIX only: here, not at the top, so the engine can import the helpers above anywhere
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but messages on the protocol stream
     setup = read_message(stdin)

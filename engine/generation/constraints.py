@@ -30,6 +30,7 @@ from llguidance.gbnf_to_lark import any_to_lark
 from engine.errors import EngineError
 from engine.generation.constraint_limits import (MAX_JSON_NESTING, check_choices, check_grammar, check_schema,
                                                  check_size)
+from engine.generation.constraint_worker import on_thread
 from engine.generation.json_schemas import prepare_schema
 
 CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "grammar")
@@ -38,7 +39,6 @@ STOP_CONSTRAINT_ERROR = "constraint_error"  # the matcher failed (a resource lim
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Tokenizer -> {(vocab, eos): LLTokenizer}
 _LOCK = threading.Lock()
-_STACK_SIZE_LOCK = threading.Lock()
 COMPILE_STACK_MB = 256  # the stack llguidance compiles on (up to ~5.6 KiB a schema level: 8 MiB failed at 1,508)
 MAX_ERROR_CHARS = 400
 EMPTY_LANGUAGE = "no text satisfies this constraint (nothing can start it: its language is empty)"
@@ -240,25 +240,7 @@ def _admits_text(matcher, vocab_size: int, eos_ids: tuple[int, ...]) -> bool:
 def on_big_stack(function: Callable[[], object], stack_mb: int | None = None):
     """function() run on a new thread with a stack of stack_mb MiB (COMPILE_STACK_MB; address space, touched only
     as used) -> its result, its exception re-raised here."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = function()
-        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
-            out["error"] = error
-
-    with _STACK_SIZE_LOCK:  # threading.stack_size is process-wide: set it only around this thread's start
-        previous = threading.stack_size((stack_mb or COMPILE_STACK_MB) * 2 ** 20)
-        try:
-            thread = threading.Thread(target=run, name="tinyllama-constraint-compile", daemon=True)
-            thread.start()
-        finally:
-            threading.stack_size(previous)
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    return on_thread(function, stack_mb or COMPILE_STACK_MB)
 
 
 def one_line_error(message: str) -> str:
