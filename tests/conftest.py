@@ -17,6 +17,20 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
+# A fresh process's load of `sys.argv[1]`, printed as JSON: its resident set before, its peak (VmHWM: this
+# process's own) and the weight bytes the model holds (Linux: reads /proc/self/status).
+LOAD_PROBE = """
+import json, sys
+import engine
+
+def status(field):  # this process's resident set (VmRSS) or its peak (VmHWM), in bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+before = status("VmRSS")
+model = engine.load_model(sys.argv[1])
+print(json.dumps({"before": before, "peak": status("VmHWM"), "weight_bytes": int(model.backend.weights.nbytes)}))
+"""
 # The suite leaves the user's cache of quantized weights alone (tests/test_quant_cache.py turns it on in a tmp folder).
 os.environ.setdefault("TINYLLAMA_QUANT_CACHE", "0")
 

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType, quants  # noqa: E402
 import engine  # noqa: E402
 from engine.runtime import ggml_formats, quant_cache  # noqa: E402
 from engine.runtime.quant import QuantMatrix  # noqa: E402
-from tests.conftest import REPO, make_random_checkpoint  # noqa: E402
+from tests.conftest import LOAD_PROBE, REPO, make_random_checkpoint  # noqa: E402
 from tests.gguf_support import copy_with, write_gguf  # noqa: E402
 from tests.test_quant import kernel_bound  # noqa: E402
 from weights import CheckpointError  # noqa: E402
@@ -336,19 +336,6 @@ for name, s in config.tensor_shapes().items():
 w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 """
 
-GGUF_LOAD_PROBE = """
-import json, sys
-import engine
-
-def status(field):  # this process's resident set (VmRSS) or its peak (VmHWM), in bytes
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-before = status("VmRSS")
-model = engine.load_model(sys.argv[1])
-print(json.dumps({"before": before, "peak": status("VmHWM"), "weight_bytes": int(model.backend.weights.nbytes)}))
-"""
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmRSS / VmHWM from /proc (Linux)")
 def test_load_peak_stays_within_the_files_size(tmp_path):
@@ -359,7 +346,7 @@ def test_load_peak_stays_within_the_files_size(tmp_path):
     done = subprocess.run([sys.executable, "-c", WRITE_Q8_0_FILE, str(path), json.dumps(MEMORY_SHAPE)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([sys.executable, "-c", GGUF_LOAD_PROBE, str(path)], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path)], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env={**__import__("os").environ, "TINYLLAMA_QUANT_CACHE": "0"})
     assert done.returncode == 0, done.stderr
     m = json.loads(done.stdout)

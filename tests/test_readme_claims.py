@@ -18,7 +18,7 @@ import pytest
 import engine
 from engine.runtime import native
 from engine.runtime.blas import AVX512_FLAGS, blas_info, cpu_flags
-from tests.conftest import REPO
+from tests.conftest import LOAD_PROBE, REPO
 
 
 def python(code: str, env: dict, timeout: int = 120) -> str:
@@ -178,19 +178,6 @@ tensors = {name: np.resize(block, s) for name, s in ModelConfig.from_dict(config
 open(folder + "/config.json", "w").write(json.dumps(config))
 save_file(tensors, folder + "/model.safetensors")
 print(sum(t.nbytes for t in tensors.values()))
-"""
-
-LOAD_PROBE = """
-import json, sys
-import engine
-
-def status(field):  # this process's resident set (VmRSS) or its peak (VmHWM), in bytes
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-before = status("VmRSS")
-model = engine.load_model(sys.argv[1])
-print(json.dumps({"before": before, "peak": status("VmHWM"), "weight_bytes": int(model.backend.weights.nbytes)}))
 """
 
 
