@@ -17,21 +17,23 @@ import ctypes.util
 import functools
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
+@functools.lru_cache(maxsize=None)
+def _glibc_function(name: str, argtypes: tuple):
+    """The C library's function `name` (argument types `argtypes`, returning int), None where there is none: looked
+    up once (ctypes.util.find_library runs the linker's tools)."""
+    library = ctypes.util.find_library("c")
     try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim") if name else None
+        function = getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    if function is not None:
+        function.argtypes, function.restype = list(argtypes), ctypes.c_int
+    return function
 
 
 def release_free_memory() -> bool:
     """Return the C heap's free pages to the OS (glibc's malloc_trim(0)) -> whether anything was released."""
-    trim = _malloc_trim()
+    trim = _glibc_function("malloc_trim", (ctypes.c_size_t,))
     return bool(trim(0)) if trim is not None else False
 
 
@@ -41,12 +43,5 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 def map_large_blocks(threshold: int = 4 << 20) -> bool:
     """Serve blocks of `threshold` bytes or more from their own mappings, returned to the OS on free (glibc's
     mallopt(M_MMAP_THRESHOLD), which also stops the threshold from rising) -> whether it was set."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = getattr(ctypes.CDLL(name), "mallopt") if name else None
-    except (OSError, AttributeError):
-        return False
-    if mallopt is None:
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    mallopt = _glibc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) if mallopt is not None else False
