@@ -76,6 +76,28 @@ static void *worker(void *arg)
     return NULL;
 }
 
+/* Start workers until `wanted` run (on first need; they live as long as the process). They start with every signal
+ * blocked: a process-directed signal (Ctrl-C's SIGINT) must reach the main thread, where Python runs its handlers;
+ * landing on a worker it would leave the main thread asleep in its select() (readline at `tinyllama chat`'s prompt)
+ * until the next key. */
+static void start_workers(int wanted)
+{
+#ifndef _WIN32
+    sigset_t all, before;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &before);
+#endif
+    while (pool.started < wanted) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, (void *)(ptrdiff_t)atomic_load(&pool.generation)) != 0) break;
+        pthread_detach(t);
+        pool.started++;
+    }
+#ifndef _WIN32
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+#endif
+}
+
 void tl_parallel(tl_task task, void *ctx, ptrdiff_t n_items, int threads)
 {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -85,23 +107,7 @@ void tl_parallel(tl_task task, void *ctx, ptrdiff_t n_items, int threads)
         return;
     }
     pthread_mutex_lock(&pool.call_lock);
-#ifndef _WIN32
-    /* Workers start with every signal blocked: a process-directed signal (Ctrl-C's SIGINT) must reach the main
-     * thread, where Python runs its handlers; landing on a worker it would leave the main thread asleep in its
-     * select() (readline at `tinyllama chat`'s prompt) until the next key. */
-    sigset_t all, before;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &before);
-#endif
-    while (pool.started < threads - 1) { /* start workers on first need; they live as long as the process */
-        pthread_t t;
-        if (pthread_create(&t, NULL, worker, (void *)(ptrdiff_t)atomic_load(&pool.generation)) != 0) break;
-        pthread_detach(t);
-        pool.started++;
-    }
-#ifndef _WIN32
-    pthread_sigmask(SIG_SETMASK, &before, NULL);
-#endif
+    if (pool.started < threads - 1) start_workers(threads - 1);
     if (threads > pool.started + 1) threads = pool.started + 1;
     pool.task = task;
     pool.ctx = ctx;
