@@ -37,8 +37,10 @@ import os
 from .build import (ABI_VERSION, CFLAGS, HEADERS, HERE, ISAS, LDFLAGS, LDFLAGS_WINDOWS, LIBS, SOURCES,  # noqa: F401
                     VARIANT_SOURCES, build, cache_dir, compile_objects, compiler, left_out, library_path)
 from .decoder_layers import DecoderLayers  # noqa: F401
-from .kernels import *  # noqa: F401,F403 -- the kernel calls: matmul_xwt, qmatmul_xwt, attention, StepAttention, ...
-from .kernels import KMATMUL_BUILDS, KQUANT_TYPES, QMATMUL_BUILDS, QUANT_TYPES, WEIGHT_TYPES  # noqa: F401
+from .kernels import (ATTENTION_MAX_HEAD_DIM, GGML_BLOCK_BYTES, KMATMUL_BUILDS, KQUANT_TYPES,  # noqa: F401
+                      QMATMUL_BUILDS, QUANT_TYPES, WEIGHT_TYPES, StepAttention, attention, kdequant, kmatmul_build,
+                      kpack, kquantize, matmul_parts, matmul_xwt, qmatmul_build, qmatmul_builds, qmatmul_xwt,
+                      quantize_into, repack_ggml_into, rms_norm, rotary_, swiglu, weight_parts, widen_into)
 from .library import NativeStatus, set_isa, status, thread_count, usable_isas  # noqa: F401
 
 # What the NumPy fallback costs, said once when a model loads without the kernels: a 16-bit checkpoint's weights
